@@ -1,0 +1,33 @@
+# One-command set-up: `make run` serves, `make test` checks. Both create .venv.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: venv run test lint bench clean
+
+$(BIN)/activate: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/activate
+
+venv: $(BIN)/activate
+
+run: venv
+	@echo "alignment-planner on http://$(HOST):$(PORT)  (docs: http://$(HOST):$(PORT)/docs, data: $${PLANNER_DATA_DIR:-./data})"
+	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest
+
+bench: venv
+	$(BIN)/python -m bench.core
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,249 @@
+"""φ and ψ as data (SPEC §3).
+
+An operation does not touch numbers: applied to a :class:`Tracked` layout (the
+current structure, and for every live parameter the teacher index it came
+from) it says which teacher parameters it *conditions* (with their targets) and
+which it *marginalises*, and returns the layout that results.  Plans compile a
+sequence of operations this way (``planner.plan``); the Gaussian arithmetic
+happens once, afterwards.
+
+Each current layer t is held as its teacher layer plus the teacher neuron ids
+of its rows and columns, so a step costs O(size of its group), never a copy of
+the layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidOperation
+from .structure import IDEMPOTENT, Structure
+
+__all__ = ["Effect", "Op", "Phi", "Psi", "Tracked", "psi_activation_reason"]
+
+
+@dataclass(frozen=True)
+class Phi:
+    """φ(t, i): remove neuron ``i`` (0-based, current order) of hidden position ``t``."""
+
+    layer: int
+    neuron: int
+
+    def to_json(self) -> dict:
+        return {"op": "phi", "layer": self.layer, "neuron": self.neuron}
+
+
+@dataclass(frozen=True)
+class Psi:
+    """ψ(t, π): remove layer ``t``; ``pairing[k] = π(k)``, identity when ``None``."""
+
+    layer: int
+    pairing: tuple[int, ...] | None = None
+
+    def to_json(self) -> dict:
+        d: dict = {"op": "psi", "layer": self.layer}
+        if self.pairing is not None:
+            d["pairing"] = list(self.pairing)
+        return d
+
+
+Op = Phi | Psi
+
+
+def psi_activation_reason(structure: Structure, t: int) -> str | None:
+    """Why ψ(t) would not preserve the function, or ``None`` when it is valid (SPEC §3)."""
+    a, prev = structure.activation(t), structure.activation(t - 1)
+    if a == "identity":
+        return None
+    if t == 2:
+        return f"ψ(2) needs the identity at position 2 (it reads the input); σ_2 is {a}"
+    if a != prev:
+        return (
+            f"ψ({t}) needs σ_{t} to be the identity or equal to σ_{t - 1}; "
+            f"σ_{t} is {a} and σ_{t - 1} is {prev}"
+        )
+    if a not in IDEMPOTENT:
+        return f"ψ({t}) needs an idempotent activation (σ∘σ = σ); {a} is not"
+    return None
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What one operation does to the teacher's parameters."""
+
+    conditioned: np.ndarray
+    targets: np.ndarray
+    marginalised: np.ndarray
+
+
+@dataclass
+class _Layer:
+    src: int  # teacher layer (position) this matrix comes from
+    rows: np.ndarray  # teacher neuron ids of its rows (teacher position src)
+    cols: np.ndarray  # teacher neuron ids of its columns (teacher position of its input)
+
+
+@dataclass
+class Tracked:
+    """The current structure, with the teacher origin of every live parameter.
+
+    Build one with :meth:`Tracked.start`, then :meth:`apply` operations in order.
+    """
+
+    teacher: Structure
+    structure: Structure
+    positions: list[int]  # teacher position of each current position (1-based values)
+    neurons: list[np.ndarray]  # teacher neuron ids of each current position
+    layers: list[_Layer] = field(default_factory=list)  # current layers 2..T
+
+    @classmethod
+    def start(cls, teacher: Structure) -> Tracked:
+        positions = list(range(1, teacher.T + 1))
+        neurons = [np.arange(n, dtype=np.int64) for n in teacher.widths]
+        layers = [
+            _Layer(t, neurons[t - 1].copy(), neurons[t - 2].copy()) for t in range(2, teacher.T + 1)
+        ]
+        return cls(teacher, teacher, positions, neurons, layers)
+
+    # -- teacher indices of current blocks ------------------------------------------------
+    def _U(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
+        lay = self.layers[t - 2]
+        T = self.teacher.layer(lay.src)
+        return T.U[np.ix_(np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.cols[cols]))]
+
+    def _V(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
+        lay = self.layers[t - 2]
+        V = self.teacher.layer(lay.src).V
+        return V[np.ix_(np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.rows[cols]))]
+
+    def _b(self, t: int, rows=slice(None)) -> np.ndarray:
+        lay = self.layers[t - 2]
+        return self.teacher.layer(lay.src).b[np.atleast_1d(lay.rows[rows])]
+
+    def layer_indices(self, t: int) -> np.ndarray:
+        """Teacher indices of current layer t in its layout order (U, V, b)."""
+        parts = [self._U(t).ravel()]
+        if self.structure.recurrent(t):
+            parts.append(self._V(t).ravel())
+        if self.structure.bias:
+            parts.append(self._b(t))
+        return np.concatenate(parts)
+
+    def kept(self) -> np.ndarray:
+        """Teacher indices of all live parameters, in the current structure's layout."""
+        return np.concatenate([self.layer_indices(t) for t in range(2, self.structure.T + 1)])
+
+    def outgoing(self, t: int, i: int) -> np.ndarray:
+        """Teacher indices that φ(t, i) would condition to zero."""
+        parts = [self._U(t + 1, cols=i).ravel()]
+        if self.structure.recurrent(t):
+            parts.append(self._V(t, cols=i).ravel())
+        return np.concatenate(parts)
+
+    # -- validity -------------------------------------------------------------------------
+    def check(self, op: Op) -> None:
+        """Raise :class:`InvalidOperation` naming the rule ``op`` breaks here."""
+        s = self.structure
+        if isinstance(op, Phi):
+            t, i = op.layer, op.neuron
+            if not s.is_hidden(t):
+                raise InvalidOperation(
+                    f"φ({t}) needs a hidden position (2..{s.T - 1}); position {t} is "
+                    + ("the input" if t == 1 else "the output" if t == s.T else "out of range"),
+                    field="layer",
+                )
+            if s.width(t) < 2:
+                raise InvalidOperation(
+                    f"φ({t}) would empty position {t} (width {s.width(t)})", field="layer"
+                )
+            if not 0 <= i < s.width(t):
+                raise InvalidOperation(
+                    f"neuron {i} does not exist at position {t} (width {s.width(t)})",
+                    field="neuron",
+                )
+        elif isinstance(op, Psi):
+            t = op.layer
+            if not 2 <= t <= s.T:
+                raise InvalidOperation(f"layer {t} does not exist (2..{s.T})", field="layer")
+            if s.T <= 3:
+                raise InvalidOperation(
+                    f"ψ({t}) would leave no hidden position (T = {s.T})", field="layer"
+                )
+            if s.width(t) != s.width(t - 1):
+                raise InvalidOperation(
+                    f"ψ({t}) needs a square layer: n_{t} = {s.width(t)} ≠ n_{t - 1} = "
+                    f"{s.width(t - 1)}",
+                    field="layer",
+                )
+            if s.kind == "rnn" and t == s.T:
+                raise InvalidOperation(
+                    f"ψ({t}) on an RNN would make the recurrent position {t - 1} the output",
+                    field="layer",
+                )
+            reason = psi_activation_reason(s, t)
+            if reason:
+                raise InvalidOperation(reason, field="layer")
+            if op.pairing is not None:
+                pi = np.asarray(op.pairing)
+                n = s.width(t)
+                if pi.shape != (n,) or not np.array_equal(np.sort(pi), np.arange(n)):
+                    raise InvalidOperation(
+                        f"pairing must be a permutation of 0..{n - 1}", field="pairing"
+                    )
+        else:  # pragma: no cover - typing guards this
+            raise InvalidOperation(f"unknown operation {op!r}", field="op")
+
+    # -- application ----------------------------------------------------------------------
+    def apply(self, op: Op) -> Effect:
+        """Apply ``op`` in place; return what it conditions and marginalises."""
+        self.check(op)
+        return self._phi(op.layer, op.neuron) if isinstance(op, Phi) else self._psi(op)
+
+    def _phi(self, t: int, i: int) -> Effect:
+        s = self.structure
+        cond = self.outgoing(t, i)
+        marg = [self._U(t, rows=i).ravel()]
+        if s.recurrent(t):
+            row = self._V(t, rows=i).ravel()
+            marg.append(np.delete(row, i))  # V_t[i, i] is conditioned with column i
+        if s.bias:
+            marg.append(self._b(t, rows=i))
+        # shrink position t
+        self.neurons[t - 1] = np.delete(self.neurons[t - 1], i)
+        self.layers[t - 2].rows = np.delete(self.layers[t - 2].rows, i)
+        self.layers[t - 1].cols = np.delete(self.layers[t - 1].cols, i)
+        widths = list(s.widths)
+        widths[t - 1] -= 1
+        self.structure = s.with_widths(widths)
+        return Effect(cond, np.zeros(cond.size), np.concatenate(marg))
+
+    def _psi(self, op: Psi) -> Effect:
+        s, t = self.structure, op.layer
+        n = s.width(t)
+        pi = np.arange(n) if op.pairing is None else np.asarray(op.pairing, dtype=np.int64)
+        U = self._U(t)
+        target = np.zeros((n, n))
+        target[np.arange(n), pi] = 1.0
+        cond, targets = [U.ravel()], [target.ravel()]
+        if s.recurrent(t):
+            V = self._V(t).ravel()
+            cond.append(V)
+            targets.append(np.zeros(V.size))
+        if s.bias:
+            b = self._b(t)
+            cond.append(b)
+            targets.append(np.zeros(b.size))
+        if t < s.T:  # the next layer now reads position t-1: column k becomes column π(k)
+            nxt = self.layers[t - 1]
+            cols = np.empty_like(nxt.cols)
+            cols[pi] = nxt.cols
+            nxt.cols = cols
+        del self.positions[t - 1], self.neurons[t - 1], self.layers[t - 2]
+        widths = list(s.widths)
+        del widths[t - 1]
+        acts = list(s.activations)
+        del acts[t - 2]  # position t-1 keeps σ_{t-1}, also when it becomes the output
+        self.structure = type(s)(tuple(widths), tuple(acts), s.bias, s.kind)
+        return Effect(np.concatenate(cond), np.concatenate(targets), np.zeros(0, np.int64))

@@ -1,0 +1,113 @@
+"""Validation of posterior arrays at the edge (SPEC §8): validate once, then trust."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import scipy.linalg as sla
+
+from ..errors import InvalidPosterior, SingularConstraint
+
+#: Relative symmetry tolerance by upload dtype (SPEC §8).
+SYMMETRY_RTOL = {np.dtype(np.float64): 1e-8, np.dtype(np.float32): 1e-5}
+_BLOCK = 2048
+
+
+def require(arrays: Mapping[str, np.ndarray], names: tuple[str, ...], fmt: str) -> None:
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InvalidPosterior(
+            f"format {fmt!r} needs arrays {list(names)}; missing {missing}", field=missing[0]
+        )
+
+
+def as_float(a: np.ndarray, name: str) -> np.ndarray:
+    """The array as float64 (no copy when it already is), refusing non-numeric dtypes."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "fiu" or a.dtype.kind == "f" and a.dtype.itemsize < 4:
+        raise InvalidPosterior(
+            f"must be a float32 or float64 array; got dtype {a.dtype}", field=name
+        )
+    return a if a.dtype == np.float64 else a.astype(np.float64)
+
+
+def vector(a: np.ndarray, name: str, n: int) -> np.ndarray:
+    v = as_float(a, name)
+    if v.shape != (n,):
+        raise InvalidPosterior(f"must have shape ({n},); got {v.shape}", field=name)
+    if not np.isfinite(v).all():
+        raise InvalidPosterior("contains NaN or infinite values", field=name)
+    return v
+
+
+def positive_vector(a: np.ndarray, name: str, n: int) -> np.ndarray:
+    v = vector(a, name, n)
+    if n and v.min() <= 0:
+        raise InvalidPosterior(
+            f"variances must be > 0; entry {int(np.argmin(v))} is {v.min():g}", field=name
+        )
+    return v
+
+
+def spd_matrix(a: np.ndarray, name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check a covariance or precision: finite, symmetric (SPEC §8 tolerance), PD.
+
+    Returns the float64 matrix, symmetrised, and its lower Cholesky factor.
+    The symmetry check runs in blocks so that it never copies the whole matrix.
+    """
+    raw = np.asarray(a)
+    if raw.shape != (n, n):
+        raise InvalidPosterior(f"must have shape ({n}, {n}); got {raw.shape}", field=name)
+    rtol = SYMMETRY_RTOL.get(raw.dtype, 1e-8)
+    m = as_float(raw, name)
+    scale = 0.0
+    for i in range(0, n, _BLOCK):
+        blk = m[i : i + _BLOCK]
+        if not np.isfinite(blk).all():
+            raise InvalidPosterior("contains NaN or infinite values", field=name)
+        scale = max(scale, float(np.abs(blk).max(initial=0.0)))
+    worst = 0.0
+    for i in range(0, n, _BLOCK):
+        for j in range(i, n, _BLOCK):
+            d = m[i : i + _BLOCK, j : j + _BLOCK] - m[j : j + _BLOCK, i : i + _BLOCK].T
+            worst = max(worst, float(np.abs(d).max(initial=0.0)))
+    if worst > rtol * scale:
+        raise InvalidPosterior(
+            f"is not symmetric: max |A - Aᵀ| = {worst:.3g} exceeds {rtol:g} × max |A| = "
+            f"{rtol * scale:.3g}",
+            field=name,
+        )
+    if worst > 0:
+        if m is raw:  # never symmetrise the caller's array in place
+            m = np.array(m)
+        m += m.T
+        m *= 0.5
+    try:
+        chol = sla.cholesky(m, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        raise InvalidPosterior("is not positive definite (Cholesky failed)", field=name) from None
+    return m, chol
+
+
+def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of Σ_BB, refusing a numerically singular block (SPEC §8)."""
+    k = S_BB.shape[0]
+    if k == 0:
+        return np.zeros((0, 0))
+    try:
+        L = sla.cholesky(S_BB, lower=True, check_finite=False, overwrite_a=False)
+    except np.linalg.LinAlgError:
+        raise SingularConstraint(
+            "the covariance of the conditioned parameters Σ_BB is singular; "
+            "this plan cannot be conditioned on",
+            field="ops",
+        ) from None
+    piv = np.diag(L) ** 2
+    if piv.min() <= k * np.finfo(float).eps * np.diag(S_BB).max():
+        raise SingularConstraint(
+            f"the covariance of the conditioned parameters Σ_BB is numerically singular "
+            f"(smallest Cholesky pivot {piv.min():.3g}); this plan cannot be conditioned on",
+            field="ops",
+        )
+    return L

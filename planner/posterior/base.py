@@ -1,0 +1,87 @@
+"""The Gaussian interface every posterior format implements (SPEC §3, §7).
+
+A posterior is an immutable Gaussian ``N(m, Σ)`` over the flat parameters of a
+structure.  Formats differ in how Σ is held; they agree on this interface:
+
+* :meth:`Posterior.condition` -- condition a block ``B`` on values ``v`` and
+  keep the coordinates ``keep`` (in that order), in one pass, returning a
+  posterior of the same format;
+* :meth:`Posterior.constraint_cost` -- ``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``;
+* small-block access for criteria (:meth:`cov_block`, :meth:`variance`,
+  :meth:`precision_diagonal`);
+* :meth:`to_arrays` and the named constructor :meth:`from_arrays`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numpy as np
+
+from ..structure import Structure
+
+__all__ = ["Posterior"]
+
+
+class Posterior(ABC):
+    """A Gaussian posterior over the parameters of ``structure``."""
+
+    format: ClassVar[str]
+    #: Array names of the format besides ``mean`` (SPEC §7).
+    array_names: ClassVar[tuple[str, ...]]
+
+    def __init__(self, structure: Structure, mean: np.ndarray) -> None:
+        self.structure = structure
+        self.mean = mean
+
+    @property
+    def n(self) -> int:
+        return self.mean.shape[0]
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def from_arrays(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> Posterior:
+        """Validate the arrays of this format against ``structure`` (SPEC §7, §8)."""
+
+    @abstractmethod
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays of this format, by their SPEC §7 names."""
+
+    # -- the Gaussian operations --------------------------------------------------------
+    @abstractmethod
+    def condition(
+        self, B: np.ndarray, values: np.ndarray, keep: np.ndarray, structure: Structure
+    ) -> Posterior:
+        """Condition ``x_B = values`` jointly and keep ``x_keep`` as the new parameters.
+
+        Coordinates in neither ``B`` nor ``keep`` are marginalised.  The result
+        is a posterior of the same format over ``structure``, whose parameter j
+        is the old parameter ``keep[j]``.
+        """
+
+    @abstractmethod
+    def constraint_cost(self, B: np.ndarray, values: np.ndarray) -> float:
+        """``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)`` (SPEC §4)."""
+
+    # -- small-block access -------------------------------------------------------------
+    @abstractmethod
+    def cov_block(self, idx: np.ndarray) -> np.ndarray:
+        """``Σ[idx, idx]`` as a dense array (small blocks only)."""
+
+    @abstractmethod
+    def variance(self) -> np.ndarray:
+        """The diagonal of Σ."""
+
+    @abstractmethod
+    def precision_diagonal(self) -> np.ndarray:
+        """The diagonal of Σ⁻¹ (the Laplace Hessian's diagonal, for OBD)."""
+
+    @abstractmethod
+    def dense_covariance(self) -> np.ndarray:
+        """Σ as a dense matrix (for small posteriors and tests)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.structure.describe()} p={self.n}>"

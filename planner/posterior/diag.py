@@ -1,0 +1,62 @@
+"""The ``diag`` format: mean and variances (SPEC §7).
+
+Coordinates are independent, so conditioning leaves the others untouched:
+alignment is selection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..structure import Structure
+from . import _validate as v
+from .base import Posterior
+
+__all__ = ["DiagPosterior"]
+
+
+class DiagPosterior(Posterior):
+    """``N(mean, diag(variance))``."""
+
+    format = "diag"
+    array_names = ("variance",)
+
+    def __init__(self, structure: Structure, mean: np.ndarray, var: np.ndarray) -> None:
+        super().__init__(structure, mean)
+        self.var = var
+
+    @classmethod
+    def from_arrays(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> DiagPosterior:
+        v.require(arrays, ("mean", "variance"), cls.format)
+        p = structure.n_params
+        return cls(
+            structure,
+            v.vector(arrays["mean"], "mean", p),
+            v.positive_vector(arrays["variance"], "variance", p),
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "variance": self.var}
+
+    def condition(self, B, values, keep, structure) -> DiagPosterior:
+        keep = np.asarray(keep, dtype=np.int64)
+        return DiagPosterior(structure, self.mean[keep], self.var[keep])
+
+    def constraint_cost(self, B, values) -> float:
+        B = np.asarray(B, dtype=np.int64)
+        d = values - self.mean[B]
+        return 0.5 * float(np.sum(d * d / self.var[B]))
+
+    def cov_block(self, idx) -> np.ndarray:
+        return np.diag(self.var[np.asarray(idx, dtype=np.int64)])
+
+    def variance(self) -> np.ndarray:
+        return self.var
+
+    def precision_diagonal(self) -> np.ndarray:
+        return 1.0 / self.var
+
+    def dense_covariance(self) -> np.ndarray:
+        return np.diag(self.var)

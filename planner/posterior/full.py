@@ -1,0 +1,103 @@
+"""The ``full`` format: mean and dense covariance (SPEC §3, §7, §8)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cached_property
+
+import numpy as np
+import scipy.linalg as sla
+
+from ..errors import InvalidPosterior
+from ..structure import Structure
+from . import _validate as v
+from .base import Posterior
+
+__all__ = ["FullPosterior"]
+
+
+class FullPosterior(Posterior):
+    """``N(mean, covariance)`` with a dense covariance.
+
+    Conditioning is one Cholesky of Σ_BB, one triangular solve against Σ_Ba and
+    one product for the kept block (SPEC §8): never k copies of Σ.
+    """
+
+    format = "full"
+    array_names = ("covariance",)
+
+    def __init__(
+        self,
+        structure: Structure,
+        mean: np.ndarray,
+        covariance: np.ndarray,
+        _chol: np.ndarray | None = None,
+    ) -> None:
+        super().__init__(structure, mean)
+        self.covariance = covariance
+        if _chol is not None:
+            self.__dict__["_chol"] = _chol
+
+    @classmethod
+    def from_arrays(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> FullPosterior:
+        v.require(arrays, ("mean", "covariance"), cls.format)
+        p = structure.n_params
+        mean = v.vector(arrays["mean"], "mean", p)
+        cov, chol = v.spd_matrix(arrays["covariance"], "covariance", p)
+        return cls(structure, mean, cov, chol)
+
+    @classmethod
+    def from_dense(cls, structure: Structure, mean: np.ndarray, covariance: np.ndarray):
+        """Validated construction from a mean and a covariance."""
+        return cls.from_arrays(structure, {"mean": mean, "covariance": covariance})
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean, "covariance": self.covariance}
+
+    @cached_property
+    def _chol(self) -> np.ndarray:
+        try:
+            return sla.cholesky(self.covariance, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:  # pragma: no cover - validated at construction
+            raise InvalidPosterior("is not positive definite", field="covariance") from None
+
+    def condition(self, B, values, keep, structure) -> FullPosterior:
+        S, m = self.covariance, self.mean
+        B = np.asarray(B, dtype=np.int64)
+        keep = np.asarray(keep, dtype=np.int64)
+        m_keep = m[keep]
+        S_keep = S[np.ix_(keep, keep)]
+        if B.size:
+            L = v.cholesky_constraint(S[np.ix_(B, B)])
+            alpha = sla.solve_triangular(L, values - m[B], lower=True, check_finite=False)
+            W = sla.solve_triangular(
+                L, S[np.ix_(B, keep)], lower=True, check_finite=False, overwrite_b=True
+            )
+            m_keep += W.T @ alpha
+            S_keep -= W.T @ W
+            S_keep += S_keep.T
+            S_keep *= 0.5
+        return FullPosterior(structure, m_keep, S_keep)
+
+    def constraint_cost(self, B, values) -> float:
+        B = np.asarray(B, dtype=np.int64)
+        if B.size == 0:
+            return 0.0
+        L = v.cholesky_constraint(self.covariance[np.ix_(B, B)])
+        alpha = sla.solve_triangular(L, values - self.mean[B], lower=True, check_finite=False)
+        return 0.5 * float(alpha @ alpha)
+
+    def cov_block(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        return self.covariance[np.ix_(idx, idx)]
+
+    def variance(self) -> np.ndarray:
+        return np.diag(self.covariance).copy()
+
+    def precision_diagonal(self) -> np.ndarray:
+        # diag(Σ⁻¹) = row sums of squares of L⁻¹, with Σ = L Lᵀ.
+        Linv = sla.solve_triangular(self._chol, np.eye(self.n), lower=True, check_finite=False)
+        return np.einsum("ij,ij->j", Linv, Linv)
+
+    def dense_covariance(self) -> np.ndarray:
+        return self.covariance
