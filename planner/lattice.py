@@ -19,6 +19,7 @@ never enters a dead end.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -79,7 +80,7 @@ def _block_reason(
     for p in range(s, e + 1):
         if f.width(p) < w:
             return f"teacher position {p} has width {f.width(p)} < {w}"
-    if s == 1 and f.width(1) != w or e == f.T and f.width(f.T) != w:
+    if (s == 1 and f.width(1) != w) or (e == f.T and f.width(f.T) != w):
         return "input and output widths cannot change"
     if f.kind == "rnn" and e == f.T and s < f.T:
         return "an RNN's output layer cannot be removed"
@@ -122,7 +123,7 @@ def routes(teacher: Structure, student: Structure, G: nx.DiGraph | None = None) 
     if END not in G:
         return
     for path in nx.all_simple_paths(G, (1, 1), END):
-        yield Route(tuple(G.edges[a, b]["block"] for a, b in zip(path, path[1:], strict=False)))
+        yield Route(tuple(G.edges[a, b]["block"] for a, b in itertools.pairwise(path)))
 
 
 def _global_reason(teacher: Structure, student: Structure) -> str | None:
@@ -171,7 +172,7 @@ def membership(teacher: Structure, student: Structure) -> Membership:
     if END not in loose or not nx.has_path(loose, (1, 1), END):
         return Membership(False, _width_reason(teacher, student))
     path = nx.shortest_path(loose, (1, 1), END)
-    for (s, j), b in zip(path, path[1:], strict=False):
+    for (s, j), b in itertools.pairwise(path):
         _, e = loose.edges[(s, j), b]["block"]
         why = _block_reason(teacher, student, s, e, j)
         if why:
@@ -241,9 +242,7 @@ def _shuffle(a: dict[int, int], b: dict[int, int]) -> dict[int, int]:
     return out
 
 
-def _block_counts(
-    f: Structure, s: int, e: int, w: int, budget: list[int]
-) -> dict[int, int]:
+def _block_counts(f: Structure, s: int, e: int, w: int, budget: list[int]) -> dict[int, int]:
     """Sequences of the steps inside block s..e, by length."""
     if s == e:
         return {f.width(s) - w: 1}
@@ -277,9 +276,7 @@ def _block_counts(
     return go(tuple((p, f.width(p)) for p in range(s, e + 1)), False)
 
 
-def count_sequences(
-    teacher: Structure, student: Structure, max_states: int = 2_000_000
-) -> int:
+def count_sequences(teacher: Structure, student: Structure, max_states: int = 2_000_000) -> int:
     """The exact number of structure-level sequences from teacher to student.
 
     Raises

@@ -97,30 +97,39 @@ class Tracked:
     positions: list[int]  # teacher position of each current position (1-based values)
     neurons: list[np.ndarray]  # teacher neuron ids of each current position
     layers: list[_Layer] = field(default_factory=list)  # current layers 2..T
+    #: Whether effects list what they marginalise (costly on big teachers; kept
+    #: for replays that need it, e.g. ``CompiledPlan.marginalised``).
+    record_marginalised: bool = False
 
     @classmethod
-    def start(cls, teacher: Structure) -> Tracked:
+    def start(cls, teacher: Structure, record_marginalised: bool = False) -> Tracked:
         positions = list(range(1, teacher.T + 1))
         neurons = [np.arange(n, dtype=np.int64) for n in teacher.widths]
         layers = [
             _Layer(t, neurons[t - 1].copy(), neurons[t - 2].copy()) for t in range(2, teacher.T + 1)
         ]
-        return cls(teacher, teacher, positions, neurons, layers)
+        return cls(teacher, teacher, positions, neurons, layers, record_marginalised)
 
     # -- teacher indices of current blocks ------------------------------------------------
     def _U(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
         lay = self.layers[t - 2]
-        T = self.teacher.layer(lay.src)
-        return T.U[np.ix_(np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.cols[cols]))]
+        off = self.teacher.layer_offset(lay.src)
+        n_in = self.teacher.width(lay.src - 1)
+        r, c = np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.cols[cols])
+        return (off + r * n_in)[:, None] + c[None, :]
 
     def _V(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
         lay = self.layers[t - 2]
-        V = self.teacher.layer(lay.src).V
-        return V[np.ix_(np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.rows[cols]))]
+        n = self.teacher.width(lay.src)
+        off = self.teacher.layer_offset(lay.src) + n * self.teacher.width(lay.src - 1)
+        r, c = np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.rows[cols])
+        return (off + r * n)[:, None] + c[None, :]
 
     def _b(self, t: int, rows=slice(None)) -> np.ndarray:
         lay = self.layers[t - 2]
-        return self.teacher.layer(lay.src).b[np.atleast_1d(lay.rows[rows])]
+        n = self.teacher.width(lay.src)
+        off = self.teacher.layer_offset(lay.src + 1) - n
+        return off + np.atleast_1d(lay.rows[rows])
 
     def layer_indices(self, t: int) -> np.ndarray:
         """Teacher indices of current layer t in its layout order (U, V, b)."""
@@ -137,32 +146,21 @@ class Tracked:
 
     def outgoing(self, t: int, i: int) -> np.ndarray:
         """Teacher indices that φ(t, i) would condition to zero."""
-        parts = [self._U(t + 1, cols=i).ravel()]
+        return self.outgoing_all(t)[i]
+
+    def outgoing_all(self, t: int) -> np.ndarray:
+        """Row i: the teacher indices φ(t, i) would condition (column i of U_{t+1}, V_t)."""
+        parts = [self._U(t + 1).T]
         if self.structure.recurrent(t):
-            parts.append(self._V(t, cols=i).ravel())
-        return np.concatenate(parts)
+            parts.append(self._V(t).T)
+        return np.hstack(parts)
 
     # -- validity -------------------------------------------------------------------------
     def check(self, op: Op) -> None:
         """Raise :class:`InvalidOperation` naming the rule ``op`` breaks here."""
         s = self.structure
         if isinstance(op, Phi):
-            t, i = op.layer, op.neuron
-            if not s.is_hidden(t):
-                raise InvalidOperation(
-                    f"φ({t}) needs a hidden position (2..{s.T - 1}); position {t} is "
-                    + ("the input" if t == 1 else "the output" if t == s.T else "out of range"),
-                    field="layer",
-                )
-            if s.width(t) < 2:
-                raise InvalidOperation(
-                    f"φ({t}) would empty position {t} (width {s.width(t)})", field="layer"
-                )
-            if not 0 <= i < s.width(t):
-                raise InvalidOperation(
-                    f"neuron {i} does not exist at position {t} (width {s.width(t)})",
-                    field="neuron",
-                )
+            self._check_phi(op.layer, op.neuron, s.width(op.layer) if 1 <= op.layer <= s.T else 0)
         elif isinstance(op, Psi):
             t = op.layer
             if not 2 <= t <= s.T:
@@ -195,29 +193,72 @@ class Tracked:
         else:  # pragma: no cover - typing guards this
             raise InvalidOperation(f"unknown operation {op!r}", field="op")
 
+    def _check_phi(self, t: int, i: int, width: int) -> None:
+        s = self.structure
+        if not s.is_hidden(t):
+            raise InvalidOperation(
+                f"φ({t}) needs a hidden position (2..{s.T - 1}); position {t} is "
+                + ("the input" if t == 1 else "the output" if t == s.T else "out of range"),
+                field="layer",
+            )
+        if width < 2:
+            raise InvalidOperation(
+                f"φ({t}) would empty position {t} (width {width})", field="layer"
+            )
+        if not 0 <= i < width:
+            raise InvalidOperation(
+                f"neuron {i} does not exist at position {t} (width {width})", field="neuron"
+            )
+
     # -- application ----------------------------------------------------------------------
     def apply(self, op: Op) -> Effect:
         """Apply ``op`` in place; return what it conditions and marginalises."""
         self.check(op)
-        return self._phi(op.layer, op.neuron) if isinstance(op, Phi) else self._psi(op)
+        if isinstance(op, Phi):
+            return self._phi(op.layer, np.array([op.neuron], dtype=np.int64))
+        return self._psi(op)
 
-    def _phi(self, t: int, i: int) -> Effect:
+    def apply_phis(self, t: int, neurons: list[int]) -> Effect:
+        """Apply φ(t, i) for each i of ``neurons`` in order, as one batched step.
+
+        Exactly the effect of the single steps (SPEC §3), computed at once: the
+        indices are current ones, each taken after the previous removals.
+        """
+        if not neurons:
+            return Effect(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+        n = self.structure.width(t)
+        live = list(range(n))
+        start: list[int] = []  # positions at the start of the run
+        for i in neurons:
+            self._check_phi(t, i, len(live))
+            start.append(live.pop(i))
+        return self._phi(t, np.asarray(start, dtype=np.int64))
+
+    def _phi(self, t: int, idx: np.ndarray) -> Effect:
+        """Remove the neurons at current indices ``idx`` (in that order) of position t."""
         s = self.structure
-        cond = self.outgoing(t, i)
-        marg = [self._U(t, rows=i).ravel()]
+        rec = self.record_marginalised
+        cond = [self._U(t + 1, cols=idx).T.ravel()]
+        marg = [self._U(t, rows=idx).ravel()] if rec else []
         if s.recurrent(t):
-            row = self._V(t, rows=i).ravel()
-            marg.append(np.delete(row, i))  # V_t[i, i] is conditioned with column i
-        if s.bias:
-            marg.append(self._b(t, rows=i))
-        # shrink position t
-        self.neurons[t - 1] = np.delete(self.neurons[t - 1], i)
-        self.layers[t - 2].rows = np.delete(self.layers[t - 2].rows, i)
-        self.layers[t - 1].cols = np.delete(self.layers[t - 1].cols, i)
+            # V_t[a, b] with b removed: conditioned iff a was still live then (or a == b);
+            # V_t[a, b] with a removed: marginalised iff b was still live then (b ≠ a).
+            order = np.full(s.width(t), np.iinfo(np.int64).max)
+            order[idx] = np.arange(idx.size)
+            V = self._V(t)
+            cond.append(V.T[idx][order[None, :] >= order[idx][:, None]])
+            if rec:
+                marg.append(V[idx][order[None, :] > order[idx][:, None]])
+        if s.bias and rec:
+            marg.append(self._b(t, rows=idx))
+        self.neurons[t - 1] = np.delete(self.neurons[t - 1], idx)
+        self.layers[t - 2].rows = np.delete(self.layers[t - 2].rows, idx)
+        self.layers[t - 1].cols = np.delete(self.layers[t - 1].cols, idx)
         widths = list(s.widths)
-        widths[t - 1] -= 1
+        widths[t - 1] -= idx.size
         self.structure = s.with_widths(widths)
-        return Effect(cond, np.zeros(cond.size), np.concatenate(marg))
+        c = np.concatenate(cond)
+        return Effect(c, np.zeros(c.size), np.concatenate([np.zeros(0, np.int64), *marg]))
 
     def _psi(self, op: Psi) -> Effect:
         s, t = self.structure, op.layer

@@ -50,21 +50,65 @@ class Provenance:
         }
 
 
-@dataclass(frozen=True)
 class CompiledPlan:
     """A plan as index sets: condition ``conditioned = targets``, keep ``kept``.
 
     ``kept[j]`` is the teacher index of the student's parameter j; every
     teacher index is in exactly one of ``conditioned``, ``marginalised``, ``kept``.
+    ``kept``, ``provenance`` and ``marginalised`` are computed on first use:
+    scoring a plan needs only ``conditioned`` and ``targets``.
     """
 
-    teacher: Structure
-    student: Structure
-    conditioned: np.ndarray
-    targets: np.ndarray
-    marginalised: np.ndarray
-    kept: np.ndarray
-    provenance: tuple[Provenance, ...]
+    def __init__(self, teacher: Structure, ops: Sequence[Op]) -> None:
+        self.teacher = teacher
+        self._ops = tuple(ops)
+        self._state = Tracked.start(teacher)
+        cond, tgt = [np.zeros(0, dtype=np.int64)], [np.zeros(0)]
+        for _k, eff in _effects(self._state, self._ops):
+            cond.append(eff.conditioned)
+            tgt.append(eff.targets)
+        self.student: Structure = self._state.structure
+        self.conditioned: np.ndarray = np.concatenate(cond)
+        self.targets: np.ndarray = np.concatenate(tgt)
+
+    @cached_property
+    def kept(self) -> np.ndarray:
+        return self._state.kept()
+
+    @cached_property
+    def provenance(self) -> tuple[Provenance, ...]:
+        tr = self._state
+        return tuple(
+            Provenance(j + 1, tr.positions[j], tuple(int(x) for x in tr.neurons[j]))
+            for j in range(tr.structure.T)
+        )
+
+    @cached_property
+    def marginalised(self) -> np.ndarray:
+        """Replays the plan, collecting what each step marginalises."""
+        parts = [np.zeros(0, dtype=np.int64)]
+        parts += [
+            eff.marginalised for _, eff in _effects(Tracked.start(self.teacher, True), self._ops)
+        ]
+        return np.concatenate(parts)
+
+
+def _effects(tr: Tracked, ops: tuple[Op, ...]):
+    """Apply ``ops`` to ``tr`` run by run, yielding (index, effect); name a failing step."""
+    for k, run in _runs(ops):
+        op = run[0]
+        try:
+            if isinstance(op, Phi):
+                eff = tr.apply_phis(op.layer, [o.neuron for o in run])
+            else:
+                eff = tr.apply(op)
+        except InvalidOperation as exc:
+            bad = k + _failing_step(tr.teacher, ops, k, len(run))
+            field = f"ops[{bad}].{exc.field}" if exc.field else f"ops[{bad}]"
+            raise InvalidOperation(
+                f"step {bad} ({_label(ops[bad])}): {exc.reason}", field=field
+            ) from None
+        yield k, eff
 
 
 def op_from_json(d: Mapping) -> Op:
@@ -77,7 +121,9 @@ def op_from_json(d: Mapping) -> Op:
             pairing = d.get("pairing")
             return Psi(int(d["layer"]), None if pairing is None else tuple(int(x) for x in pairing))
     except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidOperation(f"malformed {kind} operation {dict(d)!r}: {exc}", field="ops")
+        raise InvalidOperation(
+            f"malformed {kind} operation {dict(d)!r}: {exc}", field="ops"
+        ) from None
     raise InvalidOperation(f"unknown operation {kind!r}; expected 'phi' or 'psi'", field="ops")
 
 
@@ -108,31 +154,7 @@ class Plan:
     @cached_property
     def compiled(self) -> CompiledPlan:
         """B, v, the kept set in student order and the provenance of student neurons."""
-        tr = Tracked.start(self.teacher)
-        cond, tgt, marg = [], [], []
-        for k, op in enumerate(self.ops):
-            try:
-                eff = tr.apply(op)
-            except InvalidOperation as exc:
-                field = f"ops[{k}].{exc.field}" if exc.field else f"ops[{k}]"
-                raise InvalidOperation(f"step {k} ({_label(op)}): {exc.reason}", field=field)
-            cond.append(eff.conditioned)
-            tgt.append(eff.targets)
-            marg.append(eff.marginalised)
-        empty = np.zeros(0, dtype=np.int64)
-        prov = tuple(
-            Provenance(j + 1, tr.positions[j], tuple(int(x) for x in tr.neurons[j]))
-            for j in range(tr.structure.T)
-        )
-        return CompiledPlan(
-            teacher=self.teacher,
-            student=tr.structure,
-            conditioned=np.concatenate([empty, *cond]),
-            targets=np.concatenate([np.zeros(0), *tgt]),
-            marginalised=np.concatenate([empty, *marg]),
-            kept=tr.kept(),
-            provenance=prov,
-        )
+        return CompiledPlan(self.teacher, self.ops)
 
     @property
     def student(self) -> Structure:
@@ -160,6 +182,32 @@ class Plan:
 
     def labels(self) -> list[str]:
         return [_label(op) for op in self.ops]
+
+
+def _runs(ops: Sequence[Op]):
+    """Yield (index of first op, run) for maximal runs of φ at one layer, and single ψ."""
+    k = 0
+    while k < len(ops):
+        op = ops[k]
+        end = k + 1
+        if isinstance(op, Phi):
+            while end < len(ops) and isinstance(ops[end], Phi) and ops[end].layer == op.layer:
+                end += 1
+        yield k, ops[k:end]
+        k = end
+
+
+def _failing_step(teacher: Structure, ops: Sequence[Op], first: int, length: int) -> int:
+    """Offset, inside a failing run, of the step that breaks a rule (replayed one by one)."""
+    tr = Tracked.start(teacher)
+    for op in ops[:first]:
+        tr.apply(op)
+    for off in range(length):
+        try:
+            tr.apply(ops[first + off])
+        except InvalidOperation:
+            return off
+    return 0  # pragma: no cover - the run failed, so one step does
 
 
 def _label(op: Op) -> str:

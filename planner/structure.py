@@ -229,9 +229,16 @@ class Structure:
             raise InvalidStructure(f"layer {t} does not exist (layers are 2..{self.T})")
         return self._layers[t - 2]
 
+    @cached_property
+    def _offsets(self) -> tuple[int, ...]:
+        out = [0, 0, 0]  # positions 0 and 1 have no layer; layer 2 starts at 0
+        for t in range(2, self.T + 1):
+            out.append(out[-1] + self.layer_size(t))
+        return tuple(out)
+
     def layer_offset(self, t: int) -> int:
-        """Flat index of ``U_t[0, 0]``."""
-        return sum(self.layer_size(s) for s in range(2, t))
+        """Flat index of ``U_t[0, 0]`` (for t = T + 1: the number of parameters)."""
+        return self._offsets[t]
 
     # -- relations ----------------------------------------------------------------------
     def with_widths(self, widths: Sequence[int]) -> Structure:

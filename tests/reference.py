@@ -26,7 +26,7 @@ class RefNet:
     def T(self) -> int:
         return len(self.widths)
 
-    def keys(self) -> list[tuple]:
+    def params(self) -> list[tuple]:
         """Every parameter, in PyTorch order."""
         out = []
         for t in range(2, self.T + 1):
@@ -39,7 +39,7 @@ class RefNet:
         return out
 
     def index(self) -> dict[tuple, int]:
-        return {k: q for q, k in enumerate(self.keys())}
+        return {k: q for q, k in enumerate(self.params())}
 
 
 def valid_ops(net: RefNet) -> list[tuple]:
@@ -128,7 +128,7 @@ def ref_step(net: RefNet, mean, cov, op: tuple):
 
     B = [idx[k] for k in cond]
     v = np.array(list(cond.values()))
-    keep = [idx[old_key(k)] for k in new.keys()]
+    keep = [idx[old_key(k)] for k in new.params()]
     assert len(set(keep)) == len(keep)
     assert not (set(keep) & set(B)) and not (set(keep) & {idx[k] for k in marg})
     assert len(keep) + len(B) + len(marg) == len(idx)

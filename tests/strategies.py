@@ -69,5 +69,5 @@ def cases(draw, max_T=5, max_width=4, max_steps=5, rnn=None):
     net = draw(nets(max_T, max_width, rnn))
     ops = draw(sequences(net, max_steps))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    p = len(net.keys())
+    p = len(net.params())
     return net, ops, rng.normal(size=p), spd(rng, p)

@@ -15,9 +15,7 @@ from .full import FullPosterior
 __all__ = ["FORMATS", "DiagPosterior", "FullPosterior", "Posterior", "from_arrays"]
 
 #: Registered formats by their SPEC §7 name.
-FORMATS: dict[str, type[Posterior]] = {
-    cls.format: cls for cls in (FullPosterior, DiagPosterior)
-}
+FORMATS: dict[str, type[Posterior]] = {cls.format: cls for cls in (FullPosterior, DiagPosterior)}
 
 
 def from_arrays(fmt: str, structure: Structure, arrays: Mapping[str, np.ndarray]) -> Posterior:

@@ -25,7 +25,7 @@ def require(arrays: Mapping[str, np.ndarray], names: tuple[str, ...], fmt: str) 
 def as_float(a: np.ndarray, name: str) -> np.ndarray:
     """The array as float64 (no copy when it already is), refusing non-numeric dtypes."""
     a = np.asarray(a)
-    if a.dtype.kind not in "fiu" or a.dtype.kind == "f" and a.dtype.itemsize < 4:
+    if a.dtype.kind not in "fiu" or (a.dtype.kind == "f" and a.dtype.itemsize < 4):
         raise InvalidPosterior(
             f"must be a float32 or float64 array; got dtype {a.dtype}", field=name
         )

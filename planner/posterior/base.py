@@ -83,5 +83,35 @@ class Posterior(ABC):
     def dense_covariance(self) -> np.ndarray:
         """Σ as a dense matrix (for small posteriors and tests)."""
 
+    # -- batched small-group costs (criteria and pairing) ----------------------------------
+    def group_costs(self, groups: np.ndarray) -> np.ndarray:
+        """``½ m_gᵀ Σ_gg⁻¹ m_g`` for each row ``g`` of ``groups`` (n × k indices).
+
+        The cost of conditioning each group to zero on its own: the
+        ``posterior_ratio`` score of SPEC §6.  Formats override this with a
+        vectorised kernel; this generic one factorises one block at a time.
+        """
+        out = np.empty(len(groups))
+        for r, g in enumerate(groups):
+            L = np.linalg.cholesky(self.cov_block(g))
+            z = np.linalg.solve(L, self.mean[g])
+            out[r] = 0.5 * float(z @ z)
+        return out
+
+    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
+        """``C[k, l] = ½ (e_l − m_r)ᵀ Σ_rr⁻¹ (e_l − m_r)`` for each row ``r = rows[k]``.
+
+        The cost of conditioning one row of a square layer to the unit vector
+        ``e_l`` (SPEC §3 ψ with ``π(k) = l``), each row on its own: the matrix
+        of the linear assignment that chooses π (SPEC §6).
+        """
+        out = np.empty(rows.shape)
+        for r, g in enumerate(rows):
+            P = np.linalg.inv(self.cov_block(g))
+            m = self.mean[g]
+            Pm = P @ m
+            out[r] = 0.5 * (m @ Pm - 2 * Pm + np.diag(P))
+        return out
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.structure.describe()} p={self.n}>"

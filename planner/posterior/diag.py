@@ -49,6 +49,15 @@ class DiagPosterior(Posterior):
         d = values - self.mean[B]
         return 0.5 * float(np.sum(d * d / self.var[B]))
 
+    def group_costs(self, groups: np.ndarray) -> np.ndarray:
+        m, v = self.mean[groups], self.var[groups]
+        return 0.5 * np.sum(m * m / v, axis=-1)
+
+    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
+        m, v = self.mean[rows], self.var[rows]
+        base = 0.5 * np.sum(m * m / v, axis=-1, keepdims=True)
+        return base + 0.5 * (1.0 - 2.0 * m) / v
+
     def cov_block(self, idx) -> np.ndarray:
         return np.diag(self.var[np.asarray(idx, dtype=np.int64)])
 

@@ -87,6 +87,32 @@ class FullPosterior(Posterior):
         alpha = sla.solve_triangular(L, values - self.mean[B], lower=True, check_finite=False)
         return 0.5 * float(alpha @ alpha)
 
+    def _blocks(self, groups: np.ndarray):
+        """Yield (slice, Σ blocks (n × k × k), means (n × k)) in memory-bounded chunks."""
+        n, k = groups.shape
+        step = max(1, (1 << 22) // max(1, k * k))
+        for a in range(0, n, step):
+            g = groups[a : a + step]
+            yield slice(a, a + step), self.covariance[g[:, :, None], g[:, None, :]], self.mean[g]
+
+    def group_costs(self, groups: np.ndarray) -> np.ndarray:
+        out = np.empty(len(groups))
+        if groups.shape[1] == 0:
+            out[:] = 0.0
+            return out
+        for sl, S, m in self._blocks(groups):
+            out[sl] = 0.5 * np.einsum("nk,nk->n", m, np.linalg.solve(S, m[..., None])[..., 0])
+        return out
+
+    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty(rows.shape)
+        for sl, S, m in self._blocks(rows):
+            P = np.linalg.inv(S)
+            Pm = np.einsum("nkl,nl->nk", P, m)
+            quad = np.einsum("nk,nk->n", m, Pm)
+            out[sl] = 0.5 * (quad[:, None] - 2 * Pm + np.diagonal(P, axis1=1, axis2=2))
+        return out
+
     def cov_block(self, idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         return self.covariance[np.ix_(idx, idx)]

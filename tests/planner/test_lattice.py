@@ -66,9 +66,11 @@ def test_membership_count_and_enumeration_match_brute_force(teacher, data):
     assert len(got) == len(brute)
 
     T = data.draw(st.integers(3, teacher.T))
-    widths = [teacher.widths[0]] + [
-        data.draw(st.integers(1, 3)) for _ in range(T - 2)
-    ] + [teacher.widths[-1]]
+    widths = (
+        [teacher.widths[0]]
+        + [data.draw(st.integers(1, 3)) for _ in range(T - 2)]
+        + [teacher.widths[-1]]
+    )
     hidden = [data.draw(st.sampled_from(["identity", "relu", "tanh"])) for _ in range(T - 2)]
     other = RefNet(widths, ["identity", *hidden, teacher.acts[-1]], teacher.bias, teacher.rnn)
     m = membership(f, to_structure(other))

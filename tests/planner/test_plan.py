@@ -184,3 +184,41 @@ def test_a_posterior_of_another_teacher_is_refused():
     )
     with pytest.raises(InvalidPlan):
         plan.apply(post)
+
+
+@st.composite
+def phi_runs(draw):
+    """An RNN/MLP with a run of φ at one position, then more steps: batched runs vs steps."""
+    rnn, bias = draw(st.booleans()), draw(st.booleans())
+    widths = [draw(st.integers(1, 3)), draw(st.integers(3, 5)), draw(st.integers(3, 4)), 2]
+    net = RefNet(widths, ["identity", "tanh", "relu", "identity"], bias, rnn)
+    t = draw(st.sampled_from([2, 3]))
+    ops = []
+    for _ in range(draw(st.integers(2, widths[t - 1] - 1))):
+        ops.append(("phi", t, draw(st.integers(0, widths[t - 1] - 1 - len(ops)))))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    p = len(net.params())
+    return net, ops, rng.normal(size=p), spd(rng, p)
+
+
+@given(phi_runs())
+def test_runs_of_phi_equal_single_steps(case):
+    net, ops, mean, cov = case
+    teacher = to_structure(net)
+    post = FullPosterior.from_dense(teacher, mean, cov)
+    plan = Plan(teacher, to_ops(ops))
+    _, ref_mean, ref_cov, costs = ref_apply(net, mean, cov, ops)
+    out = plan.apply(post)
+    close(out.mean, ref_mean)
+    close(out.covariance, ref_cov)
+    close(plan.cost(post), sum(costs))
+
+
+def test_a_bad_step_inside_a_run_is_named():
+    teacher = Structure.mlp((3, 4, 2))
+    with pytest.raises(InvalidOperation) as err:
+        Plan(teacher, (Phi(2, 0), Phi(2, 0), Phi(2, 5)))
+    assert err.value.field == "ops[2].neuron"
+    with pytest.raises(InvalidOperation) as err:
+        Plan(teacher, (Phi(2, 0), Phi(2, 0), Phi(2, 0), Phi(2, 0)))
+    assert err.value.field == "ops[3].layer"
