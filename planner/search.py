@@ -117,8 +117,11 @@ def search(
 
 
 # -- exact polish ---------------------------------------------------------------------------
-#: Work (≈ flops) the polish may spend on exact rescorings.
-_POLISH_FLOPS = 3e9
+#: Work the polish may spend on exact rescorings, in units of one flop or one
+#: parameter touched while rebuilding a plan (≈ 1 ns each here).
+_POLISH_WORK = 2e8
+#: Below this many affordable rescorings a local search cannot move far: skip it.
+_POLISH_MIN = 20
 #: Pairings up to this size also try every 3-cycle.
 _CYCLES_UP_TO = 8
 
@@ -127,7 +130,8 @@ def _affordable(posterior: Posterior, plan: Plan) -> int:
     """How many exact rescorings of plans like ``plan`` fit the polish's work budget."""
     k = plan.compiled.conditioned.size
     per = k if posterior.format == "diag" else k**3 / 3 + k * k
-    return int(_POLISH_FLOPS // max(per + posterior.structure.n_params, 1.0))
+    n = int(_POLISH_WORK // max(per + posterior.structure.n_params, 1.0))
+    return n if n >= _POLISH_MIN else 0
 
 
 @dataclass

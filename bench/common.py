@@ -1,0 +1,43 @@
+"""Small helpers shared by the benchmarks: timing and result tables."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def best_of(fn: Callable[[], object], repeat: int = 3) -> tuple[float, object]:
+    """Minimum wall time over ``repeat`` runs, and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def random_spd(rng: np.random.Generator, p: int, rank: int = 400, jitter: float = 0.1):
+    """A dense SPD matrix (low-rank plus diagonal), cheap to make for large p."""
+    A = rng.normal(size=(p, rank)) / np.sqrt(rank)
+    S = A @ A.T
+    S[np.diag_indices(p)] += jitter
+    return S
+
+
+def report(name: str, rows: list[dict], quick: bool) -> None:
+    """Print ``rows`` as a table and, for full runs, save them under ``bench/results``."""
+    keys = list(rows[0])
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+    if not quick:
+        RESULTS.mkdir(exist_ok=True)
+        meta = {"machine": platform.machine(), "python": platform.python_version()}
+        (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
