@@ -31,6 +31,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .criteria import Criterion, NeuronContext, criterion_function
+from .errors import MissingData
 from .lattice import END, Route, require_member, route_graph, routes
 from .ops import Op, Phi, Psi, Tracked
 from .plan import Plan
@@ -98,6 +99,10 @@ def search(
     teacher = posterior.structure
     require_member(teacher, student)
     crit = criterion_function(criterion)
+    if crit is criterion_function("gradient_covariance") and gradients is None:
+        raise MissingData(
+            "criterion 'gradient_covariance' needs per-example gradients", field="gradients"
+        )
     candidates = _candidate_routes(posterior, student, max_routes)
     best: tuple[float, Plan, Route, _Choices] | None = None
     for route in candidates:

@@ -46,6 +46,12 @@ class Posterior(ABC):
     def from_arrays(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> Posterior:
         """Validate the arrays of this format against ``structure`` (SPEC §7, §8)."""
 
+    @classmethod
+    def from_validated(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> Posterior:
+        """Trusted construction from arrays that passed :meth:`from_arrays` before
+        (e.g. float64 files a service stored after validating them): no checks."""
+        return cls(structure, arrays["mean"], *(arrays[n] for n in cls.array_names))
+
     @abstractmethod
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays of this format, by their SPEC §7 names."""

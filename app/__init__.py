@@ -1,0 +1,1 @@
+"""The alignment-planner service: FastAPI over the ``planner`` core. All I/O lives here."""

@@ -1,0 +1,66 @@
+"""Typed dependencies: settings, store, jobs, and the caller's identity."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..jobs import JobRunner
+from ..problems import Problem
+from ..settings import Settings
+from ..store import ID, Store
+
+__all__ = ["JobsDep", "OwnerDep", "SettingsDep", "StoreDep", "check_id"]
+
+_ID = re.compile(ID)
+PUBLIC = "public"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_jobs(request: Request) -> JobRunner:
+    return request.app.state.jobs
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+JobsDep = Annotated[JobRunner, Depends(get_jobs)]
+
+
+def get_owner(request: Request, settings: SettingsDep) -> str:
+    """The tenant: a digest of the caller's API key, or ``public`` without keys."""
+    if not settings.keys:
+        return PUBLIC
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key:
+        for known in settings.keys:
+            if hmac.compare_digest(key.encode(), known.encode()):
+                return hashlib.sha256(known.encode()).hexdigest()[:24]
+    raise Problem(
+        401,
+        "unauthorized",
+        "Unauthorized",
+        "a valid 'Authorization: Bearer <key>' header is required",
+        field="authorization",
+        headers={"WWW-Authenticate": 'Bearer realm="alignment-planner"'},
+    )
+
+
+OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+def check_id(value: str, kind: str, what: str) -> str:
+    """Ids are opaque tokens: anything that is not one is simply not found."""
+    if not _ID.match(value) or value[0] != kind:
+        raise Problem.not_found(what, value[:80])
+    return value

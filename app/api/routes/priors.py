@@ -1,0 +1,168 @@
+"""``/v1/plans/{id}/prior`` and ``/v1/priors/{id}``: aligned priors and their arrays."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Literal
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from ...arrays import convert_npy, write_npz, write_safetensors
+from ...problems import Problem
+from ...schemas import PriorPublic
+from ...store import PriorRecord, Store
+from ..deps import JobsDep, OwnerDep, StoreDep, check_id
+
+router = APIRouter(tags=["priors"])
+_build_lock = threading.Lock()
+
+
+def prior_json(store: Store, rec: PriorRecord) -> dict:
+    plan = store.plan(rec.owner, rec.plan_id)
+    teacher = store.teacher(rec.owner, plan.teacher_id)
+    return {
+        "id": rec.id,
+        "plan": rec.plan_id,
+        "status": rec.status,
+        "student": plan.student,
+        "posterior": {"format": teacher.format},
+        "cost": rec.cost if rec.cost is not None else plan.cost,
+        "arrays": rec.arrays,
+        "problem": rec.problem,
+        "created": rec.created,
+        "started": rec.started,
+        "finished": rec.finished,
+    }
+
+
+@router.post(
+    "/v1/plans/{id}/prior",
+    response_model=PriorPublic,
+    status_code=202,
+    responses={201: {"description": "the prior is already computed"}},
+)
+def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep):
+    """Start or reuse the plan's prior: 201 when it is computed, 202 while it is queued
+    or running.  A failed prior is queued again."""
+    plan = store.plan(owner, check_id(id, "p", "plan"))
+    if plan is None:
+        raise Problem.not_found("plan", id)
+    rec, created = store.prior_for_plan(owner, plan.id)
+    if rec.status == "failed":
+        store.update_prior(rec.id, status="queued", problem=None, started=None, finished=None)
+        created = True
+    if created:
+        jobs.submit(rec.id)
+        rec = store.prior(owner, rec.id)
+    status = 201 if rec.status == "done" else 202
+    return JSONResponse(
+        prior_json(store, rec), status_code=status, headers={"Location": f"/v1/priors/{rec.id}"}
+    )
+
+
+def _done_prior(store: Store, owner: str, id: str) -> PriorRecord:
+    rec = store.prior(owner, check_id(id, "r", "prior"))
+    if rec is None:
+        raise Problem.not_found("prior", id)
+    if rec.status != "done":
+        raise Problem(
+            409,
+            "not-ready",
+            "Prior not ready",
+            f"prior {id} is {rec.status}; its arrays exist once it is done",
+            field="status",
+            status_value=rec.status,
+        )
+    return rec
+
+
+@router.get("/v1/priors/{id}", response_model=PriorPublic)
+def get_prior(id: str, store: StoreDep, owner: OwnerDep):
+    rec = store.prior(owner, check_id(id, "r", "prior"))
+    if rec is None:
+        raise Problem.not_found("prior", id)
+    return prior_json(store, rec)
+
+
+@router.get(
+    "/v1/priors/{id}/arrays/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def get_array(
+    id: str,
+    name: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    dtype: Literal["float64", "float32"] = "float64",
+):
+    """One array as ``.npy`` (HTTP Range supported, so broken downloads resume)."""
+    rec = _done_prior(store, owner, id)
+    if name not in rec.arrays:
+        raise Problem(
+            404,
+            "not-found",
+            "Not found",
+            f"prior {id} has no array {name[:80]!r}; it has {sorted(rec.arrays)}",
+            field="name",
+        )
+    path = store.prior_dir(rec.id) / f"{name}.npy"
+    etag = rec.arrays[name]["sha256"]
+    if dtype == "float32":
+        cached = store.prior_dir(rec.id) / f"{name}.float32.npy"
+        if not cached.exists():
+            await run_in_threadpool(_once, cached, lambda: convert_npy(path, cached, "float32"))
+        path, etag = cached, f"{etag}-f32"
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{name}.npy",
+        headers={"ETag": f'"{etag}"'},
+    )
+
+
+def _once(target, build) -> None:
+    with _build_lock:
+        if not target.exists():
+            build()
+
+
+@router.get(
+    "/v1/priors/{id}/archive",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def get_archive(
+    id: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    format: Literal["npz", "safetensors"] = "npz",
+):
+    """Every array in one ``.npz`` or ``.safetensors`` file, the student structure in
+    its metadata (the zip comment, or the safetensors header)."""
+    rec = _done_prior(store, owner, id)
+    d = store.prior_dir(rec.id)
+    plan = store.plan(owner, rec.plan_id)
+    teacher = store.teacher(owner, plan.teacher_id)
+    arrays = {n: d / f"{n}.npy" for n in rec.arrays}
+    meta = {
+        "structure": plan.student,
+        "format": teacher.format,
+        "plan": plan.id,
+        "prior": rec.id,
+        "cost": rec.cost,
+    }
+    target = d / f"archive.{format}"
+    if not target.exists():
+        if format == "npz":
+            build = lambda: write_npz(target, arrays, meta)  # noqa: E731
+        else:
+            st_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+            build = lambda: write_safetensors(target, arrays, st_meta)  # noqa: E731
+        await run_in_threadpool(_once, target, build)
+    return FileResponse(
+        target, media_type="application/octet-stream", filename=f"{rec.id}.{format}"
+    )

@@ -1,0 +1,273 @@
+"""Teacher uploads: multipart streamed to disk, then validated and adopted whole.
+
+The body is parsed as it arrives (python-multipart's streaming parser), each
+file part written straight into a private temporary folder of the store and
+fsynced; nothing is held whole in memory and nothing survives a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from planner import FORMATS, InvalidPosterior, PlannerError
+
+from .arrays import (
+    NAME,
+    ZIP_MAGIC,
+    extract_npz,
+    extract_safetensors,
+    magic,
+    open_npy,
+    sha256_file,
+    write_npy,
+)
+from .problems import Problem, problem_from_planner_error
+from .schemas import TeacherSpec, structure_json
+from .settings import Settings
+from .store import Store, TeacherRecord, new_id
+
+__all__ = ["Upload", "ingest_teacher", "receive_multipart"]
+
+_MAX_FIELD = 1 << 20
+#: Formats whose arrays include a dense p × p matrix.
+DENSE = {"full", "precision"}
+
+
+@dataclass
+class Upload:
+    fields: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    bytes: int = 0
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(
+        413, "too-large", "Request too large", f"the upload exceeds {limit} bytes", field="body"
+    )
+
+
+async def receive_multipart(request: Request, folder: Path, limit: int) -> Upload:
+    """Stream a ``multipart/form-data`` body: fields into memory (small), files to ``folder``."""
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            "a teacher upload is multipart/form-data with a boundary",
+            field="content-type",
+        )
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    up = Upload()
+    state: dict = {"headers": {}, "hf": b"", "hv": b"", "name": None, "fh": None, "buf": None}
+
+    def on_part_begin():
+        state.update(headers={}, hf=b"", hv=b"", name=None, fh=None, buf=None)
+
+    def on_header_field(data, start, end):
+        state["hf"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["hv"] += data[start:end]
+
+    def on_header_end():
+        state["headers"][state["hf"].decode("latin-1").lower()] = state["hv"]
+        state["hf"], state["hv"] = b"", b""
+
+    def on_headers_finished():
+        _, disp = parse_options_header(state["headers"].get("content-disposition", b""))
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        if not NAME.match(name):
+            raise Problem(
+                422,
+                "invalid-request",
+                "Invalid request",
+                f"part name {name[:80]!r} is not an identifier",
+                field="body",
+            )
+        if name in up.files or name in up.fields:
+            raise Problem(
+                422, "invalid-request", "Invalid request", f"part {name!r} given twice", field=name
+            )
+        state["name"] = name
+        if b"filename" in disp:
+            path = folder / f"{name}.upload"
+            state["fh"] = open(path, "wb")  # noqa: SIM115 - closed at part end
+            up.files[name] = path
+        else:
+            state["buf"] = bytearray()
+
+    def on_part_data(data, start, end):
+        if state["fh"] is not None:
+            state["fh"].write(data[start:end])
+        else:
+            state["buf"] += data[start:end]
+            if len(state["buf"]) > _MAX_FIELD:
+                raise Problem(
+                    413,
+                    "too-large",
+                    "Too large",
+                    f"field {state['name']!r} exceeds 1 MiB",
+                    field=state["name"],
+                )
+
+    def on_part_end():
+        if state["fh"] is not None:
+            state["fh"].flush()
+            os.fsync(state["fh"].fileno())
+            state["fh"].close()
+            state["fh"] = None
+        else:
+            up.fields[state["name"]] = bytes(state["buf"])
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            up.bytes += len(chunk)
+            if up.bytes > limit:
+                raise _too_large(limit)
+            parser.write(chunk)
+        parser.finalize()
+    finally:
+        if state["fh"] is not None:
+            state["fh"].close()
+    return up
+
+
+def _spec(up: Upload) -> TeacherSpec:
+    raw = up.fields.get("spec")
+    if raw is None:
+        if "spec" in up.files:
+            raw = up.files["spec"].read_bytes()[:_MAX_FIELD]
+        else:
+            raise Problem(
+                422,
+                "invalid-request",
+                "Invalid request",
+                "the form field 'spec' is missing",
+                field="spec",
+            )
+    try:
+        return TeacherSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(p) for p in ("spec", *e["loc"]))
+        raise Problem(
+            422, "invalid-request", "Invalid request", f"{loc}: {e['msg']}", field=loc
+        ) from None
+
+
+def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, folder: Path):
+    """Validate an upload (SPEC §7, §8) and adopt it as a teacher; 4xx problems otherwise."""
+    spec = _spec(up)
+    try:
+        structure = spec.structure.build()
+    except PlannerError as exc:
+        raise problem_from_planner_error(exc, "spec.structure") from None
+    fmt = spec.posterior.format
+    if fmt not in FORMATS:
+        raise Problem(
+            422,
+            "invalid-posterior",
+            "Invalid posterior",
+            f"unknown posterior format {fmt!r}; known: {sorted(FORMATS)}",
+            field="spec.posterior.format",
+        )
+    p = structure.n_params
+    limit = settings.max_dense_params if fmt in DENSE else settings.max_params
+    if p > limit:
+        raise Problem(
+            413,
+            "too-large",
+            "Teacher too large",
+            f"{p} parameters exceed this service's limit of {limit} for format {fmt!r}",
+            field="spec.structure",
+        )
+    files = dict(up.files)
+    if "archive" in files:
+        if len(files) > 1:
+            raise Problem(
+                422,
+                "invalid-request",
+                "Invalid request",
+                "send either one 'archive' or one .npy part per array, not both",
+                field="archive",
+            )
+        path = files.pop("archive")
+        if magic(path).startswith(ZIP_MAGIC):
+            files = extract_npz(path, folder, "archive", settings.max_upload_bytes)
+        else:
+            files = extract_safetensors(path, folder, "archive")
+        path.unlink()
+    cls = FORMATS[fmt]
+    allowed = {"mean", *cls.array_names, "gradients"}
+    for name in files:
+        if name not in allowed:
+            raise Problem(
+                422,
+                "invalid-posterior",
+                "Invalid posterior",
+                f"unexpected array {name!r} for format {fmt!r}; expected {sorted(allowed)}",
+                field=name,
+            )
+    arrays = {name: open_npy(path, name) for name, path in files.items()}
+    try:
+        post = cls.from_arrays(structure, arrays)
+        grads = arrays.get("gradients")
+        if grads is not None and (grads.ndim != 2 or grads.shape[1] != p):
+            raise InvalidPosterior(
+                f"must have shape (examples, {p}); got {grads.shape}", field="gradients"
+            )
+        if grads is not None and not np.isfinite(grads).all():
+            raise InvalidPosterior("contains NaN or infinite values", field="gradients")
+    except PlannerError as exc:
+        raise problem_from_planner_error(exc) from None
+    final = folder / "final"
+    final.mkdir()
+    infos = {}
+    out = post.to_arrays()
+    if grads is not None:
+        out["gradients"] = grads
+    for name, arr in out.items():
+        dst = final / f"{name}.npy"
+        src = arrays.get(name)
+        if (
+            arr is src
+            and isinstance(arr, np.memmap)
+            and arr.dtype == np.float64
+            and arr.flags.c_contiguous
+        ):
+            del arr, src  # adopt the uploaded file as it is
+            files[name].rename(dst)
+            sha, size = sha256_file(dst), dst.stat().st_size
+        else:
+            sha, size = write_npy(dst, arr, np.float64)
+        a = out[name]
+        infos[name] = {"shape": list(a.shape), "dtype": "float64", "bytes": size, "sha256": sha}
+    rec = TeacherRecord(
+        new_id("t"), owner, spec.name, structure_json(structure), fmt, infos, time.time()
+    )
+    store.add_teacher(rec, final)
+    return rec
