@@ -311,7 +311,7 @@ class PlannerClient:
     def _save(resp: httpx.Response, part: Path, have: int, progress: bool) -> None:
         from tqdm import tqdm
 
-        with resp:
+        try:
             if resp.status_code == 200:
                 have = 0  # the server sent it whole
             total = have + int(resp.headers.get("content-length", 0))
@@ -327,3 +327,5 @@ class PlannerClient:
                 for chunk in resp.iter_bytes(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
+        finally:
+            resp.close()

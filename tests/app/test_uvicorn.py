@@ -1,0 +1,236 @@
+"""Against a real uvicorn process (process-pool jobs), through the client SDK and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from planner import FullPosterior, Structure
+from planner.search import search
+from planner_client import InvalidRequest, NotFound, PlannerClient
+from planner_client.cli import main as cli
+from tests.app.conftest import posterior, stored_files
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, data: Path, **env: str) -> None:
+        self.data, self.env = data, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        env = {**os.environ, "PLANNER_DATA_DIR": str(self.data), "PLANNER_WORKERS": "2", **self.env}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            cwd=Path(__file__).parents[2],
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError("uvicorn did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path / "data").start()
+    yield srv
+    srv.stop()
+
+
+def test_the_client_end_to_end(server, tmp_path):
+    structure, arrays = posterior((3, 6, 5, 2), "full", seed=11)
+    with PlannerClient(server.url) as c:
+        assert c.health() == {"status": "ok"}
+        t = c.upload_teacher("mlp", structure, "full", arrays)
+        assert c.teacher(t["id"])["name"] == "mlp"
+        seq = c.sequences([10, 6, 7, 10], [10, 4, 6, 10])
+        assert seq["count"] == 3
+        plan, got = c.align(t["id"], [3, 4, 2])
+        teacher = Structure.mlp((3, 6, 5, 2))
+        post = FullPosterior.from_dense(teacher, arrays["mean"], arrays["covariance"])
+        expect = search(post, teacher.inherit((3, 4, 2))).plan.apply(post)
+        assert np.array_equal(got["mean"], expect.mean)
+        assert np.array_equal(got["covariance"], expect.covariance)
+
+        prior_id = c.request_prior(plan["id"])["id"]
+        # a broken download resumes from its partial file with HTTP Range
+        out = tmp_path / "cov.npy"
+        whole = c._send("GET", f"/v1/priors/{prior_id}/arrays/covariance").content
+        (tmp_path / "cov.npy.part").write_bytes(whole[:77])
+        c.download(prior_id, out, "covariance")
+        assert out.read_bytes() == whole
+        arc = c.download(prior_id, tmp_path / "prior.npz")
+        assert np.array_equal(np.load(arc)["mean"], expect.mean)
+        with pytest.raises(InvalidRequest) as err:
+            c.plan(t["id"], [3, 9, 2])
+        assert err.value.field == "student" and "width 9" in err.value.detail
+        with pytest.raises(NotFound):
+            c.teacher("t_000000000000000000000000")
+        c.delete_teacher(t["id"])
+        assert c.teachers() == []
+
+
+def test_the_cli(server, tmp_path, capsys):
+    structure, arrays = posterior((3, 4, 4, 2), "diag", seed=12)
+    for k, v in arrays.items():
+        np.save(tmp_path / f"{k}.npy", v)
+    base = ["--url", server.url]
+    assert (
+        cli(
+            [
+                *base,
+                "teacher",
+                "upload",
+                "--name",
+                "x",
+                "--structure",
+                "3,4,4,2",
+                "--format",
+                "diag",
+                "--array",
+                f"mean={tmp_path / 'mean.npy'}",
+                "--array",
+                f"variance={tmp_path / 'variance.npy'}",
+            ]
+        )
+        == 0
+    )
+    t = json.loads(capsys.readouterr().out)
+    assert cli([*base, "sequences", "--teacher", "10,6,6,10", "--student", "10,6,10"]) == 0
+    assert json.loads(capsys.readouterr().out)["sequences"] == [[{"op": "psi", "layer": 3}]]
+    assert cli([*base, "plan", t["id"], "--student", "3,3,2", "--criterion", "obd"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["criterion"] == "obd"
+    out = tmp_path / "prior.safetensors"
+    assert (
+        cli(
+            [
+                *base,
+                "prior",
+                "get",
+                plan["id"],
+                "--out",
+                str(out),
+                "--format",
+                "safetensors",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    from safetensors.numpy import load_file
+
+    assert load_file(str(out))["mean"].shape == (15,)
+    assert cli([*base, "plan", t["id"], "--student", "3,9,2"]) == 1
+    assert "width 9" in capsys.readouterr().err
+    assert cli([*base, "teacher", "list"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
+
+
+def test_a_killed_upload_leaves_nothing(server):
+    boundary = "b0undary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n'
+        + json.dumps(
+            {"name": "k", "structure": {"widths": [3, 4, 4, 2]}, "posterior": {"format": "diag"}}
+        )
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="mean"; '
+        f'filename="mean.npy"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
+    body = head + b"\x93NUMPY" + b"\0" * 200_000
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(
+            (
+                f"POST /v1/teachers HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                f"boundary={boundary}\r\nContent-Length: {len(body) + 10_000_000}\r\n\r\n"
+            ).encode()
+        )
+        s.sendall(body)
+        time.sleep(0.5)  # the server is now writing the part to disk
+    deadline = time.monotonic() + 10
+    while stored_files(server.data) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stored_files(server.data) == []
+    assert httpx.get(f"{server.url}/v1/teachers").json() == []
+
+
+def test_sixteen_concurrent_clients(server):
+    structure, arrays = posterior((4, 8, 8, 3), "full", seed=13)
+    with PlannerClient(server.url) as c:
+        t = c.upload_teacher("shared", structure, "full", arrays)
+
+    def job(i: int):
+        with PlannerClient(server.url) as c:
+            student = [4, 8 - i % 4, 3] if i % 2 else [4, 7 - i % 3, 8 - i % 5, 3]
+            plan, got = c.align(t["id"], student, seed=i)
+            assert got["mean"].shape == (plan["student"]["n_params"],)
+            assert (
+                c.array(c.request_prior(plan["id"])["id"], "covariance", "float32").dtype
+                == np.float32
+            )
+            return plan["id"]
+
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(job, range(16)))
+    assert len(set(ids)) == 16
+
+
+def test_restart_of_the_process(tmp_path):
+    data = tmp_path / "data"
+    srv = Server(data).start()
+    try:
+        structure, arrays = posterior((3, 4, 4, 2), "diag", seed=14)
+        with PlannerClient(srv.url) as c:
+            t = c.upload_teacher("r", structure, "diag", arrays)
+            plan, got = c.align(t["id"], [3, 3, 2])
+    finally:
+        srv.stop()
+    (data / "tmp" / "stray").mkdir()  # as if a previous process died mid-upload
+    (data / "teachers" / "t_ffffffffffffffffffffffff").mkdir()
+    srv = Server(data).start()
+    try:
+        with PlannerClient(srv.url) as c:
+            assert c.teacher(t["id"])["arrays"] == t["arrays"]
+            prior = c.request_prior(plan["id"])
+            assert prior["status"] == "done"
+            assert np.array_equal(c.array(prior["id"], "mean"), got["mean"])
+        assert not (data / "tmp" / "stray").exists()
+        assert not (data / "teachers" / "t_ffffffffffffffffffffffff").exists()
+    finally:
+        srv.stop()
