@@ -107,7 +107,7 @@ def test_the_client_end_to_end(server, tmp_path):
 
 
 def test_the_cli(server, tmp_path, capsys):
-    structure, arrays = posterior((3, 4, 4, 2), "diag", seed=12)
+    _, arrays = posterior((3, 4, 4, 2), "diag", seed=12)
     for k, v in arrays.items():
         np.save(tmp_path / f"{k}.npy", v)
     base = ["--url", server.url]
