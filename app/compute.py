@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from planner import FORMATS, Plan, PlannerError, Posterior, Structure
+from planner import FORMATS, InvalidPlan, Plan, PlannerError, Posterior, Structure
+from planner.search import search
 
 from .arrays import write_npy
 from .problems import Problem, problem_from_planner_error
 from .store import LocalStore, Store, TeacherRecord
 
-__all__ = ["load_gradients", "load_posterior", "run_prior", "structure_from_json"]
+__all__ = ["TeacherFiles", "load_posterior", "run_plan", "run_prior", "structure_from_json"]
 
 log = logging.getLogger("app.jobs")
 
@@ -25,20 +27,73 @@ def structure_from_json(d: dict) -> Structure:
     )
 
 
+@dataclass(frozen=True)
+class TeacherFiles:
+    """What a worker needs to rebuild a teacher's posterior: plain, picklable data."""
+
+    structure: dict
+    format: str
+    paths: dict[str, str]
+
+    @classmethod
+    def of(cls, store: Store, rec: TeacherRecord) -> TeacherFiles:
+        paths = {n: str(store.teacher_array(rec.id, n)) for n in rec.arrays}
+        return cls(rec.structure, rec.format, paths)
+
+    def posterior(self) -> Posterior:
+        """The posterior over memory-mapped, already validated float64 arrays."""
+        cls = FORMATS[self.format]
+        arrays = {n: self._load(n) for n in ("mean", *cls.array_names)}
+        return cls.from_validated(structure_from_json(self.structure), arrays)
+
+    def gradients(self) -> np.ndarray | None:
+        return self._load("gradients") if "gradients" in self.paths else None
+
+    def _load(self, name: str) -> np.ndarray:
+        return np.load(self.paths[name], mmap_mode="r", allow_pickle=False)
+
+
 def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
-    """The teacher's posterior over memory-mapped, already validated float64 arrays."""
-    cls = FORMATS[rec.format]
-    names = ("mean", *cls.array_names)
-    arrays = {
-        n: np.load(store.teacher_array(rec.id, n), mmap_mode="r", allow_pickle=False) for n in names
+    return TeacherFiles.of(store, rec).posterior()
+
+
+def run_plan(
+    teacher: TeacherFiles,
+    student: dict,
+    criterion: str,
+    seed: int,
+    ops: list[dict] | None,
+) -> dict:
+    """Search (or validate and score ``ops``) in a worker; raises ``PlannerError``."""
+    post = teacher.posterior()
+    target = structure_from_json(student)
+    if ops is not None:
+        plan = Plan.from_json(post.structure, ops)
+        if plan.student != target:
+            raise InvalidPlan(
+                f"the ops lead to {plan.student.describe()}, not the requested {target.describe()}",
+                field="ops",
+            )
+        cost, stats = plan.cost(post), None
+    else:
+        grads = teacher.gradients() if criterion == "gradient_covariance" else None
+        found = search(post, target, criterion, seed=seed, gradients=grads)
+        plan, cost = found.plan, found.cost
+        stats = {
+            "route": [list(b) for b in found.route.blocks],
+            "routes_considered": found.routes_considered,
+            "candidates": found.candidates,
+        }
+    c = plan.compiled
+    return {
+        "ops": plan.to_json(),
+        "cost": float(cost),
+        "info": {
+            "conditioned": int(c.conditioned.size),
+            "provenance": [p.to_json() for p in c.provenance],
+            "search": stats,
+        },
     }
-    return cls.from_validated(structure_from_json(rec.structure), arrays)
-
-
-def load_gradients(store: Store, rec: TeacherRecord) -> np.ndarray | None:
-    if "gradients" not in rec.arrays:
-        return None
-    return np.load(store.teacher_array(rec.id, "gradients"), mmap_mode="r", allow_pickle=False)
 
 
 def run_prior(data_dir: str, prior_id: str) -> dict:

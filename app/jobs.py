@@ -9,6 +9,7 @@ Jobs cut off by a restart are found at start-up and queued again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import time
@@ -69,6 +70,12 @@ class JobRunner:
         except Exception:  # the store may be closed at shutdown
             log.exception("could not record the failure of prior %s", prior_id)
         self.observe("failed", 0.0)
+
+    async def run(self, fn, *args):
+        """Run ``fn(*args)`` in the executor and await its result (or its exception)."""
+        if self.executor is None:
+            raise RuntimeError("the job runner is not started")
+        return await asyncio.wrap_future(self.executor.submit(fn, *args))
 
     def alive(self) -> bool:
         return self.executor is not None

@@ -53,6 +53,12 @@ class Problem(Exception):
         self.status, self.slug, self.title, self.detail = status, slug, title, detail
         self.field, self.headers, self.extra = field, headers, extra
 
+    def __reduce__(self):  # raised in worker processes too
+        return (
+            _rebuild_problem,
+            (self.status, self.slug, self.title, self.detail, self.field, self.headers, self.extra),
+        )
+
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "type": f"urn:alignment-planner:problem:{self.slug}",
@@ -73,6 +79,10 @@ class Problem(Exception):
     @classmethod
     def not_found(cls, what: str, ident: str) -> Problem:
         return cls(404, "not-found", "Not found", f"no {what} with id {ident!r}", field="id")
+
+
+def _rebuild_problem(status, slug, title, detail, field, headers, extra) -> Problem:
+    return Problem(status, slug, title, detail, field=field, headers=headers, **extra)
 
 
 def problem_from_planner_error(exc: core.PlannerError, field_prefix: str = "") -> Problem:

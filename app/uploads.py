@@ -7,6 +7,7 @@ fsynced; nothing is held whole in memory and nothing survives a failure.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ DENSE = {"full", "precision"}
 class Upload:
     fields: dict[str, bytes] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)  # of each file part, as received
     bytes: int = 0
 
 
@@ -70,10 +72,18 @@ async def receive_multipart(request: Request, folder: Path, limit: int) -> Uploa
     if length and length.isdigit() and int(length) > limit:
         raise _too_large(limit)
     up = Upload()
-    state: dict = {"headers": {}, "hf": b"", "hv": b"", "name": None, "fh": None, "buf": None}
+    state: dict = {
+        "headers": {},
+        "hf": b"",
+        "hv": b"",
+        "name": None,
+        "fh": None,
+        "buf": None,
+        "h": None,
+    }
 
     def on_part_begin():
-        state.update(headers={}, hf=b"", hv=b"", name=None, fh=None, buf=None)
+        state.update(headers={}, hf=b"", hv=b"", name=None, fh=None, buf=None, h=None)
 
     def on_header_field(data, start, end):
         state["hf"] += data[start:end]
@@ -104,13 +114,16 @@ async def receive_multipart(request: Request, folder: Path, limit: int) -> Uploa
         if b"filename" in disp:
             path = folder / f"{name}.upload"
             state["fh"] = open(path, "wb")  # noqa: SIM115 - closed at part end
+            state["h"] = hashlib.sha256()
             up.files[name] = path
         else:
             state["buf"] = bytearray()
 
     def on_part_data(data, start, end):
         if state["fh"] is not None:
-            state["fh"].write(data[start:end])
+            chunk = data[start:end]
+            state["fh"].write(chunk)
+            state["h"].update(chunk)
         else:
             state["buf"] += data[start:end]
             if len(state["buf"]) > _MAX_FIELD:
@@ -128,6 +141,7 @@ async def receive_multipart(request: Request, folder: Path, limit: int) -> Uploa
             os.fsync(state["fh"].fileno())
             state["fh"].close()
             state["fh"] = None
+            up.sha256[state["name"]] = state["h"].hexdigest()
         else:
             up.fields[state["name"]] = bytes(state["buf"])
 
@@ -177,6 +191,18 @@ def _spec(up: Upload) -> TeacherSpec:
         raise Problem(
             422, "invalid-request", "Invalid request", f"{loc}: {e['msg']}", field=loc
         ) from None
+
+
+def _own_file(a: np.ndarray, folder: Path) -> Path | None:
+    """The file behind ``a`` when it is a float64 C-ordered memory map inside ``folder``."""
+    if not isinstance(a, np.memmap) or a.dtype != np.float64 or not a.flags.c_contiguous:
+        return None
+    path = Path(a.filename) if a.filename else None
+    if path is None or path.parent.resolve() != folder.resolve():
+        return None
+    # a view of the whole file, not of a part of it
+    header = np.load(path, mmap_mode="r", allow_pickle=False)
+    return path if header.shape == a.shape else None
 
 
 def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, folder: Path):
@@ -233,8 +259,14 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
                 field=name,
             )
     arrays = {name: open_npy(path, name) for name, path in files.items()}
+    scratch = iter(range(1 << 30))
+
+    def workspace(shape):  # validation's large arrays live on disk, beside the upload
+        path = folder / f"workspace-{next(scratch)}.npy"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
+
     try:
-        post = cls.from_arrays(structure, arrays)
+        post = cls.from_arrays(structure, arrays, workspace)
         grads = arrays.get("gradients")
         if grads is not None and (grads.ndim != 2 or grads.shape[1] != p):
             raise InvalidPosterior(
@@ -250,22 +282,19 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
     out = post.to_arrays()
     if grads is not None:
         out["gradients"] = grads
+    hashes = {Path(files[n]).resolve(): up.sha256[n] for n in files if n in up.sha256}
     for name, arr in out.items():
         dst = final / f"{name}.npy"
-        src = arrays.get(name)
-        if (
-            arr is src
-            and isinstance(arr, np.memmap)
-            and arr.dtype == np.float64
-            and arr.flags.c_contiguous
-        ):
-            del arr, src  # adopt the uploaded file as it is
-            files[name].rename(dst)
-            sha, size = sha256_file(dst), dst.stat().st_size
+        shape = list(arr.shape)
+        src = _own_file(arr, folder)
+        if src is not None:  # float64 and already in our folder: adopt the file as it is
+            del arr
+            sha = hashes.get(src.resolve()) or sha256_file(src)
+            src.rename(dst)
+            size = dst.stat().st_size
         else:
             sha, size = write_npy(dst, arr, np.float64)
-        a = out[name]
-        infos[name] = {"shape": list(a.shape), "dtype": "float64", "bytes": size, "sha256": sha}
+        infos[name] = {"shape": shape, "dtype": "float64", "bytes": size, "sha256": sha}
     rec = TeacherRecord(
         new_id("t"), owner, spec.name, structure_json(structure), fmt, infos, time.time()
     )

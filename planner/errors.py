@@ -30,6 +30,9 @@ class PlannerError(Exception):
         self.reason = reason
         self.field = field
 
+    def __reduce__(self):  # keep ``field`` across processes (plans run in a pool)
+        return (type(self), (self.reason,), {"field": self.field})
+
 
 class InvalidStructure(PlannerError):
     """A structure breaks a rule of SPEC §2 (T >= 3, widths >= 1, known activations)."""

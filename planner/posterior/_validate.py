@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import scipy.linalg as sla
@@ -12,6 +12,8 @@ from ..errors import InvalidPosterior, SingularConstraint
 #: Relative symmetry tolerance by upload dtype (SPEC §8).
 SYMMETRY_RTOL = {np.dtype(np.float64): 1e-8, np.dtype(np.float32): 1e-5}
 _BLOCK = 2048
+#: Gives writable float64 arrays of a shape (the caller decides where they live).
+Workspace = Callable[[tuple[int, ...]], np.ndarray]
 
 
 def require(arrays: Mapping[str, np.ndarray], names: tuple[str, ...], fmt: str) -> None:
@@ -50,17 +52,22 @@ def positive_vector(a: np.ndarray, name: str, n: int) -> np.ndarray:
     return v
 
 
-def spd_matrix(a: np.ndarray, name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+def spd_matrix(
+    a: np.ndarray, name: str, n: int, workspace: Workspace | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Check a covariance or precision: finite, symmetric (SPEC §8 tolerance), PD.
 
     Returns the float64 matrix, symmetrised, and its lower Cholesky factor.
-    The symmetry check runs in blocks so that it never copies the whole matrix.
+    The checks read the matrix in blocks.  With ``workspace`` (a callable
+    giving writable ``(n, n)`` arrays, e.g. disk-backed memory maps) the
+    symmetrised copy and the factorisation live there instead of in memory,
+    and no factor is returned.
     """
     raw = np.asarray(a)
     if raw.shape != (n, n):
         raise InvalidPosterior(f"must have shape ({n}, {n}); got {raw.shape}", field=name)
     rtol = SYMMETRY_RTOL.get(raw.dtype, 1e-8)
-    m = as_float(raw, name)
+    m = as_float(raw, name) if workspace is None else raw
     scale = 0.0
     for i in range(0, n, _BLOCK):
         blk = m[i : i + _BLOCK]
@@ -78,16 +85,36 @@ def spd_matrix(a: np.ndarray, name: str, n: int) -> tuple[np.ndarray, np.ndarray
             f"{rtol * scale:.3g}",
             field=name,
         )
-    if worst > 0:
-        if m is raw:  # never symmetrise the caller's array in place
-            m = np.array(m)
-        m += m.T
-        m *= 0.5
-    try:
-        chol = sla.cholesky(m, lower=True, check_finite=False)
+    if workspace is None:
+        if worst > 0:
+            if m is raw:  # never symmetrise the caller's array in place
+                m = np.array(m)
+            m += m.T
+            m *= 0.5
+        try:
+            chol = sla.cholesky(m, lower=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            raise InvalidPosterior(
+                "is not positive definite (Cholesky failed)", field=name
+            ) from None
+        return m, chol
+    if worst > 0 or m.dtype != np.float64:
+        out = workspace((n, n))
+        for i in range(0, n, _BLOCK):
+            out[i : i + _BLOCK] = m[i : i + _BLOCK]
+            out[i : i + _BLOCK] += m[:, i : i + _BLOCK].T
+            out[i : i + _BLOCK] *= 0.5
+        m = out
+    scratch = workspace((n, n))
+    for i in range(0, n, _BLOCK):
+        scratch[i : i + _BLOCK] = m[i : i + _BLOCK]
+    try:  # in place: the transpose of a C-ordered symmetric matrix is itself, F-ordered
+        sla.cholesky(scratch.T, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:
         raise InvalidPosterior("is not positive definite (Cholesky failed)", field=name) from None
-    return m, chol
+    finally:
+        del scratch
+    return m, None
 
 
 def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:

@@ -43,8 +43,14 @@ class Posterior(ABC):
     # -- construction -------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def from_arrays(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> Posterior:
-        """Validate the arrays of this format against ``structure`` (SPEC §7, §8)."""
+    def from_arrays(
+        cls, structure: Structure, arrays: Mapping[str, np.ndarray], workspace=None
+    ) -> Posterior:
+        """Validate the arrays of this format against ``structure`` (SPEC §7, §8).
+
+        ``workspace``, when given, allocates the large scratch arrays validation
+        needs (e.g. as disk-backed memory maps); formats without any ignore it.
+        """
 
     @classmethod
     def from_validated(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> Posterior:

@@ -28,7 +28,9 @@ class DiagPosterior(Posterior):
         self.var = var
 
     @classmethod
-    def from_arrays(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> DiagPosterior:
+    def from_arrays(
+        cls, structure: Structure, arrays: Mapping[str, np.ndarray], workspace=None
+    ) -> DiagPosterior:
         v.require(arrays, ("mean", "variance"), cls.format)
         p = structure.n_params
         return cls(

@@ -39,11 +39,16 @@ class FullPosterior(Posterior):
             self.__dict__["_chol"] = _chol
 
     @classmethod
-    def from_arrays(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> FullPosterior:
+    def from_arrays(
+        cls,
+        structure: Structure,
+        arrays: Mapping[str, np.ndarray],
+        workspace: v.Workspace | None = None,
+    ) -> FullPosterior:
         v.require(arrays, ("mean", "covariance"), cls.format)
         p = structure.n_params
         mean = v.vector(arrays["mean"], "mean", p)
-        cov, chol = v.spd_matrix(arrays["covariance"], "covariance", p)
+        cov, chol = v.spd_matrix(arrays["covariance"], "covariance", p, workspace)
         return cls(structure, mean, cov, chol)
 
     @classmethod

@@ -7,3 +7,11 @@ def test_core_benchmarks_run_quick(capsys):
     core.main(["--quick"])
     out = capsys.readouterr().out
     assert "steps/ours" in out and "search" in out
+
+
+def test_service_benchmarks_run_quick(capsys):
+    from bench import service
+
+    service.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "receive_MB_s" in out and "p99_ms" in out and "service/core" in out

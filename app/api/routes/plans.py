@@ -6,15 +6,14 @@ import time
 
 from fastapi import APIRouter, Response
 
-from planner import Plan, PlannerError
+from planner import PlannerError
 from planner.criteria import criterion_function
-from planner.search import search
 
-from ...compute import load_gradients, load_posterior, structure_from_json
+from ...compute import TeacherFiles, run_plan, structure_from_json
 from ...problems import Problem, problem_from_planner_error
 from ...schemas import PlanCreate, PlanPublic, structure_json
 from ...store import PlanRecord, new_id
-from ..deps import OwnerDep, StoreDep, check_id
+from ..deps import JobsDep, OwnerDep, StoreDep, check_id
 
 router = APIRouter(tags=["plans"])
 
@@ -36,8 +35,14 @@ def plan_json(rec: PlanRecord) -> dict:
 
 
 @router.post("/v1/teachers/{id}/plans", status_code=201, response_model=PlanPublic)
-def create_plan(id: str, body: PlanCreate, response: Response, store: StoreDep, owner: OwnerDep):
-    """Search the plan of least cost to ``student``, or validate and score ``ops``."""
+async def create_plan(
+    id: str, body: PlanCreate, response: Response, store: StoreDep, jobs: JobsDep, owner: OwnerDep
+):
+    """Search the plan of least cost to ``student``, or validate and score ``ops``.
+
+    The search runs in the job executor (a process pool by default), so
+    concurrent plans use every core and never block the event loop.
+    """
     rec = store.teacher(owner, check_id(id, "t", "teacher"))
     if rec is None:
         raise Problem.not_found("teacher", id)
@@ -47,53 +52,34 @@ def create_plan(id: str, body: PlanCreate, response: Response, store: StoreDep, 
     except PlannerError as exc:
         raise problem_from_planner_error(exc, "student") from None
     try:
-        if body.ops is not None:
-            plan = Plan.from_json(teacher, body.ops)
-            if plan.student != student:
-                raise Problem(
-                    422,
-                    "invalid-plan",
-                    "Invalid plan",
-                    f"the ops lead to {plan.student.describe()}, not the requested "
-                    f"{student.describe()}",
-                    field="ops",
-                )
-            post = load_posterior(store, rec)
-            cost, stats, criterion, seed = plan.cost(post), None, None, None
-        else:
+        if body.ops is None:
             criterion_function(body.criterion)  # unknown names fail before any work
-            post = load_posterior(store, rec)
-            grads = load_gradients(store, rec) if body.criterion == "gradient_covariance" else None
-            found = search(post, student, body.criterion, seed=body.seed, gradients=grads)
-            plan, cost, criterion, seed = found.plan, found.cost, body.criterion, body.seed
-            stats = {
-                "route": [list(b) for b in found.route.blocks],
-                "routes_considered": found.routes_considered,
-                "candidates": found.candidates,
-            }
+        out = await jobs.run(
+            run_plan,
+            TeacherFiles.of(store, rec),
+            structure_json(student),
+            body.criterion,
+            body.seed,
+            body.ops,
+        )
     except PlannerError as exc:
         raise problem_from_planner_error(exc) from None
-    c = plan.compiled
-    info = {
-        "conditioned": int(c.conditioned.size),
-        "provenance": [p.to_json() for p in c.provenance],
-        "search": stats,
-    }
-    out = PlanRecord(
+    searched = body.ops is None
+    plan = PlanRecord(
         new_id("p"),
         owner,
         rec.id,
-        structure_json(plan.student),
-        criterion,
-        seed,
-        plan.to_json(),
-        float(cost),
-        info,
+        structure_json(student),
+        body.criterion if searched else None,
+        body.seed if searched else None,
+        out["ops"],
+        out["cost"],
+        out["info"],
         time.time(),
     )
-    store.add_plan(out)
-    response.headers["Location"] = f"/v1/plans/{out.id}"
-    return plan_json(out)
+    store.add_plan(plan)
+    response.headers["Location"] = f"/v1/plans/{plan.id}"
+    return plan_json(plan)
 
 
 @router.get("/v1/plans/{id}", response_model=PlanPublic)

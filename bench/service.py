@@ -1,0 +1,169 @@
+"""Benchmarks of the service (issue 3): run by hand, ``python -m bench.service``.
+
+1. Upload of a ~1 GB full covariance on loopback: receive throughput (the body
+   streamed to disk, measured by an upload the server refuses only after the
+   whole body arrived), total time with validation, and the server's memory
+   (peak RSS and anonymous RSS growth, from /proc).
+2. Plan latency for a small teacher, 1 client and 16 concurrent clients.
+3. The Table-1 prior (10,100,50,1) → (10,50,1), full covariance, through the
+   service (upload, plan, prior, download) against the core alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import random_spd, report
+from planner import FullPosterior, Structure
+from planner.search import search
+from planner_client import InvalidRequest, PlannerClient
+from tests.app.test_uvicorn import Server
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(val.split()[0]) * 1024
+    return out
+
+
+def write_spd_npy(path: Path, p: int, rank: int = 8, seed: int = 0) -> None:
+    """D + U Uᵀ written block by block into a .npy file (never whole in memory)."""
+    rng = np.random.default_rng(seed)
+    U = rng.normal(size=(p, rank)) / np.sqrt(rank)
+    d = rng.uniform(0.5, 1.5, size=p)
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(p, p))
+    for i in range(0, p, 1024):
+        blk = U[i : i + 1024] @ U.T
+        blk[np.arange(blk.shape[0]), np.arange(i, i + blk.shape[0])] += d[i : i + 1024]
+        mm[i : i + 1024] = blk
+    mm.flush()
+    del mm
+
+
+def upload_bench(srv: Server, tmp: Path, hidden: int) -> list[dict]:
+    s = {"widths": [10, hidden, 1]}
+    p = Structure.mlp((10, hidden, 1)).n_params
+    cov, mean = tmp / "covariance.npy", tmp / "mean.npy"
+    write_spd_npy(cov, p)
+    np.save(mean, np.zeros(p))
+    size = cov.stat().st_size + mean.stat().st_size
+    base = proc_memory(srv.proc.pid)
+    with PlannerClient(srv.url, timeout=3600) as c:
+        t0 = time.perf_counter()
+        # refused only after the whole body arrived: the streaming path alone
+        with contextlib.suppress(InvalidRequest):
+            c.upload_teacher("x", s, "no-such-format", {"mean": mean, "covariance": cov})
+        t_receive = time.perf_counter() - t0
+        after_receive = proc_memory(srv.proc.pid)
+        t0 = time.perf_counter()
+        c.upload_teacher("big", s, "full", {"mean": mean, "covariance": cov})
+        t_total = time.perf_counter() - t0
+    mem = proc_memory(srv.proc.pid)
+    return [
+        {
+            "case": f"upload full covariance p={p} ({size / 1e9:.2f} GB)",
+            "receive_MB_s": size / t_receive / 1e6,
+            "receive_rss_peak_growth_MB": (after_receive["VmHWM"] - base["VmRSS"]) / 1e6,
+            "total_with_validation_s": t_total,
+            "total_MB_s": size / t_total / 1e6,
+            "rss_peak_growth_MB": (mem["VmHWM"] - base["VmRSS"]) / 1e6,
+            "anon_rss_growth_after_MB": (mem["RssAnon"] - base["RssAnon"]) / 1e6,
+        }
+    ]
+
+
+def latency_bench(srv: Server, n: int) -> list[dict]:
+    rng = np.random.default_rng(1)
+    teacher = Structure.mlp((10, 20, 20, 5))
+    p = teacher.n_params
+    arrays = {"mean": rng.normal(size=p), "covariance": random_spd(rng, p, rank=p)}
+    with PlannerClient(srv.url) as c:
+        t = c.upload_teacher("small", {"widths": [10, 20, 20, 5]}, "full", arrays)
+
+    def one(i: int) -> float:
+        with PlannerClient(srv.url) as c:
+            t0 = time.perf_counter()
+            c.plan(t["id"], [10, 12 + i % 5, 15, 5], seed=i)
+            return time.perf_counter() - t0
+
+    rows = []
+    for clients in (1, 16):
+        with ThreadPoolExecutor(clients) as pool:
+            lat = np.array(list(pool.map(one, range(n * clients))))
+        rows.append(
+            {
+                "case": f"plan (10,20,20,5)→(10,~14,15,5) full, {clients} client(s)",
+                "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+                "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+                "requests": len(lat),
+            }
+        )
+    return rows
+
+
+def table1_bench(srv: Server, tmp: Path, quick: bool) -> list[dict]:
+    widths, student = ((10, 100, 50, 1), (10, 50, 1)) if not quick else ((4, 12, 6, 1), (4, 6, 1))
+    teacher = Structure.mlp(widths)
+    rng = np.random.default_rng(2)
+    p = teacher.n_params
+    mean, cov = rng.normal(size=p), random_spd(rng, p)
+    np.save(tmp / "m.npy", mean)
+    np.save(tmp / "c.npy", cov)
+
+    t0 = time.perf_counter()
+    post = FullPosterior.from_arrays(
+        teacher, {"mean": np.load(tmp / "m.npy"), "covariance": np.load(tmp / "c.npy")}
+    )
+    plan = search(post, teacher.inherit(student)).plan
+    core = plan.apply(post)
+    t_core = time.perf_counter() - t0
+
+    with PlannerClient(srv.url, timeout=3600) as c:
+        t0 = time.perf_counter()
+        t = c.upload_teacher(
+            "table1",
+            {"widths": list(widths)},
+            "full",
+            {"mean": tmp / "m.npy", "covariance": tmp / "c.npy"},
+        )
+        _, got = c.align(t["id"], list(student))
+        t_service = time.perf_counter() - t0
+    assert np.array_equal(got["mean"], core.mean)
+    return [
+        {
+            "case": f"Table-1 prior {widths}→{student} full, p={p}",
+            "core_s": t_core,
+            "service_s": t_service,
+            "service/core": t_service / t_core,
+            "goal": 1.2,
+        }
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, nothing saved")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        srv = Server(tmp / "data", PLANNER_WORKERS="2").start()
+        try:
+            report("service_upload", upload_bench(srv, tmp, 60 if args.quick else 1053), args.quick)
+            report("service_latency", latency_bench(srv, 2 if args.quick else 25), args.quick)
+            report("service_table1", table1_bench(srv, tmp, args.quick), args.quick)
+        finally:
+            srv.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Posterior validation (SPEC §7, §8), in memory and with a disk-backed workspace."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from planner import DiagPosterior, FullPosterior, InvalidPosterior, Structure
+from tests.strategies import spd
+
+S = Structure.mlp((3, 4, 2))  # 20 parameters
+
+
+def workspace(tmp_path):
+    made = []
+
+    def alloc(shape):
+        path = tmp_path / f"ws{len(made)}.npy"
+        made.append(path)
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
+
+    return alloc, made
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("with_workspace", [False, True])
+def test_valid_covariances_are_accepted_and_symmetrised(tmp_path, dtype, with_workspace):
+    rng = np.random.default_rng(0)
+    cov = spd(rng, 20).astype(dtype)
+    cov[0, 1] *= 1 + (1e-9 if dtype == np.float64 else 1e-6)
+    ws = workspace(tmp_path)[0] if with_workspace else None
+    post = FullPosterior.from_arrays(S, {"mean": np.zeros(20), "covariance": cov}, ws)
+    assert post.covariance.dtype == np.float64
+    np.testing.assert_array_equal(post.covariance, post.covariance.T)
+    np.testing.assert_allclose(post.covariance, cov.astype(np.float64), rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_workspace", [False, True])
+@pytest.mark.parametrize(
+    ("mutate", "words"),
+    [
+        (lambda c: c + np.triu(np.full_like(c, 1e-3), 1), "not symmetric"),
+        (lambda c: c - 10 * np.eye(20), "not positive definite"),
+        (lambda c: np.where(np.eye(20, dtype=bool), np.nan, c), "NaN"),
+        (lambda c: c[:-1], "shape"),
+    ],
+)
+def test_bad_covariances_are_refused(tmp_path, with_workspace, mutate, words):
+    cov = mutate(spd(np.random.default_rng(1), 20))
+    ws = workspace(tmp_path)[0] if with_workspace else None
+    with pytest.raises(InvalidPosterior, match=words) as err:
+        FullPosterior.from_arrays(S, {"mean": np.zeros(20), "covariance": cov}, ws)
+    assert err.value.field == "covariance"
+
+
+def test_the_workspace_holds_the_large_arrays(tmp_path):
+    alloc, made = workspace(tmp_path)
+    cov = spd(np.random.default_rng(2), 20)
+    cov[0, 1] += 1e-12  # needs symmetrising: the copy goes to the workspace too
+    post = FullPosterior.from_arrays(S, {"mean": np.zeros(20), "covariance": cov}, alloc)
+    assert len(made) == 2  # the symmetrised matrix and the factorisation scratch
+    assert isinstance(post.covariance, np.memmap)
+
+
+def test_diag_and_vector_checks():
+    with pytest.raises(InvalidPosterior, match="> 0") as err:
+        DiagPosterior.from_arrays(S, {"mean": np.zeros(20), "variance": -np.ones(20)})
+    assert err.value.field == "variance"
+    with pytest.raises(InvalidPosterior, match="missing") as err:
+        DiagPosterior.from_arrays(S, {"variance": np.ones(20)})
+    assert err.value.field == "mean"
+    with pytest.raises(InvalidPosterior, match="float32 or float64"):
+        DiagPosterior.from_arrays(S, {"mean": np.zeros(20, complex), "variance": np.ones(20)})
+
+
+def test_errors_keep_their_field_across_processes():
+    err = InvalidPosterior("is wrong", field="covariance")
+    back = pickle.loads(pickle.dumps(err))
+    assert (
+        type(back) is InvalidPosterior and back.field == "covariance" and back.reason == "is wrong"
+    )
