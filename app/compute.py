@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from planner import FORMATS, InvalidPlan, Plan, PlannerError, Posterior, Structure
 from planner.search import search
@@ -53,6 +55,17 @@ class TeacherFiles:
         return np.load(self.paths[name], mmap_mode="r", allow_pickle=False)
 
 
+#: Dense problems from this many parameters on gain from threaded BLAS.
+_THREADED_FROM = 1500
+
+
+def blas_threads(post: Posterior) -> int:
+    """BLAS threads for one job: all cores for large dense problems, else one (small
+    problems gain nothing from threads and lose much when jobs run side by side)."""
+    dense = post.format not in ("diag",)
+    return (os.cpu_count() or 1) if dense and post.n >= _THREADED_FROM else 1
+
+
 def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
     return TeacherFiles.of(store, rec).posterior()
 
@@ -66,6 +79,11 @@ def run_plan(
 ) -> dict:
     """Search (or validate and score ``ops``) in a worker; raises ``PlannerError``."""
     post = teacher.posterior()
+    with threadpool_limits(blas_threads(post)):
+        return _plan(post, teacher, student, criterion, seed, ops)
+
+
+def _plan(post, teacher, student, criterion, seed, ops) -> dict:
     target = structure_from_json(student)
     if ops is not None:
         plan = Plan.from_json(post.structure, ops)
@@ -114,7 +132,9 @@ def run_prior(data_dir: str, prior_id: str) -> dict:
         try:
             post = load_posterior(store, teacher)
             plan = Plan.from_json(post.structure, plan_rec.ops)
-            aligned = plan.apply(post)
+            with threadpool_limits(blas_threads(post)):
+                aligned = plan.apply(post)
+            cost = plan_rec.cost  # computed when the plan was made
             tmp = store.tmp_dir()
             infos = {}
             for name, arr in aligned.to_arrays().items():
@@ -129,7 +149,7 @@ def run_prior(data_dir: str, prior_id: str) -> dict:
             store.update_prior(
                 prior_id,
                 status="done",
-                cost=plan.cost(post),
+                cost=cost,
                 arrays=infos,
                 problem=None,
                 finished=time.time(),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
@@ -25,6 +27,35 @@ __all__ = ["JobRunner"]
 log = logging.getLogger("app.jobs")
 
 
+_limits = None
+
+
+def _worker_init(blas_threads: int, server_pid: int) -> None:
+    """Each worker: one BLAS thread by default (jobs raise it for large dense problems),
+    the core imported before the first job, and a watchdog that ends the worker when
+    the server is gone, even killed without a shutdown."""
+    global _limits
+    from threadpoolctl import threadpool_limits
+
+    import app.compute  # noqa: F401 - pay the imports before the first job
+
+    _limits = threadpool_limits(blas_threads)
+
+    def watchdog() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watchdog, daemon=True, name="watchdog").start()
+
+
+def _noop() -> None:
+    return None
+
+
 class JobRunner:
     def __init__(self, settings: Settings, store: Store, observe=None) -> None:
         self.settings, self.store = settings, store
@@ -34,7 +65,14 @@ class JobRunner:
     def start(self) -> None:
         if self.settings.executor == "process":
             ctx = multiprocessing.get_context("forkserver")
-            self.executor = ProcessPoolExecutor(self.settings.workers, mp_context=ctx)
+            self.executor = ProcessPoolExecutor(
+                self.settings.workers,
+                mp_context=ctx,
+                initializer=_worker_init,
+                initargs=(1, os.getpid()),
+            )
+            for _ in range(self.settings.workers):  # start the workers now, not on demand
+                self.executor.submit(_noop)
         else:
             self.executor = ThreadPoolExecutor(self.settings.workers, thread_name_prefix="prior")
         for rec in self.store.unfinished_priors():  # cut off by a restart
@@ -81,6 +119,13 @@ class JobRunner:
         return self.executor is not None
 
     def shutdown(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-            self.executor = None
+        """Stop at once: queued and running jobs are re-run at the next start."""
+        ex, self.executor = self.executor, None
+        if ex is None:
+            return
+        workers = list(getattr(ex, "_processes", {}).values())  # ProcessPoolExecutor only
+        ex.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            proc.join(timeout=5)

@@ -2,7 +2,9 @@
 
 The body is parsed as it arrives (python-multipart's streaming parser), each
 file part written straight into a private temporary folder of the store and
-fsynced; nothing is held whole in memory and nothing survives a failure.
+hashed on the way; nothing is held whole in memory and nothing survives a
+failure.  Files are fsynced when they are adopted, so the disk's write-back
+overlaps with validation instead of stalling the stream.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = ["Upload", "ingest_teacher", "receive_multipart"]
 _MAX_FIELD = 1 << 20
 #: Formats whose arrays include a dense p × p matrix.
 DENSE = {"full", "precision"}
+#: From this size on, validating a dense matrix works in disk-backed memory maps.
+DISK_WORKSPACE_FROM = 512 * 2**20
 
 
 @dataclass
@@ -136,9 +140,7 @@ async def receive_multipart(request: Request, folder: Path, limit: int) -> Uploa
                 )
 
     def on_part_end():
-        if state["fh"] is not None:
-            state["fh"].flush()
-            os.fsync(state["fh"].fileno())
+        if state["fh"] is not None:  # fsynced when adopted: only kept files need it
             state["fh"].close()
             state["fh"] = None
             up.sha256[state["name"]] = state["h"].hexdigest()
@@ -191,6 +193,14 @@ def _spec(up: Upload) -> TeacherSpec:
         raise Problem(
             422, "invalid-request", "Invalid request", f"{loc}: {e['msg']}", field=loc
         ) from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _own_file(a: np.ndarray, folder: Path) -> Path | None:
@@ -265,8 +275,9 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
         path = folder / f"workspace-{next(scratch)}.npy"
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
 
+    dense = fmt in DENSE and 8 * p * p >= DISK_WORKSPACE_FROM
     try:
-        post = cls.from_arrays(structure, arrays, workspace)
+        post = cls.from_arrays(structure, arrays, workspace if dense else None)
         grads = arrays.get("gradients")
         if grads is not None and (grads.ndim != 2 or grads.shape[1] != p):
             raise InvalidPosterior(
@@ -290,6 +301,7 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
         if src is not None:  # float64 and already in our folder: adopt the file as it is
             del arr
             sha = hashes.get(src.resolve()) or sha256_file(src)
+            _fsync(src)
             src.rename(dst)
             size = dst.stat().st_size
         else:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import random_spd, report
+from bench.common import best_of, random_spd, report
 from planner import FullPosterior, Structure
 from planner.search import search
 from planner_client import InvalidRequest, PlannerClient
@@ -34,6 +35,27 @@ def proc_memory(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[key] = int(val.split()[0]) * 1024
     return out
+
+
+class AnonPeak:
+    """Samples a process's anonymous RSS (its own memory, not page cache) in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        self.pid, self.every, self.peak, self._stop = pid, every, 0, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, proc_memory(self.pid)["RssAnon"])
+            time.sleep(self.every)
+
+    def __enter__(self) -> AnonPeak:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
 
 
 def write_spd_npy(path: Path, p: int, rank: int = 8, seed: int = 0) -> None:
@@ -59,25 +81,26 @@ def upload_bench(srv: Server, tmp: Path, hidden: int) -> list[dict]:
     size = cov.stat().st_size + mean.stat().st_size
     base = proc_memory(srv.proc.pid)
     with PlannerClient(srv.url, timeout=3600) as c:
-        t0 = time.perf_counter()
-        # refused only after the whole body arrived: the streaming path alone
-        with contextlib.suppress(InvalidRequest):
-            c.upload_teacher("x", s, "no-such-format", {"mean": mean, "covariance": cov})
-        t_receive = time.perf_counter() - t0
-        after_receive = proc_memory(srv.proc.pid)
-        t0 = time.perf_counter()
-        c.upload_teacher("big", s, "full", {"mean": mean, "covariance": cov})
-        t_total = time.perf_counter() - t0
+        with AnonPeak(srv.proc.pid) as receive:
+            t0 = time.perf_counter()
+            # refused only after the whole body arrived: the streaming path alone
+            with contextlib.suppress(InvalidRequest):
+                c.upload_teacher("x", s, "no-such-format", {"mean": mean, "covariance": cov})
+            t_receive = time.perf_counter() - t0
+        with AnonPeak(srv.proc.pid) as whole:
+            t0 = time.perf_counter()
+            c.upload_teacher("big", s, "full", {"mean": mean, "covariance": cov})
+            t_total = time.perf_counter() - t0
     mem = proc_memory(srv.proc.pid)
     return [
         {
             "case": f"upload full covariance p={p} ({size / 1e9:.2f} GB)",
             "receive_MB_s": size / t_receive / 1e6,
-            "receive_rss_peak_growth_MB": (after_receive["VmHWM"] - base["VmRSS"]) / 1e6,
+            "receive_anon_peak_growth_MB": (receive.peak - base["RssAnon"]) / 1e6,
             "total_with_validation_s": t_total,
             "total_MB_s": size / t_total / 1e6,
-            "rss_peak_growth_MB": (mem["VmHWM"] - base["VmRSS"]) / 1e6,
-            "anon_rss_growth_after_MB": (mem["RssAnon"] - base["RssAnon"]) / 1e6,
+            "anon_peak_growth_MB": (whole.peak - base["RssAnon"]) / 1e6,
+            "rss_peak_incl_page_cache_MB": (mem["VmHWM"] - base["VmRSS"]) / 1e6,
         }
     ]
 
@@ -112,39 +135,39 @@ def latency_bench(srv: Server, n: int) -> list[dict]:
 
 
 def table1_bench(srv: Server, tmp: Path, quick: bool) -> list[dict]:
+    """Best of 3 for every phase, on both paths (the first run of each pays warm-ups)."""
     widths, student = ((10, 100, 50, 1), (10, 50, 1)) if not quick else ((4, 12, 6, 1), (4, 6, 1))
     teacher = Structure.mlp(widths)
     rng = np.random.default_rng(2)
     p = teacher.n_params
-    mean, cov = rng.normal(size=p), random_spd(rng, p)
-    np.save(tmp / "m.npy", mean)
-    np.save(tmp / "c.npy", cov)
+    np.save(tmp / "m.npy", rng.normal(size=p))
+    np.save(tmp / "c.npy", random_spd(rng, p))
+    files = {"mean": tmp / "m.npy", "covariance": tmp / "c.npy"}
 
-    t0 = time.perf_counter()
-    post = FullPosterior.from_arrays(
-        teacher, {"mean": np.load(tmp / "m.npy"), "covariance": np.load(tmp / "c.npy")}
-    )
-    plan = search(post, teacher.inherit(student)).plan
-    core = plan.apply(post)
-    t_core = time.perf_counter() - t0
+    def validate():
+        arrays = {k: np.load(v) for k, v in files.items()}
+        return FullPosterior.from_arrays(teacher, arrays)
+
+    t_validate, post = best_of(validate)
+    t_align, core = best_of(lambda: search(post, teacher.inherit(student)).plan.apply(post))
 
     with PlannerClient(srv.url, timeout=3600) as c:
-        t0 = time.perf_counter()
-        t = c.upload_teacher(
-            "table1",
-            {"widths": list(widths)},
-            "full",
-            {"mean": tmp / "m.npy", "covariance": tmp / "c.npy"},
+        t_upload, t = best_of(
+            lambda: c.upload_teacher("table1", {"widths": list(widths)}, "full", files)
         )
-        _, got = c.align(t["id"], list(student))
-        t_service = time.perf_counter() - t0
-    assert np.array_equal(got["mean"], core.mean)
+        t_prior, (_, got) = best_of(lambda: c.align(t["id"], list(student)))
+    # equal up to rounding: the service's workers may run BLAS with another thread count
+    np.testing.assert_allclose(got["mean"], core.mean, rtol=1e-9, atol=1e-12)
+    core_total, svc_total = t_validate + t_align, t_upload + t_prior
     return [
         {
-            "case": f"Table-1 prior {widths}→{student} full, p={p}",
-            "core_s": t_core,
-            "service_s": t_service,
-            "service/core": t_service / t_core,
+            "case": f"Table-1 prior {widths}→{student} full, p={p}, best of 3",
+            "core_validate_s": t_validate,
+            "service_upload_s": t_upload,
+            "core_search_apply_s": t_align,
+            "service_plan_prior_download_s": t_prior,
+            "per_prior_ratio": t_prior / t_align,
+            "end_to_end_ratio": svc_total / core_total,
             "goal": 1.2,
         }
     ]

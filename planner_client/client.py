@@ -237,20 +237,21 @@ class PlannerClient:
     def prior(self, prior_id: str) -> dict:
         return self._json("GET", f"/v1/priors/{prior_id}")
 
-    def wait_prior(self, prior_id: str, timeout: float = 3600.0, poll: float = 0.2) -> dict:
-        """Poll until the prior is done (returned) or failed (:class:`PriorFailed`)."""
+    def wait_prior(self, prior_id: str, timeout: float = 3600.0) -> dict:
+        """Wait (long-polling the service) until the prior is done (returned) or
+        failed (:class:`PriorFailed`)."""
         deadline = time.monotonic() + timeout
-        delay = poll
         while True:
-            p = self.prior(prior_id)
+            left = deadline - time.monotonic()
+            p = self._json(
+                "GET", f"/v1/priors/{prior_id}", params={"wait": max(0.0, min(30.0, left))}
+            )
             if p["status"] == "done":
                 return p
             if p["status"] == "failed":
                 raise PriorFailed(p["problem"].get("status", 500), p["problem"] or {})
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 raise TimeoutError(f"prior {prior_id} still {p['status']} after {timeout} s")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 5.0)
 
     def array(self, prior_id: str, name: str, dtype: str | None = None) -> np.ndarray:
         """One array of a done prior, in memory."""

@@ -11,7 +11,8 @@ from ..errors import InvalidPosterior, SingularConstraint
 
 #: Relative symmetry tolerance by upload dtype (SPEC §8).
 SYMMETRY_RTOL = {np.dtype(np.float64): 1e-8, np.dtype(np.float32): 1e-5}
-_BLOCK = 2048
+_BLOCK = 1024
+_ROW_BYTES = 1 << 24
 #: Gives writable float64 arrays of a shape (the caller decides where they live).
 Workspace = Callable[[tuple[int, ...]], np.ndarray]
 
@@ -69,11 +70,12 @@ def spd_matrix(
     rtol = SYMMETRY_RTOL.get(raw.dtype, 1e-8)
     m = as_float(raw, name) if workspace is None else raw
     scale = 0.0
-    for i in range(0, n, _BLOCK):
-        blk = m[i : i + _BLOCK]
+    rows = max(1, _ROW_BYTES // max(8 * n, 1))  # bounded temporaries, whatever n is
+    for i in range(0, n, rows):
+        blk = m[i : i + rows]
         if not np.isfinite(blk).all():
             raise InvalidPosterior("contains NaN or infinite values", field=name)
-        scale = max(scale, float(np.abs(blk).max(initial=0.0)))
+        scale = max(scale, float(blk.max(initial=0.0)), -float(blk.min(initial=0.0)))
     worst = 0.0
     for i in range(0, n, _BLOCK):
         for j in range(i, n, _BLOCK):
@@ -100,14 +102,14 @@ def spd_matrix(
         return m, chol
     if worst > 0 or m.dtype != np.float64:
         out = workspace((n, n))
-        for i in range(0, n, _BLOCK):
-            out[i : i + _BLOCK] = m[i : i + _BLOCK]
-            out[i : i + _BLOCK] += m[:, i : i + _BLOCK].T
-            out[i : i + _BLOCK] *= 0.5
+        for i in range(0, n, rows):
+            out[i : i + rows] = m[i : i + rows]
+            out[i : i + rows] += m[:, i : i + rows].T
+            out[i : i + rows] *= 0.5
         m = out
     scratch = workspace((n, n))
-    for i in range(0, n, _BLOCK):
-        scratch[i : i + _BLOCK] = m[i : i + _BLOCK]
+    for i in range(0, n, rows):
+        scratch[i : i + rows] = m[i : i + rows]
     try:  # in place: the transpose of a C-ordered symmetric matrix is itself, F-ordered
         sla.cholesky(scratch.T, lower=True, overwrite_a=True, check_finite=False)
     except np.linalg.LinAlgError:

@@ -234,3 +234,31 @@ def test_restart_of_the_process(tmp_path):
         assert not (data / "teachers" / "t_ffffffffffffffffffffffff").exists()
     finally:
         srv.stop()
+
+
+def _forkserver_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "multiprocessing.forkserver"], capture_output=True)
+    return {int(x) for x in out.stdout.split()}
+
+
+def _gone(pids: set[int], within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("how", ["terminate", "kill"])
+def test_workers_end_with_the_server(tmp_path, how):
+    before = _forkserver_pids()
+    srv = Server(tmp_path / "data").start()
+    ours = _forkserver_pids() - before
+    assert ours, "the process pool should have started its workers"
+    if how == "terminate":
+        srv.stop()
+    else:
+        srv.proc.kill()
+        srv.proc.wait(10)
+    assert _gone(ours, within=15), f"workers outlived the server ({how})"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
+import time
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -80,10 +82,26 @@ def _done_prior(store: Store, owner: str, id: str) -> PriorRecord:
 
 
 @router.get("/v1/priors/{id}", response_model=PriorPublic)
-def get_prior(id: str, store: StoreDep, owner: OwnerDep):
+async def get_prior(
+    id: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    wait: float = Query(
+        0.0,
+        ge=0.0,
+        le=60.0,
+        description="long-poll: seconds to wait for "
+        "the prior to be done or failed before answering",
+    ),
+):
+    """The prior's status; with ``wait``, answers as soon as it is done or failed."""
     rec = store.prior(owner, check_id(id, "r", "prior"))
     if rec is None:
         raise Problem.not_found("prior", id)
+    deadline = time.monotonic() + wait
+    while rec.status in ("queued", "running") and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        rec = store.prior(owner, rec.id) or rec
     return prior_json(store, rec)
 
 
