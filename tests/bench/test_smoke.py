@@ -14,4 +14,4 @@ def test_service_benchmarks_run_quick(capsys):
 
     service.main(["--quick"])
     out = capsys.readouterr().out
-    assert "receive_MB_s" in out and "p99_ms" in out and "service/core" in out
+    assert "receive_MB_s" in out and "p99_ms" in out and "per_prior_ratio" in out
