@@ -28,6 +28,7 @@ test: lint
 
 bench: venv
 	$(BIN)/python -m bench.core
+	$(BIN)/python -m bench.service
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -13,4 +13,6 @@ def test_readme_python_blocks_run(capsys):
         if "# needs a running service" in code:
             continue
         exec(compile(code, "README.md", "exec"), {})
-    assert "3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "3"  # the seed's three sequences
+    assert "(124,) (124, 124)" in out

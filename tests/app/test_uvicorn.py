@@ -262,3 +262,40 @@ def test_workers_end_with_the_server(tmp_path, how):
         srv.proc.kill()
         srv.proc.wait(10)
     assert _gone(ours, within=15), f"workers outlived the server ({how})"
+
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def test_the_readme_curl_walkthrough_runs(server, tmp_path):
+    import re
+
+    block = re.search(r"```sh\n(URL=.*?)```", README.read_text(), re.S).group(1)
+    env = {
+        **os.environ,
+        "URL": server.url,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '"count":3' in out.stdout and '"status":"done"' in out.stdout
+    assert np.load(tmp_path / "prior_mean.npy", allow_pickle=False).shape == (124,)
+    assert sorted(np.load(tmp_path / "prior.npz").files) == ["covariance", "mean"]
+
+
+def test_the_readme_client_example_runs(server, tmp_path, monkeypatch, capsys):
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "# needs a running service" in b)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("http://127.0.0.1:8000", server.url), "README", "exec"), {})
+    assert "(550,)" in capsys.readouterr().out
+    assert (tmp_path / "prior.safetensors").stat().st_size > 550 * 8
