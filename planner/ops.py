@@ -21,7 +21,7 @@ import numpy as np
 from .errors import InvalidOperation
 from .structure import IDEMPOTENT, Structure
 
-__all__ = ["Effect", "Op", "Phi", "Psi", "Tracked", "psi_activation_reason"]
+__all__ = ["Effect", "Event", "Op", "Phi", "Psi", "Tracked", "psi_activation_reason"]
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,31 @@ def psi_activation_reason(structure: Structure, t: int) -> str | None:
 
 
 @dataclass(frozen=True)
+class Event:
+    """One step in a teacher layer's own terms (for formats that keep layer structure).
+
+    ``kind`` is ``"columns"`` (the columns ``cols`` of teacher layer ``layer``,
+    over its current rows ``rows``, conditioned to zero), ``"rows"`` (rows
+    ``rows`` marginalised, with their biases) or ``"layer"`` (the whole current
+    block ``rows × cols`` conditioned to ``target``, the bias to zero).  Ids are
+    teacher neuron ids.
+    """
+
+    kind: str
+    layer: int
+    rows: np.ndarray
+    cols: np.ndarray | None = None
+    target: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
 class Effect:
     """What one operation does to the teacher's parameters."""
 
     conditioned: np.ndarray
     targets: np.ndarray
     marginalised: np.ndarray
+    events: tuple[Event, ...] = ()
 
 
 @dataclass
@@ -251,6 +270,11 @@ class Tracked:
                 marg.append(V[idx][order[None, :] > order[idx][:, None]])
         if s.bias and rec:
             marg.append(self._b(t, rows=idx))
+        out_l, in_l = self.layers[t - 1], self.layers[t - 2]
+        events = (
+            Event("columns", out_l.src, out_l.rows.copy(), out_l.cols[idx].copy()),
+            Event("rows", in_l.src, in_l.rows[idx].copy()),
+        )
         self.neurons[t - 1] = np.delete(self.neurons[t - 1], idx)
         self.layers[t - 2].rows = np.delete(self.layers[t - 2].rows, idx)
         self.layers[t - 1].cols = np.delete(self.layers[t - 1].cols, idx)
@@ -258,7 +282,8 @@ class Tracked:
         widths[t - 1] -= idx.size
         self.structure = s.with_widths(widths)
         c = np.concatenate(cond)
-        return Effect(c, np.zeros(c.size), np.concatenate([np.zeros(0, np.int64), *marg]))
+        marg_all = np.concatenate([np.zeros(0, np.int64), *marg])
+        return Effect(c, np.zeros(c.size), marg_all, events)
 
     def _psi(self, op: Psi) -> Effect:
         s, t = self.structure, op.layer
@@ -267,6 +292,8 @@ class Tracked:
         U = self._U(t)
         target = np.zeros((n, n))
         target[np.arange(n), pi] = 1.0
+        lay = self.layers[t - 2]
+        event = Event("layer", lay.src, lay.rows.copy(), lay.cols.copy(), target)
         cond, targets = [U.ravel()], [target.ravel()]
         if s.recurrent(t):
             V = self._V(t).ravel()
@@ -287,4 +314,6 @@ class Tracked:
         acts = list(s.activations)
         del acts[t - 2]  # position t-1 keeps σ_{t-1}, also when it becomes the output
         self.structure = type(s)(tuple(widths), tuple(acts), s.bias, s.kind)
-        return Effect(np.concatenate(cond), np.concatenate(targets), np.zeros(0, np.int64))
+        return Effect(
+            np.concatenate(cond), np.concatenate(targets), np.zeros(0, np.int64), (event,)
+        )

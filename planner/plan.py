@@ -27,7 +27,7 @@ from functools import cached_property
 import numpy as np
 
 from .errors import InvalidOperation, InvalidPlan
-from .ops import Op, Phi, Psi, Tracked
+from .ops import Event, Op, Phi, Psi, Tracked
 from .posterior import Posterior
 from .structure import Structure
 
@@ -63,10 +63,13 @@ class CompiledPlan:
         self.teacher = teacher
         self._ops = tuple(ops)
         self._state = Tracked.start(teacher)
-        cond, tgt = [np.zeros(0, dtype=np.int64)], [np.zeros(0)]
+        cond, tgt, events = [np.zeros(0, dtype=np.int64)], [np.zeros(0)], []
         for _k, eff in _effects(self._state, self._ops):
             cond.append(eff.conditioned)
             tgt.append(eff.targets)
+            events.extend(eff.events)
+        #: the plan's steps in teacher-layer terms, in order (see ``ops.Event``)
+        self.events: tuple[Event, ...] = tuple(events)
         self.student: Structure = self._state.structure
         self.conditioned: np.ndarray = np.concatenate(cond)
         self.targets: np.ndarray = np.concatenate(tgt)
@@ -74,6 +77,11 @@ class CompiledPlan:
     @cached_property
     def kept(self) -> np.ndarray:
         return self._state.kept()
+
+    @cached_property
+    def student_layers(self) -> tuple[tuple[int, np.ndarray, np.ndarray], ...]:
+        """For each student layer 2..T': (teacher layer, teacher row ids, teacher col ids)."""
+        return tuple((lay.src, lay.rows, lay.cols) for lay in self._state.layers)
 
     @cached_property
     def provenance(self) -> tuple[Provenance, ...]:
@@ -163,14 +171,12 @@ class Plan:
     def apply(self, posterior: Posterior) -> Posterior:
         """The aligned prior: one joint conditioning of ``posterior`` (SPEC §4)."""
         self._check_posterior(posterior)
-        c = self.compiled
-        return posterior.condition(c.conditioned, c.targets, c.kept, c.student)
+        return posterior.align(self.compiled)
 
     def cost(self, posterior: Posterior) -> float:
         """``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``, the plan's Mahalanobis cost (SPEC §4)."""
         self._check_posterior(posterior)
-        c = self.compiled
-        return posterior.constraint_cost(c.conditioned, c.targets)
+        return posterior.plan_cost(self.compiled)
 
     def _check_posterior(self, posterior: Posterior) -> None:
         if posterior.n != self.teacher.n_params:

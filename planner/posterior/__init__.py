@@ -11,8 +11,20 @@ from ..structure import Structure
 from .base import Posterior
 from .diag import DiagPosterior
 from .full import FullPosterior
+from .kron import KronPosterior
+from .lowrank import LowRankPosterior
+from .precision import PrecisionPosterior
 
-__all__ = ["FORMATS", "DiagPosterior", "FullPosterior", "Posterior", "from_arrays"]
+__all__ = [
+    "FORMATS",
+    "DiagPosterior",
+    "FullPosterior",
+    "KronPosterior",
+    "LowRankPosterior",
+    "Posterior",
+    "PrecisionPosterior",
+    "from_arrays",
+]
 
 #: Registered formats by their SPEC §7 name.
 FORMATS: dict[str, type[Posterior]] = {cls.format: cls for cls in (FullPosterior, DiagPosterior)}

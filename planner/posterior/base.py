@@ -53,6 +53,11 @@ class Posterior(ABC):
         """
 
     @classmethod
+    def names(cls, structure: Structure) -> tuple[str, ...]:
+        """Every array name of this format for ``structure`` (SPEC §7)."""
+        return ("mean", *cls.array_names)
+
+    @classmethod
     def from_validated(cls, structure: Structure, arrays: Mapping[str, np.ndarray]) -> Posterior:
         """Trusted construction from arrays that passed :meth:`from_arrays` before
         (e.g. float64 files a service stored after validating them): no checks."""
@@ -77,6 +82,18 @@ class Posterior(ABC):
     @abstractmethod
     def constraint_cost(self, B: np.ndarray, values: np.ndarray) -> float:
         """``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)`` (SPEC §4)."""
+
+    def align(self, plan) -> Posterior:
+        """The aligned posterior of a compiled plan (``planner.plan.CompiledPlan``).
+
+        By default one joint conditioning on the plan's index sets; formats
+        that keep per-layer structure override it with the plan's ``events``.
+        """
+        return self.condition(plan.conditioned, plan.targets, plan.kept, plan.student)
+
+    def plan_cost(self, plan) -> float:
+        """The plan's cost ``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``; see :meth:`align`."""
+        return self.constraint_cost(plan.conditioned, plan.targets)
 
     # -- small-block access -------------------------------------------------------------
     @abstractmethod
