@@ -45,8 +45,9 @@ class TeacherFiles:
     def posterior(self) -> Posterior:
         """The posterior over memory-mapped, already validated float64 arrays."""
         cls = FORMATS[self.format]
-        arrays = {n: self._load(n) for n in ("mean", *cls.array_names)}
-        return cls.from_validated(structure_from_json(self.structure), arrays)
+        structure = structure_from_json(self.structure)
+        arrays = {n: self._load(n) for n in cls.names(structure)}
+        return cls.from_validated(structure, arrays)
 
     def gradients(self) -> np.ndarray | None:
         return self._load("gradients") if "gradients" in self.paths else None
@@ -62,7 +63,7 @@ _THREADED_FROM = 1500
 def blas_threads(post: Posterior) -> int:
     """BLAS threads for one job: all cores for large dense problems, else one (small
     problems gain nothing from threads and lose much when jobs run side by side)."""
-    dense = post.format not in ("diag",)
+    dense = post.format in ("full", "precision")
     return (os.cpu_count() or 1) if dense and post.n >= _THREADED_FROM else 1
 
 

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     max_sequence_steps: int = Field(
         2_000_000, description="most structure-level steps one sequences answer may list"
     )
+    max_job_bytes: int = Field(
+        default_factory=lambda: int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+        description="most working memory one prior computation may need (413 beyond)",
+    )
     executor: Literal["process", "thread"] = Field(
         "process", description="what computes priors off the event loop"
     )

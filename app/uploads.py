@@ -258,7 +258,7 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
             files = extract_safetensors(path, folder, "archive")
         path.unlink()
     cls = FORMATS[fmt]
-    allowed = {"mean", *cls.array_names, "gradients"}
+    allowed = {*cls.names(structure), "gradients"}
     for name in files:
         if name not in allowed:
             raise Problem(

@@ -27,7 +27,10 @@ __all__ = [
 ]
 
 #: Registered formats by their SPEC §7 name.
-FORMATS: dict[str, type[Posterior]] = {cls.format: cls for cls in (FullPosterior, DiagPosterior)}
+FORMATS: dict[str, type[Posterior]] = {
+    cls.format: cls
+    for cls in (FullPosterior, DiagPosterior, LowRankPosterior, KronPosterior, PrecisionPosterior)
+}
 
 
 def from_arrays(fmt: str, structure: Structure, arrays: Mapping[str, np.ndarray]) -> Posterior:

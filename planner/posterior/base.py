@@ -91,6 +91,11 @@ class Posterior(ABC):
         """
         return self.condition(plan.conditioned, plan.targets, plan.kept, plan.student)
 
+    def align_bytes(self, conditioned: int, kept: int) -> int:
+        """Working memory (bytes) an alignment conditioning ``conditioned`` parameters and
+        keeping ``kept`` needs, at most; dense by default (Σ_BB, Σ_Ba, Σ_aa)."""
+        return 8 * (conditioned**2 + conditioned * kept + 2 * kept**2)
+
     def plan_cost(self, plan) -> float:
         """The plan's cost ``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``; see :meth:`align`."""
         return self.constraint_cost(plan.conditioned, plan.targets)

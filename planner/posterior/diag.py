@@ -60,6 +60,9 @@ class DiagPosterior(Posterior):
         base = 0.5 * np.sum(m * m / v, axis=-1, keepdims=True)
         return base + 0.5 * (1.0 - 2.0 * m) / v
 
+    def align_bytes(self, conditioned: int, kept: int) -> int:
+        return 8 * 3 * kept
+
     def cov_block(self, idx) -> np.ndarray:
         return np.diag(self.var[np.asarray(idx, dtype=np.int64)])
 

@@ -205,6 +205,14 @@ class KronPosterior(Posterior):
                 bias[t] = L.bS[r] if L.bS.ndim == 1 else L.bS[np.ix_(r, r)]
         return KronPosterior(s, mean, G, A, bias)
 
+    def align_bytes(self, conditioned: int, kept: int) -> int:
+        s = self.structure
+        per = [
+            s.width(t) ** 2 + s.width(t - 1) ** 2 + s.width(t) * s.width(t - 1)
+            for t in range(2, s.T + 1)
+        ]
+        return 8 * (3 * sum(per) + 2 * kept)
+
     def plan_cost(self, plan) -> float:
         return self._replay(plan, need_mean=True)[1]
 

@@ -104,6 +104,9 @@ class LowRankPosterior(Posterior):
         z = sla.solve_triangular(L, w, lower=True, check_finite=False)
         return 0.5 * (dd - float(z @ z))
 
+    def align_bytes(self, conditioned: int, kept: int) -> int:
+        return 8 * (2 * (conditioned + kept) * self.rank + 3 * kept)
+
     # -- small blocks -----------------------------------------------------------------------
     def cov_block(self, idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)

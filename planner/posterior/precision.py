@@ -110,6 +110,10 @@ class PrecisionPosterior(Posterior):
             quad -= float(z @ z)
         return 0.5 * quad
 
+    def align_bytes(self, conditioned: int, kept: int) -> int:
+        rest = self.n - conditioned
+        return 8 * (3 * rest**2 + rest * conditioned)
+
     # -- small blocks: Σ[idx, idx] = XᵀX with X = L⁻¹ E_idx, never Σ whole --------------------
     def _cols(self, idx: np.ndarray) -> np.ndarray:
         E = np.zeros((self.n, idx.size))

@@ -161,3 +161,12 @@ def test_bad_precision():
     with pytest.raises(InvalidPosterior) as err:
         PrecisionPosterior.from_arrays(S, {"mean": np.zeros(17), "precision": -np.eye(17)})
     assert err.value.field == "precision"
+
+
+def test_every_spec_format_is_registered():
+    from planner import FORMATS, from_arrays
+
+    assert set(FORMATS) == {"full", "diag", "lowrank", "kron", "precision"}
+    with pytest.raises(InvalidPosterior) as err:
+        from_arrays("dense", S, {})
+    assert err.value.field == "posterior.format"

@@ -6,17 +6,21 @@ import asyncio
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import scipy.linalg as sla
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ...arrays import convert_npy, write_npz, write_safetensors
+from ...arrays import convert_npy, write_npy, write_npz, write_safetensors
+from ...compute import TeacherFiles
 from ...problems import Problem
 from ...schemas import PriorPublic
 from ...store import PriorRecord, Store
-from ..deps import JobsDep, OwnerDep, StoreDep, check_id
+from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, check_id
 
 router = APIRouter(tags=["priors"])
 _build_lock = threading.Lock()
@@ -46,12 +50,28 @@ def prior_json(store: Store, rec: PriorRecord) -> dict:
     status_code=202,
     responses={201: {"description": "the prior is already computed"}},
 )
-def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep):
+def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep, settings: SettingsDep):
     """Start or reuse the plan's prior: 201 when it is computed, 202 while it is queued
-    or running.  A failed prior is queued again."""
+    or running.  A failed prior is queued again.  A prior that would need more memory
+    than this machine offers is refused (413) before anything starts."""
     plan = store.plan(owner, check_id(id, "p", "plan"))
     if plan is None:
         raise Problem.not_found("plan", id)
+    teacher = store.teacher(owner, plan.teacher_id)
+    need = (
+        TeacherFiles.of(store, teacher)
+        .posterior()
+        .align_bytes(plan.info["conditioned"], plan.student["n_params"])
+    )
+    if need > settings.max_job_bytes:
+        raise Problem(
+            413,
+            "too-large",
+            "Prior too large",
+            f"aligning this plan needs about {need / 2**30:.1f} GiB of memory; this service "
+            f"allows {settings.max_job_bytes / 2**30:.1f} GiB per prior",
+            field="plan",
+        )
     rec, created = store.prior_for_plan(owner, plan.id)
     if rec.status == "failed":
         store.update_prior(rec.id, status="queued", problem=None, started=None, finished=None)
@@ -119,6 +139,12 @@ async def get_array(
 ):
     """One array as ``.npy`` (HTTP Range supported, so broken downloads resume)."""
     rec = _done_prior(store, owner, id)
+    if name == "covariance" and "precision" in rec.arrays:  # a precision prior, on request
+        path = store.prior_dir(rec.id) / "covariance.npy"
+        if not path.exists():
+            src = store.prior_dir(rec.id) / "precision.npy"
+            await run_in_threadpool(_once, path, lambda: _covariance_of(src, path))
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{name}.npy")
     if name not in rec.arrays:
         raise Problem(
             404,
@@ -140,6 +166,13 @@ async def get_array(
         filename=f"{name}.npy",
         headers={"ETag": f'"{etag}"'},
     )
+
+
+def _covariance_of(precision: Path, dst: Path) -> None:
+    """Σ = Λ⁻¹ by one Cholesky factorisation of Λ (asked for explicitly by the client)."""
+    lam = np.load(precision, mmap_mode="r", allow_pickle=False)
+    cf = sla.cho_factor(np.array(lam), lower=True, check_finite=False)
+    write_npy(dst, sla.cho_solve(cf, np.eye(lam.shape[0]), check_finite=False))
 
 
 def _once(target, build) -> None:

@@ -1,0 +1,105 @@
+"""The structured formats through the service (SPEC §7): end to end and bad inputs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from planner import Structure, from_arrays
+from planner.search import search
+from tests.app.conftest import assert_problem, start, stored_files, upload, wait_done
+from tests.planner.test_formats import make
+
+pytestmark = pytest.mark.anyio
+
+
+def arrays_of(post) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in post.to_arrays().items()}
+
+
+@pytest.mark.parametrize("fmt", ["lowrank", "kron", "precision"])
+async def test_every_format_end_to_end(svc, fmt):
+    teacher = Structure.mlp((3, 5, 4, 4, 2), bias=True)
+    post, _, _ = make(fmt, teacher, np.random.default_rng(21))
+    arrays = arrays_of(post)
+    r = await upload(svc.client, {"widths": [3, 5, 4, 4, 2], "bias": True}, fmt, arrays)
+    assert r.status_code == 201, r.text
+    t = r.json()
+    assert set(t["arrays"]) == set(arrays)
+    plan = await svc.client.post(
+        f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 3, 2]}}
+    )
+    assert plan.status_code == 201, plan.text
+    core_post = from_arrays(fmt, teacher, arrays)
+    core = search(core_post, teacher.inherit((3, 3, 3, 2)))
+    assert plan.json()["ops"] == core.plan.to_json()
+    assert plan.json()["cost"] == pytest.approx(core.cost, rel=1e-12)
+    prior = (await svc.client.post(f"/v1/plans/{plan.json()['id']}/prior")).json()
+    done = await wait_done(svc.client, prior["id"])
+    assert done["status"] == "done", done
+    expect = core.plan.apply(core_post).to_arrays()
+    assert set(done["arrays"]) == set(expect)  # the same form, the same names (SPEC §7)
+    for name, value in expect.items():
+        r = await svc.client.get(f"/v1/priors/{prior['id']}/arrays/{name}")
+        assert np.array_equal(np.load(io.BytesIO(r.content)), value), name
+    if fmt == "precision":  # the covariance on request
+        r = await svc.client.get(f"/v1/priors/{prior['id']}/arrays/covariance")
+        cov = np.load(io.BytesIO(r.content))
+        np.testing.assert_allclose(cov @ expect["precision"], np.eye(len(cov)), atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "change", "field"),
+    [
+        ("lowrank", {"factor": np.ones((10, 2))}, "factor"),
+        ("lowrank", {"variance": -np.ones(41)}, "variance"),
+        ("kron", {"row2": -np.eye(5)}, "row2"),
+        ("kron", {"col3": np.ones((5, 5))}, "col3"),
+        ("kron", {"bias2": -np.ones(5)}, "bias2"),
+        ("kron", {"row9": np.eye(2)}, "row9"),
+        ("precision", {"precision": -np.eye(41)}, "precision"),
+    ],
+)
+async def test_bad_structured_inputs(svc, fmt, change, field):
+    teacher = Structure.mlp((3, 5, 4, 2), bias=True)  # 41 parameters
+    post, _, _ = make(fmt, teacher, np.random.default_rng(22))
+    arrays = {**arrays_of(post), **change}
+    r = await upload(svc.client, {"widths": [3, 5, 4, 2], "bias": True}, fmt, arrays)
+    assert_problem(r, 422, field)
+    assert stored_files(svc.data) == []
+
+
+async def test_kron_for_an_rnn_is_refused(svc):
+    rnn = Structure.rnn((3, 4, 2))
+    arrays = {
+        "mean": np.zeros(rnn.n_params),
+        "row2": np.eye(4),
+        "col2": np.eye(3),
+        "row3": np.eye(2),
+        "col3": np.eye(4),
+    }
+    r = await upload(svc.client, {"widths": [3, 4, 2], "kind": "rnn"}, "kron", arrays)
+    assert_problem(r, 422, "posterior.format")
+    assert stored_files(svc.data) == []
+
+
+async def test_a_prior_too_large_for_the_machine_is_refused_before_starting(tmp_path):
+    svc, ctx = await start(tmp_path / "data", max_job_bytes=10_000)
+    try:
+        teacher = Structure.mlp((3, 6, 6, 2))
+        post, _, _ = make("precision", teacher, np.random.default_rng(23))
+        t = (
+            await upload(svc.client, {"widths": [3, 6, 6, 2]}, "precision", arrays_of(post))
+        ).json()
+        plan = (
+            await svc.client.post(
+                f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 6, 2]}}
+            )
+        ).json()
+        body = assert_problem(await svc.client.post(f"/v1/plans/{plan['id']}/prior"), 413, "plan")
+        assert "GiB" in body["detail"]
+    finally:
+        await svc.client.aclose()
+        await ctx.__aexit__(None, None, None)
