@@ -167,12 +167,13 @@ class Tracked:
         """Teacher indices that φ(t, i) would condition to zero."""
         return self.outgoing_all(t)[i]
 
-    def outgoing_all(self, t: int) -> np.ndarray:
-        """Row i: the teacher indices φ(t, i) would condition (column i of U_{t+1}, V_t)."""
-        parts = [self._U(t + 1).T]
-        if self.structure.recurrent(t):
-            parts.append(self._V(t).T)
-        return np.hstack(parts)
+    def outgoing_all(self, t: int, rows=slice(None)) -> np.ndarray:
+        """Row i: the teacher indices φ(t, i) would condition (column i of U_{t+1}, V_t);
+        ``rows`` restricts them to some rows of U_{t+1} (MLP)."""
+        U = self._U(t + 1, rows=rows).T
+        if not self.structure.recurrent(t):
+            return U
+        return np.hstack([U, self._V(t).T])
 
     # -- validity -------------------------------------------------------------------------
     def check(self, op: Op) -> None:

@@ -42,6 +42,10 @@ __all__ = ["SearchResult", "build_plan", "random_plan", "search"]
 
 #: Above this many entries an assignment is first narrowed to the likeliest rows/columns.
 _LSA_ENTRIES = 400_000
+#: Parameters the search may touch building routes exactly (about one pass each).
+_ROUTE_WORK = 6e7
+#: Rows of a layer the route proxy looks at (a sample: the proxy only ranks routes).
+_PROXY_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,9 @@ def search(
         raise MissingData(
             "criterion 'gradient_covariance' needs per-example gradients", field="gradients"
         )
-    candidates = _candidate_routes(posterior, student, max_routes)
+    # a route costs about one pass over the teacher: huge teachers get fewer of them
+    affordable = max(1, int(_ROUTE_WORK // max(teacher.n_params, 1)))
+    candidates = _candidate_routes(posterior, student, min(max_routes, affordable))
     best: tuple[float, Plan, Route, _Choices] | None = None
     for route in candidates:
         rng = np.random.default_rng(seed)
@@ -324,17 +330,27 @@ class _ProxyWeights:
         self._zero: dict[int, np.ndarray] = {}
         self._assign: dict[int, np.ndarray] = {}
 
+    def _rows(self, n: int) -> tuple[np.ndarray, float]:
+        """An evenly spaced sample of at most ``_PROXY_ROWS`` of n rows, and its weight."""
+        k = min(n, _PROXY_ROWS)
+        return np.linspace(0, n - 1, k).astype(np.int64), n / k
+
     def zero(self, p: int) -> np.ndarray:
-        """Sorted costs of zeroing each neuron's outgoing weights at teacher position p."""
+        """Sorted costs of zeroing each neuron's outgoing weights at teacher position p
+        (estimated from a sample of the rows they feed)."""
         if p not in self._zero:
-            self._zero[p] = np.sort(self.post.group_costs(self.tr.outgoing_all(p)))
+            rows, weight = self._rows(self.tr.structure.width(p + 1))
+            groups = self.tr.outgoing_all(p, rows)  # sampled outgoing weights per neuron
+            self._zero[p] = np.sort(self.post.group_costs(groups)) * weight
         return self._zero[p]
 
     def assign(self, p: int) -> np.ndarray:
-        """Sorted per-row best costs of conditioning layer p's rows to unit vectors."""
+        """Sorted per-row best costs of conditioning layer p's rows to unit vectors
+        (over a sample of its rows, each standing for ``weight`` of them)."""
         if p not in self._assign:
-            C = self.post.assignment_costs(self.tr._U(p))
-            self._assign[p] = np.sort(C.min(axis=1))
+            rows, weight = self._rows(self.tr.structure.width(p))
+            C = self.post.assignment_costs(self.tr._U(p, rows=rows))
+            self._assign[p] = np.repeat(np.sort(C.min(axis=1)), round(weight))
         return self._assign[p]
 
     def __call__(self, block: tuple[int, int], j: int) -> float:
@@ -452,8 +468,7 @@ def _assign(
     weights (dummy columns); columns not kept are φ-removed at p-1, which zeroes
     their entries of the kept rows (already in the unit-vector cost).
     """
-    U = tr._U(p)
-    R, L = U.shape
+    R, L = tr.structure.width(p), tr.structure.width(p - 1)
     rows = np.arange(R)
     cols = np.arange(L)
     drop_cost = None
@@ -463,12 +478,12 @@ def _assign(
         cap = min(w + max(16, w // 4), L)
         if drop_cost is not None and cap < R:  # keep the rows dearest to drop
             rows = np.sort(np.argsort(-drop_cost, kind="stable")[:cap])
-        C = posterior.assignment_costs(U[rows])
+        C = posterior.assignment_costs(tr._U(p, rows=rows))
         if cap < L:
             cols = np.sort(np.argsort(C.min(axis=0), kind="stable")[:cap])
             C = C[:, cols]
     else:
-        C = posterior.assignment_costs(U)
+        C = posterior.assignment_costs(tr._U(p))
     if drop_cost is not None and len(rows) > w:
         d = drop_cost[rows]
         big = float(d.max() - C.min() + 1.0)

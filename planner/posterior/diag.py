@@ -48,8 +48,10 @@ class DiagPosterior(Posterior):
 
     def constraint_cost(self, B, values) -> float:
         B = np.asarray(B, dtype=np.int64)
-        d = values - self.mean[B]
-        return 0.5 * float(np.sum(d * d / self.var[B]))
+        d = values - self.mean.take(B)
+        d *= d
+        d /= self.var.take(B)
+        return 0.5 * float(d.sum())
 
     def group_costs(self, groups: np.ndarray) -> np.ndarray:
         m, v = self.mean[groups], self.var[groups]
@@ -59,6 +61,26 @@ class DiagPosterior(Posterior):
         m, v = self.mean[rows], self.var[rows]
         base = 0.5 * np.sum(m * m / v, axis=-1, keepdims=True)
         return base + 0.5 * (1.0 - 2.0 * m) / v
+
+    def plan_cost(self, plan) -> float:
+        """Independent coordinates: the cost is a sum over the conditioned blocks, read
+        block by block from the plan's layer events (MLPs; RNNs use the flat sets)."""
+        s = self.structure
+        if s.kind != "mlp":
+            return super().plan_cost(plan)
+        total = 0.0
+        for ev in plan.events:
+            if ev.kind == "rows":
+                continue
+            n, m, start = s.width(ev.layer), s.width(ev.layer - 1), s.layer_offset(ev.layer)
+            M = self.mean[start : start + n * m].reshape(n, m)[ev.rows]
+            V = self.var[start : start + n * m].reshape(n, m)[ev.rows]
+            d = (0.0 if ev.target is None else ev.target) - M[:, ev.cols]
+            total += float(np.sum(d * d / V[:, ev.cols]))
+            if ev.kind == "layer" and s.bias:
+                b = slice(start + n * m, start + n * m + n)
+                total += float(np.sum(self.mean[b][ev.rows] ** 2 / self.var[b][ev.rows]))
+        return 0.5 * total
 
     def align_bytes(self, conditioned: int, kept: int) -> int:
         return 8 * 3 * kept

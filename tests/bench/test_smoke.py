@@ -15,3 +15,12 @@ def test_service_benchmarks_run_quick(capsys):
     service.main(["--quick"])
     out = capsys.readouterr().out
     assert "receive_MB_s" in out and "p99_ms" in out and "per_prior_ratio" in out
+
+
+def test_format_benchmarks_run_quick(capsys):
+    from bench import formats
+
+    formats.main(["--quick"])
+    out = capsys.readouterr().out
+    for word in ("speedup", "peak_memory_over_covariance", "read_factor_s", "kron", "routes"):
+        assert word in out

@@ -170,3 +170,18 @@ def test_every_spec_format_is_registered():
     with pytest.raises(InvalidPosterior) as err:
         from_arrays("dense", S, {})
     assert err.value.field == "posterior.format"
+
+
+@given(format_cases("diag"))
+def test_diag_plan_cost_by_blocks_equals_the_flat_sum(case):
+    from planner import DiagPosterior
+    from planner.posterior.base import Posterior
+
+    net, ops, seed = case
+    s = to_structure(net)
+    rng = np.random.default_rng(seed)
+    post = DiagPosterior.from_arrays(
+        s, {"mean": rng.normal(size=s.n_params), "variance": rng.uniform(0.3, 2, s.n_params)}
+    )
+    plan = Plan(s, to_ops(ops))
+    close(post.plan_cost(plan.compiled), Posterior.plan_cost(post, plan.compiled))
