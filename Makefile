@@ -29,6 +29,7 @@ test: lint
 bench: venv
 	$(BIN)/python -m bench.core
 	$(BIN)/python -m bench.service
+	$(BIN)/python -m bench.formats
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -42,8 +42,8 @@ __all__ = ["SearchResult", "build_plan", "random_plan", "search"]
 
 #: Above this many entries an assignment is first narrowed to the likeliest rows/columns.
 _LSA_ENTRIES = 400_000
-#: Parameters the search may touch building routes exactly (about one pass each).
-_ROUTE_WORK = 6e7
+#: Numbers the search may touch building routes exactly (a route is about one pass).
+_ROUTE_WORK = 1e8
 #: Rows of a layer the route proxy looks at (a sample: the proxy only ranks routes).
 _PROXY_ROWS = 256
 
@@ -107,8 +107,8 @@ def search(
         raise MissingData(
             "criterion 'gradient_covariance' needs per-example gradients", field="gradients"
         )
-    # a route costs about one pass over the teacher: huge teachers get fewer of them
-    affordable = max(1, int(_ROUTE_WORK // max(teacher.n_params, 1)))
+    # a route costs about one pass over the posterior: huge ones get fewer routes built
+    affordable = max(1, int(_ROUTE_WORK // max(posterior.size, 1)))
     candidates = _candidate_routes(posterior, student, min(max_routes, affordable))
     best: tuple[float, Plan, Route, _Choices] | None = None
     for route in candidates:

@@ -40,6 +40,11 @@ class Posterior(ABC):
     def n(self) -> int:
         return self.mean.shape[0]
 
+    @property
+    def size(self) -> int:
+        """How many numbers the posterior holds (a measure of the work one pass costs)."""
+        return sum(int(np.asarray(a).size) for a in self.to_arrays().values())
+
     # -- construction -------------------------------------------------------------------
     @classmethod
     @abstractmethod

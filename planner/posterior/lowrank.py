@@ -25,10 +25,15 @@ from .base import Posterior
 __all__ = ["LowRankPosterior"]
 
 
-def _inner(Fs: np.ndarray, ds: np.ndarray) -> np.ndarray:
-    """``(I + Fᵀ D⁻¹ F)`` for stacked factors ``(n, g, k)`` and variances ``(n, g)``."""
-    k = Fs.shape[-1]
-    return np.eye(k) + np.einsum("ngk,ng,ngl->nkl", Fs, 1.0 / ds, Fs)
+def _stacked(post, groups):
+    """Means, variances, factors and D⁻¹F of each group: (n, g), (n, g), (n, g, k) ×2."""
+    m, d, F = post.mean[groups], post.var[groups], np.asarray(post.factor[groups])
+    return m, d, F, F / d[..., None]
+
+
+def _inner(F: np.ndarray, DF: np.ndarray) -> np.ndarray:
+    """``I + Fᵀ D⁻¹ F`` for each group, as one batched BLAS product."""
+    return np.eye(F.shape[-1]) + np.matmul(F.transpose(0, 2, 1), DF)
 
 
 class LowRankPosterior(Posterior):
@@ -43,6 +48,10 @@ class LowRankPosterior(Posterior):
         super().__init__(structure, mean)
         self.var = var
         self.factor = factor
+
+    @property
+    def size(self) -> int:
+        return self.n * (2 + self.rank)
 
     @property
     def rank(self) -> int:
@@ -129,19 +138,19 @@ class LowRankPosterior(Posterior):
 
     def group_costs(self, groups: np.ndarray) -> np.ndarray:
         """Batched Woodbury: ``½ (mᵀD⁻¹m − uᵀ(I + FᵀD⁻¹F)⁻¹u)``, ``u = FᵀD⁻¹m``."""
-        m, d, F = self.mean[groups], self.var[groups], np.asarray(self.factor[groups])
-        u = np.einsum("ngk,ng->nk", F, m / d)
-        sol = np.linalg.solve(_inner(F, d), u[..., None])[..., 0]
-        return 0.5 * (np.sum(m * m / d, axis=1) - np.einsum("nk,nk->n", u, sol))
+        m, d, F, DF = _stacked(self, groups)
+        u = np.matmul(DF.transpose(0, 2, 1), m[..., None])  # Fᵀ D⁻¹ m, (n, k, 1)
+        sol = np.linalg.solve(_inner(F, DF), u)
+        return 0.5 * (np.sum(m * m / d, axis=1) - np.sum(u * sol, axis=(1, 2)))
 
     def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
         """Batched Woodbury for ``½ (e_l − m)ᵀ Σ_r⁻¹ (e_l − m)`` over each row ``r``."""
-        m, d, F = self.mean[rows], self.var[rows], np.asarray(self.factor[rows])
-        Minv = np.linalg.inv(_inner(F, d))  # (n, k, k)
-        DF = F / d[..., None]  # D⁻¹F, (n, g, k)
+        m, d, F, DF = _stacked(self, rows)
+        Minv = np.linalg.inv(_inner(F, DF))  # (n, k, k)
         # P m = D⁻¹ m − D⁻¹F M Fᵀ D⁻¹ m ; diag P = D⁻¹ − rowsum((D⁻¹F M) ⊙ D⁻¹F)
-        u = np.einsum("ngk,ng->nk", F, m / d)
-        Pm = m / d - np.einsum("ngk,nkl,nl->ng", DF, Minv, u)
-        diagP = 1.0 / d - np.einsum("ngk,nkl,ngl->ng", DF, Minv, DF)
-        quad = np.einsum("ng,ng->n", m, Pm)
+        X = np.matmul(DF, Minv)  # (n, g, k)
+        u = np.matmul(DF.transpose(0, 2, 1), m[..., None])  # (n, k, 1)
+        Pm = m / d - np.matmul(X, u)[..., 0]
+        diagP = 1.0 / d - np.sum(X * DF, axis=2)
+        quad = np.sum(m * Pm, axis=1)
         return 0.5 * (quad[:, None] - 2.0 * Pm + diagP)
