@@ -27,7 +27,7 @@ from functools import cached_property
 import numpy as np
 
 from .errors import InvalidOperation, InvalidPlan
-from .ops import Event, Op, Phi, Psi, Tracked
+from .ops import Effect, Event, Op, Phi, Psi, Tracked
 from .posterior import Posterior
 from .structure import Structure
 
@@ -59,12 +59,23 @@ class CompiledPlan:
     scoring a plan needs only ``conditioned`` and ``targets``.
     """
 
-    def __init__(self, teacher: Structure, ops: Sequence[Op]) -> None:
+    def __init__(
+        self,
+        teacher: Structure,
+        ops: Sequence[Op],
+        applied: tuple[Tracked, Sequence[Effect]] | None = None,
+    ) -> None:
+        """Compile ``ops``; or take ``applied``, the state and effects of having applied
+        exactly these ops already (the search builds plans that way)."""
         self.teacher = teacher
         self._ops = tuple(ops)
-        self._state = Tracked.start(teacher)
+        if applied is None:
+            self._state = Tracked.start(teacher)
+            effects = [eff for _, eff in _effects(self._state, self._ops)]
+        else:
+            self._state, effects = applied[0], list(applied[1])
         cond, tgt, events = [np.zeros(0, dtype=np.int64)], [np.zeros(0)], []
-        for _k, eff in _effects(self._state, self._ops):
+        for eff in effects:
             cond.append(eff.conditioned)
             tgt.append(eff.targets)
             events.extend(eff.events)
@@ -151,6 +162,15 @@ class Plan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
         _ = self.compiled  # validates every step
+
+    @classmethod
+    def _applied(cls, compiled: CompiledPlan) -> Plan:
+        """A plan from a compilation made while applying its ops (already validated)."""
+        plan = object.__new__(cls)
+        object.__setattr__(plan, "teacher", compiled.teacher)
+        object.__setattr__(plan, "ops", compiled._ops)
+        plan.__dict__["compiled"] = compiled
+        return plan
 
     @classmethod
     def from_json(cls, teacher: Structure, ops: Iterable[Mapping]) -> Plan:

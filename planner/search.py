@@ -33,8 +33,8 @@ from scipy.optimize import linear_sum_assignment
 from .criteria import Criterion, NeuronContext, criterion_function
 from .errors import MissingData
 from .lattice import END, Route, require_member, route_graph, routes
-from .ops import Op, Phi, Psi, Tracked
-from .plan import Plan
+from .ops import Effect, Op, Phi, Psi, Tracked
+from .plan import CompiledPlan, Plan
 from .posterior import Posterior
 from .structure import Structure
 
@@ -110,20 +110,21 @@ def search(
     # a route costs about one pass over the posterior: huge ones get fewer routes built
     affordable = max(1, int(_ROUTE_WORK // max(posterior.size, 1)))
     candidates = _candidate_routes(posterior, student, min(max_routes, affordable))
-    best: tuple[float, Plan, Route, _Choices] | None = None
+    built = []
     for route in candidates:
         rng = np.random.default_rng(seed)
         plan, choices = _build(posterior, student, route, crit, rng, gradients)
-        cost = plan.cost(posterior)
-        if best is None or cost < best[0]:
-            best = (cost, plan, route, choices)
-    assert best is not None  # membership guarantees a route
-    cost, plan, route, choices = best
-    evaluations = len(candidates)
+        built.append((plan.cost(posterior), plan, route, choices))
+    evaluations = len(built)
     if polish > 0 and crit is not criterion_function("random"):
-        budget = min(polish, _affordable(posterior, plan))
-        cost, plan, used = _polish(posterior, student, route, crit, plan, choices, cost, budget)
-        evaluations += used
+        # every route gets its share: the cheapest start need not have the cheapest optimum
+        share = polish // len(built)
+        for k, (cost, plan, route, choices) in enumerate(built):
+            budget = min(share, _affordable(posterior, plan))
+            cost, plan, used = _polish(posterior, student, route, crit, plan, choices, cost, budget)
+            built[k] = (cost, plan, route, choices)
+            evaluations += used
+    cost, plan, route, _ = min(built, key=lambda b: b[0])
     return SearchResult(plan, cost, route, len(candidates), evaluations)
 
 
@@ -396,12 +397,13 @@ def _build(
     is_random = crit is criterion_function("random")
     tr = Tracked.start(teacher)
     ops: list[Op] = []
+    effects: list[Effect] = []
     made = _Choices({}, {})
 
     def drop(p: int, keep: np.ndarray) -> None:
         """φ away every neuron of (teacher, still current) position p not in ``keep``."""
         gone = [int(i) for i in np.setdiff1d(np.arange(tr.structure.width(p)), keep)[::-1]]
-        tr.apply_phis(p, gone)  # descending: current indices do not shift
+        effects.append(tr.apply_phis(p, gone))  # descending: current indices do not shift
         ops.extend(Phi(p, i) for i in gone)
 
     for j in range(student.T, 0, -1):
@@ -454,9 +456,9 @@ def _build(
                 b, pos = partner[pos][b], pos - 1
             pairing.append(index[b])
         op = Psi(t, tuple(pairing))
-        tr.apply(op)
+        effects.append(tr.apply(op))
         ops.append(op)
-    return Plan(teacher, tuple(ops)), made
+    return Plan._applied(CompiledPlan(teacher, ops, (tr, effects))), made
 
 
 def _assign(
