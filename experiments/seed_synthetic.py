@@ -103,12 +103,23 @@ def run(url: str, quick: bool, seeds: int, epochs: int, tmp: Path, log=print) ->
     prec = ggn_precision(teacher, theta, X, noise=0.1, prior_prec=1.0)
     cov = np.linalg.inv(prec)
     cov = 0.5 * (cov + cov.T)
-    log(f"teacher {tw}: trained and Laplace in {time.perf_counter() - t0:.0f} s")
+    from experiments.nn import gaussian_loglik
+    from planner.network import forward
+
+    fit = {
+        "train_rmse": float(np.sqrt(np.mean((forward(teacher, theta, X)[:, 0] - y) ** 2))),
+        "test_rmse": float(
+            np.sqrt(np.mean((forward(teacher, theta, data[2])[:, 0] - data[3]) ** 2))
+        ),
+        "test_loglik": gaussian_loglik(teacher, theta, data[2], data[3], 0.1),
+        "noise": 0.1,
+    }
+    log(f"teacher {tw}: trained and Laplace in {time.perf_counter() - t0:.0f} s, {fit}")
     np.save(tmp / "mean.npy", theta)
     np.save(tmp / "covariance.npy", cov)
     np.save(tmp / "variance.npy", 1.0 / np.diag(prec))  # the diagonal Laplace
     structure = {"widths": list(tw), "activation": "relu"}
-    out: dict = {"teacher": list(tw), "students": {}}
+    out: dict = {"teacher": list(tw), "teacher_fit": fit, "students": {}}
     with PlannerClient(url, timeout=3600) as client:
         full = client.upload_teacher(
             "seed-teacher-full",
@@ -172,6 +183,9 @@ def write(results: dict, out: Path, seeds: int, epochs: int) -> None:
         "",
         f"Teacher {tuple(results['teacher'])}; S = ∫ loglik(distilled) − ∫ loglik(no teacher) "
         f"over steps (trapezoid), mean ± std over {seeds} seeds, {epochs} epochs, batch 8.",
+        "",
+        "Teacher fit: train RMSE {train_rmse:.3f}, test RMSE {test_rmse:.3f} (noise 0.1), "
+        "test log-likelihood {test_loglik:.1f}.".format(**results["teacher_fit"]),
         "",
         "| student | parameters | " + " | ".join(PRIORS[1:]) + " |",
         "| --- | --- | " + " | ".join("---" for _ in PRIORS[1:]) + " |",
