@@ -28,7 +28,7 @@ __all__ = [
     "convert_npy",
     "extract_npz",
     "extract_safetensors",
-    "fsync_dir",
+    "fsync_path",
     "open_npy",
     "sha256_file",
     "write_npy",
@@ -76,7 +76,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (after a rename into it) by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

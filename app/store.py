@@ -26,14 +26,16 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .arrays import fsync_dir
+from .arrays import fsync_path
 
 __all__ = ["ID", "LocalStore", "PlanRecord", "PriorRecord", "Store", "TeacherRecord", "new_id"]
 
+#: Columns that hold JSON.
+_JSON = frozenset({"structure", "arrays", "student", "ops", "info", "problem"})
 #: What ids look like: a kind letter and 24 hex digits.  Anything else is a 404.
 ID = r"^[tpr]_[0-9a-f]{24}$"
 
@@ -223,7 +225,7 @@ class LocalStore(Store):
     def add_teacher(self, rec: TeacherRecord, folder: Path) -> None:
         dst = self.root / "teachers" / rec.id
         folder.rename(dst)
-        fsync_dir(dst.parent)
+        fsync_path(dst.parent)
         self._q(
             "INSERT INTO teachers VALUES (?,?,?,?,?,?,?)",
             (
@@ -238,16 +240,17 @@ class LocalStore(Store):
         )
 
     @staticmethod
-    def _teacher(r: sqlite3.Row) -> TeacherRecord:
-        return TeacherRecord(
-            r["id"],
-            r["owner"],
-            r["name"],
-            json.loads(r["structure"]),
-            r["format"],
-            json.loads(r["arrays"]),
-            r["created"],
-        )
+    def _record(cls, r: sqlite3.Row):
+        """A record from its row: columns are named as the record's fields, and the
+        JSON columns (``_JSON``) are decoded."""
+        values = {}
+        for f in fields(cls):
+            v = r[f.name]
+            values[f.name] = json.loads(v) if f.name in _JSON and v is not None else v
+        return cls(**values)
+
+    def _teacher(self, r: sqlite3.Row) -> TeacherRecord:
+        return self._record(TeacherRecord, r)
 
     def teacher(self, owner: str, id: str) -> TeacherRecord | None:
         rows = self._q("SELECT * FROM teachers WHERE id=? AND owner=?", (id, owner))
@@ -298,37 +301,11 @@ class LocalStore(Store):
 
     def plan(self, owner: str, id: str) -> PlanRecord | None:
         rows = self._q("SELECT * FROM plans WHERE id=? AND owner=?", (id, owner))
-        if not rows:
-            return None
-        r = rows[0]
-        return PlanRecord(
-            r["id"],
-            r["owner"],
-            r["teacher_id"],
-            json.loads(r["student"]),
-            r["criterion"],
-            r["seed"],
-            json.loads(r["ops"]),
-            r["cost"],
-            json.loads(r["info"]),
-            r["created"],
-        )
+        return self._record(PlanRecord, rows[0]) if rows else None
 
     # -- priors ------------------------------------------------------------------------
-    @staticmethod
-    def _prior(r: sqlite3.Row) -> PriorRecord:
-        return PriorRecord(
-            r["id"],
-            r["owner"],
-            r["plan_id"],
-            r["status"],
-            r["cost"],
-            json.loads(r["problem"]) if r["problem"] else None,
-            json.loads(r["arrays"]),
-            r["created"],
-            r["started"],
-            r["finished"],
-        )
+    def _prior(self, r: sqlite3.Row) -> PriorRecord:
+        return self._record(PriorRecord, r)
 
     def prior_for_plan(self, owner: str, plan_id: str) -> tuple[PriorRecord, bool]:
         with self._lock:
@@ -359,7 +336,7 @@ class LocalStore(Store):
         if dst.exists():  # a re-run after a restart: replace the old result whole
             shutil.rmtree(dst)
         folder.rename(dst)
-        fsync_dir(dst.parent)
+        fsync_path(dst.parent)
 
     def prior_dir(self, id: str) -> Path:
         return self.root / "priors" / id
@@ -369,8 +346,8 @@ class LocalStore(Store):
         return [self._prior(r) for r in rows]
 
     def plan_for_job(self, plan_id: str) -> PlanRecord | None:
-        rows = self._q("SELECT owner FROM plans WHERE id=?", (plan_id,))
-        return self.plan(rows[0]["owner"], plan_id) if rows else None
+        rows = self._q("SELECT * FROM plans WHERE id=?", (plan_id,))
+        return self._record(PlanRecord, rows[0]) if rows else None
 
     def teacher_for_job(self, teacher_id: str) -> TeacherRecord | None:
         rows = self._q("SELECT * FROM teachers WHERE id=?", (teacher_id,))

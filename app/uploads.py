@@ -10,7 +10,6 @@ overlaps with validation instead of stalling the stream.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from .arrays import (
     ZIP_MAGIC,
     extract_npz,
     extract_safetensors,
+    fsync_path,
     magic,
     open_npy,
     sha256_file,
@@ -195,14 +195,6 @@ def _spec(up: Upload) -> TeacherSpec:
         ) from None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _own_file(a: np.ndarray, folder: Path) -> Path | None:
     """The file behind ``a`` when it is a float64 C-ordered memory map inside ``folder``."""
     if not isinstance(a, np.memmap) or a.dtype != np.float64 or not a.flags.c_contiguous:
@@ -301,7 +293,7 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
         if src is not None:  # float64 and already in our folder: adopt the file as it is
             del arr
             sha = hashes.get(src.resolve()) or sha256_file(src)
-            _fsync(src)
+            fsync_path(src)
             src.rename(dst)
             size = dst.stat().st_size
         else:
