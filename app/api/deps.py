@@ -14,7 +14,7 @@ from ..problems import Problem
 from ..settings import Settings
 from ..store import ID, Store
 
-__all__ = ["JobsDep", "OwnerDep", "SettingsDep", "StoreDep", "check_id"]
+__all__ = ["JobsDep", "OwnerDep", "SettingsDep", "StoreDep", "check_id", "owned"]
 
 _ID = re.compile(ID)
 PUBLIC = "public"
@@ -57,6 +57,19 @@ def get_owner(request: Request, settings: SettingsDep) -> str:
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]
+
+
+_KINDS = {"t": "teacher", "p": "plan", "r": "prior"}
+
+
+def owned(store: Store, owner: str, kind: str, id: str):
+    """The caller's teacher (``t``), plan (``p``) or prior (``r``) with this id, or 404:
+    another tenant's record is not found either."""
+    what = _KINDS[kind]
+    rec = getattr(store, what)(owner, check_id(id, kind, what))
+    if rec is None:
+        raise Problem.not_found(what, id)
+    return rec
 
 
 def check_id(value: str, kind: str, what: str) -> str:

@@ -10,10 +10,10 @@ from planner import PlannerError
 from planner.criteria import criterion_function
 
 from ...compute import TeacherFiles, run_plan, structure_from_json
-from ...problems import Problem, problem_from_planner_error
+from ...problems import problem_from_planner_error
 from ...schemas import PlanCreate, PlanPublic, structure_json
 from ...store import PlanRecord, new_id
-from ..deps import JobsDep, OwnerDep, StoreDep, check_id
+from ..deps import JobsDep, OwnerDep, StoreDep, owned
 
 router = APIRouter(tags=["plans"])
 
@@ -43,9 +43,7 @@ async def create_plan(
     The search runs in the job executor (a process pool by default), so
     concurrent plans use every core and never block the event loop.
     """
-    rec = store.teacher(owner, check_id(id, "t", "teacher"))
-    if rec is None:
-        raise Problem.not_found("teacher", id)
+    rec = owned(store, owner, "t", id)
     teacher = structure_from_json(rec.structure)
     try:
         student = body.student.build(parent=teacher)
@@ -84,7 +82,4 @@ async def create_plan(
 
 @router.get("/v1/plans/{id}", response_model=PlanPublic)
 def get_plan(id: str, store: StoreDep, owner: OwnerDep):
-    rec = store.plan(owner, check_id(id, "p", "plan"))
-    if rec is None:
-        raise Problem.not_found("plan", id)
-    return plan_json(rec)
+    return plan_json(owned(store, owner, "p", id))

@@ -20,7 +20,7 @@ from ...compute import TeacherFiles
 from ...problems import Problem
 from ...schemas import PriorPublic
 from ...store import PriorRecord, Store
-from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, check_id
+from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
 
 router = APIRouter(tags=["priors"])
 _build_lock = threading.Lock()
@@ -54,9 +54,7 @@ def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep, sett
     """Start or reuse the plan's prior: 201 when it is computed, 202 while it is queued
     or running.  A failed prior is queued again.  A prior that would need more memory
     than this machine offers is refused (413) before anything starts."""
-    plan = store.plan(owner, check_id(id, "p", "plan"))
-    if plan is None:
-        raise Problem.not_found("plan", id)
+    plan = owned(store, owner, "p", id)
     teacher = store.teacher(owner, plan.teacher_id)
     need = (
         TeacherFiles.of(store, teacher)
@@ -86,9 +84,7 @@ def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep, sett
 
 
 def _done_prior(store: Store, owner: str, id: str) -> PriorRecord:
-    rec = store.prior(owner, check_id(id, "r", "prior"))
-    if rec is None:
-        raise Problem.not_found("prior", id)
+    rec = owned(store, owner, "r", id)
     if rec.status != "done":
         raise Problem(
             409,
@@ -115,9 +111,7 @@ async def get_prior(
     ),
 ):
     """The prior's status; with ``wait``, answers as soon as it is done or failed."""
-    rec = store.prior(owner, check_id(id, "r", "prior"))
-    if rec is None:
-        raise Problem.not_found("prior", id)
+    rec = owned(store, owner, "r", id)
     deadline = time.monotonic() + wait
     while rec.status in ("queued", "running") and time.monotonic() < deadline:
         await asyncio.sleep(0.02)

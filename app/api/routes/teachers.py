@@ -11,7 +11,7 @@ from ...problems import Problem
 from ...schemas import TeacherPublic
 from ...store import TeacherRecord
 from ...uploads import ingest_teacher, receive_multipart
-from ..deps import OwnerDep, SettingsDep, StoreDep, check_id
+from ..deps import OwnerDep, SettingsDep, StoreDep, check_id, owned
 
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
 
@@ -75,10 +75,7 @@ def list_teachers(store: StoreDep, owner: OwnerDep):
 
 @router.get("/{id}", response_model=TeacherPublic)
 def get_teacher(id: str, store: StoreDep, owner: OwnerDep):
-    rec = store.teacher(owner, check_id(id, "t", "teacher"))
-    if rec is None:
-        raise Problem.not_found("teacher", id)
-    return teacher_json(rec)
+    return teacher_json(owned(store, owner, "t", id))
 
 
 @router.delete("/{id}", status_code=204)
