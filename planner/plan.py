@@ -206,9 +206,6 @@ class Plan:
                 field="posterior",
             )
 
-    def labels(self) -> list[str]:
-        return [_label(op) for op in self.ops]
-
 
 def _runs(ops: Sequence[Op]):
     """Yield (index of first op, run) for maximal runs of φ at one layer, and single ψ."""
@@ -240,8 +237,3 @@ def _label(op: Op) -> str:
     if isinstance(op, Phi):
         return f"φ({op.layer}, {op.neuron})"
     return f"ψ({op.layer})" if op.pairing is None else f"ψ({op.layer}, π)"
-
-
-def structure_sequence(ops: Sequence[Op]) -> tuple[tuple[str, int], ...]:
-    """The structure-level sequence of a plan: ``(("phi", t), ("psi", t), …)``."""
-    return tuple(("phi" if isinstance(op, Phi) else "psi", op.layer) for op in ops)
