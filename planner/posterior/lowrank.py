@@ -12,6 +12,7 @@ in ``O((|a| + |B|) k²)``: the result keeps the form and never densifies.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
@@ -80,7 +81,24 @@ class LowRankPosterior(Posterior):
         return {"mean": self.mean, "variance": self.var, "factor": self.factor}
 
     # -- conditioning ---------------------------------------------------------------------
-    def _woodbury(self, B: np.ndarray, values: np.ndarray):
+    def _woodbury(self, B: np.ndarray, values: np.ndarray, plan=None):
+        """The factors of a conditioning on B.  For a compiled ``plan`` the last one is
+        kept, so its alignment reuses what its cost computed (the search's pattern)."""
+        last = getattr(self, "_last", None)
+        if plan is not None and last is not None and last[0]() is plan:
+            return last[1]
+        out = self._woodbury_of(B, values)
+        if plan is not None:
+            self._last = (weakref.ref(plan), out)
+        return out
+
+    def plan_cost(self, plan) -> float:
+        return self._cost(plan.conditioned, plan.targets, plan)
+
+    def align(self, plan) -> LowRankPosterior:
+        return self._condition(plan.conditioned, plan.targets, plan.kept, plan.student, plan)
+
+    def _woodbury_of(self, B: np.ndarray, values: np.ndarray):
         """(C's Cholesky factor, w = F_Bᵀ D_B⁻¹ d, dᵀ D_B⁻¹ d) for the block B."""
         F_B = np.asarray(self.factor[B])
         dinv = 1.0 / self.var[B]
@@ -93,23 +111,29 @@ class LowRankPosterior(Posterior):
         return L, F_B.T @ (dinv * d), float(d @ (dinv * d))
 
     def condition(self, B, values, keep, structure) -> LowRankPosterior:
+        return self._condition(B, values, keep, structure)
+
+    def _condition(self, B, values, keep, structure, plan=None) -> LowRankPosterior:
         B = np.asarray(B, dtype=np.int64)
         keep = np.asarray(keep, dtype=np.int64)
         F_a = np.asarray(self.factor[keep])
         mean = self.mean[keep].copy()
         if B.size == 0:
             return LowRankPosterior(structure, mean, self.var[keep].copy(), F_a)
-        L, w, _ = self._woodbury(B, values)
+        L, w, _ = self._woodbury(B, values, plan)
         # C = (L Lᵀ)⁻¹ = L⁻ᵀ L⁻¹, so C w solves L Lᵀ x = w, and chol-like factor of C is L⁻ᵀ
         mean += F_a @ sla.cho_solve((L, True), w, check_finite=False)
         Linv_T = sla.solve_triangular(L, np.eye(self.rank), lower=True, check_finite=False).T
         return LowRankPosterior(structure, mean, self.var[keep].copy(), F_a @ Linv_T)
 
     def constraint_cost(self, B, values) -> float:
+        return self._cost(B, values)
+
+    def _cost(self, B, values, plan=None) -> float:
         B = np.asarray(B, dtype=np.int64)
         if B.size == 0:
             return 0.0
-        L, w, dd = self._woodbury(B, values)
+        L, w, dd = self._woodbury(B, values, plan)
         z = sla.solve_triangular(L, w, lower=True, check_finite=False)
         return 0.5 * (dd - float(z @ z))
 
