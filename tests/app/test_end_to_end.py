@@ -263,3 +263,28 @@ async def test_health_ready_metrics_docs(svc):
     assert "planner_bytes_stored" in m and "planner_job_seconds" in m
     assert (await svc.client.get("/docs")).status_code == 200
     assert "/v1/teachers" in (await svc.client.get("/openapi.json")).json()["paths"]
+
+
+async def test_a_lattice_too_large_to_count_still_answers(svc, monkeypatch):
+    from app.api.routes import structures
+    from planner import TooLarge
+
+    def too_large(*args, **kwargs):
+        raise TooLarge("too many lattice states to count exactly", field="student")
+
+    monkeypatch.setattr(structures, "count_sequences", too_large)
+    body = {"teacher": {"widths": [10, 6, 7, 10]}, "student": {"widths": [10, 4, 6, 10]}}
+    r = await svc.client.post("/v1/structures/sequences", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] is None and "count exactly" in r.json()["count_note"]
+    assert len(r.json()["sequences"]) == 3
+
+
+def test_counting_refuses_past_its_state_budget():
+    from planner import TooLarge
+    from planner.lattice import count_sequences
+
+    f, g = Structure.mlp((4, 30, 30, 30, 2)), Structure.mlp((4, 5, 2))
+    assert count_sequences(f, g) > 0
+    with pytest.raises(TooLarge):
+        count_sequences(f, g, max_states=10)
