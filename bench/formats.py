@@ -178,7 +178,7 @@ def diag_search(quick: bool) -> dict:
     rng = np.random.default_rng(5)
     p = s.n_params
     post = DiagPosterior(s, rng.normal(size=p), rng.uniform(0.5, 2.0, size=p))
-    t, res = best_of(lambda: search(post, s.inherit((784, w, w, w, w, 10))), repeat=2)
+    t, res = best_of(lambda: search(post, s.inherit((784, w, w, w, w, 10))), repeat=3)
     return {
         "case": f"search diag p={p} (784,{n}×8,10)→(784,{w}×4,10)",
         "seconds": t,

@@ -54,13 +54,22 @@ class DiagPosterior(Posterior):
         return 0.5 * float(d.sum())
 
     def group_costs(self, groups: np.ndarray) -> np.ndarray:
-        m, v = self.mean[groups], self.var[groups]
-        return 0.5 * np.sum(m * m / v, axis=-1)
+        z = self.mean[groups]
+        np.square(z, out=z)
+        z /= self.var[groups]
+        return 0.5 * z.sum(axis=-1)
 
     def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
-        m, v = self.mean[rows], self.var[rows]
-        base = 0.5 * np.sum(m * m / v, axis=-1, keepdims=True)
-        return base + 0.5 * (1.0 - 2.0 * m) / v
+        # C[k, l] = ½ Σ_j m²/v + ½ (1 − 2 m_l) / v_l, built in two arrays
+        m, inv_v = self.mean[rows], self.var[rows]
+        np.reciprocal(inv_v, out=inv_v)
+        base = 0.5 * np.einsum("kj,kj,kj->k", m, m, inv_v)
+        m *= -2.0
+        m += 1.0
+        m *= inv_v
+        m *= 0.5
+        m += base[:, None]
+        return m
 
     def plan_cost(self, plan) -> float:
         """Independent coordinates: the cost is a sum over the conditioned blocks, read
@@ -73,10 +82,13 @@ class DiagPosterior(Posterior):
             if ev.kind == "rows":
                 continue
             n, m, start = s.width(ev.layer), s.width(ev.layer - 1), s.layer_offset(ev.layer)
-            M = self.mean[start : start + n * m].reshape(n, m)[ev.rows]
-            V = self.var[start : start + n * m].reshape(n, m)[ev.rows]
-            d = (0.0 if ev.target is None else ev.target) - M[:, ev.cols]
-            total += float(np.sum(d * d / V[:, ev.cols]))
+            block = np.ix_(ev.rows, ev.cols)  # one gather per array, arithmetic in place
+            d = self.mean[start : start + n * m].reshape(n, m)[block]
+            if ev.target is not None:
+                d -= ev.target
+            np.square(d, out=d)
+            d /= self.var[start : start + n * m].reshape(n, m)[block]
+            total += float(d.sum())
             if ev.kind == "layer" and s.bias:
                 b = slice(start + n * m, start + n * m + n)
                 total += float(np.sum(self.mean[b][ev.rows] ** 2 / self.var[b][ev.rows]))
