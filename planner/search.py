@@ -323,10 +323,11 @@ def _candidate_routes(posterior: Posterior, student: Structure, k: int) -> list[
 
 
 class _ProxyWeights:
-    """A cheap, route-independent estimate of a block's cost, from the teacher's marginals."""
+    """A cheap, route-independent estimate of a block's cost: the teacher's marginal
+    variances only (``Posterior.surrogate``), on a sample of each layer's rows."""
 
     def __init__(self, posterior: Posterior, student: Structure) -> None:
-        self.post, self.student = posterior, student
+        self.post, self.student = posterior.surrogate(), student
         self.tr = Tracked.start(posterior.structure)
         self._zero: dict[int, np.ndarray] = {}
         self._assign: dict[int, np.ndarray] = {}

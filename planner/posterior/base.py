@@ -118,6 +118,13 @@ class Posterior(ABC):
     def precision_diagonal(self) -> np.ndarray:
         """The diagonal of Σ⁻¹ (the Laplace Hessian's diagonal, for OBD)."""
 
+    def surrogate(self) -> Posterior:
+        """A diagonal posterior with this one's mean and marginal variances: cheap to score,
+        for ranking choices before they are rescored exactly (the search's route proxy)."""
+        from .diag import DiagPosterior
+
+        return DiagPosterior(self.structure, self.mean, np.asarray(self.variance()))
+
     @abstractmethod
     def dense_covariance(self) -> np.ndarray:
         """Σ as a dense matrix (for small posteriors and tests)."""

@@ -103,6 +103,9 @@ class DiagPosterior(Posterior):
     def variance(self) -> np.ndarray:
         return self.var
 
+    def surrogate(self) -> DiagPosterior:
+        return self
+
     def precision_diagonal(self) -> np.ndarray:
         return 1.0 / self.var
 

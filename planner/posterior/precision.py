@@ -154,5 +154,11 @@ class PrecisionPosterior(Posterior):
     def precision_diagonal(self) -> np.ndarray:
         return np.diag(self.precision).copy()
 
+    def surrogate(self):
+        """Conditional variances ``1 / Λ_ii``: no inverse of Λ for a mere proxy."""
+        from .diag import DiagPosterior
+
+        return DiagPosterior(self.structure, self.mean, 1.0 / self.precision_diagonal())
+
     def dense_covariance(self) -> np.ndarray:
         return sla.cho_solve((self._chol, True), np.eye(self.n), check_finite=False)
