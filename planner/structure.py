@@ -253,14 +253,18 @@ class Structure:
     ) -> Structure:
         """A student given by ``widths`` (and optionally activations) inheriting the rest.
 
-        A student given by widths alone takes its hidden activation from the
-        teacher's (when the teacher's is uniform) and the teacher's output activation.
+        A student given by widths alone takes the teacher's hidden activation (one
+        per position when the depths agree; when the teacher's differ by position and
+        the depths do not, the student's must be given) and output activation.
         """
         if activation is None:
-            hidden = self.hidden_activation
-            activation = hidden if isinstance(hidden, str) else "relu"
-            if not isinstance(hidden, str) and len(widths) == self.T:
-                activation = hidden
+            activation = self.hidden_activation
+            if not isinstance(activation, str) and len(widths) != self.T:
+                raise InvalidStructure(
+                    "the teacher's hidden activations differ by position and the student has "
+                    "another depth: give the student's activation explicitly",
+                    field="activation",
+                )
         return Structure.build(
             widths,
             activation,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from planner import NotInLattice, Structure
+from planner import InvalidStructure, NotInLattice, Structure
 from planner.lattice import count_sequences, enumerate_sequences, membership, routes
 from tests.reference import RefNet, valid_ops
 from tests.strategies import nets, ref_next, to_structure
@@ -136,3 +136,14 @@ def test_psi_on_relu_into_the_input_is_not_a_route():
     lin = Structure.mlp((4, 4, 5, 2), activation=["identity", "relu"])
     assert membership(lin, student).member
     assert [r.removed_layers for r in routes(lin, student)] == [(2,)]
+
+
+def test_a_student_inherits_what_it_does_not_say():
+    teacher = Structure.mlp((4, 6, 5, 2), activation="tanh", output_activation="sigmoid", bias=True)
+    student = teacher.inherit((4, 3, 2))
+    assert student.activations == ("tanh", "sigmoid") and student.bias
+    mixed = Structure.mlp((4, 6, 5, 2), activation=["identity", "relu"])
+    assert mixed.inherit((4, 3, 3, 2)).activations == ("identity", "relu", "identity")
+    with pytest.raises(InvalidStructure, match="explicitly"):
+        mixed.inherit((4, 3, 2))
+    assert mixed.inherit((4, 3, 2), activation="relu").activations == ("relu", "identity")
