@@ -226,18 +226,7 @@ class LocalStore(Store):
         dst = self.root / "teachers" / rec.id
         folder.rename(dst)
         fsync_path(dst.parent)
-        self._q(
-            "INSERT INTO teachers VALUES (?,?,?,?,?,?,?)",
-            (
-                rec.id,
-                rec.owner,
-                rec.name,
-                json.dumps(rec.structure),
-                rec.format,
-                json.dumps(rec.arrays),
-                rec.created,
-            ),
-        )
+        self._insert("teachers", rec)
 
     @staticmethod
     def _record(cls, r: sqlite3.Row):
@@ -248,6 +237,13 @@ class LocalStore(Store):
             v = r[f.name]
             values[f.name] = json.loads(v) if f.name in _JSON and v is not None else v
         return cls(**values)
+
+    def _insert(self, table: str, rec) -> None:
+        """The row of a record (the inverse of :meth:`_record`)."""
+        names = [f.name for f in fields(rec)]
+        values = [json.dumps(getattr(rec, n)) if n in _JSON else getattr(rec, n) for n in names]
+        cols, marks = ", ".join(names), ", ".join("?" * len(names))
+        self._q(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(values))
 
     def _teacher(self, r: sqlite3.Row) -> TeacherRecord:
         return self._record(TeacherRecord, r)
@@ -283,21 +279,7 @@ class LocalStore(Store):
 
     # -- plans -------------------------------------------------------------------------
     def add_plan(self, rec: PlanRecord) -> None:
-        self._q(
-            "INSERT INTO plans VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (
-                rec.id,
-                rec.owner,
-                rec.teacher_id,
-                json.dumps(rec.student),
-                rec.criterion,
-                rec.seed,
-                json.dumps(rec.ops),
-                rec.cost,
-                json.dumps(rec.info),
-                rec.created,
-            ),
-        )
+        self._insert("plans", rec)
 
     def plan(self, owner: str, id: str) -> PlanRecord | None:
         rows = self._q("SELECT * FROM plans WHERE id=? AND owner=?", (id, owner))
