@@ -108,3 +108,21 @@ def stored_files(data: Path) -> list[Path]:
     return [
         p for sub in ("teachers", "priors", "tmp") for p in (data / sub).rglob("*") if p.is_file()
     ]
+
+
+async def make_plan(client, teacher_id: str, widths, headers=None) -> dict:
+    """POST a searched plan to ``widths``; its JSON (201 asserted)."""
+    r = await client.post(
+        f"/v1/teachers/{teacher_id}/plans",
+        json={"student": {"widths": list(widths)}},
+        headers=headers,
+    )
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def make_prior(client, plan_id: str, headers=None) -> dict:
+    """Request a plan's prior and wait until it is done or failed."""
+    r = await client.post(f"/v1/plans/{plan_id}/prior", headers=headers)
+    assert r.status_code in (201, 202), r.text
+    return await wait_done(client, r.json()["id"], headers)

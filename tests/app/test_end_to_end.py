@@ -11,7 +11,7 @@ import pytest
 
 from planner import FullPosterior, Plan, Structure
 from planner.search import search
-from tests.app.conftest import assert_problem, posterior, upload, wait_done
+from tests.app.conftest import assert_problem, make_plan, make_prior, posterior, upload, wait_done
 
 pytestmark = pytest.mark.anyio
 
@@ -221,11 +221,7 @@ async def test_unknown_and_path_like_ids_are_not_found(svc):
 async def test_arrays_of_an_unfinished_prior_are_a_conflict(svc):
     structure, arrays = posterior((3, 4, 4, 2), "diag")
     t = (await upload(svc.client, structure, "diag", arrays)).json()
-    plan = (
-        await svc.client.post(
-            f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 2]}}
-        )
-    ).json()
+    plan = await make_plan(svc.client, t["id"], [3, 3, 2])
     rec, _ = svc.app.state.store.prior_for_plan("public", plan["id"])  # queued, never run
     assert_problem(await svc.client.get(f"/v1/priors/{rec.id}/arrays/mean"), 409, "status")
     assert_problem(await svc.client.get(f"/v1/priors/{rec.id}/archive"), 409)
@@ -238,13 +234,8 @@ async def test_delete_removes_plans_priors_and_files(svc):
 
     structure, arrays = posterior((3, 4, 4, 2), "full")
     t = (await upload(svc.client, structure, "full", arrays)).json()
-    plan = (
-        await svc.client.post(
-            f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 2]}}
-        )
-    ).json()
-    prior = (await svc.client.post(f"/v1/plans/{plan['id']}/prior")).json()
-    await wait_done(svc.client, prior["id"])
+    plan = await make_plan(svc.client, t["id"], [3, 3, 2])
+    prior = await make_prior(svc.client, plan["id"])
     await svc.client.get(f"/v1/priors/{prior['id']}/archive")
     assert stored_files(svc.data)
     assert (await svc.client.delete(f"/v1/teachers/{t['id']}")).status_code == 204

@@ -9,7 +9,14 @@ import pytest
 
 from planner import Structure, from_arrays
 from planner.search import search
-from tests.app.conftest import assert_problem, start, stored_files, upload, wait_done
+from tests.app.conftest import (
+    assert_problem,
+    make_plan,
+    start,
+    stored_files,
+    upload,
+    wait_done,
+)
 from tests.planner.test_formats import make
 
 pytestmark = pytest.mark.anyio
@@ -93,11 +100,7 @@ async def test_a_prior_too_large_for_the_machine_is_refused_before_starting(tmp_
         t = (
             await upload(svc.client, {"widths": [3, 6, 6, 2]}, "precision", arrays_of(post))
         ).json()
-        plan = (
-            await svc.client.post(
-                f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 6, 2]}}
-            )
-        ).json()
+        plan = await make_plan(svc.client, t["id"], [3, 6, 2])
         body = assert_problem(await svc.client.post(f"/v1/plans/{plan['id']}/prior"), 413, "plan")
         assert "GiB" in body["detail"]
     finally:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.conftest import assert_problem, posterior, start, upload, wait_done
+from tests.app.conftest import (
+    assert_problem,
+    make_plan,
+    make_prior,
+    posterior,
+    start,
+    upload,
+    wait_done,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -28,13 +36,8 @@ async def test_keys_isolate_tenants(tmp_path):
 
         structure, arrays = posterior((3, 4, 4, 2), "diag")
         t = (await upload(c, structure, "diag", arrays, headers=A)).json()
-        plan = (
-            await c.post(
-                f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 2]}}, headers=A
-            )
-        ).json()
-        prior = (await c.post(f"/v1/plans/{plan['id']}/prior", headers=A)).json()
-        await wait_done(c, prior["id"], headers=A)
+        plan = await make_plan(c, t["id"], [3, 3, 2], headers=A)
+        prior = await make_prior(c, plan["id"], headers=A)
 
         assert [x["id"] for x in (await c.get("/v1/teachers", headers=A)).json()] == [t["id"]]
         assert (await c.get("/v1/teachers", headers=B)).json() == []
@@ -66,13 +69,8 @@ async def test_a_restart_serves_everything_bit_for_bit(tmp_path):
     svc, ctx = await start(data)
     structure, arrays = posterior((3, 4, 4, 2), "full", seed=5)
     t = (await upload(svc.client, structure, "full", arrays)).json()
-    plan = (
-        await svc.client.post(
-            f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 2]}}
-        )
-    ).json()
-    prior = (await svc.client.post(f"/v1/plans/{plan['id']}/prior")).json()
-    await wait_done(svc.client, prior["id"])
+    plan = await make_plan(svc.client, t["id"], [3, 3, 2])
+    prior = await make_prior(svc.client, plan["id"])
     before = {
         u: (await svc.client.get(u)).content
         for u in (
@@ -84,11 +82,7 @@ async def test_a_restart_serves_everything_bit_for_bit(tmp_path):
         )
     }
     # a second plan whose prior is cut off by the restart while "running"
-    plan2 = (
-        await svc.client.post(
-            f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 2, 2]}}
-        )
-    ).json()
+    plan2 = await make_plan(svc.client, t["id"], [3, 2, 2])
     rec, _ = svc.app.state.store.prior_for_plan("public", plan2["id"])
     svc.app.state.store.update_prior(rec.id, status="running", started=1.0)
     await svc.client.aclose()
