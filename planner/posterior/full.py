@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from functools import cached_property
-
 import numpy as np
 import scipy.linalg as sla
 
-from ..errors import InvalidPosterior
 from ..structure import Structure
 from . import _validate as v
-from .base import Posterior
+from ._dense import DensePosterior
 
 __all__ = ["FullPosterior"]
 
 
-class FullPosterior(Posterior):
+class FullPosterior(DensePosterior):
     """``N(mean, covariance)`` with a dense covariance.
 
     Conditioning is one Cholesky of Σ_BB, one triangular solve against Σ_Ba and
@@ -26,45 +22,14 @@ class FullPosterior(Posterior):
     format = "full"
     array_names = ("covariance",)
 
-    def __init__(
-        self,
-        structure: Structure,
-        mean: np.ndarray,
-        covariance: np.ndarray,
-        _chol: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(structure, mean)
-        self.covariance = covariance
-        if _chol is not None:
-            self.__dict__["_chol"] = _chol
-
-    @classmethod
-    def from_arrays(
-        cls,
-        structure: Structure,
-        arrays: Mapping[str, np.ndarray],
-        workspace: v.Workspace | None = None,
-    ) -> FullPosterior:
-        v.require(arrays, ("mean", "covariance"), cls.format)
-        p = structure.n_params
-        mean = v.vector(arrays["mean"], "mean", p)
-        cov, chol = v.spd_matrix(arrays["covariance"], "covariance", p, workspace)
-        return cls(structure, mean, cov, chol)
+    @property
+    def covariance(self) -> np.ndarray:
+        return self.matrix
 
     @classmethod
     def from_dense(cls, structure: Structure, mean: np.ndarray, covariance: np.ndarray):
         """Validated construction from a mean and a covariance."""
         return cls.from_arrays(structure, {"mean": mean, "covariance": covariance})
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "covariance": self.covariance}
-
-    @cached_property
-    def _chol(self) -> np.ndarray:
-        try:
-            return sla.cholesky(self.covariance, lower=True, check_finite=False)
-        except np.linalg.LinAlgError:  # pragma: no cover - validated at construction
-            raise InvalidPosterior("is not positive definite", field="covariance") from None
 
     def condition(self, B, values, keep, structure) -> FullPosterior:
         S, m = self.covariance, self.mean

@@ -15,54 +15,26 @@ however large ``B`` is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import cached_property
 
 import numpy as np
 import scipy.linalg as sla
 
 from ..errors import InvalidPosterior
-from ..structure import Structure
-from . import _validate as v
-from .base import Posterior
+from ._dense import DensePosterior
 
 __all__ = ["PrecisionPosterior"]
 
 
-class PrecisionPosterior(Posterior):
+class PrecisionPosterior(DensePosterior):
     """``N(mean, precision⁻¹)``."""
 
     format = "precision"
     array_names = ("precision",)
 
-    def __init__(
-        self,
-        structure: Structure,
-        mean: np.ndarray,
-        precision: np.ndarray,
-        _chol: np.ndarray | None = None,
-    ) -> None:
-        super().__init__(structure, mean)
-        self.precision = precision
-        if _chol is not None:
-            self.__dict__["_chol"] = _chol
-
-    @classmethod
-    def from_arrays(
-        cls, structure: Structure, arrays: Mapping[str, np.ndarray], workspace=None
-    ) -> PrecisionPosterior:
-        v.require(arrays, ("mean", "precision"), cls.format)
-        p = structure.n_params
-        mean = v.vector(arrays["mean"], "mean", p)
-        prec, chol = v.spd_matrix(arrays["precision"], "precision", p, workspace)
-        return cls(structure, mean, prec, chol)
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"mean": self.mean, "precision": self.precision}
-
-    @cached_property
-    def _chol(self) -> np.ndarray:
-        return sla.cholesky(self.precision, lower=True, check_finite=False)
+    @property
+    def precision(self) -> np.ndarray:
+        return self.matrix
 
     def _rest(self, B: np.ndarray, keep: np.ndarray | None = None):
         """(M, keep) with M every coordinate in neither B nor keep."""
