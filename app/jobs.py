@@ -27,19 +27,15 @@ __all__ = ["JobRunner"]
 log = logging.getLogger("app.jobs")
 
 
-_limits = None
-
-
 def _worker_init(blas_threads: int, server_pid: int) -> None:
     """Each worker: one BLAS thread by default (jobs raise it for large dense problems),
     the core imported before the first job, and a watchdog that ends the worker when
     the server is gone, even killed without a shutdown."""
-    global _limits
     from threadpoolctl import threadpool_limits
 
     import app.compute  # noqa: F401 - pay the imports before the first job
 
-    _limits = threadpool_limits(blas_threads)
+    threadpool_limits(blas_threads)  # stays in force for the worker's life
 
     def watchdog() -> None:
         while True:
