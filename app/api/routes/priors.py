@@ -135,9 +135,8 @@ async def get_array(
     rec = _done_prior(store, owner, id)
     if name == "covariance" and "precision" in rec.arrays:  # a precision prior, on request
         path = store.prior_dir(rec.id) / "covariance.npy"
-        if not path.exists():
-            src = store.prior_dir(rec.id) / "precision.npy"
-            await run_in_threadpool(_once, path, lambda: _covariance_of(src, path))
+        src = store.prior_dir(rec.id) / "precision.npy"
+        await _ensure(path, lambda: _covariance_of(src, path))
         return FileResponse(path, media_type="application/octet-stream", filename=f"{name}.npy")
     if name not in rec.arrays:
         raise Problem(
@@ -151,8 +150,7 @@ async def get_array(
     etag = rec.arrays[name]["sha256"]
     if dtype == "float32":
         cached = store.prior_dir(rec.id) / f"{name}.float32.npy"
-        if not cached.exists():
-            await run_in_threadpool(_once, cached, lambda: convert_npy(path, cached, "float32"))
+        await _ensure(cached, lambda: convert_npy(path, cached, "float32"))
         path, etag = cached, f"{etag}-f32"
     return FileResponse(
         path,
@@ -169,10 +167,16 @@ def _covariance_of(precision: Path, dst: Path) -> None:
     write_npy(dst, sla.cho_solve(cf, np.eye(lam.shape[0]), check_finite=False))
 
 
-def _once(target, build) -> None:
-    with _build_lock:
-        if not target.exists():
-            build()
+async def _ensure(target: Path, build) -> None:
+    """Build a derived file once (atomically, off the event loop) unless it exists."""
+
+    def once() -> None:
+        with _build_lock:
+            if not target.exists():
+                build()
+
+    if not target.exists():
+        await run_in_threadpool(once)
 
 
 @router.get(
@@ -201,13 +205,13 @@ async def get_archive(
         "cost": rec.cost,
     }
     target = d / f"archive.{format}"
-    if not target.exists():
-        if format == "npz":
-            build = lambda: write_npz(target, arrays, meta)  # noqa: E731
-        else:
-            st_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-            build = lambda: write_safetensors(target, arrays, st_meta)  # noqa: E731
-        await run_in_threadpool(_once, target, build)
+    st_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    await _ensure(
+        target,
+        (lambda: write_npz(target, arrays, meta))
+        if format == "npz"
+        else (lambda: write_safetensors(target, arrays, st_meta)),
+    )
     return FileResponse(
         target, media_type="application/octet-stream", filename=f"{rec.id}.{format}"
     )
