@@ -12,6 +12,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from planner import FORMATS, InvalidPlan, Plan, PlannerError, Posterior, Structure
+from planner.criteria import criterion_function
 from planner.search import search
 
 from .arrays import write_npy
@@ -47,6 +48,7 @@ class TeacherFiles:
         cls = FORMATS[self.format]
         structure = structure_from_json(self.structure)
         arrays = {n: self._load(n) for n in cls.names(structure)}
+        arrays.update({n: self._load(n) for n in cls.derived_names if n in self.paths})
         return cls.from_validated(structure, arrays)
 
     def gradients(self) -> np.ndarray | None:
@@ -77,14 +79,16 @@ def run_plan(
     criterion: str,
     seed: int,
     ops: list[dict] | None,
+    seconds: float | None = None,
 ) -> dict:
-    """Search (or validate and score ``ops``) in a worker; raises ``PlannerError``."""
+    """Search (or validate and score ``ops``) in a worker; raises ``PlannerError``.
+    ``seconds`` is the search's wall-clock safety net (``PLANNER_PLAN_SECONDS``)."""
     post = teacher.posterior()
     with threadpool_limits(blas_threads(post)):
-        return _plan(post, teacher, student, criterion, seed, ops)
+        return _plan(post, teacher, student, criterion, seed, ops, seconds)
 
 
-def _plan(post, teacher, student, criterion, seed, ops) -> dict:
+def _plan(post, teacher, student, criterion, seed, ops, seconds=None) -> dict:
     target = structure_from_json(student)
     if ops is not None:
         plan = Plan.from_json(post.structure, ops)
@@ -95,20 +99,25 @@ def _plan(post, teacher, student, criterion, seed, ops) -> dict:
             )
         cost, stats = plan.cost(post), None
     else:
-        grads = teacher.gradients() if criterion == "gradient_covariance" else None
-        found = search(post, target, criterion, seed=seed, gradients=grads)
+        grads = teacher.gradients() if criterion_function(criterion).needs_gradients else None
+        found = search(post, target, criterion, seed=seed, gradients=grads, seconds=seconds)
         plan, cost = found.plan, found.cost
         stats = {
             "route": [list(b) for b in found.route.blocks],
-            "routes_considered": found.routes_considered,
-            "candidates": found.candidates,
+            "routes": found.routes_considered,
+            "routes_built": found.routes_built,
+            "evaluations": found.evaluations,
+            "work": found.work,
+            "exhaustive": found.exhaustive,
+            "cut": found.cut,
+            "seconds": seconds,
         }
     c = plan.compiled
     return {
         "ops": plan.to_json(),
         "cost": float(cost),
         "info": {
-            "conditioned": int(c.conditioned.size),
+            "conditioned": int(c.n_conditioned),
             "provenance": [p.to_json() for p in c.provenance],
             "search": stats,
         },

@@ -32,6 +32,7 @@ _CORE = {
     core.UnknownCriterion: (422, "unknown-criterion", "Unknown criterion"),
     core.MissingData: (422, "missing-data", "Missing data"),
     core.TooLarge: (413, "too-large", "Too large"),
+    core.Unsupported: (422, "unsupported", "Unsupported by this format"),
 }
 
 

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     max_sequence_steps: int = Field(
         2_000_000, description="most structure-level steps one sequences answer may list"
     )
+    plan_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="wall-clock safety net of one plan search: the search stops there and "
+        "answers with the best plan found, marked as cut (search.cut)",
+    )
     max_job_bytes: int = Field(
         default_factory=lambda: int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
         description="most working memory one prior computation may need (413 beyond)",

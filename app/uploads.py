@@ -285,6 +285,8 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
     out = post.to_arrays()
     if grads is not None:
         out["gradients"] = grads
+    derived = post.derived_arrays()  # e.g. a precision's Cholesky factor: kept, not listed
+    out.update(derived)
     hashes = {Path(files[n]).resolve(): up.sha256[n] for n in files if n in up.sha256}
     for name, arr in out.items():
         dst = final / f"{name}.npy"
@@ -299,6 +301,8 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
         else:
             sha, size = write_npy(dst, arr, np.float64)
         infos[name] = {"shape": shape, "dtype": "float64", "bytes": size, "sha256": sha}
+        if name in derived:
+            infos[name]["derived"] = True
     rec = TeacherRecord(
         new_id("t"), owner, spec.name, structure_json(structure), fmt, infos, time.time()
     )

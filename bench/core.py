@@ -43,7 +43,7 @@ def apply_bench(quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     p = teacher.n_params
     post = FullPosterior.from_dense(teacher, rng.normal(size=p), random_spd(rng, p))
-    plan = search(post, teacher.inherit(student_w), polish=0).plan
+    plan = search(post, teacher.inherit(student_w), work=0).plan
     c = plan.compiled
     t_plan, ours = best_of(lambda: plan.apply(post))
     t_scipy, (m_ref, _) = best_of(lambda: plain_scipy(post, c.conditioned, c.targets, c.kept))

@@ -35,7 +35,7 @@ def precision_vs_covariance(quick: bool) -> dict:
     mean, cov = rng.normal(size=p), random_spd(rng, p)
     full = FullPosterior.from_dense(s, mean, cov)
     prec = PrecisionPosterior.from_arrays(s, {"mean": mean, "precision": np.linalg.inv(cov)})
-    plan = search(full, s.inherit(student), polish=0).plan
+    plan = search(full, s.inherit(student), work=0).plan
     t_cov, a = best_of(lambda: plan.apply(full))
     t_prec, b = best_of(lambda: plan.apply(prec))
     np.testing.assert_allclose(np.linalg.inv(b.precision), a.covariance, rtol=1e-6, atol=1e-9)
@@ -62,7 +62,7 @@ base = hwm()
 cov = np.load(path)  # the covariance in memory, as a client would hold it
 t0 = time.perf_counter()
 post = FullPosterior(s, np.zeros(s.n_params), cov)
-plan = search(post, s.inherit(student), polish=0).plan
+plan = search(post, s.inherit(student), work=0).plan
 out = plan.apply(post)
 print(time.perf_counter() - t0, cov.nbytes, hwm() - base, plan.compiled.conditioned.size)
 """

@@ -16,6 +16,7 @@ from .errors import (
     SingularConstraint,
     TooLarge,
     UnknownCriterion,
+    Unsupported,
 )
 from .ops import Phi, Psi
 from .plan import CompiledPlan, Plan, Provenance, op_from_json
@@ -45,6 +46,7 @@ __all__ = [
     "Structure",
     "TooLarge",
     "UnknownCriterion",
+    "Unsupported",
     "from_arrays",
     "op_from_json",
 ]

@@ -1,13 +1,22 @@
 """Named neuron criteria (SPEC §6) behind one callable interface.
 
-A criterion maps a :class:`NeuronContext` (the posterior, the current tracked
-layout, a position) to one score per neuron of that position: **the lowest
-score is removed first**.  Scores are taken over the group a neuron's removal
-conditions: its outgoing weights into the neurons that are still live.
+A criterion is data (:class:`Criterion`): a ``score`` callable mapping a
+:class:`NeuronContext` (the posterior, the current tracked layout, a position)
+to one score per neuron of that position (**the lowest is removed first**),
+taken over the group a neuron's removal conditions (its outgoing weights into
+the neurons that are still live), and what the search needs to know about it:
+
+* ``incremental``: the search ranks by the *exact increment* of each removal
+  given everything already conditioned (``posterior_ratio``, SPEC §6), which
+  its scorer computes; ``score`` is then the same quantity on the teacher's
+  marginal, for callers outside the search;
+* ``needs_gradients``: per-example gradients must be supplied;
+* ``polished``: the search improves the plan by exact exchanges afterwards
+  (every criterion but the seed's ``random`` baseline).
 
 As networkx normalises a pluggable weight once (``_weight_function``),
-:func:`criterion_function` turns a name or a callable into the one callable the
-search uses.
+:func:`criterion_function` turns a name, a :class:`Criterion` or a bare
+callable into one :class:`Criterion`.
 
 Examples
 --------
@@ -27,7 +36,7 @@ from .errors import MissingData, UnknownCriterion
 from .ops import Tracked
 from .posterior import Posterior
 
-__all__ = ["CRITERIA", "Criterion", "NeuronContext", "criterion_function"]
+__all__ = ["CRITERIA", "Criterion", "NeuronContext", "Score", "criterion_function"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class NeuronContext:
     t: int
     rng: np.random.Generator
     gradients: np.ndarray | None = None
+    #: ``gradients.var(axis=0)``, computed once per search by the caller when given
+    gradient_variance: np.ndarray | None = None
 
     @cached_property
     def groups(self) -> np.ndarray:
@@ -46,7 +57,21 @@ class NeuronContext:
         return self.state.outgoing_all(self.t)
 
 
-Criterion = Callable[[NeuronContext], np.ndarray]
+Score = Callable[[NeuronContext], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """A named neuron criterion and what the search needs to know about it."""
+
+    name: str
+    score: Score
+    incremental: bool = False
+    needs_gradients: bool = False
+    polished: bool = True
+
+    def __call__(self, ctx: NeuronContext) -> np.ndarray:
+        return self.score(ctx)
 
 
 def random(ctx: NeuronContext) -> np.ndarray:
@@ -107,20 +132,29 @@ def gradient_covariance(ctx: NeuronContext) -> np.ndarray:
             f"gradients must have shape (examples, {ctx.posterior.n}); got {G.shape}",
             field="gradients",
         )
-    var = G.var(axis=0)
+    var = ctx.gradient_variance if ctx.gradient_variance is not None else G.var(axis=0)
     return var[ctx.groups].sum(axis=1)
 
 
 #: Registered criteria by name.
 CRITERIA: dict[str, Criterion] = {
-    f.__name__: f for f in (random, obd, posterior_ratio, belsley, gradient_covariance)
+    c.name: c
+    for c in (
+        Criterion("random", random, polished=False),
+        Criterion("obd", obd),
+        Criterion("posterior_ratio", posterior_ratio, incremental=True),
+        Criterion("belsley", belsley),
+        Criterion("gradient_covariance", gradient_covariance, needs_gradients=True),
+    )
 }
 
 
-def criterion_function(criterion: str | Criterion) -> Criterion:
-    """Normalise a criterion name or callable into one callable."""
-    if callable(criterion):
+def criterion_function(criterion: str | Criterion | Score) -> Criterion:
+    """Normalise a criterion name, :class:`Criterion` or bare score callable."""
+    if isinstance(criterion, Criterion):
         return criterion
+    if callable(criterion):
+        return Criterion(getattr(criterion, "__name__", "custom"), criterion)
     try:
         return CRITERIA[criterion]
     except KeyError:

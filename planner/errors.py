@@ -19,6 +19,7 @@ __all__ = [
     "SingularConstraint",
     "TooLarge",
     "UnknownCriterion",
+    "Unsupported",
 ]
 
 
@@ -68,3 +69,7 @@ class MissingData(PlannerError):
 
 class TooLarge(PlannerError):
     """A computation that would not fit the limits it was given."""
+
+
+class Unsupported(PlannerError):
+    """An operation this posterior format cannot do (e.g. arbitrary conditioning of kron)."""

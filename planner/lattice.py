@@ -28,7 +28,8 @@ from math import comb
 import networkx as nx
 
 from .errors import NotInLattice, TooLarge
-from .structure import IDEMPOTENT, Structure
+from .ops import merge_reason
+from .structure import Structure
 
 __all__ = [
     "END",
@@ -37,9 +38,9 @@ __all__ = [
     "count_sequences",
     "enumerate_sequences",
     "membership",
+    "random_route",
     "route_graph",
     "routes",
-    "step",
 ]
 
 END = "end"
@@ -93,11 +94,11 @@ def _block_reason(
         )
     a = f.activation(s)
     for p in range(s + 1, e + 1):
-        ap = f.activation(p)
-        if ap != "identity" and not (ap == a and a in IDEMPOTENT):
+        why = merge_reason(f.activation(p), a)
+        if why:
             return (
-                f"removing teacher layer {p} ({ap}) into position {s} ({a}) would change "
-                f"the function: ψ needs the identity or the same idempotent activation"
+                f"removing teacher layer {p} ({f.activation(p)}) into position {s} ({a}) "
+                f"would change the function: ψ {why}"
             )
     return None
 
@@ -186,51 +187,109 @@ def require_member(teacher: Structure, student: Structure) -> None:
         raise NotInLattice(m.reason or "not in the lattice", field="student")
 
 
-# -- single steps on structures -------------------------------------------------------------
-def step(s: Structure, op: Step) -> Structure:
-    """The structure after one structure-level step (assumed valid)."""
-    kind, t = op
-    widths = list(s.widths)
-    if kind == "phi":
-        widths[t - 1] -= 1
-        return s.with_widths(widths)
-    del widths[t - 1]
-    acts = list(s.activations)
-    del acts[t - 2]
-    return Structure(tuple(widths), tuple(acts), s.bias, s.kind)
-
-
-def _valid_steps(s: Structure) -> list[Step]:
-    from .ops import psi_activation_reason
-
-    out: list[Step] = [("phi", t) for t in range(2, s.T) if s.width(t) >= 2]
-    if s.T >= 4:
-        for t in range(2, s.T + 1):
-            if s.width(t) != s.width(t - 1) or (s.kind == "rnn" and t == s.T):
-                continue
-            if psi_activation_reason(s, t) is None:
-                out.append(("psi", t))
-    return out
-
-
 def enumerate_sequences(
     teacher: Structure, student: Structure, limit: int = 100
 ) -> list[list[Step]]:
-    """Up to ``limit`` structure-level sequences from teacher to student (depth first)."""
+    """Up to ``limit`` structure-level sequences from teacher to student.
+
+    The route graph is built once; each route's sequences are the shuffles of
+    its blocks' own sequences (steps of different blocks interleave freely,
+    as in :func:`count_sequences`), so no dead end is ever entered.
+    """
     require_member(teacher, student)
     out: list[list[Step]] = []
-    reach = cache(lambda s: membership(s, student).member)
-    stack: list[tuple[Structure, list[Step]]] = [(teacher, [])]
-    while stack and len(out) < limit:
-        s, seq = stack.pop()
-        if s == student:
+    if limit <= 0:
+        return out
+    for route in routes(teacher, student):
+        per_block = [(s, e, student.width(j)) for j, (s, e) in enumerate(route.blocks, start=1)]
+        alive = list(range(1, teacher.T + 1))
+        for seq in _shuffles(teacher, per_block, [None] * len(per_block), alive):
             out.append(seq)
-            continue
-        for op in reversed(_valid_steps(s)):
-            nxt = step(s, op)
-            if reach(nxt):
-                stack.append((nxt, [*seq, op]))
+            if len(out) >= limit:
+                return out
     return out
+
+
+#: A step inside a block, in teacher positions: ("phi", p) or ("psi", p) (p merges down).
+_TStep = tuple[str, int]
+
+
+def _block_sequences(f: Structure, s: int, e: int, w: int):
+    """Every sequence of the steps inside block s..e (teacher positions), lazily."""
+    fixed = {p for p in (1, f.T) if s <= p <= e}
+
+    def go(live: list[list[int]], out_merged: bool, seq: list[_TStep]):
+        if len(live) == 1 and live[0][1] == w:
+            yield list(seq)
+            return
+        for k, (p, n) in enumerate(live):
+            is_output = out_merged and k == len(live) - 1
+            if p not in fixed and not is_output and n > w:
+                live[k][1] -= 1
+                seq.append(("phi", p))
+                yield from go(live, out_merged, seq)
+                seq.pop()
+                live[k][1] += 1
+            if k > 0:
+                q, nq = live[k - 1]
+                if n == nq and merge_reason(f.activation(p), f.activation(q)) is None:
+                    rest = [list(x) for i, x in enumerate(live) if i != k]
+                    seq.append(("psi", p))
+                    yield from go(rest, out_merged or p == f.T, seq)
+                    seq.pop()
+
+    yield from go([[p, f.width(p)] for p in range(s, e + 1)], False, [])
+
+
+def _shuffles(f: Structure, blocks: list[tuple[int, int, int]], chosen: list, alive: list[int]):
+    """Every interleaving of one sequence per block, in current positions, lazily."""
+    k = next((i for i, c in enumerate(chosen) if c is None), None)
+    if k is not None:  # choose block k's own sequence first
+        for seq in _block_sequences(f, *blocks[k]):
+            chosen[k] = seq
+            yield from _shuffles(f, blocks, chosen, alive)
+        chosen[k] = None
+        return
+    yield from _interleave([list(c) for c in chosen], [0] * len(chosen), list(alive), [])
+
+
+def _interleave(seqs: list[list[_TStep]], at: list[int], alive: list[int], acc: list[Step]):
+    if all(a == len(s) for a, s in zip(at, seqs, strict=True)):
+        yield list(acc)
+        return
+    for b, seq in enumerate(seqs):
+        if at[b] == len(seq):
+            continue
+        kind, p = seq[at[b]]
+        t = alive.index(p) + 1
+        at[b] += 1
+        acc.append((kind, t))
+        if kind == "psi":
+            alive.pop(t - 1)
+            yield from _interleave(seqs, at, alive, acc)
+            alive.insert(t - 1, p)
+        else:
+            yield from _interleave(seqs, at, alive, acc)
+        acc.pop()
+        at[b] -= 1
+
+
+def random_route(teacher: Structure, student: Structure, rng) -> Route:
+    """A uniformly random valid route, by a walk weighted by path counts (no listing)."""
+    require_member(teacher, student)
+    G = route_graph(teacher, student)
+    paths: dict = {END: 1}
+    for node in reversed(list(nx.topological_sort(G))):
+        if node != END:
+            paths[node] = sum(paths.get(nxt, 0) for nxt in G.successors(node))
+    node, blocks = (1, 1), []
+    while node != END:
+        succ = [n for n in G.successors(node) if paths.get(n, 0)]
+        weights = [paths[n] for n in succ]
+        pick = succ[int(rng.choice(len(succ), p=[w / sum(weights) for w in weights]))]
+        blocks.append(G.edges[node, pick]["block"])
+        node = pick
+    return Route(tuple(blocks))
 
 
 # -- counting -------------------------------------------------------------------------------
@@ -267,9 +326,7 @@ def _block_counts(f: Structure, s: int, e: int, w: int, budget: list[int]) -> di
                 add(go((*live[:k], (p, n - 1), *live[k + 1 :]), out_merged))
             if k > 0:
                 q, nq = live[k - 1]
-                ap, aq = f.activation(p), f.activation(q)
-                ok = ap == "identity" or (ap == aq and ap in IDEMPOTENT)
-                if n == nq and ok:
+                if n == nq and merge_reason(f.activation(p), f.activation(q)) is None:
                     add(go((*live[:k], *live[k + 1 :]), out_merged or p == f.T))
         return res
 

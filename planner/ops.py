@@ -21,7 +21,16 @@ import numpy as np
 from .errors import InvalidOperation
 from .structure import IDEMPOTENT, Structure
 
-__all__ = ["Effect", "Event", "Op", "Phi", "Psi", "Tracked", "psi_activation_reason"]
+__all__ = [
+    "Effect",
+    "Event",
+    "Op",
+    "Phi",
+    "Psi",
+    "Tracked",
+    "merge_reason",
+    "psi_activation_reason",
+]
 
 
 @dataclass(frozen=True)
@@ -52,10 +61,29 @@ class Psi:
 Op = Phi | Psi
 
 
+def merge_reason(removed: str, kept: str) -> str | None:
+    """The one ψ activation rule (SPEC §3): why a position with activation ``removed``
+    cannot be merged into its predecessor with ``kept``; ``None`` when it can.
+
+    With ``U_t = P_π`` position t computes ``σ_t(P_π h) = P_π σ_t(h)``, which is the
+    predecessor's output only when ``σ_t`` is the identity, or equals the
+    predecessor's activation and is idempotent.  The input's "activation" is the
+    identity, so ψ(2) needs ``σ_2`` to be the identity.
+    """
+    if removed == "identity":
+        return None
+    if removed != kept:
+        return f"needs the identity or the same activation as its predecessor ({kept})"
+    if removed not in IDEMPOTENT:
+        return f"needs an idempotent activation (σ∘σ = σ); {removed} is not"
+    return None
+
+
 def psi_activation_reason(structure: Structure, t: int) -> str | None:
     """Why ψ(t) would not preserve the function, or ``None`` when it is valid (SPEC §3)."""
     a, prev = structure.activation(t), structure.activation(t - 1)
-    if a == "identity":
+    why = merge_reason(a, prev)
+    if why is None:
         return None
     if t == 2:
         return f"ψ(2) needs the identity at position 2 (it reads the input); σ_2 is {a}"
@@ -64,9 +92,7 @@ def psi_activation_reason(structure: Structure, t: int) -> str | None:
             f"ψ({t}) needs σ_{t} to be the identity or equal to σ_{t - 1}; "
             f"σ_{t} is {a} and σ_{t - 1} is {prev}"
         )
-    if a not in IDEMPOTENT:
-        return f"ψ({t}) needs an idempotent activation (σ∘σ = σ); {a} is not"
-    return None
+    return f"ψ({t}) {why}"
 
 
 @dataclass(frozen=True)
@@ -130,21 +156,24 @@ class Tracked:
         return cls(teacher, teacher, positions, neurons, layers, record_marginalised)
 
     # -- teacher indices of current blocks ------------------------------------------------
-    def _U(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
+    def weights(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
+        """Teacher indices of ``U_t[rows, cols]`` (current layer t, current indices)."""
         lay = self.layers[t - 2]
         off = self.teacher.layer_offset(lay.src)
         n_in = self.teacher.width(lay.src - 1)
         r, c = np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.cols[cols])
         return (off + r * n_in)[:, None] + c[None, :]
 
-    def _V(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
+    def recurrent(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
+        """Teacher indices of ``V_t[rows, cols]`` (RNN hidden positions)."""
         lay = self.layers[t - 2]
         n = self.teacher.width(lay.src)
         off = self.teacher.layer_offset(lay.src) + n * self.teacher.width(lay.src - 1)
         r, c = np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.rows[cols])
         return (off + r * n)[:, None] + c[None, :]
 
-    def _b(self, t: int, rows=slice(None)) -> np.ndarray:
+    def biases(self, t: int, rows=slice(None)) -> np.ndarray:
+        """Teacher indices of ``b_t[rows]``."""
         lay = self.layers[t - 2]
         n = self.teacher.width(lay.src)
         off = self.teacher.layer_offset(lay.src + 1) - n
@@ -152,11 +181,11 @@ class Tracked:
 
     def layer_indices(self, t: int) -> np.ndarray:
         """Teacher indices of current layer t in its layout order (U, V, b)."""
-        parts = [self._U(t).ravel()]
+        parts = [self.weights(t).ravel()]
         if self.structure.recurrent(t):
-            parts.append(self._V(t).ravel())
+            parts.append(self.recurrent(t).ravel())
         if self.structure.bias:
-            parts.append(self._b(t))
+            parts.append(self.biases(t))
         return np.concatenate(parts)
 
     def kept(self) -> np.ndarray:
@@ -170,10 +199,10 @@ class Tracked:
     def outgoing_all(self, t: int, rows=slice(None)) -> np.ndarray:
         """Row i: the teacher indices φ(t, i) would condition (column i of U_{t+1}, V_t);
         ``rows`` restricts them to some rows of U_{t+1} (MLP)."""
-        U = self._U(t + 1, rows=rows).T
+        U = self.weights(t + 1, rows=rows).T
         if not self.structure.recurrent(t):
             return U
-        return np.hstack([U, self._V(t).T])
+        return np.hstack([U, self.recurrent(t).T])
 
     # -- validity -------------------------------------------------------------------------
     def check(self, op: Op) -> None:
@@ -258,19 +287,19 @@ class Tracked:
         """Remove the neurons at current indices ``idx`` (in that order) of position t."""
         s = self.structure
         rec = self.record_marginalised
-        cond = [self._U(t + 1, cols=idx).T.ravel()]
-        marg = [self._U(t, rows=idx).ravel()] if rec else []
+        cond = [self.weights(t + 1, cols=idx).T.ravel()]
+        marg = [self.weights(t, rows=idx).ravel()] if rec else []
         if s.recurrent(t):
             # V_t[a, b] with b removed: conditioned iff a was still live then (or a == b);
             # V_t[a, b] with a removed: marginalised iff b was still live then (b ≠ a).
             order = np.full(s.width(t), np.iinfo(np.int64).max)
             order[idx] = np.arange(idx.size)
-            V = self._V(t)
+            V = self.recurrent(t)
             cond.append(V.T[idx][order[None, :] >= order[idx][:, None]])
             if rec:
                 marg.append(V[idx][order[None, :] > order[idx][:, None]])
         if s.bias and rec:
-            marg.append(self._b(t, rows=idx))
+            marg.append(self.biases(t, rows=idx))
         out_l, in_l = self.layers[t - 1], self.layers[t - 2]
         events = (
             Event("columns", out_l.src, out_l.rows.copy(), out_l.cols[idx].copy()),
@@ -290,18 +319,18 @@ class Tracked:
         s, t = self.structure, op.layer
         n = s.width(t)
         pi = np.arange(n) if op.pairing is None else np.asarray(op.pairing, dtype=np.int64)
-        U = self._U(t)
+        U = self.weights(t)
         target = np.zeros((n, n))
         target[np.arange(n), pi] = 1.0
         lay = self.layers[t - 2]
         event = Event("layer", lay.src, lay.rows.copy(), lay.cols.copy(), target)
         cond, targets = [U.ravel()], [target.ravel()]
         if s.recurrent(t):
-            V = self._V(t).ravel()
+            V = self.recurrent(t).ravel()
             cond.append(V)
             targets.append(np.zeros(V.size))
         if s.bias:
-            b = self._b(t)
+            b = self.biases(t)
             cond.append(b)
             targets.append(np.zeros(b.size))
         if t < s.T:  # the next layer now reads position t-1: column k becomes column π(k)

@@ -55,8 +55,8 @@ class CompiledPlan:
 
     ``kept[j]`` is the teacher index of the student's parameter j; every
     teacher index is in exactly one of ``conditioned``, ``marginalised``, ``kept``.
-    ``kept``, ``provenance`` and ``marginalised`` are computed on first use:
-    scoring a plan needs only ``conditioned`` and ``targets``.
+    Every set is gathered on first use (``n_conditioned`` counts B without it):
+    structured formats score and align a plan from its ``events`` alone.
     """
 
     def __init__(
@@ -68,22 +68,31 @@ class CompiledPlan:
         """Compile ``ops``; or take ``applied``, the state and effects of having applied
         exactly these ops already (the search builds plans that way)."""
         self.teacher = teacher
-        self._ops = tuple(ops)
+        #: the operations, in order
+        self.ops: tuple[Op, ...] = tuple(ops)
         if applied is None:
             self._state = Tracked.start(teacher)
-            effects = [eff for _, eff in _effects(self._state, self._ops)]
+            effects = [eff for _, eff in _effects(self._state, self.ops)]
         else:
             self._state, effects = applied[0], list(applied[1])
-        cond, tgt, events = [np.zeros(0, dtype=np.int64)], [np.zeros(0)], []
-        for eff in effects:
-            cond.append(eff.conditioned)
-            tgt.append(eff.targets)
-            events.extend(eff.events)
+        self._effects = effects
         #: the plan's steps in teacher-layer terms, in order (see ``ops.Event``)
-        self.events: tuple[Event, ...] = tuple(events)
+        self.events: tuple[Event, ...] = tuple(ev for eff in effects for ev in eff.events)
         self.student: Structure = self._state.structure
-        self.conditioned: np.ndarray = np.concatenate(cond)
-        self.targets: np.ndarray = np.concatenate(tgt)
+        #: |B|, the number of conditioned parameters
+        self.n_conditioned = sum(int(eff.conditioned.size) for eff in effects)
+
+    @cached_property
+    def conditioned(self) -> np.ndarray:
+        """B: the conditioned teacher parameters, step by step."""
+        return np.concatenate(
+            [np.zeros(0, dtype=np.int64), *(e.conditioned for e in self._effects)]
+        )
+
+    @cached_property
+    def targets(self) -> np.ndarray:
+        """v: the values B is conditioned on."""
+        return np.concatenate([np.zeros(0), *(e.targets for e in self._effects)])
 
     @cached_property
     def kept(self) -> np.ndarray:
@@ -107,7 +116,7 @@ class CompiledPlan:
         """Replays the plan, collecting what each step marginalises."""
         parts = [np.zeros(0, dtype=np.int64)]
         parts += [
-            eff.marginalised for _, eff in _effects(Tracked.start(self.teacher, True), self._ops)
+            eff.marginalised for _, eff in _effects(Tracked.start(self.teacher, True), self.ops)
         ]
         return np.concatenate(parts)
 
@@ -164,11 +173,11 @@ class Plan:
         _ = self.compiled  # validates every step
 
     @classmethod
-    def _applied(cls, compiled: CompiledPlan) -> Plan:
-        """A plan from a compilation made while applying its ops (already validated)."""
+    def from_compiled(cls, compiled: CompiledPlan) -> Plan:
+        """The plan of a compilation (its ops were validated when they were applied)."""
         plan = object.__new__(cls)
         object.__setattr__(plan, "teacher", compiled.teacher)
-        object.__setattr__(plan, "ops", compiled._ops)
+        object.__setattr__(plan, "ops", compiled.ops)
         plan.__dict__["compiled"] = compiled
         return plan
 

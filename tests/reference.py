@@ -70,9 +70,9 @@ def _condition(mean, cov, B, v, keep):
     return m, (C + C.T) / 2, 0.5 * float(d @ sol)
 
 
-def ref_step(net: RefNet, mean, cov, op: tuple):
-    """One step, dense: returns (new net, mean, cov, step cost)."""
-    idx = net.index()
+def ref_effect(net: RefNet, op: tuple):
+    """What one step does, by the reference's own rules: (conditioned {key: target},
+    marginalised keys, the net after it, and for each new key the old key it was)."""
     kind, t = op[0], op[1]
     cond: dict[tuple, float] = {}
     marg: set[tuple] = set()
@@ -126,6 +126,13 @@ def ref_step(net: RefNet, mean, cov, op: tuple):
                 return (k, t + 1, r, inv[c])
             return (k, s + 1, r, c)
 
+    return cond, marg, new, old_key
+
+
+def ref_step(net: RefNet, mean, cov, op: tuple):
+    """One step, dense: returns (new net, mean, cov, step cost)."""
+    idx = net.index()
+    cond, marg, new, old_key = ref_effect(net, op)
     B = [idx[k] for k in cond]
     v = np.array(list(cond.values()))
     keep = [idx[old_key(k)] for k in new.params()]

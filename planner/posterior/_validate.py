@@ -140,3 +140,20 @@ def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:
             field="ops",
         )
     return L
+
+
+def difference_cost(whole: float, part: float, k: int, what: str) -> float:
+    """``½ (whole − part)``, a cost computed as a difference of quadratic forms (the
+    precision and Woodbury formulas) over ``k`` conditioned parameters.  When the
+    difference is within rounding of ``whole`` (``10 k ε whole``, the scale at which the
+    dense formula refuses a Cholesky pivot), every significant digit is lost: the
+    conditioned parameters' covariance is numerically singular (SPEC §8)."""
+    quad = whole - part
+    if whole > 0 and quad <= 10 * k * np.finfo(float).eps * whole:
+        raise SingularConstraint(
+            f"the cost of {what} is lost to cancellation ({quad:.3g} of {whole:.3g}): the "
+            "conditioned parameters' covariance is numerically singular; this plan cannot "
+            "be conditioned on",
+            field="ops",
+        )
+    return 0.5 * max(quad, 0.0)

@@ -72,6 +72,15 @@ class Posterior(ABC):
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays of this format, by their SPEC §7 names."""
 
+    #: Names of arrays derived from the format's own (e.g. a factorisation) that a store
+    #: may keep beside them and give back to :meth:`from_validated`.
+    derived_names: ClassVar[tuple[str, ...]] = ()
+
+    def derived_arrays(self) -> dict[str, np.ndarray]:
+        """Derived arrays computed so far (none by default): worth keeping when they cost
+        a factorisation, since every later search or alignment would repeat it."""
+        return {}
+
     # -- the Gaussian operations --------------------------------------------------------
     @abstractmethod
     def condition(
@@ -110,6 +119,49 @@ class Posterior(ABC):
     def cov_block(self, idx: np.ndarray) -> np.ndarray:
         """``Σ[idx, idx]`` as a dense array (small blocks only)."""
 
+    def cov_cross(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``Σ[rows][:, cols]`` as a dense array (each of ``rows``, ``cols`` without
+        repeats): the blocks :class:`~planner.posterior.scoring.DenseScorer` works on."""
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        S = self.cov_block(np.concatenate([rows, cols]))
+        return S[: rows.size, rows.size :]
+
+    def inverse_block(self, idx: np.ndarray) -> np.ndarray:
+        """``Σ[idx, idx]⁻¹`` (for exchange moves): one Cholesky of the block by default."""
+        from scipy.linalg import lapack
+
+        from ._validate import cholesky_constraint
+
+        L = cholesky_constraint(self.cov_cross(idx, idx))
+        if L.size == 0:
+            return L
+        P, _ = lapack.dpotri(L, lower=1)  # (L Lᵀ)⁻¹ in the lower triangle
+        return np.tril(P) + np.tril(P, -1).T
+
+    def conditional_precision(self, B, values, P):
+        """``(diag Q, Q c)`` with ``Q = Cov(x_P | x_B = v)⁻¹`` and ``c = E[x_P | x_B = v]``,
+        when this format computes them more cheaply than through covariance blocks;
+        ``None`` otherwise (the default)."""
+        return None
+
+    def prepare(self, first: int, count: int) -> None:
+        """A hint from the search: it will ask for covariance blocks over ``count``
+        parameters from index ``first`` on.  Formats that can compute such blocks more
+        cheaply all at once do so here; the default does nothing."""
+        return None
+
+    def scorer(self):
+        """The exact incremental conditioning the search uses (SPEC §6): dense blocks
+        of Σ by default; formats with structure supply their own."""
+        from .scoring import DenseScorer
+
+        return DenseScorer(self)
+
+    def one_shot_work(self, conditioned: int, kept: int) -> float:
+        """Flops of one alignment conditioning ``conditioned`` parameters and keeping
+        ``kept`` (dense by default): what the search sizes its budget by."""
+        return conditioned**3 / 3 + conditioned**2 * kept + conditioned * kept**2
+
     @abstractmethod
     def variance(self) -> np.ndarray:
         """The diagonal of Σ."""
@@ -117,13 +169,6 @@ class Posterior(ABC):
     @abstractmethod
     def precision_diagonal(self) -> np.ndarray:
         """The diagonal of Σ⁻¹ (the Laplace Hessian's diagonal, for OBD)."""
-
-    def surrogate(self) -> Posterior:
-        """A diagonal posterior with this one's mean and marginal variances: cheap to score,
-        for ranking choices before they are rescored exactly (the search's route proxy)."""
-        from .diag import DiagPosterior
-
-        return DiagPosterior(self.structure, self.mean, np.asarray(self.variance()))
 
     @abstractmethod
     def dense_covariance(self) -> np.ndarray:
@@ -142,21 +187,6 @@ class Posterior(ABC):
             L = np.linalg.cholesky(self.cov_block(g))
             z = np.linalg.solve(L, self.mean[g])
             out[r] = 0.5 * float(z @ z)
-        return out
-
-    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
-        """``C[k, l] = ½ (e_l − m_r)ᵀ Σ_rr⁻¹ (e_l − m_r)`` for each row ``r = rows[k]``.
-
-        The cost of conditioning one row of a square layer to the unit vector
-        ``e_l`` (SPEC §3 ψ with ``π(k) = l``), each row on its own: the matrix
-        of the linear assignment that chooses π (SPEC §6).
-        """
-        out = np.empty(rows.shape)
-        for r, g in enumerate(rows):
-            P = np.linalg.inv(self.cov_block(g))
-            m = self.mean[g]
-            Pm = P @ m
-            out[r] = 0.5 * (m @ Pm - 2 * Pm + np.diag(P))
         return out
 
     def __repr__(self) -> str:

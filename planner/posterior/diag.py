@@ -14,7 +14,19 @@ from ..structure import Structure
 from . import _validate as v
 from .base import Posterior
 
-__all__ = ["DiagPosterior"]
+__all__ = ["DiagPosterior", "diagonal_cross"]
+
+
+def diagonal_cross(d: np.ndarray, rows, cols) -> np.ndarray:
+    """``diag(d)[rows][:, cols]`` (each of ``rows``, ``cols`` without repeats)."""
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    out = np.zeros((rows.size, cols.size))
+    if rows.size and cols.size:
+        order = np.argsort(cols, kind="stable")
+        pos = np.minimum(np.searchsorted(cols[order], rows), cols.size - 1)
+        hit = cols[order][pos] == rows
+        out[np.flatnonzero(hit), order[pos[hit]]] = d[rows[hit]]
+    return out
 
 
 class DiagPosterior(Posterior):
@@ -59,18 +71,6 @@ class DiagPosterior(Posterior):
         z /= self.var[groups]
         return 0.5 * z.sum(axis=-1)
 
-    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
-        # C[k, l] = ½ Σ_j m²/v + ½ (1 − 2 m_l) / v_l, built in two arrays
-        m, inv_v = self.mean[rows], self.var[rows]
-        np.reciprocal(inv_v, out=inv_v)
-        base = 0.5 * np.einsum("kj,kj,kj->k", m, m, inv_v)
-        m *= -2.0
-        m += 1.0
-        m *= inv_v
-        m *= 0.5
-        m += base[:, None]
-        return m
-
     def plan_cost(self, plan) -> float:
         """Independent coordinates: the cost is a sum over the conditioned blocks, read
         block by block from the plan's layer events (MLPs; RNNs use the flat sets)."""
@@ -100,11 +100,19 @@ class DiagPosterior(Posterior):
     def cov_block(self, idx) -> np.ndarray:
         return np.diag(self.var[np.asarray(idx, dtype=np.int64)])
 
+    def cov_cross(self, rows, cols) -> np.ndarray:
+        return diagonal_cross(self.var, rows, cols)
+
+    def scorer(self):
+        from .scoring import DiagScorer
+
+        return DiagScorer(self)
+
+    def one_shot_work(self, conditioned: int, kept: int) -> float:
+        return float(conditioned + kept)
+
     def variance(self) -> np.ndarray:
         return self.var
-
-    def surrogate(self) -> DiagPosterior:
-        return self
 
     def precision_diagonal(self) -> np.ndarray:
         return 1.0 / self.var

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 import scipy.linalg as sla
 
 from ..structure import Structure
 from . import _validate as v
-from ._dense import DensePosterior
+from ._dense import DensePosterior, gather
 
 __all__ = ["FullPosterior"]
 
@@ -36,12 +38,12 @@ class FullPosterior(DensePosterior):
         B = np.asarray(B, dtype=np.int64)
         keep = np.asarray(keep, dtype=np.int64)
         m_keep = m[keep]
-        S_keep = S[np.ix_(keep, keep)]
+        S_keep = gather(S, keep, keep)
         if B.size:
-            L = v.cholesky_constraint(S[np.ix_(B, B)])
+            L = v.cholesky_constraint(gather(S, B, B))
             alpha = sla.solve_triangular(L, values - m[B], lower=True, check_finite=False)
             W = sla.solve_triangular(
-                L, S[np.ix_(B, keep)], lower=True, check_finite=False, overwrite_b=True
+                L, gather(S, B, keep), lower=True, check_finite=False, overwrite_b=True
             )
             m_keep += W.T @ alpha
             S_keep -= W.T @ W
@@ -53,7 +55,7 @@ class FullPosterior(DensePosterior):
         B = np.asarray(B, dtype=np.int64)
         if B.size == 0:
             return 0.0
-        L = v.cholesky_constraint(self.covariance[np.ix_(B, B)])
+        L = v.cholesky_constraint(gather(self.covariance, B, B))
         alpha = sla.solve_triangular(L, values - self.mean[B], lower=True, check_finite=False)
         return 0.5 * float(alpha @ alpha)
 
@@ -74,26 +76,23 @@ class FullPosterior(DensePosterior):
             out[sl] = 0.5 * np.einsum("nk,nk->n", m, np.linalg.solve(S, m[..., None])[..., 0])
         return out
 
-    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty(rows.shape)
-        for sl, S, m in self._blocks(rows):
-            P = np.linalg.inv(S)
-            Pm = np.einsum("nkl,nl->nk", P, m)
-            quad = np.einsum("nk,nk->n", m, Pm)
-            out[sl] = 0.5 * (quad[:, None] - 2 * Pm + np.diagonal(P, axis1=1, axis2=2))
-        return out
-
     def cov_block(self, idx) -> np.ndarray:
-        idx = np.asarray(idx, dtype=np.int64)
-        return self.covariance[np.ix_(idx, idx)]
+        return gather(self.covariance, idx, idx)
+
+    def cov_cross(self, rows, cols) -> np.ndarray:
+        return gather(self.covariance, rows, cols)
 
     def variance(self) -> np.ndarray:
         return np.diag(self.covariance).copy()
 
-    def precision_diagonal(self) -> np.ndarray:
-        # diag(Σ⁻¹) = row sums of squares of L⁻¹, with Σ = L Lᵀ.
+    @cached_property
+    def _precision_diagonal(self) -> np.ndarray:
+        # diag(Σ⁻¹) = column sums of squares of L⁻¹, with Σ = L Lᵀ.
         Linv = sla.solve_triangular(self._chol, np.eye(self.n), lower=True, check_finite=False)
         return np.einsum("ij,ij->j", Linv, Linv)
+
+    def precision_diagonal(self) -> np.ndarray:
+        return self._precision_diagonal
 
     def dense_covariance(self) -> np.ndarray:
         return self.covariance

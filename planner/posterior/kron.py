@@ -24,20 +24,36 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as sla
+from scipy.linalg import blas, lapack
 
-from ..errors import InvalidPosterior
+from ..errors import InvalidPosterior, SingularConstraint, Unsupported
 from ..structure import Structure
 from . import _validate as v
 from .base import Posterior
+from .scoring import Columns, indices
 
-__all__ = ["KronPosterior"]
+__all__ = ["KronPosterior", "KronScorer"]
 
 
-def _chol(S: np.ndarray, field: str) -> np.ndarray:
+#: Up to this many parameters the search scores on dense blocks of Σ.
+DENSE_PARAMS = 4096
+
+
+def _chol(S: np.ndarray, what: str) -> np.ndarray:
+    """Cholesky factor of a block met while conditioning; a block that is not numerically
+    positive definite makes the plan's constraint singular (SPEC §8)."""
     try:
-        return sla.cholesky(S, lower=True, check_finite=False)
-    except np.linalg.LinAlgError:  # pragma: no cover - validated factors stay PD
-        raise InvalidPosterior("lost positive definiteness", field=field) from None
+        L = sla.cholesky(S, lower=True, check_finite=False)
+    except np.linalg.LinAlgError:
+        L = None
+    d = np.diag(L) ** 2 if L is not None else None
+    if L is None or (d.size and d.min() <= d.size * np.finfo(float).eps * np.abs(np.diag(S)).max()):
+        raise SingularConstraint(
+            f"the Kronecker factor {what} restricted to the conditioned parameters is "
+            "numerically singular; this plan cannot be conditioned on",
+            field="ops",
+        )
+    return L
 
 
 @dataclass
@@ -56,6 +72,14 @@ class _Layer:
     def pos(self, ids: np.ndarray, of: np.ndarray) -> np.ndarray:
         index = {int(x): k for k, x in enumerate(of)}
         return np.array([index[int(x)] for x in ids], dtype=np.int64)
+
+
+def _inverse_diagonal(L: np.ndarray) -> np.ndarray:
+    """The diagonal of ``(L Lᵀ)⁻¹`` from the triangular inverse of ``L``."""
+    Li, info = lapack.dtrtri(L, lower=1)
+    if info != 0:  # pragma: no cover - a Cholesky factor inverts
+        raise InvalidPosterior("lost positive definiteness", field="factor")
+    return np.einsum("ij,ij->j", Li, Li)
 
 
 def _bias_cost(bm: np.ndarray, bS: np.ndarray) -> float:
@@ -232,8 +256,10 @@ class KronPosterior(Posterior):
         return 0.5 * float(z @ z)
 
     def condition(self, B, values, keep, structure):
-        raise NotImplementedError(
-            "a kron posterior is aligned by a plan (align), not by arbitrary index sets"
+        raise Unsupported(
+            "a kron posterior is aligned by a plan's steps (Plan.apply), which keep every "
+            "layer Kronecker-factored; conditioning arbitrary index sets would not",
+            field="posterior.format",
         )
 
     # -- small blocks -------------------------------------------------------------------------
@@ -252,16 +278,47 @@ class KronPosterior(Posterior):
 
     def cov_block(self, idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
-        t, is_b, r, c = self._locate(idx)
-        out = np.zeros((idx.size, idx.size))
-        for u in np.unique(t):
-            w = np.flatnonzero((t == u) & ~is_b)
-            out[np.ix_(w, w)] = self.G[u][np.ix_(r[w], r[w])] * self.A[u][np.ix_(c[w], c[w])]
-            wb = np.flatnonzero((t == u) & is_b)
-            if wb.size:
+        return self.cov_cross(idx, idx)
+
+    def cov_cross(self, rows, cols) -> np.ndarray:
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        ta, ba, ra, ca = self._locate(rows)
+        tb, bb, rb, cb = self._locate(cols)
+        out = np.zeros((rows.size, cols.size))
+        for u in np.intersect1d(ta, tb):
+            w, x = np.flatnonzero((ta == u) & ~ba), np.flatnonzero((tb == u) & ~bb)
+            if w.size and x.size:
+                G, A = self.G[u][np.ix_(ra[w], rb[x])], self.A[u][np.ix_(ca[w], cb[x])]
+                out[np.ix_(w, x)] = G * A
+            w, x = np.flatnonzero((ta == u) & ba), np.flatnonzero((tb == u) & bb)
+            if w.size and x.size:
                 b = self.bias[u]
-                out[np.ix_(wb, wb)] = np.diag(b[r[wb]]) if b.ndim == 1 else b[np.ix_(r[wb], r[wb])]
+                out[np.ix_(w, x)] = (
+                    (ra[w][:, None] == rb[x][None, :]) * b[ra[w]][:, None]
+                    if b.ndim == 1
+                    else b[np.ix_(ra[w], rb[x])]
+                )
         return out
+
+    def column_factor(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cholesky factor of layer t's column factor A_t and the diagonal of A_t⁻¹,
+        computed once (searches ask for them route after route)."""
+        cache = self.__dict__.setdefault("_column_factors", {})
+        if t not in cache:
+            L = _chol(np.asarray(self.A[t]), f"col{t}")
+            cache[t] = (L, _inverse_diagonal(L))
+        return cache[t]
+
+    def scorer(self):
+        """Per-layer matrix-normal state (:class:`KronScorer`); dense blocks while the
+        posterior is small enough to be held dense (the same numbers either way)."""
+        if self.n <= DENSE_PARAMS:
+            return super().scorer()
+        return KronScorer(self)
+
+    def one_shot_work(self, conditioned: int, kept: int) -> float:
+        s = self.structure
+        return float(sum(s.width(t) ** 3 + s.width(t - 1) ** 3 for t in range(2, s.T + 1)))
 
     def _column_groups(self, groups: np.ndarray):
         """(layer, rows, cols) when every group is one column of one layer over the same rows."""
@@ -280,31 +337,6 @@ class KronPosterior(Posterior):
         L = _chol(self.G[t][np.ix_(rows, rows)], f"row{t}")
         X = sla.solve_triangular(L, self.mean[groups].T, lower=True, check_finite=False)
         return 0.5 * np.sum(X * X, axis=0) / np.diag(self.A[t])[cols]
-
-    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
-        """Rows of a layer: ``Σ_row = G_ii A_CC``, so one inverse of A_CC serves all rows."""
-        t, is_b, r, c = (a.reshape(rows.shape) for a in self._locate(rows.ravel()))
-        if is_b.any() or (t != t[0, 0]).any() or (r != r[:, :1]).any() or (c != c[:1]).any():
-            return super().assignment_costs(rows)
-        u = int(t[0, 0])
-        L, diagP = self._col_factor(u, c[0])
-        g = np.diag(self.G[u])[r[:, 0]]
-        m = self.mean[rows]
-        Pm = sla.cho_solve((L, True), m.T, check_finite=False).T
-        quad = np.einsum("nk,nk->n", m, Pm)
-        return 0.5 * (quad[:, None] - 2 * Pm + diagP[None, :]) / g[:, None]
-
-    def _col_factor(self, t: int, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Cholesky factor of A_t[cols, cols] and the diagonal of its inverse (cached)."""
-        key = (t, cols.tobytes())
-        cache = self.__dict__.setdefault("_col_cache", {})
-        if key not in cache:
-            L = _chol(self.A[t][np.ix_(cols, cols)], f"col{t}")
-            Li = sla.solve_triangular(L, np.eye(len(L)), lower=True, check_finite=False)
-            if len(cache) >= 3:  # the search asks for a layer's block route after route
-                cache.pop(next(iter(cache)))
-            cache[key] = (L, np.einsum("ij,ij->j", Li, Li))
-        return cache[key]
 
     def variance(self) -> np.ndarray:
         s, out = self.structure, np.empty(self.n)
@@ -333,3 +365,206 @@ class KronPosterior(Posterior):
 
     def dense_covariance(self) -> np.ndarray:
         return self.cov_block(np.arange(self.n))
+
+
+@dataclass
+class _LayerState:
+    """A layer during a search: its current rows (teacher ids), its columns and which are
+    still live (not conditioned), the row factor's Cholesky on those rows, the whitened
+    residual mean ``Z = L_G⁻¹ M'`` and the column factor's Schur complement ``A'`` (kept
+    full-size, Fortran order, downdated in place; conditioned columns are dead)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    live: np.ndarray
+    LG: np.ndarray
+    Z: np.ndarray
+    A: np.ndarray
+    gone: bool = False
+
+    def copy(self) -> _LayerState:
+        return _LayerState(
+            self.rows.copy(),
+            self.cols.copy(),
+            self.live.copy(),
+            self.LG,
+            self.Z.copy(),
+            np.asfortranarray(self.A.copy()),
+            self.gone,
+        )
+
+
+class KronScorer:
+    """Exact incremental conditioning of a layer-wise Kronecker posterior (SPEC §6, §7).
+
+    Layers are independent, so each keeps its own matrix-normal state.  The
+    search's candidates are whole columns of a layer over its current rows (a
+    neuron's outgoing weights): conditioning columns C to zero keeps G and
+    Schur-complements A, and the increment of column c is
+    ``½ ‖z_c‖² / A'_cc`` with ``z = L_G⁻¹ M'``: every candidate scored at once,
+    a batch of commits one rank-|C| update.  A merged layer's block (all its live
+    columns over its current rows) has precision ``G⁻¹ ⊗ A'⁻¹``.
+    """
+
+    def __init__(self, posterior: KronPosterior) -> None:
+        self.post = posterior
+        self.layers: dict[int, _LayerState] = {}
+        self.cost = 0.0
+
+    def copy(self) -> KronScorer:
+        out = KronScorer(self.post)
+        out.layers = {t: st.copy() for t, st in self.layers.items()}
+        out.cost = self.cost
+        return out
+
+    independent = False
+
+    def step_work(self, n: int, k: int) -> float:
+        # a step reads and writes the whole n × n Schur complement: memory, not flops
+        return float(n * k + 100 * n * n)
+
+    def _state(self, t: int, rows: np.ndarray) -> _LayerState:
+        """Layer t's state over ``rows`` (its other rows marginalised).  Rows are fixed the
+        first time a layer is scored: a search reduces the positions above it first."""
+        st = self.layers.get(t)
+        if st is None:
+            s = self.post.structure
+            n, m, start = s.width(t), s.width(t - 1), s.layer_offset(t)
+            M = np.asarray(self.post.mean[start : start + n * m]).reshape(n, m)[rows]
+            LG = _chol(self.post.G[t][np.ix_(rows, rows)], f"row{t}")
+            Z = sla.solve_triangular(LG, M, lower=True, check_finite=False)
+            A = np.array(self.post.A[t], order="F")
+            st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), LG, Z, A)
+            self.layers[t] = st
+        elif not np.array_equal(st.rows, rows):
+            raise InvalidPosterior(
+                f"a kron search changed the rows of layer {t} after scoring it", field="ops"
+            )
+        return st
+
+    def _columns(self, groups: np.ndarray):
+        t, is_b, r, c = self.post._locate(groups.ravel())
+        t, is_b, r, c = (a.reshape(groups.shape) for a in (t, is_b, r, c))
+        if is_b.any() or (t != t[0, 0]).any() or (c != c[:, :1]).any() or (r != r[:1]).any():
+            raise InvalidPosterior(
+                "a kron search scores whole columns of one layer over its current rows",
+                field="ops",
+            )
+        return int(t[0, 0]), r[0], c[:, 0]
+
+    def drops(self, groups) -> _KronDrops:
+        if isinstance(groups, Columns):
+            t, rows, cols = groups.layer, groups.rows, groups.cols
+        else:
+            t, rows, cols = self._columns(np.asarray(groups, dtype=np.int64))
+        return _KronDrops(self, t, self._state(t, np.sort(rows)), np.asarray(cols))
+
+    def block(self, idx) -> _KronBlock:
+        return _KronBlock(self, indices(idx))
+
+    def commit(self, idx: np.ndarray, targets: np.ndarray) -> None:
+        if np.asarray(idx).size:
+            raise InvalidPosterior(
+                "a kron posterior conditions whole columns or layers only", field="ops"
+            )
+
+
+class _KronDrops:
+    def __init__(self, sc: KronScorer, t: int, st: _LayerState, cols: np.ndarray) -> None:
+        self.sc, self.t, self.st = sc, t, st
+        self.cand = np.asarray(cols)  # the candidates' teacher column ids
+        self.live = np.isin(self.cand, st.cols[st.live])
+
+    def increments(self) -> np.ndarray:
+        out = np.full(self.cand.size, np.inf)
+        st = self.st
+        q = np.searchsorted(st.cols, self.cand[self.live])
+        a = np.diagonal(st.A)[q]
+        ok = a > 0
+        inc = np.full(q.size, np.inf)
+        z = st.Z[:, q[ok]]
+        inc[ok] = 0.5 * np.einsum("ij,ij->j", z, z) / a[ok]
+        out[self.live] = inc
+        return out
+
+    def take(self, which) -> None:
+        """Condition the columns ``which`` at once: a rank-|C| Schur update, after which only
+        the live columns are kept (the work falls as the greedy goes)."""
+        which = np.atleast_1d(which)
+        if not self.live[which].all():
+            raise ValueError("a candidate was taken already")
+        st = self.st
+        C = np.searchsorted(st.cols, self.cand[which])
+        rest = np.setdiff1d(np.arange(st.cols.size), C)
+        LC = _chol(st.A[np.ix_(C, C)], f"col{self.t}")
+        Y = sla.solve_triangular(LC, st.Z[:, C].T, lower=True, check_finite=False)
+        self.sc.cost += 0.5 * float(np.sum(Y * Y))
+        W = sla.solve_triangular(LC, st.A[np.ix_(rest, C)].T, lower=True, check_finite=False)
+        st.Z = st.Z[:, rest] - Y.T @ W
+        A = np.asfortranarray(st.A[np.ix_(rest, rest)])
+        st.A = blas.dgemm(-1.0, W, W, beta=1.0, c=A, trans_a=True, overwrite_c=True)
+        st.cols, st.live = st.cols[rest], st.live[rest]
+        self.live[which] = False
+
+
+class _KronBlock:
+    """A layer's whole live block (rows × live columns, and its biases) to a pattern."""
+
+    def __init__(self, sc: KronScorer, idx: np.ndarray) -> None:
+        post = sc.post
+        t, is_b, r, c = post._locate(idx)
+        u = int(t[0])
+        if (t != u).any():
+            raise InvalidPosterior("a kron block lies in one layer", field="ops")
+        w = ~is_b
+        rows = np.unique(r[w])
+        st = sc._state(u, rows)
+        cols = st.cols[st.live]
+        R, L = rows.size, cols.size
+        if w.sum() != R * L or not np.array_equal(np.unique(c[w]), cols):
+            raise InvalidPosterior(
+                "a kron block is all live columns of a layer over its rows", field="ops"
+            )
+        self.sc, self.t, self.st, self.idx = sc, u, st, idx
+        self.w, self.b = np.flatnonzero(w), np.flatnonzero(is_b)
+        self.ri, self.ci = np.searchsorted(rows, r[w]), np.searchsorted(cols, c[w])
+        live = np.flatnonzero(st.live)
+        self.Z = st.Z[:, live]
+        # Q = G⁻¹ ⊗ A'⁻¹ and c = M': linear = ½ diag(G⁻¹)_k diag(A'⁻¹)_l − (G⁻¹ M' A'⁻¹)_kl;
+        # the diagonals from the inverse factors, G⁻¹ M' A⁻¹ by solves (never A⁻¹ whole)
+        if live.size == st.cols.size and st.cols.size == post.structure.width(u - 1):
+            self.LA, ai = post.column_factor(u)  # untouched: the layer's own, cached
+        else:
+            self.LA = _chol(st.A[np.ix_(live, live)], f"col{u}")
+            ai = _inverse_diagonal(self.LA)
+        gi = _inverse_diagonal(st.LG)
+        GM = sla.solve_triangular(st.LG, self.Z, lower=True, trans="T", check_finite=False)
+        GMA = sla.cho_solve((self.LA, True), GM.T, check_finite=False).T
+        lin = np.empty(idx.size)
+        lin[self.w] = 0.5 * gi[self.ri] * ai[self.ci] - GMA[self.ri, self.ci]
+        self.bias = None
+        if self.b.size:
+            bm, rb = post.mean[idx[self.b]], r[self.b]
+            bS = post.bias[u]
+            bS = bS[rb] if bS.ndim == 1 else bS[np.ix_(rb, rb)]
+            Bi = np.diag(1.0 / bS) if bS.ndim == 1 else np.linalg.inv(bS)
+            lin[self.b] = 0.5 * np.diag(Bi) - Bi @ bm
+            self.bias = (bm, bS)
+        self.linear = lin
+
+    def cost(self, targets: np.ndarray) -> float:
+        st = self.st
+        T = np.zeros(self.Z.shape)
+        T[self.ri, self.ci] = targets[self.w]
+        D = T - st.LG @ self.Z  # the residual mean is M' = L_G Z
+        X = sla.solve_triangular(st.LG, D, lower=True, check_finite=False)
+        Y = sla.solve_triangular(self.LA, X.T, lower=True, check_finite=False)
+        out = 0.5 * float(np.sum(Y * Y))
+        if self.bias is not None:
+            bm, bS = self.bias
+            out += _bias_cost(targets[self.b] - bm, bS)
+        return out
+
+    def commit(self, targets: np.ndarray) -> None:
+        self.sc.cost += self.cost(np.asarray(targets, dtype=np.float64))
+        self.st.gone = True

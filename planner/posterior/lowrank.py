@@ -18,12 +18,18 @@ from collections.abc import Mapping
 import numpy as np
 import scipy.linalg as sla
 
-from ..errors import InvalidPosterior
+from ..errors import InvalidPosterior, SingularConstraint
 from ..structure import Structure
 from . import _validate as v
 from .base import Posterior
+from .diag import diagonal_cross
+from .scoring import batched_cholesky, indices
 
-__all__ = ["LowRankPosterior"]
+__all__ = ["LowRankPosterior", "LowRankScorer"]
+
+
+#: Up to this many parameters the search scores on dense blocks of Σ.
+DENSE_PARAMS = 4096
 
 
 def _stacked(post, groups):
@@ -135,7 +141,7 @@ class LowRankPosterior(Posterior):
             return 0.0
         L, w, dd = self._woodbury(B, values, plan)
         z = sla.solve_triangular(L, w, lower=True, check_finite=False)
-        return 0.5 * (dd - float(z @ z))
+        return v.difference_cost(dd, float(z @ z), B.size, "the plan")
 
     def align_bytes(self, conditioned: int, kept: int) -> int:
         return 8 * (2 * (conditioned + kept) * self.rank + 3 * kept)
@@ -145,6 +151,22 @@ class LowRankPosterior(Posterior):
         idx = np.asarray(idx, dtype=np.int64)
         F = np.asarray(self.factor[idx])
         return np.diag(self.var[idx]) + F @ F.T
+
+    def cov_cross(self, rows, cols) -> np.ndarray:
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        out = np.asarray(self.factor[rows]) @ np.asarray(self.factor[cols]).T
+        out += diagonal_cross(self.var, rows, cols)
+        return out
+
+    def one_shot_work(self, conditioned: int, kept: int) -> float:
+        return float((conditioned + kept) * self.rank**2)
+
+    def scorer(self):
+        """Woodbury on the k × k capacitance (:class:`LowRankScorer`); dense blocks while
+        the posterior is small enough to be held dense (the same numbers either way)."""
+        if self.n <= DENSE_PARAMS:
+            return super().scorer()
+        return LowRankScorer(self)
 
     def variance(self) -> np.ndarray:
         return self.var + np.einsum("pk,pk->p", self.factor, self.factor)
@@ -167,14 +189,135 @@ class LowRankPosterior(Posterior):
         sol = np.linalg.solve(_inner(F, DF), u)
         return 0.5 * (np.sum(m * m / d, axis=1) - np.sum(u * sol, axis=(1, 2)))
 
-    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
-        """Batched Woodbury for ``½ (e_l − m)ᵀ Σ_r⁻¹ (e_l − m)`` over each row ``r``."""
-        m, d, F, DF = _stacked(self, rows)
-        Minv = np.linalg.inv(_inner(F, DF))  # (n, k, k)
-        # P m = D⁻¹ m − D⁻¹F M Fᵀ D⁻¹ m ; diag P = D⁻¹ − rowsum((D⁻¹F M) ⊙ D⁻¹F)
-        X = np.matmul(DF, Minv)  # (n, g, k)
-        u = np.matmul(DF.transpose(0, 2, 1), m[..., None])  # (n, k, 1)
-        Pm = m / d - np.matmul(X, u)[..., 0]
-        diagP = 1.0 / d - np.sum(X * DF, axis=2)
-        quad = np.sum(m * Pm, axis=1)
-        return 0.5 * (quad[:, None] - 2.0 * Pm + diagP)
+
+class LowRankScorer:
+    """Exact incremental conditioning of ``Σ = D + F Fᵀ`` by Woodbury (SPEC §6, §7).
+
+    Everything committed enters through three sums over B (D diagonal, so they
+    add up group by group): the capacitance ``I + F_Bᵀ D_B⁻¹ F_B`` (k × k),
+    ``w = F_Bᵀ D_B⁻¹ d_B`` and ``d_Bᵀ D_B⁻¹ d_B``; the cost is
+    ``½ (dᵀD⁻¹d − wᵀ (I + FᵀD⁻¹F)⁻¹ w)``.  A candidate group g adds its own three
+    terms, so all candidates are scored by one batched k × k solve each.
+    """
+
+    def __init__(self, posterior: LowRankPosterior) -> None:
+        self.post = posterior
+        k = posterior.rank
+        self.inner, self.w, self.dd, self.cost = np.eye(k), np.zeros(k), 0.0, 0.0
+        self.count = 0  # parameters committed
+
+    def copy(self) -> LowRankScorer:
+        out = LowRankScorer.__new__(LowRankScorer)
+        out.post, out.dd, out.cost, out.count = self.post, self.dd, self.cost, self.count
+        out.inner, out.w = self.inner.copy(), self.w.copy()
+        return out
+
+    independent = False
+
+    def step_work(self, n: int, k: int) -> float:
+        r = self.post.rank
+        return n * (k * r * r + 10 * r**3)
+
+    def terms(self, idx: np.ndarray, targets: np.ndarray):
+        """(F_gᵀ D_g⁻¹ F_g, F_gᵀ D_g⁻¹ d_g, d_gᵀ D_g⁻¹ d_g) for rows of ``idx`` (n × k)."""
+        F = np.asarray(self.post.factor[idx])  # (..., k, r)
+        dinv = 1.0 / self.post.var[idx]
+        d = targets - self.post.mean[idx]
+        DF = F * dinv[..., None]
+        M = np.matmul(np.swapaxes(DF, -1, -2), F)
+        return M, np.einsum("...kr,...k->...r", DF, d), np.einsum("...k,...k->...", d * dinv, d)
+
+    def total(self, M, u, a, k: int = 1):
+        """The cost with terms (M, u, a) of ``k`` more parameters added (batched over
+        leading axes); inf where the difference is lost to cancellation (singular)."""
+        inner, w = self.inner + M, self.w + u
+        single = inner.ndim == 2
+        L, ok = batched_cholesky(inner[None] if single else inner)
+        y = np.linalg.solve(L, (w[None] if single else w)[..., None])[..., 0]
+        whole = self.dd + a
+        quad = whole - np.einsum("...r,...r->...", y, y).reshape(np.shape(a))
+        ok = (ok.reshape(np.shape(a)) if single else ok) & ~(
+            (whole > 0) & (quad <= 10 * (self.count + k) * np.finfo(float).eps * whole)
+        )
+        return np.where(ok, 0.5 * np.maximum(quad, 0.0), np.inf)
+
+    def commit(self, idx: np.ndarray, targets: np.ndarray) -> None:
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            return
+        M, u, a = self.terms(idx, np.asarray(targets, dtype=np.float64))
+        total = float(self.total(M, u, a, idx.size))
+        if not np.isfinite(total) or total < self.cost - 1e-9 * max(1.0, abs(self.cost)):
+            raise SingularConstraint(
+                "the conditioned parameters' covariance is numerically singular; this plan "
+                "cannot be conditioned on",
+                field="ops",
+            )
+        self.inner += M
+        self.w += u
+        self.dd += float(a)
+        self.cost = total
+        self.count += idx.size
+
+    def drops(self, groups) -> _LowRankDrops:
+        return _LowRankDrops(self, indices(groups))
+
+    def block(self, idx) -> _LowRankBlock:
+        return _LowRankBlock(self, indices(idx))
+
+
+class _LowRankDrops:
+    def __init__(self, sc: LowRankScorer, groups: np.ndarray) -> None:
+        self.sc, self.groups = sc, groups
+        self.M, self.u, self.a = sc.terms(groups, np.zeros(groups.shape))
+        self.live = np.ones(len(groups), dtype=bool)
+
+    def increments(self) -> np.ndarray:
+        out = np.full(len(self.groups), np.inf)
+        lv = self.live
+        if lv.any():
+            k = self.groups.shape[1]
+            out[lv] = self.sc.total(self.M[lv], self.u[lv], self.a[lv], k) - self.sc.cost
+        return out
+
+    def take(self, which) -> None:
+        which = np.atleast_1d(which)
+        if not self.live[which].all():
+            raise ValueError("a candidate was taken already")
+        sc = self.sc
+        M, u, a = self.M[which].sum(axis=0), self.u[which].sum(axis=0), float(self.a[which].sum())
+        k = which.size * self.groups.shape[1]
+        total = float(sc.total(M, u, a, k))
+        if not np.isfinite(total):
+            raise SingularConstraint(
+                "the conditioned parameters' covariance is numerically singular", field="ops"
+            )
+        sc.inner += M
+        sc.w += u
+        sc.dd += a
+        sc.cost = total
+        sc.count += k
+        self.live[which] = False
+
+
+class _LowRankBlock:
+    """``Q = (D_P + F_P C F_Pᵀ)⁻¹`` with ``C`` the inverse capacitance, by Woodbury."""
+
+    def __init__(self, sc: LowRankScorer, idx: np.ndarray) -> None:
+        self.sc, self.idx = sc, idx
+        post = sc.post
+        F, dinv = np.asarray(post.factor[idx]), 1.0 / post.var[idx]
+        DF = F * dinv[:, None]
+        Lin = np.linalg.cholesky(sc.inner)
+        c = post.mean[idx] + F @ sla.cho_solve((Lin, True), sc.w, check_finite=False)
+        K = np.linalg.inv(sc.inner + F.T @ DF)  # (inner + FᵀD⁻¹F)⁻¹
+        q = dinv - np.einsum("pr,pr->p", DF @ K, DF)
+        Qc = dinv * c - DF @ (K @ (DF.T @ c))
+        self.linear = 0.5 * q - Qc
+
+    def cost(self, targets: np.ndarray) -> float:
+        M, u, a = self.sc.terms(self.idx, targets)
+        return float(self.sc.total(M, u, a, self.idx.size)) - self.sc.cost
+
+    def commit(self, targets: np.ndarray) -> None:
+        self.sc.commit(self.idx, targets)

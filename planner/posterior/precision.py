@@ -19,9 +19,15 @@ from functools import cached_property
 
 import numpy as np
 import scipy.linalg as sla
+from scipy.linalg import lapack
 
 from ..errors import InvalidPosterior
-from ._dense import DensePosterior
+from ._dense import DensePosterior, gather
+from ._validate import difference_cost
+
+#: A request for Σ over this share of the trailing parameters it spans computes (and
+#: keeps) Σ over all of them at once: solving for that many columns costs as much.
+_TRAILING_SHARE = 0.25
 
 __all__ = ["PrecisionPosterior"]
 
@@ -31,6 +37,12 @@ class PrecisionPosterior(DensePosterior):
 
     format = "precision"
     array_names = ("precision",)
+    #: the lower Cholesky factor of Λ: every search of a precision solves with it
+    derived_names = ("cholesky",)
+
+    def derived_arrays(self) -> dict[str, np.ndarray]:
+        chol = self.__dict__.get("_chol")
+        return {} if chol is None else {"cholesky": chol}
 
     @property
     def precision(self) -> np.ndarray:
@@ -47,7 +59,7 @@ class PrecisionPosterior(DensePosterior):
 
     def _factor(self, r: np.ndarray) -> np.ndarray:
         try:
-            return sla.cholesky(self.precision[np.ix_(r, r)], lower=True, check_finite=False)
+            return sla.cholesky(gather(self.precision, r, r), lower=True, check_finite=False)
         except np.linalg.LinAlgError:  # pragma: no cover - a principal block of a PD matrix
             raise InvalidPosterior("is not positive definite", field="precision") from None
 
@@ -59,7 +71,7 @@ class PrecisionPosterior(DensePosterior):
         L = self._factor(r)
         mu = self.mean[r].copy()
         if B.size:
-            y = self.precision[np.ix_(r, B)] @ (values - self.mean[B])
+            y = gather(self.precision, r, B, copy=False) @ (values - self.mean[B])
             mu -= sla.cho_solve((L, True), y, check_finite=False)
         La = L[M.size :, M.size :]
         prec = La @ La.T
@@ -73,28 +85,136 @@ class PrecisionPosterior(DensePosterior):
             return 0.0
         d = values - self.mean[B]
         r, _ = self._rest(B)
-        quad = float(d @ (self.precision[np.ix_(B, B)] @ d))
+        whole = float(d @ (gather(self.precision, B, B, copy=False) @ d))
+        part = 0.0
         if r.size:
             L = self._factor(r)
             z = sla.solve_triangular(
-                L, self.precision[np.ix_(r, B)] @ d, lower=True, check_finite=False
+                L, gather(self.precision, r, B, copy=False) @ d, lower=True, check_finite=False
             )
-            quad -= float(z @ z)
-        return 0.5 * quad
+            part = float(z @ z)
+        return difference_cost(whole, part, B.size, "the plan")
+
+    # -- the precision side of the search's blocks (SPEC §6) ----------------------------------
+    def _covariance_route_work(self, idx: np.ndarray) -> float:
+        """Flops of forming Σ over ``idx`` by solves with the trailing factor, then inverting."""
+        t = self.n - int(idx.min()) if idx.size else 0
+        return t * t * idx.size / 2 + idx.size**2 * t + idx.size**3
+
+    def _schur(self, M: np.ndarray, P: np.ndarray):
+        """(factor of Λ_MM, X = L_MM⁻¹ Λ_MP, Q = Λ_PP − XᵀX): the precision of P with M
+        marginalised out (and everything else conditioned on)."""
+        Lam = self.precision
+        LM = self._factor(M) if M.size else np.zeros((0, 0))
+        X = (
+            sla.solve_triangular(LM, gather(Lam, M, P), lower=True, check_finite=False)
+            if M.size
+            else np.zeros((0, P.size))
+        )
+        Q = gather(Lam, P, P) - X.T @ X
+        return LM, X, Q
+
+    def inverse_block(self, idx) -> np.ndarray:
+        """Σ_BB⁻¹ is the Schur complement of Λ on B's complement: cheap when that is small."""
+        idx = np.asarray(idx, dtype=np.int64)
+        M, _ = self._rest(idx)
+        native = M.size**3 / 3 + M.size**2 * idx.size + M.size * idx.size**2
+        if native > self._covariance_route_work(idx):
+            return super().inverse_block(idx)
+        _, _, Q = self._schur(M, idx)
+        return 0.5 * (Q + Q.T)
+
+    def conditional_precision(self, B, values, P):
+        B = np.asarray(B, dtype=np.int64)
+        P = np.asarray(P, dtype=np.int64)
+        M, _ = self._rest(B, P)
+        native = M.size**3 / 3 + M.size**2 * P.size
+        if native > self._covariance_route_work(np.concatenate([B, P])):
+            return None
+        Lam, m = self.precision, self.mean
+        LM = self._factor(M) if M.size else np.zeros((0, 0))
+        X = (
+            sla.solve_triangular(LM, gather(Lam, M, P), lower=True, check_finite=False)
+            if M.size
+            else np.zeros((0, P.size))
+        )
+        q = np.diag(Lam)[P] - np.einsum("ij,ij->j", X, X)  # diag of Q = Λ_PP − XᵀX
+        Qc = gather(Lam, P, P, copy=False) @ m[P] - X.T @ (X @ m[P])  # Q m_P
+        if B.size:  # the shift of the mean by conditioning: Q Δ_P = −y_P + Λ_PM Λ_MM⁻¹ y_M
+            d = values - m[B]
+            Qc -= gather(Lam, P, B, copy=False) @ d
+            if M.size:
+                y_M = gather(Lam, M, B, copy=False) @ d
+                Qc += X.T @ sla.solve_triangular(LM, y_M, lower=True, check_finite=False)
+        return q, Qc
 
     def align_bytes(self, conditioned: int, kept: int) -> int:
         rest = self.n - conditioned
         return 8 * (3 * rest**2 + rest * conditioned)
 
-    # -- small blocks: Σ[idx, idx] = XᵀX with X = L⁻¹ E_idx, never Σ whole --------------------
+    # -- small blocks: Σ[r, c] = X_rᵀ X_c with X = L⁻¹ E, never Σ whole ----------------------
     def _cols(self, idx: np.ndarray) -> np.ndarray:
-        E = np.zeros((self.n, idx.size))
-        E[idx, np.arange(idx.size)] = 1.0
-        return sla.solve_triangular(self._chol, E, lower=True, check_finite=False)
+        """``L⁻¹ E_idx`` over rows ``min(idx)..n`` (above them it is zero): a solve with the
+        trailing block of the cached factor only, ``O((n − min idx)² |idx|)``."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            return np.zeros((0, 0))
+        t0 = int(idx.min())
+        E = np.zeros((self.n - t0, idx.size))
+        E[idx - t0, np.arange(idx.size)] = 1.0
+        return sla.solve_triangular(
+            self._chol[t0:, t0:], E, lower=True, check_finite=False, overwrite_b=True
+        )
 
     def cov_block(self, idx) -> np.ndarray:
         X = self._cols(np.asarray(idx, dtype=np.int64))
         return X.T @ X
+
+    def cov_cross(self, rows, cols) -> np.ndarray:
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        u, inv = np.unique(np.concatenate([rows, cols]), return_inverse=True)
+        if u.size == 0:
+            return np.zeros((rows.size, cols.size))
+        t0 = int(u[0])
+        cached = self.__dict__.get("_trailing")
+        covered = cached is not None and cached[0] <= t0
+        if not covered and u.size >= (self.n - t0) * _TRAILING_SHARE:
+            cached, covered = self._trailing_covariance(t0), True
+        if covered:
+            s0, S = cached
+            return gather(S, rows - s0, cols - s0)
+        X = self._cols(u)
+        return X[:, inv[: rows.size]].T @ X[:, inv[rows.size :]]
+
+    def _trailing_covariance(self, t0: int):
+        """Σ over the trailing parameters ``t0..n`` (every parameter from layer t0's
+        on), from the cached factor in one LAPACK call: the trailing block of the factor
+        is the Cholesky factor of their marginal precision, so ``potri`` of it is their
+        covariance.  Kept for the searches that ask for large blocks again and again."""
+        L = self._chol[t0:, t0:]
+        S, info = lapack.dpotri(L, lower=1)
+        if info != 0:  # pragma: no cover - a principal block of a PD factor
+            raise InvalidPosterior("is not positive definite", field="precision")
+        n, band = S.shape[0], 512
+        for i in range(0, n, band):  # mirror the lower triangle, band by band, in place
+            S[i : i + band, i + band :] = S[i + band :, i : i + band].T
+            blk = S[i : i + band, i : i + band]
+            blk[np.triu_indices(blk.shape[0], 1)] = blk.T[np.triu_indices(blk.shape[0], 1)]
+        self.__dict__["_trailing"] = (t0, S)
+        return t0, S
+
+    def prepare(self, first: int, count: int) -> None:
+        """The search will ask for Σ over ``count`` parameters from index ``first`` on:
+        when that is a large share of them, compute Σ over all of them now, once."""
+        if count == 0 or first >= self.n:
+            return
+        cached = self.__dict__.get("_trailing")
+        if (cached is None or cached[0] > first) and count >= (self.n - first) * _TRAILING_SHARE:
+            self._trailing_covariance(first)
+
+    def one_shot_work(self, conditioned: int, kept: int) -> float:
+        rest = self.n - conditioned
+        return rest**3 / 3 + kept**3 + rest * conditioned
 
     def _group_blocks(self, groups: np.ndarray):
         """Σ blocks (n, g, g) and means (n, g) of each row of ``groups``, in one solve."""
@@ -108,13 +228,6 @@ class PrecisionPosterior(DensePosterior):
         S, m = self._group_blocks(groups)
         return 0.5 * np.einsum("nk,nk->n", m, np.linalg.solve(S, m[..., None])[..., 0])
 
-    def assignment_costs(self, rows: np.ndarray) -> np.ndarray:
-        S, m = self._group_blocks(rows)
-        P = np.linalg.inv(S)
-        Pm = np.einsum("nkl,nl->nk", P, m)
-        quad = np.einsum("nk,nk->n", m, Pm)
-        return 0.5 * (quad[:, None] - 2 * Pm + np.diagonal(P, axis1=1, axis2=2))
-
     @cached_property
     def _variance(self) -> np.ndarray:
         Linv = sla.solve_triangular(self._chol, np.eye(self.n), lower=True, check_finite=False)
@@ -125,12 +238,6 @@ class PrecisionPosterior(DensePosterior):
 
     def precision_diagonal(self) -> np.ndarray:
         return np.diag(self.precision).copy()
-
-    def surrogate(self):
-        """Conditional variances ``1 / Λ_ii``: no inverse of Λ for a mere proxy."""
-        from .diag import DiagPosterior
-
-        return DiagPosterior(self.structure, self.mean, 1.0 / self.precision_diagonal())
 
     def dense_covariance(self) -> np.ndarray:
         return sla.cho_solve((self._chol, True), np.eye(self.n), check_finite=False)

@@ -106,3 +106,46 @@ async def test_a_prior_too_large_for_the_machine_is_refused_before_starting(tmp_
     finally:
         await svc.client.aclose()
         await ctx.__aexit__(None, None, None)
+
+
+async def test_a_precision_keeps_its_factor_beside_its_arrays(svc):
+    """Validation factorises Λ; the factor is kept (unlisted) so no search repeats it."""
+    teacher = Structure.mlp((3, 6, 5, 2))
+    post, _, _ = make("precision", teacher, np.random.default_rng(2))
+    r = await upload(svc.client, {"widths": [3, 6, 5, 2]}, "precision", arrays_of(post))
+    assert r.status_code == 201, r.text
+    t = r.json()
+    assert set(t["arrays"]) == {"mean", "precision"}
+    folder = svc.data / "teachers" / t["id"]
+    L = np.load(folder / "cholesky.npy")
+    np.testing.assert_allclose(L @ L.T, post.precision, rtol=1e-10, atol=1e-12)
+    plan = await svc.client.post(
+        f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 3, 2]}}
+    )
+    assert plan.status_code == 201, plan.text
+    core = search(post, teacher.inherit((3, 3, 3, 2)))
+    assert plan.json()["cost"] == pytest.approx(core.cost, rel=1e-12)
+
+
+async def test_a_plan_cut_by_its_deadline_says_so_and_still_answers(tmp_path):
+    service, ctx = await start(tmp_path / "data", plan_seconds=1e-6)
+    try:
+        teacher = Structure.mlp((6, 30, 20, 8))
+        post, _, _ = make("precision", teacher, np.random.default_rng(3))
+        t = (
+            await upload(service.client, {"widths": [6, 30, 20, 8]}, "precision", arrays_of(post))
+        ).json()
+        r = await service.client.post(
+            f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [6, 18, 12, 8]}}
+        )
+        assert r.status_code == 201, r.text
+        plan = r.json()
+        assert plan["search"]["cut"] is True and plan["search"]["seconds"] == 1e-6
+        assert plan["student"]["widths"] == [6, 18, 12, 8]
+        from planner import Plan
+
+        exact = Plan.from_json(teacher, plan["ops"]).cost(post)
+        assert plan["cost"] == pytest.approx(exact, rel=1e-9)
+    finally:
+        await service.client.aclose()
+        await ctx.__aexit__(None, None, None)

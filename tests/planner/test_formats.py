@@ -89,13 +89,15 @@ def test_small_block_access_equals_the_dense_form(fmt):
 
     dense = FullPosterior.from_dense(s, mean, cov)
     tr = Tracked.start(s)
-    groups, rows = tr.outgoing_all(2), tr._U(3)
+    groups, rows = tr.outgoing_all(2), tr.weights(3)
     close(post.group_costs(groups), dense.group_costs(groups))
-    close(post.assignment_costs(rows), dense.assignment_costs(rows))
     close(post.precision_diagonal(), dense.precision_diagonal())
     close(post.variance(), dense.variance())
     idx = np.array([0, 7, 20, 21, 40])
     close(post.cov_block(idx), dense.cov_block(idx))
+    other = np.array([3, 7, 33, 45, 46])
+    close(post.cov_cross(idx, other), cov[np.ix_(idx, other)])
+    close(post.inverse_block(rows.ravel()), np.linalg.inv(cov[np.ix_(rows.ravel(), rows.ravel())]))
 
 
 S = Structure.mlp((2, 3, 2), bias=True)  # 17 parameters
@@ -185,3 +187,54 @@ def test_diag_plan_cost_by_blocks_equals_the_flat_sum(case):
     )
     plan = Plan(s, to_ops(ops))
     close(post.plan_cost(plan.compiled), Posterior.plan_cost(post, plan.compiled))
+
+
+def test_a_kron_posterior_refuses_arbitrary_conditioning_with_a_typed_error():
+    from planner import Unsupported
+
+    s = Structure.mlp((3, 4, 2))
+    post, _, _ = make("kron", s, np.random.default_rng(0))
+    with pytest.raises(Unsupported) as err:
+        post.condition(np.array([0]), np.zeros(1), np.array([1, 2]), s)
+    assert err.value.field == "posterior.format"
+
+
+@pytest.mark.parametrize("fmt", ["full", "lowrank", "kron"])
+def test_a_numerically_singular_constraint_is_refused(fmt):
+    """Two outgoing weights that are numerically one variable, conditioned along it: the
+    dense formula meets a vanishing pivot, Woodbury a cancellation, kron a singular
+    column factor; each refuses with a typed error naming the plan (SPEC §8)."""
+    from planner import FullPosterior, SingularConstraint
+
+    s = Structure.mlp((1, 2, 1))  # U_2 (2 params), then U_3 (2 params: indices 2, 3)
+    mean = np.array([0.3, -0.2, 1.0, 1.0])
+    B = np.array([2, 3])
+    if fmt == "kron":
+        arrays = {"mean": mean, "row2": np.eye(2), "col2": np.eye(1), "row3": np.eye(1)}
+        arrays["col3"] = np.array([[1.0, 1.0], [1.0, 1.0]])
+        post = KronPosterior.from_validated(s, arrays)
+        with pytest.raises(SingularConstraint) as err:
+            post.constraint_cost(B, np.zeros(2))
+    else:
+        var = np.array([1.0, 1.0, 1e-12, 1e-12])
+        F = np.zeros((4, 1))
+        F[2:, 0] = 1e4
+        if fmt == "lowrank":
+            post = LowRankPosterior.from_arrays(s, {"mean": mean, "variance": var, "factor": F})
+        else:
+            post = FullPosterior(s, mean, np.diag(var) + F @ F.T)
+        with pytest.raises(SingularConstraint) as err:
+            post.constraint_cost(B, np.zeros(2))
+    assert err.value.field == "ops"
+
+
+def test_a_precision_whose_cost_is_lost_to_cancellation_is_refused():
+    """A precision that rounding has made indefinite along B (a float32 round trip of an
+    ill-conditioned Laplace precision can): its cost formula cancels to nothing."""
+    from planner import SingularConstraint
+
+    s = Structure.mlp((1, 1, 1))  # two parameters
+    lam = np.array([[1.0, 1.0], [1.0, 1.0 - 1e-15]])
+    post = PrecisionPosterior(s, np.array([0.0, 1.0]), lam)
+    with pytest.raises(SingularConstraint):
+        post.constraint_cost(np.array([1]), np.zeros(1))

@@ -13,7 +13,7 @@ from ...compute import TeacherFiles, run_plan, structure_from_json
 from ...problems import problem_from_planner_error
 from ...schemas import PlanCreate, PlanPublic, structure_json
 from ...store import PlanRecord, new_id
-from ..deps import JobsDep, OwnerDep, StoreDep, owned
+from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
 
 router = APIRouter(tags=["plans"])
 
@@ -36,7 +36,13 @@ def plan_json(rec: PlanRecord) -> dict:
 
 @router.post("/v1/teachers/{id}/plans", status_code=201, response_model=PlanPublic)
 async def create_plan(
-    id: str, body: PlanCreate, response: Response, store: StoreDep, jobs: JobsDep, owner: OwnerDep
+    id: str,
+    body: PlanCreate,
+    response: Response,
+    store: StoreDep,
+    jobs: JobsDep,
+    owner: OwnerDep,
+    settings: SettingsDep,
 ):
     """Search the plan of least cost to ``student``, or validate and score ``ops``.
 
@@ -59,6 +65,7 @@ async def create_plan(
             body.criterion,
             body.seed,
             body.ops,
+            settings.plan_seconds,
         )
     except PlannerError as exc:
         raise problem_from_planner_error(exc) from None

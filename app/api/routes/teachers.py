@@ -22,7 +22,7 @@ def teacher_json(rec: TeacherRecord) -> dict:
         "name": rec.name,
         "structure": rec.structure,
         "posterior": {"format": rec.format},
-        "arrays": rec.arrays,
+        "arrays": {n: a for n, a in rec.arrays.items() if not a.get("derived")},
         "created": rec.created,
     }
 

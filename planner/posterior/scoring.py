@@ -1,0 +1,500 @@
+"""Exact incremental conditioning: the one scoring interface the search uses (SPEC §6).
+
+A search commits constraints one group at a time (a neuron's outgoing weights
+to zero, a merged layer's rows to unit vectors) and, before each commit, scores
+every candidate by its *exact increment*: removing group g after the set B
+costs ``½ rᵀ S⁻¹ r`` with ``r = v_g − E[x_g | x_B = v_B]`` and
+``S = Cov(x_g | x_B)``, the group form of Optimal Brain Surgeon.  A posterior
+answers through a :class:`Scorer`:
+
+* :meth:`Scorer.drops` opens a *stage*: candidate groups (rows of an index
+  matrix) to be conditioned to zero; :meth:`Drops.increments` scores all of
+  them at once and :meth:`Drops.take` commits some;
+* :meth:`Scorer.block` opens a fixed set to be conditioned to a 0/1 pattern
+  chosen afterwards (a merged layer): :attr:`Block.linear` is the exact change
+  of the cost when one entry's target goes from 0 to 1, the others at 0, and
+  :meth:`Block.cost` the exact cost of any pattern;
+* :meth:`Scorer.commit` conditions any other set.
+
+``Scorer.cost`` is always the exact ``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)`` of
+everything committed.  :class:`DenseScorer` works for every format through
+dense blocks of Σ (``Posterior.cov_cross``) and keeps the Cholesky factor of
+Σ_BB up to date by block appends, never refactorising; :class:`DiagScorer`
+uses independence.  Structured formats supply their own (``Posterior.scorer``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import scipy.linalg as sla
+from scipy.linalg import lapack
+
+from ._validate import cholesky_constraint
+
+__all__ = [
+    "Block",
+    "Columns",
+    "DenseScorer",
+    "DiagScorer",
+    "Drops",
+    "LayerBlock",
+    "Scorer",
+    "batched_cholesky",
+    "indices",
+]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Candidate groups that are whole columns of one teacher layer over some of its rows
+    (MLP neurons' outgoing weights): group i is column ``cols[i]`` of layer ``layer``
+    over ``rows`` (teacher neuron ids).  Structured kernels read the layer directly;
+    others ask for :meth:`indices`."""
+
+    structure: object
+    layer: int
+    rows: np.ndarray
+    cols: np.ndarray
+
+    def indices(self) -> np.ndarray:
+        U = self.structure.layer(self.layer).U
+        return U[np.ix_(self.rows, self.cols)].T
+
+
+@dataclass(frozen=True)
+class LayerBlock:
+    """A merged layer's block: ``rows × cols`` of one teacher layer (row-major), then the
+    biases of ``rows`` when the structure has them (teacher ids)."""
+
+    structure: object
+    layer: int
+    rows: np.ndarray
+    cols: np.ndarray
+
+    def indices(self) -> np.ndarray:
+        ix = self.structure.layer(self.layer)
+        parts = [ix.U[np.ix_(self.rows, self.cols)].ravel()]
+        if self.structure.bias:
+            parts.append(ix.b[self.rows])
+        return np.concatenate(parts)
+
+
+def indices(x) -> np.ndarray:
+    """Teacher indices of candidate groups or a block, whatever their description."""
+    return x.indices() if isinstance(x, Columns | LayerBlock) else np.asarray(x, dtype=np.int64)
+
+
+class Drops(Protocol):
+    """A stage: candidate groups conditioned to zero, one commit at a time."""
+
+    def increments(self) -> np.ndarray:
+        """Exact increment of each candidate given everything committed (inf when
+        taken already, or when conditioning on it would be singular)."""
+        ...
+
+    def take(self, which: np.ndarray) -> None:
+        """Commit the candidates ``which`` (in that order) to the scorer."""
+        ...
+
+
+class Block(Protocol):
+    """A fixed set of parameters to be conditioned to a 0/1 pattern."""
+
+    linear: np.ndarray
+
+    def cost(self, targets: np.ndarray) -> float:
+        """The exact increment of conditioning the block to ``targets``."""
+        ...
+
+    def commit(self, targets: np.ndarray) -> None: ...
+
+
+class Scorer(Protocol):
+    """Exact incremental conditioning of one Gaussian."""
+
+    cost: float
+
+    def drops(self, groups: np.ndarray) -> Drops: ...
+
+    def block(self, idx: np.ndarray) -> Block: ...
+
+    def commit(self, idx: np.ndarray, targets: np.ndarray) -> None: ...
+
+    def copy(self) -> Scorer: ...
+
+    def step_work(self, n: int, k: int) -> float:
+        """Work (flops) of scoring ``n`` candidate groups of ``k`` parameters and
+        committing one, when the search should count it: a stage whose exact greedy
+        would cost more removes several neurons per update.  Kernels whose greedy is
+        always run exactly (dense, bounded by the service's limits) report 0;
+        ``independent`` kernels (increments never change) remove all at once."""
+        ...
+
+
+def batched_cholesky(S: np.ndarray):
+    """Batched lower Cholesky factors, with a mask of the numerically positive definite."""
+    n, k = S.shape[0], S.shape[-1]
+    if k == 0:
+        return S, np.ones(n, dtype=bool)
+    try:
+        L = np.linalg.cholesky(S)
+        ok = np.ones(n, dtype=bool)
+    except np.linalg.LinAlgError:
+        L, ok = np.zeros_like(S), np.zeros(n, dtype=bool)
+        for i in range(n):
+            try:
+                L[i], ok[i] = np.linalg.cholesky(S[i]), True
+            except np.linalg.LinAlgError:
+                continue
+    d = np.diagonal(L, axis1=1, axis2=2) ** 2
+    scale = np.abs(np.diagonal(S, axis1=1, axis2=2)).max(axis=1, initial=0.0)
+    ok &= d.min(axis=1, initial=np.inf) > k * np.finfo(float).eps * scale
+    L[~ok] = np.eye(k)
+    return L, ok
+
+
+def _chol(S: np.ndarray) -> np.ndarray:
+    return cholesky_constraint(S)
+
+
+def _batched_increments(S: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``½ rᵀ S⁻¹ r`` for each of n groups (``S``: n × k × k, ``r``: n × k); inf where
+    ``S`` is not numerically positive definite."""
+    n, k = r.shape
+    if k == 0:
+        return np.zeros(n)
+    if k == 1:
+        s = S[:, 0, 0]
+        out = np.full(n, np.inf)
+        ok = s > 0
+        out[ok] = 0.5 * r[ok, 0] ** 2 / s[ok]
+        return out
+    try:
+        L = np.linalg.cholesky(S)
+        y = np.linalg.solve(L, r[..., None])[..., 0]
+        return 0.5 * np.einsum("nk,nk->n", y, y)
+    except np.linalg.LinAlgError:
+        out = np.full(n, np.inf)
+        for i in range(n):
+            try:
+                y = np.linalg.solve(np.linalg.cholesky(S[i]), r[i])
+            except np.linalg.LinAlgError:
+                continue
+            out[i] = 0.5 * float(y @ y)
+        return out
+
+
+class DenseScorer:
+    """Incremental conditioning through dense blocks of Σ (any format, SPEC §6).
+
+    State: the committed set B in commit order with its targets and its cost;
+    the lower Cholesky factor ``L`` of Σ_BB and ``z = L⁻¹ (v_B − m_B)`` (so the
+    cost is ``½ ‖z‖²``).  Committing a group appends one block row to ``L``
+    (``[X_gᵀ, chol(S_g)]``): the factor is never recomputed.  A block that the
+    format conditions more cheaply on its precision side (a merged layer whose
+    complement is small, for ``precision``) is committed without extending
+    ``L``, which is then rebuilt only if a later stage needs it.
+    """
+
+    def __init__(self, posterior) -> None:
+        self.post = posterior
+        self.mean = posterior.mean
+        self._L = np.zeros((0, 0))
+        self.n = 0
+        self.B = np.zeros(0, dtype=np.int64)
+        self.v = np.zeros(0)
+        self.z = np.zeros(0)
+        self.cost = 0.0
+
+    def copy(self) -> DenseScorer:
+        out = object.__new__(DenseScorer)
+        out.post, out.mean, out.n, out.cost = self.post, self.mean, self.n, self.cost
+        out._L = self._L.copy()
+        out.B, out.v, out.z = self.B.copy(), self.v.copy(), self.z.copy()
+        return out
+
+    @property
+    def L(self) -> np.ndarray:
+        return self._L[: self.n, : self.n]
+
+    def _refresh(self) -> None:
+        """Rebuild the factor when blocks were committed on the precision side."""
+        if self.n == self.B.size:
+            return
+        self._L = _chol(self.post.cov_cross(self.B, self.B))
+        self.n = self.B.size
+        self.z = sla.solve_triangular(
+            self._L, self.v - self.mean[self.B], lower=True, check_finite=False
+        )
+
+    def _record(self, idx: np.ndarray, targets: np.ndarray, cost: float) -> None:
+        """Commit a block whose exact new total cost is known, leaving the factor stale
+        (it still covers the first ``n`` entries of B)."""
+        self.B = np.concatenate([self.B, idx])
+        self.v = np.concatenate([self.v, targets])
+        self.cost = float(cost)
+
+    #: increments change as groups are committed
+    independent = False
+
+    def step_work(self, n: int, k: int) -> float:
+        return 0.0  # dense teachers are bounded in size: the greedy is always exact
+
+    # -- the conditional Gaussian of a set, given B ------------------------------------
+    def conditional(self, idx: np.ndarray):
+        """(X = L⁻¹ Σ_{B,idx}, Cov(x_idx | x_B), E[x_idx | x_B = v_B])."""
+        self._refresh()
+        S = self.post.cov_cross(idx, idx)
+        c = self.mean[idx].astype(np.float64, copy=True)
+        if self.n == 0:
+            return np.zeros((0, idx.size)), S, c
+        X = sla.solve_triangular(
+            self.L, self.post.cov_cross(self.B, idx), lower=True, check_finite=False
+        )
+        S -= X.T @ X
+        c += X.T @ self.z
+        return X, S, c
+
+    def _append(self, idx, targets, X, Lk, c) -> None:
+        """Commit ``idx = targets`` given ``X = L⁻¹ Σ_{B,idx}``, ``Lk = chol(Cov(x_idx | x_B))``
+        and ``c = E[x_idx | x_B]``."""
+        k = idx.size
+        if k == 0:
+            return
+        u = sla.solve_triangular(Lk, targets - c, lower=True, check_finite=False)
+        m = self.n + k
+        if m > self._L.shape[0]:
+            grown = np.zeros((max(m, 2 * self._L.shape[0]),) * 2)
+            grown[: self.n, : self.n] = self.L
+            self._L = grown
+        self._L[self.n : m, : self.n] = X.T
+        self._L[self.n : m, self.n : m] = Lk
+        self.n = m
+        self.B = np.concatenate([self.B, idx])
+        self.v = np.concatenate([self.v, targets])
+        self.z = np.concatenate([self.z, u])
+        self.cost += 0.5 * float(u @ u)
+
+    def commit(self, idx: np.ndarray, targets: np.ndarray) -> None:
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            return
+        X, S, c = self.conditional(idx)
+        self._append(idx, np.asarray(targets, dtype=np.float64), X, _chol(S), c)
+
+    def drops(self, groups) -> _DenseDrops:
+        return _DenseDrops(self, indices(groups))
+
+    def block(self, idx) -> _DenseBlock | _PrecisionBlock:
+        idx = indices(idx)
+        got = self.post.conditional_precision(self.B, self.v, idx)
+        if got is None:
+            return _DenseBlock(self, idx)
+        return _PrecisionBlock(self, idx, *got)
+
+    def precision(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(Σ_BB⁻¹, Σ_BB⁻¹ (v_B − m_B))`` from the factor (for exchange moves)."""
+        Linv = sla.solve_triangular(self.L, np.eye(self.n), lower=True, check_finite=False)
+        return Linv.T @ Linv, Linv.T @ self.z
+
+
+class _DenseDrops:
+    """Candidates scored on the conditional Gaussian of their union ``G`` given B.
+
+    ``C0 = Cov(x_G | x_B)`` at the stage's start stays read-only; the stage's own
+    commits enter through ``W`` (one block row per commit, ``C = C0 − WᵀW``), and
+    only what scoring needs is kept current: each candidate's own block of ``C``
+    and the conditional mean ``c``.  A commit costs ``O(|B_stage| |G| k)``.
+    """
+
+    def __init__(self, scorer: DenseScorer, groups: np.ndarray) -> None:
+        self.sc = scorer
+        self.G, inv = np.unique(groups, return_inverse=True)
+        self.pos = inv.reshape(groups.shape)
+        self.X0, self.C0, self.c = scorer.conditional(self.G)
+        q = self.pos
+        self.S = self.C0[q[:, :, None], q[:, None, :]]  # each candidate's own block
+        self._W = np.zeros((0, self.G.size))
+        self.m = 0  # rows of W in use
+        self.live = np.ones(len(groups), dtype=bool)
+
+    def increments(self) -> np.ndarray:
+        out = np.full(len(self.pos), np.inf)
+        live = self.live
+        if live.any():
+            out[live] = _batched_increments(self.S[live], -self.c[self.pos[live]])
+        return out
+
+    def take(self, which) -> None:
+        for g in np.atleast_1d(which):
+            if not self.live[g]:
+                raise ValueError(f"candidate {g} was taken already")
+            q = self.pos[g]
+            W = self._W[: self.m]
+            row = self.C0[q] - W[:, q].T @ W  # C[q, :] (C0 is symmetric: rows gather fast)
+            Lk = _chol(row[:, q])
+            Yt = sla.solve_triangular(Lk, row, lower=True, check_finite=False)  # Lk⁻¹ C[q, :]
+            X = np.vstack([self.X0[:, q], W[:, q]])
+            self.sc._append(self.G[q], np.zeros(q.size), X, Lk, self.c[q].copy())
+            u = self.sc.z[-q.size :]
+            self.c += Yt.T @ u
+            Yq = Yt.T[self.pos]  # n × k × k_g
+            self.S -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+            k = q.size
+            if self.m + k > self._W.shape[0]:
+                grown = np.zeros((max(self.m + k, 2 * self._W.shape[0]), self.G.size))
+                grown[: self.m] = W
+                self._W = grown
+            self._W[self.m : self.m + k] = Yt
+            self.m += k
+            self.live[g] = False
+
+
+class _DenseBlock:
+    """``Q = Cov(x_P | x_B)⁻¹`` of a fixed set P: the cost of a pattern ``t`` is
+    ``½ (t − c)ᵀ Q (t − c)``; ``linear[q] = ½ Q_qq − (Q c)_q`` is its change when
+    entry q alone goes from 0 to 1.  Q itself is never formed: its diagonal comes
+    from the inverse of the Cholesky factor, ``Q c`` from two triangular solves."""
+
+    def __init__(self, scorer: DenseScorer, idx: np.ndarray) -> None:
+        self.sc, self.idx = scorer, idx
+        self.X, S, self.c = scorer.conditional(idx)
+        self.Lk = _chol(S)
+        Linv, info = lapack.dtrtri(self.Lk, lower=1)
+        if info != 0:  # pragma: no cover - a valid Cholesky factor inverts
+            raise np.linalg.LinAlgError("triangular inverse failed")
+        q = np.einsum("ij,ij->j", Linv, Linv)
+        self.linear = 0.5 * q - sla.cho_solve((self.Lk, True), self.c, check_finite=False)
+
+    def cost(self, targets: np.ndarray) -> float:
+        y = sla.solve_triangular(self.Lk, targets - self.c, lower=True, check_finite=False)
+        return 0.5 * float(y @ y)
+
+    def commit(self, targets: np.ndarray) -> None:
+        self.sc._append(self.idx, np.asarray(targets, dtype=np.float64), self.X, self.Lk, self.c)
+
+
+class _PrecisionBlock:
+    """A block conditioned on its precision side: ``Q`` and ``Q c`` from the format
+    (``Posterior.conditional_precision``); costs by the format's own one-shot formula."""
+
+    def __init__(self, scorer: DenseScorer, idx: np.ndarray, q: np.ndarray, Qc: np.ndarray):
+        self.sc, self.idx = scorer, idx
+        self.linear = 0.5 * q - Qc
+
+    def _total(self, targets: np.ndarray) -> float:
+        sc = self.sc
+        B = np.concatenate([sc.B, self.idx])
+        return sc.post.constraint_cost(B, np.concatenate([sc.v, targets]))
+
+    def cost(self, targets: np.ndarray) -> float:
+        return self._total(targets) - self.sc.cost
+
+    def commit(self, targets: np.ndarray) -> None:
+        targets = np.asarray(targets, dtype=np.float64)
+        self.sc._record(self.idx, targets, self._total(targets))
+
+
+class DiagScorer:
+    """Independent coordinates (``diag``): every increment is the group's own cost."""
+
+    def __init__(self, posterior) -> None:
+        self.mean, self.var = posterior.mean, posterior.var
+        self.cost = 0.0
+
+    def copy(self) -> DiagScorer:
+        out = object.__new__(DiagScorer)
+        out.mean, out.var, out.cost = self.mean, self.var, self.cost
+        return out
+
+    #: increments never change: the greedy removes the cheapest all at once
+    independent = True
+
+    def step_work(self, n: int, k: int) -> float:
+        return float(n * k)
+
+    def commit(self, idx: np.ndarray, targets: np.ndarray) -> None:
+        idx = np.asarray(idx, dtype=np.int64)
+        d = np.asarray(targets, dtype=np.float64) - self.mean[idx]
+        self.cost += 0.5 * float(np.sum(d * d / self.var[idx]))
+
+    def _layer(self, s, t: int, rows: np.ndarray, cols: np.ndarray):
+        """Mean and variance of ``U_t[rows, cols]`` without index arrays (layer views)."""
+        n, m, start = s.width(t), s.width(t - 1), s.layer_offset(t)
+        mean = self.mean[start : start + n * m].reshape(n, m)
+        var = self.var[start : start + n * m].reshape(n, m)
+        return _take(mean, rows, cols), _take(var, rows, cols)
+
+    def drops(self, groups) -> _DiagDrops:
+        if isinstance(groups, Columns):
+            m, v = self._layer(groups.structure, groups.layer, groups.rows, groups.cols)
+            return _DiagDrops(self, 0.5 * np.einsum("rc,rc->c", m, m / v))
+        return _DiagDrops(self, _group_costs(self, indices(groups)))
+
+    def block(self, idx) -> _DiagBlock:
+        if isinstance(idx, LayerBlock):
+            s = idx.structure
+            m, v = self._layer(s, idx.layer, idx.rows, idx.cols)
+            m, v = m.ravel(), v.ravel()
+            if s.bias:
+                b = s.layer(idx.layer).b[idx.rows]
+                m, v = np.concatenate([m, self.mean[b]]), np.concatenate([v, self.var[b]])
+            return _DiagBlock(self, m, v)
+        i = indices(idx)
+        return _DiagBlock(self, self.mean[i], self.var[i])
+
+
+def _span(ids: np.ndarray):
+    """A slice for sorted ids that form one contiguous range, else the ids themselves."""
+    ids = np.asarray(ids)
+    if ids.size and ids[-1] - ids[0] + 1 == ids.size:
+        return slice(int(ids[0]), int(ids[-1]) + 1)
+    return ids
+
+
+def _take(A: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``A[np.ix_(rows, cols)]`` by slices where the ids are a contiguous range."""
+    return A[_span(rows)][:, _span(cols)]
+
+
+def _group_costs(sc: DiagScorer, groups: np.ndarray) -> np.ndarray:
+    z = sc.mean[groups]
+    np.square(z, out=z)
+    z /= sc.var[groups]
+    return 0.5 * z.sum(axis=-1)
+
+
+class _DiagDrops:
+    def __init__(self, scorer: DiagScorer, inc: np.ndarray) -> None:
+        self.sc, self.inc = scorer, inc
+        self.live = np.ones(inc.size, dtype=bool)
+
+    def increments(self) -> np.ndarray:
+        return np.where(self.live, self.inc, np.inf)
+
+    def take(self, which) -> None:
+        which = np.atleast_1d(which)
+        if not self.live[which].all():
+            raise ValueError("a candidate was taken already")
+        self.sc.cost += float(self.inc[which].sum())
+        self.live[which] = False
+
+
+class _DiagBlock:
+    def __init__(self, scorer: DiagScorer, m: np.ndarray, v: np.ndarray) -> None:
+        self.sc = scorer
+        self.q = np.reciprocal(v)
+        self.linear = np.subtract(0.5, m)
+        self.linear *= self.q
+        self.c = m
+
+    def cost(self, targets: np.ndarray) -> float:
+        d = np.subtract(targets, self.c)
+        d *= d
+        return 0.5 * float(d @ self.q)
+
+    def commit(self, targets: np.ndarray) -> None:
+        self.sc.cost += self.cost(np.asarray(targets, dtype=np.float64))

@@ -1,0 +1,224 @@
+"""The search: route × neurons × order → the plan of least exact cost (SPEC §4–§6).
+
+1. **Routes** (:mod:`.routes`): all of them when there are few, else the ``k``
+   best by exact block costs.
+2. **Construction** (:mod:`.construct`): per route, the greedy of exact
+   increments (or the criterion's ranking), deeper first, merged layers paired
+   by assignment on exact target terms.
+3. **Improvement** (:mod:`.improve`): branch and bound over every candidate
+   route when the choice space fits the budget (the result is then the
+   exhaustive optimum); otherwise exact exchange moves on each route's plan,
+   cheapest first, until none improves or the budget is spent.
+
+The budget (:mod:`.budget`) counts work, so the same request gives the same
+plan on any machine; ``seconds`` is a wall-clock safety net that the result
+reports when it cuts the search.
+
+Examples
+--------
+>>> import numpy as np
+>>> from planner import DiagPosterior, Structure
+>>> teacher = Structure.mlp((2, 4, 1))
+>>> p = teacher.n_params
+>>> post = DiagPosterior.from_arrays(teacher, {"mean": np.arange(p) / p, "variance": np.ones(p)})
+>>> found = search(post, teacher.inherit((2, 2, 1)))
+>>> found.plan.student.widths, round(found.cost, 4)
+((2, 2, 1), 0.0069)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..criteria import Criterion, criterion_function
+from ..errors import MissingData
+from ..lattice import Route, random_route, require_member
+from ..ops import Phi, Psi, Tracked
+from ..plan import Plan
+from ..posterior import Posterior
+from ..structure import Structure
+from .budget import NODE_WORK, Budget, dense_work
+from .construction import Built, construct, replay
+from .improvement import branch_and_bound, choice_space, local_search
+from .routes import candidate_routes
+
+__all__ = ["Budget", "SearchResult", "random_plan", "search"]
+
+#: Routes finished at most (the best by exact block costs when there are more).
+MAX_ROUTES = 8
+#: Work every search may spend on improvement, however small the problem (flops).
+WORK_FLOOR = 3e10
+#: Improvement work, in dense one-shot conditionings of the constructed plan's B.
+ONE_SHOTS = 2.0
+#: Improvement work at most, however large the problem (flops).
+WORK_CAP = 2e11
+#: Branch and bound runs when the choice space times this many nodes fits the budget.
+NODES_PER_LEAF = 3
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen plan, its exact cost, and what the search looked at."""
+
+    plan: Plan
+    cost: float
+    route: Route
+    #: routes that exist (counted up to ``MAX_ROUTES + 1``) and routes finished
+    routes_considered: int
+    routes_built: int
+    #: exact evaluations spent improving, and the work they were charged
+    evaluations: int
+    work: float
+    #: whether the choices were enumerated (the plan is then the optimum of its routes)
+    exhaustive: bool
+    #: whether the wall-clock deadline cut the search short
+    cut: bool
+
+    @property
+    def candidates(self) -> int:  # the previous name of ``evaluations``
+        return self.evaluations
+
+
+def search(
+    posterior: Posterior,
+    student: Structure,
+    criterion: str | Criterion = "posterior_ratio",
+    *,
+    seed: int = 0,
+    gradients: np.ndarray | None = None,
+    work: float | None = None,
+    seconds: float | None = None,
+    max_routes: int = MAX_ROUTES,
+) -> SearchResult:
+    """The valid plan of least exact cost found from ``posterior``'s teacher to ``student``.
+
+    Parameters
+    ----------
+    posterior : Posterior
+        The teacher's posterior; ``posterior.structure`` is the teacher.
+    student : Structure
+        The target structure; must be in the teacher's lattice.
+    criterion : str or Criterion
+        ``"posterior_ratio"`` (default): the greedy of exact increments.
+        Others rank the neurons of shrinking positions by their own score
+        (SPEC §6); ``"random"`` is the seed's baseline and is never improved.
+    seed : int
+        Seeds the ``random`` criterion.
+    gradients : array (examples × p), optional
+        Per-example gradients, for ``"gradient_covariance"``.
+    work : float, optional
+        Flops the improvement may spend, counted as for a dense Gaussian
+        (:func:`~planner.search.budget.dense_work`) whatever the format; by
+        default two one-shot conditionings of the constructed plan's B, within
+        ``WORK_FLOOR`` and ``WORK_CAP``.
+    seconds : float, optional
+        Wall-clock safety net; the result says when it cut the search.
+    max_routes : int
+        Routes finished at most.
+
+    Raises
+    ------
+    NotInLattice
+        If the student cannot be reached.
+    UnknownCriterion, MissingData
+        For an unknown criterion or one without its data.
+    """
+    teacher = posterior.structure
+    require_member(teacher, student)
+    crit = criterion_function(criterion)
+    if crit.needs_gradients and gradients is None:
+        raise MissingData(f"criterion {crit.name!r} needs per-example gradients", field="gradients")
+    gvar = np.asarray(gradients).var(axis=0) if crit.needs_gradients else None
+    budget = Budget(np.inf, seconds)
+    cands, n_routes = candidate_routes(posterior, student, crit, max_routes)
+    first, count = _reach(teacher, student, cands)
+    posterior.prepare(first, count)
+    built: list[Built] = []
+    for route in cands:
+        if built and budget.expired():
+            break
+        rng = np.random.default_rng(seed)
+        built.append(
+            construct(
+                posterior,
+                student,
+                route,
+                crit,
+                rng=rng,
+                gradients=gradients,
+                gradient_variance=gvar,
+            )
+        )
+    built.sort(key=lambda b: b.cost)
+    exhaustive = False
+    if crit.polished and not budget.cut:
+        best = built[0]
+        c = best.plan.compiled
+        default = ONE_SHOTS * dense_work(c.n_conditioned, c.student.n_params)
+        budget.work = work if work is not None else max(WORK_FLOOR, min(WORK_CAP, default))
+        space = sum(choice_space(teacher, student, b.choices.route) for b in built)
+        if len(built) == len(cands) and space * NODES_PER_LEAF <= budget.work / NODE_WORK:
+            exhaustive = True
+            for b in built:
+                found = branch_and_bound(posterior, student, b.choices.route, best.cost, budget)
+                if found is not None:
+                    plan = replay(teacher, found)
+                    best = Built(plan, plan.cost(posterior), found)
+            exhaustive = not budget.cut and budget.spent < budget.work
+            built = [best]
+        else:
+            built = [local_search(posterior, b, budget) for b in built]
+            built.sort(key=lambda b: b.cost)
+    best = built[0]
+    return SearchResult(
+        best.plan,
+        float(best.cost),
+        best.choices.route,
+        n_routes,
+        len(built) if not exhaustive else len(cands),
+        budget.evaluations,
+        float(budget.spent),
+        exhaustive,
+        budget.cut,
+    )
+
+
+def _reach(teacher: Structure, student: Structure, cands: list[Route]) -> tuple[int, int]:
+    """Where the search will ask for covariance blocks: the layers of the outgoing
+    weights of shrinking positions (and the incoming rows their moves touch); merged
+    layers go through ``Posterior.conditional_precision`` where that is cheaper.
+    Returns the first such parameter and how many parameters those layers hold (a
+    hint for ``Posterior.prepare``)."""
+    layers: set[int] = set()
+    for route in cands:
+        for j, (_, e) in enumerate(route.blocks, start=1):
+            if 1 < e < teacher.T and teacher.width(e) > student.width(j):
+                layers.add(e + 1)
+                if e > 2 and teacher.width(e - 1) > student.width(j):
+                    layers.add(e)
+    if not layers:
+        return teacher.n_params, 0
+    return teacher.layer_offset(min(layers)), sum(teacher.layer_size(t) for t in layers)
+
+
+# -- the random baseline --------------------------------------------------------------------
+def random_plan(teacher: Structure, student: Structure, rng: np.random.Generator) -> Plan:
+    """A uniformly random valid plan: random route, random neurons, random pairings."""
+    route = random_route(teacher, student, rng)
+    tr = Tracked.start(teacher)
+    ops = []
+    for j, (s, e) in enumerate(route.blocks, start=1):
+        w = student.width(j)
+        for p in range(s, e + 1):
+            while teacher.is_hidden(p) and tr.structure.width(p) > w:
+                op = Phi(p, int(rng.integers(tr.structure.width(p))))
+                tr.apply(op)
+                ops.append(op)
+    for p in sorted(route.removed_layers, key=lambda p: (teacher.activation(p) != "identity", -p)):
+        t = tr.positions.index(p) + 1
+        op = Psi(t, tuple(int(x) for x in rng.permutation(tr.structure.width(t))))
+        tr.apply(op)
+        ops.append(op)
+    return Plan(teacher, tuple(ops))

@@ -1,0 +1,269 @@
+"""The constructive pass: one route, one plan, by exact increments (SPEC §6).
+
+Blocks are visited from the output down, so every position is reduced after
+the positions above it (deeper first: a neuron's removal then conditions only
+its outgoing weights into surviving neurons, which never costs more, SPEC §4):
+
+* a position that shrinks removes, one at a time, the neuron whose removal has
+  the least exact increment given everything conditioned so far (ties: the
+  lowest index); the scorer keeps its factorisation up to date between steps
+  (``incremental`` criteria).  Other criteria rank the neurons by their own
+  score and the scorer only prices the choice exactly;
+* a layer removed by ψ conditions its kept rows to unit vectors: the pairing
+  π (and, at the bottom of a merged block, which neurons of the position below
+  survive) is a linear assignment on the exact change of the cost when one
+  entry's target goes from 0 to 1, given everything conditioned so far; the
+  unpaired neurons below are then removed.
+
+The steps are recorded as :class:`Choices` (teacher neuron ids), from which
+:func:`replay` rebuilds the same plan; ψ steps come last, in an order that
+keeps every step valid.  Everything goes through :class:`~planner.ops.Tracked`,
+so the plan's conditioned set is, by construction, what the scorer committed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from math import ceil
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from threadpoolctl import threadpool_limits
+
+from ..criteria import Criterion, NeuronContext
+from ..lattice import Route
+from ..ops import Effect, Op, Phi, Psi, Tracked
+from ..plan import CompiledPlan, Plan
+from ..posterior import Posterior
+from ..posterior.scoring import Columns, LayerBlock
+from ..structure import Structure
+
+__all__ = ["Built", "Choices", "construct", "replay", "single_threaded"]
+
+
+def single_threaded():
+    """One BLAS thread: for loops of small products, where a thread pool's start-up and
+    synchronisation cost several times the work (measured: 2.5–10× slower with two)."""
+    return threadpool_limits(1, user_api="blas")
+
+
+#: Above this many entries a merged layer's assignment is first narrowed to the
+#: columns with the cheapest entries (a heuristic for very wide layers).
+ASSIGN_ENTRIES = 400_000
+#: Work (flops) one shrinking position may spend on exact increments before the
+#: greedy removes several neurons per update (structured kernels on large teachers).
+STAGE_WORK = 2e10
+
+
+@dataclass
+class Choices:
+    """A route's decisions in teacher neuron ids, enough to rebuild its plan.
+
+    ``drops[p]``: the neurons of teacher position p removed by φ, in order;
+    ``pairs[p]``: for teacher layer p removed by ψ, ``(rows, cols)``: neuron
+    ``rows[k]`` of position p is paired with neuron ``cols[k]`` of position p-1.
+    """
+
+    route: Route
+    drops: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    pairs: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    def copy(self) -> Choices:
+        return Choices(self.route, dict(self.drops), dict(self.pairs))
+
+    def key(self) -> tuple:
+        """Identifies the plan (MLP removal order within a position does not matter)."""
+        return (
+            self.route.blocks,
+            tuple(sorted(self.drops.items())),
+            tuple(sorted(self.pairs.items())),
+        )
+
+
+@dataclass(frozen=True)
+class Built:
+    """A constructed plan, its exact cost and the choices that rebuild it."""
+
+    plan: Plan
+    cost: float
+    choices: Choices
+
+
+class _Builder:
+    """Applies a route's steps to a tracked layout, recording ops, effects and choices."""
+
+    def __init__(self, teacher: Structure, route: Route) -> None:
+        self.teacher, self.route = teacher, route
+        self.tr = Tracked.start(teacher)
+        self.ops: list[Op] = []
+        self.effects: list[Effect] = []
+        self.choices = Choices(route)
+
+    def position(self, p: int) -> int:
+        """Current position of teacher position p."""
+        return self.tr.positions.index(p) + 1
+
+    def ids(self, t: int) -> np.ndarray:
+        """Teacher neuron ids of current position t, in current order."""
+        return self.tr.neurons[t - 1]
+
+    def remove(self, p: int, ids: list[int]) -> Effect:
+        """φ away the neurons ``ids`` (teacher ids) of teacher position p, in that order."""
+        t = self.position(p)
+        start = np.searchsorted(self.ids(t), ids)  # current order is ascending teacher ids
+        if start.size < 2 or (np.diff(start) < 0).all():
+            seq = [int(i) for i in start]  # descending: earlier removals do not shift it
+        else:  # an index shifts by the earlier removals below it
+            seq, gone = [], []
+            for i in (int(x) for x in start):
+                seq.append(i - bisect.bisect_left(gone, i))
+                bisect.insort(gone, i)
+        eff = self.tr.apply_phis(t, seq)
+        self.effects.append(eff)
+        self.ops.extend(Phi(t, i) for i in seq)
+        self.choices.drops[p] = self.choices.drops.get(p, ()) + tuple(int(a) for a in ids)
+        return eff
+
+    def block_indices(self, t: int) -> tuple[np.ndarray, int, int]:
+        """Teacher indices a ψ(t) conditions (U rows, then V, then b) and U's shape."""
+        U = self.tr.weights(t)
+        parts = [U.ravel()]
+        if self.tr.structure.recurrent(t):
+            parts.append(self.tr.recurrent(t).ravel())
+        if self.tr.structure.bias:
+            parts.append(self.tr.biases(t))
+        return np.concatenate(parts), U.shape[0], U.shape[1]
+
+    def finish(self) -> Plan:
+        """Every ψ, identity layers first, then from the top down (always valid)."""
+        partner = {p: dict(zip(r, c, strict=True)) for p, (r, c) in self.choices.pairs.items()}
+        removed = self.route.removed_layers
+        for p in sorted(removed, key=lambda p: (self.teacher.activation(p) != "identity", -p)):
+            t = self.position(p)
+            q = self.tr.positions[t - 2]
+            index = {int(a): k for k, a in enumerate(self.ids(t - 1))}
+            pairing = []
+            for a in self.ids(t):
+                b, pos = partner[p][int(a)], p - 1
+                while pos != q:
+                    b, pos = partner[pos][b], pos - 1
+                pairing.append(index[b])
+            op = Psi(t, tuple(pairing))
+            self.effects.append(self.tr.apply(op))
+            self.ops.append(op)
+        return Plan.from_compiled(CompiledPlan(self.teacher, self.ops, (self.tr, self.effects)))
+
+
+def construct(
+    posterior: Posterior,
+    student: Structure,
+    route: Route,
+    crit: Criterion,
+    *,
+    rng: np.random.Generator,
+    gradients: np.ndarray | None = None,
+    gradient_variance: np.ndarray | None = None,
+    scorer=None,
+) -> Built:
+    """The plan of ``route`` built by ``crit`` (exact increments when incremental)."""
+    sc = posterior.scorer() if scorer is None else scorer
+    b = _Builder(posterior.structure, route)
+
+    def context(t: int) -> NeuronContext:
+        return NeuronContext(posterior, b.tr, t, rng, gradients, gradient_variance)
+
+    for j in range(student.T, 0, -1):
+        s, e = route.blocks[j - 1]
+        w = student.width(j)
+        t = b.position(e)
+        if b.tr.structure.is_hidden(t) and b.tr.structure.width(t) > w:
+            _shrink(b, sc, e, w, crit, context)
+        for p in range(e, s, -1):
+            _merge(b, sc, p, crit, context, rng)
+    return Built(b.finish(), float(sc.cost), b.choices)
+
+
+def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context) -> None:
+    """Reduce teacher position p to width w."""
+    t = b.position(p)
+    ids = [int(a) for a in b.ids(t)]
+    need = len(ids) - w
+    if b.tr.structure.kind == "rnn":
+        # a removal changes the others' groups (their V columns lose its row): one at a time
+        ranked = None if crit.incremental else np.argsort(crit(context(t)), kind="stable")
+        for k in range(need):
+            if ranked is None:
+                inc = sc.drops(b.tr.outgoing_all(t)).increments()
+                a = int(b.ids(t)[int(np.argmin(inc))])
+            else:
+                a = ids[int(ranked[k])]
+            eff = b.remove(p, [a])
+            sc.commit(eff.conditioned, eff.targets)
+        return
+    nxt = b.tr.layers[t - 1]  # layer t+1: its rows and its columns (position t), teacher ids
+    groups = Columns(b.teacher, nxt.src, nxt.rows, nxt.cols)
+    drops = sc.drops(groups)
+    if crit.incremental:
+        if sc.independent:
+            batch = need
+        else:
+            work = sc.step_work(groups.cols.size, groups.rows.size)
+            batch = max(1, ceil(need * work / STAGE_WORK))
+        taken: list[int] = []
+        with single_threaded():  # many thin products: threads cost more than they give
+            while len(taken) < need:
+                inc = drops.increments()
+                pick = np.argsort(inc, kind="stable")[: min(batch, need - len(taken))]
+                drops.take(pick)
+                taken.extend(int(i) for i in pick)
+    else:
+        taken = [int(i) for i in np.argsort(crit(context(t)), kind="stable")[:need]]
+        drops.take(np.asarray(taken))
+    b.remove(p, [ids[i] for i in sorted(taken, reverse=True)])
+
+
+def _merge(b: _Builder, sc, p: int, crit: Criterion, context, rng) -> None:
+    """Condition layer p (removed by ψ later) to a pairing of its rows with position p-1."""
+    t = b.position(p)
+    if b.teacher.kind == "mlp":
+        lay = b.tr.layers[t - 2]
+        P = LayerBlock(b.teacher, lay.src, lay.rows, lay.cols)
+        R, L = lay.rows.size, lay.cols.size
+    else:
+        P, R, L = b.block_indices(t)
+    block = sc.block(P)
+    lin = block.linear[: R * L].reshape(R, L)
+    cand = np.arange(L)
+    if not crit.incremental and t - 1 > 1 and L > R:
+        # the criterion chooses which neurons below survive; the assignment pairs them
+        keep = np.argsort(crit(context(t - 1)), kind="stable")[L - R :]
+        cand = np.sort(keep)
+    if R * cand.size > ASSIGN_ENTRIES:  # narrow to the columns with the cheapest entries
+        cap = min(cand.size, R + max(16, R // 4))
+        cand = np.sort(cand[np.argsort(lin[:, cand].min(axis=0), kind="stable")[:cap]])
+    r, c = linear_sum_assignment(lin[:, cand])
+    c = cand[c]
+    targets = np.zeros(block.linear.size)
+    targets[r * L + c] = 1.0
+    block.commit(targets)
+    rows, cols = b.ids(t), b.ids(t - 1)
+    b.choices.pairs[p] = (tuple(int(a) for a in rows[r]), tuple(int(a) for a in cols[c]))
+    gone = sorted(set(range(L)) - {int(x) for x in c}, reverse=True)
+    if gone:
+        eff = b.remove(p - 1, [int(cols[i]) for i in gone])
+        if b.teacher.kind == "rnn":  # the recurrent columns below, outside the block
+            extra = ~np.isin(eff.conditioned, P)
+            sc.commit(eff.conditioned[extra], eff.targets[extra])
+
+
+def replay(teacher: Structure, choices: Choices) -> Plan:
+    """The plan of ``choices``, rebuilt step by step (no scoring)."""
+    b = _Builder(teacher, choices.route)
+    for s, e in reversed(choices.route.blocks):
+        for p in range(e, s - 1, -1):
+            if p in choices.drops:
+                b.remove(p, list(choices.drops[p]))
+            if p > s:
+                b.choices.pairs[p] = choices.pairs[p]
+    return b.finish()

@@ -1,0 +1,393 @@
+"""Improvement: exact exchanges and, where the choices can be enumerated, branch and bound.
+
+**Exchange moves** (:mod:`planner.search.moves`) are scored exactly without
+rebuilding the plan, a whole family at once.  With ``P = Σ_BB⁻¹`` and
+``α = P d`` of the current plan, a move that removes the entries R from B,
+changes the targets of others by δ and adds the entries A costs (Schur
+complements on P, then the increment of A)
+
+    cost(B∖R) = ½ [eᵀβ − 2 e_Rᵀβ_R + e_RᵀP_RR e_R − γᵀ P_RR⁻¹ γ],
+    e = d + δ,  β = P e,  γ = β_R − P_RR e_R,
+
+plus ``½ rᵀ S⁻¹ r`` for A given B∖R, from ``H = P Σ_{B,E}`` precomputed for
+the pool E of every entry a move may add: ``O(|R|³ + |A|³)`` per move.  An
+accepted move rebuilds P from the new plan's factorisation.  Independent
+coordinates (``diag``) need none of it; other formats without a dense
+evaluator rebuild and rescore (:class:`ReplayEvaluator`).
+
+**Branch and bound** enumerates a route's choices in the constructive order,
+committing each choice to a copy of the scorer; the exact cost of a partial
+plan is a lower bound of every completion (costs only grow as B grows), so a
+branch that already costs as much as the best plan is cut.  It runs when the
+choice space fits the budget, and then the result is the exhaustive optimum.
+"""
+
+from __future__ import annotations
+
+from math import comb, perm
+
+import numpy as np
+
+from ..errors import SingularConstraint
+from ..lattice import Route
+from ..ops import Tracked
+from ..posterior import DiagPosterior, Posterior
+from ..posterior.scoring import batched_cholesky
+from ..structure import Structure
+from .budget import NODE_WORK, Budget
+from .construction import Built, Choices, _Builder, replay, single_threaded
+from .moves import Family, families
+
+__all__ = ["branch_and_bound", "choice_space", "local_search"]
+
+
+# -- evaluators -----------------------------------------------------------------------------
+def _lookup(keys: np.ndarray):
+    """A vectorised map from teacher index to position in ``keys``."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+
+    def pos(x: np.ndarray) -> np.ndarray:
+        return order[np.searchsorted(sorted_keys, x)]
+
+    return pos
+
+
+def _gather(M: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``M[rows[i]][:, cols[i]]`` for each move i: (n, r, c)."""
+    return M[rows[:, :, None], cols[:, None, :]]
+
+
+def _solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(L Lᵀ)⁻¹ b`` for batched factors; ``b`` is (n, k) or (n, k, m)."""
+    vec = b.ndim == 2
+    x = b[..., None] if vec else b
+    y = np.linalg.solve(L, x)
+    x = np.linalg.solve(np.swapaxes(L, 1, 2), y)
+    return x[..., 0] if vec else x
+
+
+class DenseEvaluator:
+    """Exact cost of whole families of moves from ``P = Σ_BB⁻¹`` of the current plan.
+
+    Set-up: ``P`` (``Posterior.inverse_block``: a factorisation of Σ_BB, or for a
+    precision the Schur complement on B's complement), ``α = P d``, and for the
+    pool E of entries moves may add ``Σ_BE``, ``Σ_EE``, ``H = P Σ_BE``.  Then a
+    move costs ``O(|R|³ + |A|³)``, all moves of a family in one batched pass.
+    """
+
+    def __init__(self, post: Posterior, built: Built, pool: np.ndarray) -> None:
+        c = built.plan.compiled
+        self.post = post
+        self.B, self.v = c.conditioned, c.targets
+        self.d = self.v - post.mean[self.B]
+        self.posB = _lookup(self.B)
+        E = np.setdiff1d(np.unique(pool), self.B)
+        self.posE = _lookup(E) if E.size else None
+        self.P = post.inverse_block(self.B)
+        self.alpha = self.P @ self.d
+        self.dalpha = float(self.d @ self.alpha)
+        both = post.cov_cross(np.concatenate([self.B, E]), E)  # one pass for both blocks
+        self.S_BE, self.S_EE = both[: self.B.size], both[self.B.size :]
+        self.H = self.P @ self.S_BE
+        self.Ealpha = self.S_BE.T @ self.alpha
+
+    def _G(self, A: np.ndarray) -> np.ndarray:
+        """``(Σ_EB P Σ_BE)[A_i, A_i]`` for each move, over the entries moves use only."""
+        U, inv = np.unique(A, return_inverse=True)
+        G = self.S_BE[:, U].T @ self.H[:, U]
+        inv = inv.reshape(A.shape)
+        return G[inv[:, :, None], inv[:, None, :]]
+
+    @staticmethod
+    def work(n_B: int, n_E: int) -> float:
+        return n_B**3 + n_B**2 * n_E + n_B * n_E**2
+
+    def evaluate(self, fam: Family) -> np.ndarray:
+        P, alpha, n = self.P, self.alpha, len(fam)
+        R, C = self.posB(fam.leave), self.posB(fam.change)
+        delta = fam.change_to - self.v[C]
+        P_CC = _gather(P, C, C)
+        eb = (
+            self.dalpha
+            + 2 * np.einsum("nc,nc->n", delta, alpha[C])
+            + np.einsum("nc,ncd,nd->n", delta, P_CC, delta)
+        )
+        beta_R = alpha[R] + np.einsum("nrc,nc->nr", _gather(P, R, C), delta)
+        e_R = self.d[R]
+        P_RR = _gather(P, R, R)
+        gamma = beta_R - np.einsum("nrs,ns->nr", P_RR, e_R)
+        LR, ok = batched_cholesky(P_RR)
+        g = _solve(LR, gamma) if R.shape[1] else gamma
+        cost = 0.5 * (
+            eb
+            - 2 * np.einsum("nr,nr->n", e_R, beta_R)
+            + np.einsum("nr,nrs,ns->n", e_R, P_RR, e_R)
+            - np.einsum("nr,nr->n", gamma, g)
+        )
+        if fam.enter.shape[1]:
+            A = self.posE(fam.enter)
+            u_R, H_AR = _gather(self.S_BE, R, A), _gather(self.H, R, A)
+            eta = H_AR - np.matmul(P_RR, u_R)
+            shift = (
+                self.Ealpha[A]
+                + np.einsum("nca,nc->na", _gather(self.H, C, A), delta)
+                - np.einsum("nra,nr->na", u_R, beta_R)
+                - np.einsum("nra,nr->na", eta, e_R + g)
+            )
+            cross = np.matmul(np.swapaxes(u_R, 1, 2), H_AR)
+            quad = self._G(A) - cross - np.swapaxes(cross, 1, 2)
+            quad += np.matmul(np.swapaxes(u_R, 1, 2), np.matmul(P_RR, u_R))
+            if R.shape[1]:
+                quad -= np.matmul(np.swapaxes(eta, 1, 2), _solve(LR, eta))
+            r = fam.enter_targets - self.post.mean[fam.enter] - shift
+            LA, okA = batched_cholesky(_gather(self.S_EE, A, A) - quad)
+            y = np.linalg.solve(LA, r[..., None])[..., 0]
+            cost = cost + 0.5 * np.einsum("na,na->n", y, y)
+            ok &= okA
+        cost[~ok] = np.inf
+        assert cost.shape == (n,)
+        return cost
+
+
+class DiagEvaluator:
+    """Independent coordinates: a move's cost is a sum over the entries it touches."""
+
+    def __init__(self, post: DiagPosterior, built: Built) -> None:
+        self.post, self.cost = post, built.cost
+        c = built.plan.compiled
+        self.pos, self.v = _lookup(c.conditioned), c.targets
+
+    def _sum(self, idx: np.ndarray, t: np.ndarray) -> np.ndarray:
+        d = t - self.post.mean[idx]
+        return 0.5 * np.sum(d * d / self.post.var[idx], axis=1)
+
+    def evaluate(self, fam: Family) -> np.ndarray:
+        was_leave = self.v[self.pos(fam.leave)] if fam.leave.size else fam.leave * 0.0
+        was = self.v[self.pos(fam.change)] if fam.change.size else fam.change * 0.0
+        return (
+            self.cost
+            - self._sum(fam.leave, was_leave)
+            + self._sum(fam.enter, fam.enter_targets)
+            - self._sum(fam.change, was)
+            + self._sum(fam.change, fam.change_to)
+        )
+
+
+def _pool(fams: list[Family]) -> np.ndarray:
+    parts = [f.enter.ravel() for f in fams if f.enter.size]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+#: Work charged per call scoring a family, and per move of a family beyond its algebra.
+FAMILY_WORK = 1e6
+MOVE_WORK = 1e4
+
+
+def _family_work(f: Family) -> float:
+    k = f.leave.shape[1] + f.enter.shape[1] + f.change.shape[1]
+    return FAMILY_WORK + len(f) * (MOVE_WORK + k**3)
+
+
+def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
+    """Best-improvement exchanges, a round per accepted move, until none improves or
+    the budget is spent.
+
+    Charges, whatever the format, what the dense algebra costs (the evaluator's
+    set-up per round, each family's moves), so one Gaussian is searched the same
+    way in every format.
+    """
+    teacher = post.structure
+    if teacher.kind != "mlp":
+        return built
+    while not budget.expired():
+        n_B = built.plan.compiled.n_conditioned
+        if not budget.allows(DenseEvaluator.work(n_B, 0)):
+            return built
+        fams = [f for f in families(teacher, built.choices) if len(f)]
+        if not fams:
+            return built
+        pool = _pool(fams)
+        setup = DenseEvaluator.work(n_B, pool.size)
+        if not budget.allows(setup):
+            return built
+        budget.charge(setup, 0)
+        diagonal = isinstance(post, DiagPosterior)
+        ev = DiagEvaluator(post, built) if diagonal else DenseEvaluator(post, built, pool)
+        best, where = built.cost * (1 - 1e-12) - 1e-15, None
+        with single_threaded():
+            for f in fams:
+                if not budget.allows(_family_work(f)):
+                    break
+                budget.charge(_family_work(f), len(f))
+                costs = ev.evaluate(f)
+                i = int(np.argmin(costs))
+                if costs[i] < best:
+                    best, where = float(costs[i]), (f, i)
+        if where is None:
+            return built
+        f, i = where
+        ch = f.choices(i)
+        built = Built(replay(teacher, ch), best, ch)
+    return built
+
+
+# -- branch and bound -----------------------------------------------------------------------
+def choice_space(teacher: Structure, student: Structure, route: Route) -> int:
+    """The number of complete choice sets of ``route`` (leaves of the search tree)."""
+    size = 1
+    rnn = teacher.kind == "rnn"
+    for j, (s, e) in enumerate(route.blocks, start=1):
+        w = student.width(j)
+        n = teacher.width(e)
+        if 1 < e < teacher.T and n > w:
+            size *= perm(n, n - w) if rnn else comb(n, w)
+        for p in range(e, s, -1):
+            L = teacher.width(p - 1)
+            size *= perm(L, w)
+            if rnn and p - 1 > 1 and w < L:
+                size *= perm(L - w, L - w)
+    return size
+
+
+def branch_and_bound(
+    post: Posterior,
+    student: Structure,
+    route: Route,
+    best_cost: float,
+    budget: Budget,
+) -> Choices | None:
+    """The cheapest choices of ``route`` if cheaper than ``best_cost`` (None otherwise).
+
+    Depth first over the constructive order; a partial plan whose exact cost
+    reaches the best found is cut.  Stops (returning the best found) when the
+    budget is spent.
+    """
+    teacher = post.structure
+    steps: list[tuple] = []
+    for j in range(student.T, 0, -1):
+        s, e = route.blocks[j - 1]
+        w = student.width(j)
+        if 1 < e < teacher.T and teacher.width(e) > w:
+            steps.append(("shrink", e, w))
+        steps.extend(("merge", p, w) for p in range(e, s, -1))
+    best: list = [best_cost * (1 - 1e-12) - 1e-15, None]
+
+    def go(k: int, b: _Builder, sc) -> None:
+        if not budget.allows(NODE_WORK):
+            return
+        budget.charge(NODE_WORK)
+        if sc.cost >= best[0]:
+            return
+        if k == len(steps):
+            best[0], best[1] = sc.cost, b.choices.copy()
+            return
+        kind, p, w = steps[k]
+        if kind == "shrink":
+            _shrinks(b, sc, p, w, lambda b2, sc2: go(k + 1, b2, sc2), lambda: best[0])
+        else:
+            _merges(b, sc, p, lambda b2, sc2: go(k + 1, b2, sc2), lambda: best[0])
+
+    go(0, _Builder(teacher, route), post.scorer())
+    return best[1]
+
+
+def _fork(b: _Builder, sc):
+    nb = _Builder.__new__(_Builder)
+    nb.teacher, nb.route = b.teacher, b.route
+    tr = b.tr
+    nb.tr = Tracked(
+        tr.teacher,
+        tr.structure,
+        list(tr.positions),
+        [a.copy() for a in tr.neurons],
+        [type(lay)(lay.src, lay.rows.copy(), lay.cols.copy()) for lay in tr.layers],
+    )
+    nb.ops, nb.effects = list(b.ops), list(b.effects)
+    nb.choices = b.choices.copy()
+    return nb, sc.copy()
+
+
+def _shrinks(b: _Builder, sc, p: int, w: int, then, bound) -> None:
+    """Every way to remove neurons of p down to width w (sets for an MLP, sequences for
+    an RNN, whose removal order matters), one removal per level."""
+    rnn = b.teacher.kind == "rnn"
+
+    def level(b: _Builder, sc, last: int) -> None:
+        t = b.position(p)
+        ids = [int(a) for a in b.ids(t)]
+        if len(ids) == w:
+            then(b, sc)
+            return
+        for a in ids:
+            if not rnn and a <= last:
+                continue
+            nb, nsc = _fork(b, sc)
+            eff = nb.remove(p, [a])
+            try:
+                nsc.commit(eff.conditioned, eff.targets)
+            except SingularConstraint:  # not a valid plan
+                continue
+            if nsc.cost < bound():
+                level(nb, nsc, a)
+
+    level(b, sc, -1)
+
+
+def _merges(b: _Builder, sc, p: int, then, bound) -> None:
+    """Every injective pairing of layer p's rows with neurons of position p-1."""
+    t = b.position(p)
+    P, R, L = b.block_indices(t)
+    rows, cols = b.ids(t), b.ids(t - 1)
+    rnn = b.tr.structure.recurrent(t)
+    extra = []  # per row: its V and b entries (targets 0)
+    for k in range(R):
+        e = []
+        if rnn:
+            e.append(b.tr.recurrent(t, rows=k).ravel())
+        if b.tr.structure.bias:
+            e.append(b.tr.biases(t, rows=k))
+        extra.append(np.concatenate(e) if e else np.zeros(0, dtype=np.int64))
+    U = b.tr.weights(t)
+
+    def row(k: int, used: tuple, bb: _Builder, s2) -> None:
+        if k == R:
+            nb, nsc = _fork(bb, s2)
+            nb.choices.pairs[p] = (tuple(int(a) for a in rows), tuple(int(cols[c]) for c in used))
+            gone = [int(cols[i]) for i in sorted(set(range(L)) - set(used), reverse=True)]
+            _remove_all(nb, nsc, p - 1, gone, P, then, bound)
+            return
+        for c in range(L):
+            if c in used:
+                continue
+            nsc = s2.copy()
+            idx = np.concatenate([U[k], extra[k]])
+            tg = np.zeros(idx.size)
+            tg[c] = 1.0
+            try:
+                nsc.commit(idx, tg)
+            except SingularConstraint:
+                continue
+            if nsc.cost < bound():
+                row(k + 1, (*used, c), bb, nsc)
+
+    row(0, (), b, sc)
+
+
+def _remove_all(b: _Builder, sc, p: int, gone: list[int], skip: np.ndarray, then, bound) -> None:
+    """Remove the neurons ``gone`` of position p (in every order for an RNN, whose
+    recurrent columns make the order matter), committing what is not in ``skip``."""
+    if not gone:
+        then(b, sc)
+        return
+    firsts = gone if b.teacher.kind == "rnn" else gone[:1]
+    for a in firsts:
+        nb, nsc = (b, sc) if len(firsts) == 1 else _fork(b, sc)
+        eff = nb.remove(p, [a])
+        keep = ~np.isin(eff.conditioned, skip)
+        try:
+            nsc.commit(eff.conditioned[keep], eff.targets[keep])
+        except SingularConstraint:
+            continue
+        if nsc.cost < bound():
+            _remove_all(nb, nsc, p, [x for x in gone if x != a], skip, then, bound)
