@@ -30,6 +30,7 @@ bench: venv
 	$(BIN)/python -m bench.core
 	$(BIN)/python -m bench.service
 	$(BIN)/python -m bench.formats
+	$(BIN)/python -m bench.search
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

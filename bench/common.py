@@ -33,10 +33,11 @@ def random_spd(rng: np.random.Generator, p: int, rank: int = 400, jitter: float 
 
 def report(name: str, rows: list[dict], quick: bool) -> None:
     """Print ``rows`` as a table and, for full runs, save them under ``bench/results``."""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     print(" | ".join(keys))
     for r in rows:
-        print(" | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+        cells = (r.get(k, "") for k in keys)
+        print(" | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells))
     if not quick:
         RESULTS.mkdir(exist_ok=True)
         meta = {"machine": platform.machine(), "python": platform.python_version()}

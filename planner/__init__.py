@@ -5,7 +5,11 @@ Pure numpy, scipy and networkx; no I/O.  See ``../shared/SPEC.md``.
 
 from __future__ import annotations
 
-from .errors import (
+from ._openblas import configure as _configure_openblas
+
+_configure_openblas()  # before numpy loads: see planner._openblas
+
+from .errors import (  # noqa: E402 - after the OpenBLAS choice above
     InvalidOperation,
     InvalidPlan,
     InvalidPosterior,
@@ -18,10 +22,10 @@ from .errors import (
     UnknownCriterion,
     Unsupported,
 )
-from .ops import Phi, Psi
-from .plan import CompiledPlan, Plan, Provenance, op_from_json
-from .posterior import FORMATS, DiagPosterior, FullPosterior, Posterior, from_arrays
-from .structure import ACTIVATIONS, IDEMPOTENT, Structure
+from .ops import Phi, Psi  # noqa: E402
+from .plan import CompiledPlan, Plan, Provenance, op_from_json  # noqa: E402
+from .posterior import FORMATS, DiagPosterior, FullPosterior, Posterior, from_arrays  # noqa: E402
+from .structure import ACTIVATIONS, IDEMPOTENT, Structure  # noqa: E402
 
 __all__ = [
     "ACTIVATIONS",

@@ -31,6 +31,9 @@ class Posterior(ABC):
     format: ClassVar[str]
     #: Array names of the format besides ``mean`` (SPEC §7).
     array_names: ClassVar[tuple[str, ...]]
+    #: Whether the coordinates are independent (a plan's cost is then a sum over its
+    #: conditioned parameters, which the search's exchange moves use).
+    independent: ClassVar[bool] = False
 
     def __init__(self, structure: Structure, mean: np.ndarray) -> None:
         self.structure = structure
@@ -107,7 +110,16 @@ class Posterior(ABC):
 
     def align_bytes(self, conditioned: int, kept: int) -> int:
         """Working memory (bytes) an alignment conditioning ``conditioned`` parameters and
-        keeping ``kept`` needs, at most; dense by default (Σ_BB, Σ_Ba, Σ_aa)."""
+        keeping ``kept`` needs, at most (see :meth:`align_bytes_of`)."""
+        shapes = {k: np.shape(v) for k, v in self.to_arrays().items()}
+        return self.align_bytes_of(self.structure, shapes, conditioned, kept)
+
+    @classmethod
+    def align_bytes_of(
+        cls, structure: Structure, shapes: Mapping[str, tuple], conditioned: int, kept: int
+    ) -> int:
+        """The same from the structure and the arrays' shapes alone (no arrays loaded):
+        dense by default (Σ_BB, Σ_Ba, Σ_aa)."""
         return 8 * (conditioned**2 + conditioned * kept + 2 * kept**2)
 
     def plan_cost(self, plan) -> float:

@@ -34,6 +34,7 @@ class DiagPosterior(Posterior):
 
     format = "diag"
     array_names = ("variance",)
+    independent = True
 
     def __init__(self, structure: Structure, mean: np.ndarray, var: np.ndarray) -> None:
         super().__init__(structure, mean)
@@ -94,7 +95,8 @@ class DiagPosterior(Posterior):
                 total += float(np.sum(self.mean[b][ev.rows] ** 2 / self.var[b][ev.rows]))
         return 0.5 * total
 
-    def align_bytes(self, conditioned: int, kept: int) -> int:
+    @classmethod
+    def align_bytes_of(cls, structure, shapes, conditioned: int, kept: int) -> int:
         return 8 * 3 * kept
 
     def cov_block(self, idx) -> np.ndarray:

@@ -235,8 +235,9 @@ class KronPosterior(Posterior):
                 bias[t] = L.bS[r] if L.bS.ndim == 1 else L.bS[np.ix_(r, r)]
         return KronPosterior(s, mean, G, A, bias)
 
-    def align_bytes(self, conditioned: int, kept: int) -> int:
-        s = self.structure
+    @classmethod
+    def align_bytes_of(cls, structure, shapes, conditioned: int, kept: int) -> int:
+        s = structure
         per = [
             s.width(t) ** 2 + s.width(t - 1) ** 2 + s.width(t) * s.width(t - 1)
             for t in range(2, s.T + 1)

@@ -143,8 +143,10 @@ class LowRankPosterior(Posterior):
         z = sla.solve_triangular(L, w, lower=True, check_finite=False)
         return v.difference_cost(dd, float(z @ z), B.size, "the plan")
 
-    def align_bytes(self, conditioned: int, kept: int) -> int:
-        return 8 * (2 * (conditioned + kept) * self.rank + 3 * kept)
+    @classmethod
+    def align_bytes_of(cls, structure, shapes, conditioned: int, kept: int) -> int:
+        rank = shapes["factor"][1]
+        return 8 * (2 * (conditioned + kept) * rank + 3 * kept)
 
     # -- small blocks -----------------------------------------------------------------------
     def cov_block(self, idx) -> np.ndarray:

@@ -148,8 +148,9 @@ class PrecisionPosterior(DensePosterior):
                 Qc += X.T @ sla.solve_triangular(LM, y_M, lower=True, check_finite=False)
         return q, Qc
 
-    def align_bytes(self, conditioned: int, kept: int) -> int:
-        rest = self.n - conditioned
+    @classmethod
+    def align_bytes_of(cls, structure, shapes, conditioned: int, kept: int) -> int:
+        rest = structure.n_params - conditioned
         return 8 * (3 * rest**2 + rest * conditioned)
 
     # -- small blocks: Σ[r, c] = X_rᵀ X_c with X = L⁻¹ E, never Σ whole ----------------------
@@ -219,8 +220,7 @@ class PrecisionPosterior(DensePosterior):
     def _group_blocks(self, groups: np.ndarray):
         """Σ blocks (n, g, g) and means (n, g) of each row of ``groups``, in one solve."""
         uniq, inv = np.unique(groups, return_inverse=True)
-        X = self._cols(uniq)
-        S = X.T @ X
+        S = self.cov_cross(uniq, uniq)  # the kept trailing Σ when there is one, else solves
         inv = inv.reshape(groups.shape)
         return S[inv[:, :, None], inv[:, None, :]], self.mean[groups]
 
@@ -240,4 +240,8 @@ class PrecisionPosterior(DensePosterior):
         return np.diag(self.precision).copy()
 
     def dense_covariance(self) -> np.ndarray:
-        return sla.cho_solve((self._chol, True), np.eye(self.n), check_finite=False)
+        """Σ = Λ⁻¹ from the Cholesky factor of Λ (LAPACK ``potri``, one call)."""
+        S, info = lapack.dpotri(self._chol, lower=1)
+        if info != 0:  # pragma: no cover - a Cholesky factor inverts
+            raise InvalidPosterior("is not positive definite", field="precision")
+        return np.tril(S) + np.tril(S, -1).T

@@ -320,6 +320,7 @@ class _DenseDrops:
         self._W = np.zeros((0, self.G.size))
         self.m = 0  # rows of W in use
         self.live = np.ones(len(groups), dtype=bool)
+        self.dead = 0  # columns of taken candidates still held
 
     def increments(self) -> np.ndarray:
         out = np.full(len(self.pos), np.inf)
@@ -351,6 +352,21 @@ class _DenseDrops:
             self._W[self.m : self.m + k] = Yt
             self.m += k
             self.live[g] = False
+            self.dead += k
+            if self.dead > 0.3 * self.G.size:
+                self._compact()
+
+    def _compact(self) -> None:
+        """Drop the columns of taken candidates (never read again): every later commit
+        then reads and writes less (the stage's work falls as the greedy goes)."""
+        keep = np.unique(self.pos[self.live])
+        remap = np.full(self.G.size, -1, dtype=np.int64)
+        remap[keep] = np.arange(keep.size)
+        self.C0 = self.C0[np.ix_(keep, keep)]
+        self._W = np.ascontiguousarray(self._W[: self.m][:, keep])
+        self.X0, self.c, self.G = self.X0[:, keep], self.c[keep], self.G[keep]
+        self.pos = np.where(self.live[:, None], remap[self.pos], -1)
+        self.dead = 0
 
 
 class _DenseBlock:

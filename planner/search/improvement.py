@@ -212,8 +212,7 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
         if not budget.allows(setup):
             return built
         budget.charge(setup, 0)
-        diagonal = isinstance(post, DiagPosterior)
-        ev = DiagEvaluator(post, built) if diagonal else DenseEvaluator(post, built, pool)
+        ev = DiagEvaluator(post, built) if post.independent else DenseEvaluator(post, built, pool)
         best, where = built.cost * (1 - 1e-12) - 1e-15, None
         with single_threaded():
             for f in fams:

@@ -24,3 +24,12 @@ def test_format_benchmarks_run_quick(capsys):
     out = capsys.readouterr().out
     for word in ("speedup", "peak_memory_over_covariance", "read_factor_", "kron", "routes"):
         assert word in out
+
+
+def test_search_benchmarks_run_quick(capsys):
+    from bench import search
+
+    search.main(["--quick"])
+    out = capsys.readouterr().out
+    for word in ("cost/greedy", "cost/best_of_random", "plan/one_shot", "cold/one_shot", "diag"):
+        assert word in out
