@@ -1,9 +1,11 @@
-"""Array files: reading uploads safely, writing results atomically, converting.
+"""Array files: reading uploads safely, and the streams the service serves.
 
 Nothing a client sent is ever unpickled: ``.npy`` is read with
 ``allow_pickle=False`` and memory-mapped, ``.npz`` members are copied out as
 ``.npy`` files without being loaded, ``.safetensors`` tensors are copied out in
-row chunks.  Every write goes to a temporary name, is fsynced, then renamed.
+row chunks.  What the service writes (``.npy`` chunks, float32 copies, ``.npz``
+and ``.safetensors`` archives) is produced as streams, so the same code writes
+into a local folder or an S3 object (``app.storage`` commits it whole).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,14 +26,16 @@ from .problems import Problem
 
 __all__ = [
     "NAME",
-    "atomic_path",
+    "ZIP_MAGIC",
     "convert_npy",
     "extract_npz",
     "extract_safetensors",
-    "fsync_path",
+    "load_npy_stream",
+    "magic",
+    "npy_chunks",
     "open_npy",
+    "read_npy_header",
     "sha256_file",
-    "write_npy",
     "write_npz",
     "write_safetensors",
 ]
@@ -76,19 +80,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (after a rename into it) by its path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
 def _rows(a: np.ndarray) -> Iterator[np.ndarray]:
     """C-order chunks of ``a`` (by leading index) of about ``_CHUNK`` bytes."""
     if a.ndim == 0:
@@ -99,35 +90,100 @@ def _rows(a: np.ndarray) -> Iterator[np.ndarray]:
         yield np.ascontiguousarray(a[i : i + per])
 
 
-def write_npy(path: Path, a: np.ndarray, dtype: np.dtype | None = None) -> tuple[str, int]:
-    """Write ``a`` (optionally cast) as ``.npy`` atomically; return (sha256, bytes)."""
+def npy_header(shape, dtype) -> bytes:
+    buf = io.BytesIO()
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": tuple(shape),
+    }
+    np.lib.format.write_array_header_2_0(buf, header)
+    return buf.getvalue()
+
+
+def npy_chunks(a: np.ndarray, dtype=None) -> Iterator[bytes]:
+    """``a`` (optionally cast) as the bytes of a ``.npy`` file, header first, in chunks."""
     dtype = np.dtype(dtype or a.dtype)
-    tmp = atomic_path(path)
-    h = hashlib.sha256()
-    with open(tmp, "wb") as f:
-        header = {
-            "descr": np.lib.format.dtype_to_descr(dtype),
-            "fortran_order": False,
-            "shape": a.shape,
+    yield npy_header(a.shape, dtype)
+    for chunk in _rows(a):
+        yield chunk.astype(dtype, copy=False).tobytes()
+
+
+def read_npy_header(f: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a ``.npy`` stream; no pickles, no object arrays."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f"unsupported .npy version {version}")
+    shape, fortran, dtype = read(f, max_header_size=10000)
+    if fortran or dtype.hasobject:
+        raise ValueError("only C-ordered numeric arrays are served")
+    return tuple(shape), dtype, f.tell()
+
+
+def convert_npy(src: BinaryIO, dst: BinaryIO, dtype: str) -> None:
+    """Copy a ``.npy`` stream as another dtype, chunk by chunk."""
+    shape, old, _ = read_npy_header(src)
+    new = np.dtype(dtype)
+    dst.write(npy_header(shape, new))
+    per = max(1, _CHUNK // old.itemsize)
+    left = int(np.prod(shape, dtype=np.int64))
+    while left:
+        n = min(per, left)
+        block = np.frombuffer(src.read(n * old.itemsize), dtype=old, count=n)
+        dst.write(block.astype(new).tobytes())
+        left -= n
+
+
+def load_npy_stream(f: BinaryIO) -> np.ndarray:
+    """A ``.npy`` stream read whole into memory (never unpickled)."""
+    return np.load(f, allow_pickle=False)
+
+
+def write_npz(dst: BinaryIO, arrays: Mapping[str, Callable[[], BinaryIO]], metadata) -> None:
+    """An uncompressed ``.npz`` of ``.npy`` objects (opened by the callables) written to a
+    stream that need not be seekable; metadata as JSON in the zip comment."""
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, opener in arrays.items():
+            with opener() as src, zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+        zf.comment = json.dumps(metadata).encode()[:65535]
+
+
+def write_safetensors(
+    dst: BinaryIO, arrays: Mapping[str, Callable[[], BinaryIO]], metadata: Mapping[str, str]
+) -> None:
+    """A ``.safetensors`` file of ``.npy`` objects, streamed: the header (names, dtypes,
+    shapes, byte ranges, metadata) then each tensor's raw little-endian data."""
+    names = {"float64": "F64", "float32": "F32"}
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset, layout = 0, []
+    for name, opener in arrays.items():
+        with opener() as src:
+            shape, dtype, start = read_npy_header(src)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {
+            "dtype": names[dtype.name],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_2_0(buf, header)
-        h.update(buf.getvalue())
-        f.write(buf.getvalue())
-        for chunk in _rows(a):
-            b = chunk.astype(dtype, copy=False).tobytes()
-            h.update(b)
-            f.write(b)
-        f.flush()
-        os.fsync(f.fileno())
-        size = f.tell()
-    os.replace(tmp, path)
-    return h.hexdigest(), size
-
-
-def convert_npy(src: Path, dst: Path, dtype: str) -> None:
-    """A ``.npy`` copy of ``src`` in another dtype, written atomically."""
-    write_npy(dst, np.load(src, mmap_mode="r", allow_pickle=False), np.dtype(dtype))
+        layout.append((opener, start, nbytes))
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    dst.write(len(raw).to_bytes(8, "little"))
+    dst.write(raw)
+    for opener, start, nbytes in layout:
+        with opener() as src:
+            src.seek(start)
+            left = nbytes
+            while left:
+                chunk = src.read(min(_CHUNK, left))
+                if not chunk:
+                    raise OSError("array shorter than its header says")
+                dst.write(chunk)
+                left -= len(chunk)
 
 
 def extract_npz(path: Path, out_dir: Path, field: str, max_bytes: int) -> dict[str, Path]:
@@ -197,31 +253,3 @@ def extract_safetensors(path: Path, out_dir: Path, field: str) -> dict[str, Path
     except Exception as exc:  # safetensors raises its own error types
         raise _bad(field, f"is not a readable .safetensors file: {exc}") from None
     return out
-
-
-def write_npz(dst: Path, arrays: Mapping[str, Path], metadata: Mapping[str, object]) -> None:
-    """An uncompressed ``.npz`` of ``.npy`` files, metadata as JSON in the zip comment."""
-    tmp = atomic_path(dst)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, src in arrays.items():
-            zf.write(src, arcname=f"{name}.npy")
-        zf.comment = json.dumps(metadata).encode()[:65535]
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
-def write_safetensors(dst: Path, arrays: Mapping[str, Path], metadata: Mapping[str, str]) -> None:
-    """A ``.safetensors`` file of ``.npy`` files (memory-mapped, contiguous: safetensors
-    0.8.0 reads raw memory and would corrupt a non-contiguous array)."""
-    from safetensors.numpy import save_file
-
-    tensors = {
-        name: np.ascontiguousarray(np.load(src, mmap_mode="r", allow_pickle=False))
-        for name, src in arrays.items()
-    }
-    tmp = atomic_path(dst)
-    save_file(tensors, str(tmp), metadata=dict(metadata))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)

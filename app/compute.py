@@ -1,27 +1,90 @@
-"""Between stored records and the core: rebuild structures and posteriors, align."""
+"""Jobs: plain functions of ids and a :class:`Config`, run wherever the executor puts them.
+
+A worker (a process of the local pool, or a Dask worker on another machine)
+reaches the service's state through the same seams as the API: the database
+for rows, the storage for arrays (``Config`` carries their URLs; one
+:class:`~app.store.Store` per process).  Nothing large travels with a job.
+
+* :func:`run_plan` searches (or scores given ``ops``) and returns the plan.
+* :func:`run_prior` claims a queued prior by a conditional update, renews its
+  lease while it works, writes the arrays under its own claim's prefix and
+  completes the row only if it still holds the claim: a prior never completes
+  twice, and a job whose worker died is found by its expired lease and run
+  again (``app.jobs``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 from threadpoolctl import threadpool_limits
 
 from planner import FORMATS, InvalidPlan, Plan, PlannerError, Posterior, Structure
 from planner.criteria import criterion_function
 from planner.search import search
 
-from .arrays import write_npy
 from .problems import Problem, problem_from_planner_error
-from .store import LocalStore, Store, TeacherRecord
+from .storage import Storage
+from .store import Store, TeacherRecord
 
-__all__ = ["TeacherFiles", "load_posterior", "run_plan", "run_prior", "structure_from_json"]
+__all__ = [
+    "Config",
+    "load_posterior",
+    "run_plan",
+    "run_prior",
+    "scratch",
+    "store_for",
+    "structure_from_json",
+]
 
 log = logging.getLogger("app.jobs")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Where a job finds the service's state: plain, picklable data."""
+
+    database_url: str
+    storage_url: str
+    #: a worker's local scratch space (validation workspaces, copies of remote arrays)
+    scratch_dir: str | None = None
+    #: how long a claim holds without a renewal (a dead worker's job is run again after it)
+    lease_seconds: float = 30.0
+
+
+_STORES: dict[Config, Store] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def scratch(config: Config) -> str:
+    """This process's scratch space: ``PLANNER_SCRATCH_DIR`` when set (a worker's own),
+    else the replica's when it is writable here, else the system's temporary folder."""
+    for d in (os.environ.get("PLANNER_SCRATCH_DIR"), config.scratch_dir):
+        if d:
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError:
+                continue
+            if os.access(d, os.W_OK):
+                return d
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def store_for(config: Config) -> Store:
+    """The process's store for ``config`` (one engine per process, reused by every job)."""
+    with _STORES_LOCK:
+        store = _STORES.get(config)
+        if store is None:
+            storage = Storage(config.storage_url, cache_dir=os.path.join(scratch(config), "cache"))
+            store = _STORES[config] = Store(config.database_url, storage, migrate_schema=False)
+        return store
 
 
 def structure_from_json(d: dict) -> Structure:
@@ -30,32 +93,14 @@ def structure_from_json(d: dict) -> Structure:
     )
 
 
-@dataclass(frozen=True)
-class TeacherFiles:
-    """What a worker needs to rebuild a teacher's posterior: plain, picklable data."""
-
-    structure: dict
-    format: str
-    paths: dict[str, str]
-
-    @classmethod
-    def of(cls, store: Store, rec: TeacherRecord) -> TeacherFiles:
-        paths = {n: str(store.teacher_array(rec.id, n)) for n in rec.arrays}
-        return cls(rec.structure, rec.format, paths)
-
-    def posterior(self) -> Posterior:
-        """The posterior over memory-mapped, already validated float64 arrays."""
-        cls = FORMATS[self.format]
-        structure = structure_from_json(self.structure)
-        arrays = {n: self._load(n) for n in cls.names(structure)}
-        arrays.update({n: self._load(n) for n in cls.derived_names if n in self.paths})
-        return cls.from_validated(structure, arrays)
-
-    def gradients(self) -> np.ndarray | None:
-        return self._load("gradients") if "gradients" in self.paths else None
-
-    def _load(self, name: str) -> np.ndarray:
-        return np.load(self.paths[name], mmap_mode="r", allow_pickle=False)
+def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
+    """The teacher's posterior over memory-mapped, already validated float64 arrays (and
+    the derived arrays kept beside them, such as a precision's Cholesky factor)."""
+    cls = FORMATS[rec.format]
+    structure = structure_from_json(rec.structure)
+    names = [*cls.names(structure), *(n for n in cls.derived_names if n in rec.arrays)]
+    arrays = {n: store.storage.load_npy(store.teacher_key(rec.id, n)) for n in names}
+    return cls.from_validated(structure, arrays)
 
 
 #: Dense problems from this many parameters on gain from threaded BLAS.
@@ -69,26 +114,27 @@ def blas_threads(post: Posterior) -> int:
     return (os.cpu_count() or 1) if dense and post.n >= _THREADED_FROM else 1
 
 
-def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
-    return TeacherFiles.of(store, rec).posterior()
-
-
 def run_plan(
-    teacher: TeacherFiles,
+    config: Config,
+    teacher_id: str,
     student: dict,
     criterion: str,
     seed: int,
     ops: list[dict] | None,
     seconds: float | None = None,
 ) -> dict:
-    """Search (or validate and score ``ops``) in a worker; raises ``PlannerError``.
+    """Search (or validate and score ``ops``); raises ``PlannerError`` for bad requests.
     ``seconds`` is the search's wall-clock safety net (``PLANNER_PLAN_SECONDS``)."""
-    post = teacher.posterior()
+    store = store_for(config)
+    rec = store.teacher_for_job(teacher_id)
+    if rec is None:
+        raise Problem.not_found("teacher", teacher_id)
+    post = load_posterior(store, rec)
     with threadpool_limits(blas_threads(post)):
-        return _plan(post, teacher, student, criterion, seed, ops, seconds)
+        return _plan(post, store, rec, student, criterion, seed, ops, seconds)
 
 
-def _plan(post, teacher, student, criterion, seed, ops, seconds=None) -> dict:
+def _plan(post, store, rec, student, criterion, seed, ops, seconds) -> dict:
     target = structure_from_json(student)
     if ops is not None:
         plan = Plan.from_json(post.structure, ops)
@@ -99,8 +145,13 @@ def _plan(post, teacher, student, criterion, seed, ops, seconds=None) -> dict:
             )
         cost, stats = plan.cost(post), None
     else:
-        grads = teacher.gradients() if criterion_function(criterion).needs_gradients else None
-        found = search(post, target, criterion, seed=seed, gradients=grads, seconds=seconds)
+        crit = criterion_function(criterion)
+        grads = (
+            store.storage.load_npy(store.teacher_key(rec.id, "gradients"))
+            if crit.needs_gradients and "gradients" in rec.arrays
+            else None
+        )
+        found = search(post, target, crit, seed=seed, gradients=grads, seconds=seconds)
         plan, cost = found.plan, found.cost
         stats = {
             "route": [list(b) for b in found.route.blocks],
@@ -124,58 +175,89 @@ def _plan(post, teacher, student, criterion, seed, ops, seconds=None) -> dict:
     }
 
 
-def run_prior(data_dir: str, prior_id: str) -> dict:
-    """Compute one prior (in a worker process or thread); the store records the outcome.
+class _Lease:
+    """Renews a claim's lease in the background; ``lost`` once another claim took it."""
 
-    Returns ``{"status", "seconds"}``; never raises for a failure of the
-    computation itself, which is recorded on the prior as a problem.
+    def __init__(self, store: Store, prior_id: str, token: str, seconds: float) -> None:
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+
+        def beat() -> None:
+            while not self._stop.wait(seconds / 3):
+                try:
+                    if not store.renew(prior_id, token, seconds):
+                        self.lost.set()
+                        return
+                except Exception:  # a database hiccup: try again at the next beat
+                    log.warning("could not renew the lease of prior %s", prior_id, exc_info=True)
+
+        self._thread = threading.Thread(target=beat, daemon=True, name=f"lease-{prior_id}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def run_prior(config: Config, prior_id: str) -> dict:
+    """Compute one prior if it can be claimed; the row records the outcome.
+
+    Returns ``{"status", "seconds"}`` (``skipped`` when another claim holds it or
+    it is gone); never raises for a failure of the computation itself, which is
+    recorded on the prior as a problem.
     """
     t0 = time.perf_counter()
-    store = LocalStore(Path(data_dir))
+    store = store_for(config)
+    token = secrets.token_hex(8)
+    rec = store.claim(prior_id, token, config.lease_seconds)
+    if rec is None:
+        return {"status": "skipped", "seconds": time.perf_counter() - t0}
+    lease = _Lease(store, prior_id, token, config.lease_seconds)
+    location = f"priors/{prior_id}/{token}"
     try:
-        prior = store.prior_for_job(prior_id)
-        plan_rec = store.plan_for_job(prior.plan_id) if prior else None
+        plan_rec = store.plan_for_job(rec.plan_id)
         teacher = store.teacher_for_job(plan_rec.teacher_id) if plan_rec else None
-        if prior is None or plan_rec is None or teacher is None:
-            return {"status": "gone", "seconds": time.perf_counter() - t0}  # deleted meanwhile
-        store.update_prior(prior_id, status="running", started=time.time())
+        if plan_rec is None or teacher is None:  # deleted meanwhile: nothing to record
+            return {"status": "gone", "seconds": time.perf_counter() - t0}
         try:
             post = load_posterior(store, teacher)
             plan = Plan.from_json(post.structure, plan_rec.ops)
             with threadpool_limits(blas_threads(post)):
                 aligned = plan.apply(post)
-            cost = plan_rec.cost  # computed when the plan was made
-            tmp = store.tmp_dir()
             infos = {}
             for name, arr in aligned.to_arrays().items():
-                sha, size = write_npy(tmp / f"{name}.npy", arr)
-                infos[name] = {
-                    "shape": list(arr.shape),
-                    "dtype": "float64",
-                    "bytes": size,
-                    "sha256": sha,
-                }
-            store.adopt_prior_arrays(prior_id, tmp)
-            store.update_prior(
+                sha, size = store.storage.put_npy(f"{location}/{name}.npy", arr)
+                info = {"shape": list(arr.shape), "dtype": "float64", "bytes": size, "sha256": sha}
+                infos[name] = info
+            done = store.complete(
                 prior_id,
+                token,
                 status="done",
-                cost=cost,
+                cost=plan_rec.cost,  # computed when the plan was made
                 arrays=infos,
+                location=location,
                 problem=None,
-                finished=time.time(),
             )
-            status = "done"
+            status = "done" if done else "lost"
         except PlannerError as exc:
             problem = problem_from_planner_error(exc, "plan").to_json()
-            store.update_prior(prior_id, status="failed", problem=problem, finished=time.time())
-            status = "failed"
+            status = (
+                "failed"
+                if store.complete(prior_id, token, status="failed", problem=problem)
+                else "lost"
+            )
         except Exception:
             log.exception("prior %s failed", prior_id)
             problem = Problem(
                 500, "internal", "Internal server error", "computing the prior failed (a bug)"
             ).to_json()
-            store.update_prior(prior_id, status="failed", problem=problem, finished=time.time())
-            status = "failed"
+            status = (
+                "failed"
+                if store.complete(prior_id, token, status="failed", problem=problem)
+                else "lost"
+            )
+        if status == "lost":  # another claim took over: our arrays are nobody's
+            store.storage.delete(location)
         return {"status": status, "seconds": time.perf_counter() - t0}
     finally:
-        store.close()
+        lease.stop()

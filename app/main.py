@@ -13,10 +13,11 @@ from fastapi import FastAPI
 
 from . import problems
 from .api.routes import health, plans, priors, structures, teachers
-from .jobs import JobRunner
+from .jobs import runner_for
 from .metrics import Metrics, MetricsMiddleware
 from .settings import Settings
-from .store import LocalStore
+from .storage import Storage
+from .store import Store
 
 __all__ = ["create_app"]
 
@@ -25,18 +26,20 @@ VERSION = "0.1.0"
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    store = LocalStore(settings.data_dir)
-    store.sweep()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.scratch.mkdir(parents=True, exist_ok=True)
+    storage = Storage(settings.storage, cache_dir=settings.scratch / "cache")
+    store = Store(settings.database, storage)  # migrates the schema (once across replicas)
     metrics = Metrics(store.bytes_stored)
-    jobs = JobRunner(settings, store, metrics.observe_job)
+    jobs = runner_for(settings, store, metrics.observe_job)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        jobs.start()
+        await jobs.start()
         try:
             yield
         finally:
-            jobs.shutdown()
+            await jobs.shutdown()
 
     app = FastAPI(
         title="alignment-planner",

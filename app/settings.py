@@ -14,16 +14,31 @@ __all__ = ["Settings"]
 
 
 class Settings(BaseSettings):
-    """Configuration of one service instance (SPEC §9).
+    """Configuration of one service replica (SPEC §9, §11).
 
-    With nothing set, data lives in ``./data`` (the embedded default store),
-    there is no authentication, and priors are computed by a process pool as
-    large as the machine.
+    With nothing set, the service is embedded: metadata in SQLite and arrays in
+    a folder, both in ``./data``, a process pool as large as the machine, no
+    authentication.  Scaled out, ``database_url``, ``storage_url`` and
+    ``executor=dask`` (with ``dask_scheduler``) point every replica and worker
+    at the same PostgreSQL, S3 bucket and scheduler.
     """
 
     model_config = SettingsConfigDict(env_prefix="PLANNER_", frozen=True)
 
     data_dir: Path = Field(Path("./data"), description="where the embedded store keeps its data")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the metadata database: SQLite in data_dir by default, "
+        "postgresql+psycopg://user@host:5432/db scaled out",
+    )
+    storage_url: str | None = Field(
+        None,
+        description="fsspec URL of the arrays: a folder in data_dir by default, "
+        "s3://bucket/prefix scaled out (endpoint and keys from the AWS_* variables)",
+    )
+    scratch_dir: Path | None = Field(
+        None, description="a process's local scratch space (default: data_dir/scratch)"
+    )
     api_keys: str = Field(
         "", description="comma-separated bearer keys; empty turns authentication off"
     )
@@ -48,11 +63,46 @@ class Settings(BaseSettings):
         default_factory=lambda: int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
         description="most working memory one prior computation may need (413 beyond)",
     )
-    executor: Literal["process", "thread"] = Field(
-        "process", description="what computes priors off the event loop"
+    executor: Literal["process", "thread", "dask"] = Field(
+        "process", description="what computes plans, uploads and priors off the event loop"
     )
     workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    dask_scheduler: str | None = Field(None, description="tcp://host:8786 for executor=dask")
+    lease_seconds: float = Field(
+        30.0, gt=0, description="a job's claim holds this long without a renewal"
+    )
+    resubmit_seconds: float = Field(
+        300.0, gt=0, description="a queued prior submitted this long ago is submitted again"
+    )
+    reap_seconds: float = Field(5.0, gt=0, description="how often a replica looks for lost jobs")
+    sweep_seconds: float = Field(600.0, gt=0, description="how often storage is swept")
+    sweep_grace: float = Field(
+        3600.0, gt=0, description="objects no row owns are swept once this old (seconds)"
+    )
 
     @cached_property
     def keys(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @cached_property
+    def database(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'planner.sqlite3').resolve()}"
+
+    @cached_property
+    def storage(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return (self.data_dir / "arrays").resolve().as_uri()
+
+    @cached_property
+    def scratch(self) -> Path:
+        return (self.scratch_dir or self.data_dir / "scratch").resolve()
+
+    @cached_property
+    def config(self):
+        """What jobs need to reach this service's state (``app.compute.Config``)."""
+        from .compute import Config
+
+        return Config(self.database, self.storage, str(self.scratch), self.lease_seconds)

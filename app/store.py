@@ -1,41 +1,36 @@
-"""The store: metadata in SQLite, arrays as files, behind one interface.
+"""The store: metadata rows (``app.db``) and arrays in storage (``app.storage``), one interface.
 
-:class:`Store` is what routes and jobs use; :class:`LocalStore` is the embedded
-default (a data folder, no set-up).  A shared deployment can implement the same
-interface over PostgreSQL and shared storage.
+Routes and jobs use :class:`Store`; they never know whether SQLite and a folder
+or PostgreSQL and S3 are behind it.  Keys in storage::
 
-Layout of the data folder::
+    staging/<token>/<name>          an upload in progress (swept when abandoned)
+    teachers/<id>/<name>.npy        validated float64 arrays of a teacher
+    priors/<id>/<claim>/<name>.npy  a prior's arrays, written by the claim that computed it
+    priors/<id>/derived/<file>      files derived on request (float32 copies, archives)
 
-    planner.sqlite3            metadata (teachers, plans, priors)
-    teachers/<id>/<name>.npy   validated float64 arrays of a teacher
-    priors/<id>/<name>.npy     arrays of a computed prior (+ cached archives)
-    tmp/                       uploads and results in progress (swept at start)
-
-A teacher's or prior's folder appears by one atomic rename of a complete
-folder, then its row is written; anything without a row is swept at start-up,
-so an interrupted upload leaves nothing behind.
+A teacher exists when its row does: its arrays are written first, each object
+committed whole, then the row is inserted; a prior's arrays are written under
+its claim's own prefix, then the row points at them, by a conditional update
+that only the current claimant can make.  Anything no row owns is swept once
+it is older than the grace period.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import secrets
-import shutil
-import sqlite3
-import threading
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
-from .arrays import fsync_path
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import sessionmaker
 
-__all__ = ["ID", "LocalStore", "PlanRecord", "PriorRecord", "Store", "TeacherRecord", "new_id"]
+from .db import PlanRow, PriorRow, TeacherRow, engine_for, migrate
+from .storage import Storage
 
-#: Columns that hold JSON.
-_JSON = frozenset({"structure", "arrays", "student", "ops", "info", "problem"})
+__all__ = ["ID", "PlanRecord", "PriorRecord", "Store", "TeacherRecord", "new_id"]
+
 #: What ids look like: a kind letter and 24 hex digits.  Anything else is a 404.
 ID = r"^[tpr]_[0-9a-f]{24}$"
 
@@ -51,7 +46,7 @@ class TeacherRecord:
     name: str
     structure: dict
     format: str
-    arrays: dict[str, dict]  # name -> {shape, dtype, bytes, sha256}
+    arrays: dict[str, dict]  # name -> {shape, dtype, bytes, sha256[, derived]}
     created: float
 
 
@@ -78,263 +73,273 @@ class PriorRecord:
     cost: float | None
     problem: dict | None
     arrays: dict[str, dict] = field(default_factory=dict)
+    location: str | None = None
     created: float = 0.0
     started: float | None = None
     finished: float | None = None
+    claim: str | None = None
+    lease_until: float | None = None
+    attempts: int = 0
+    submitted: float | None = None
 
 
-class Store(ABC):
-    """Everything the service keeps.  Every read takes the caller's ``owner``."""
-
-    @abstractmethod
-    def tmp_dir(self) -> Path:
-        """A fresh private folder for an upload or a result in progress."""
-
-    # teachers
-    @abstractmethod
-    def add_teacher(self, rec: TeacherRecord, folder: Path) -> None:
-        """Adopt the complete ``folder`` of arrays and record the teacher."""
-
-    @abstractmethod
-    def teacher(self, owner: str, id: str) -> TeacherRecord | None: ...
-
-    @abstractmethod
-    def teachers(self, owner: str) -> list[TeacherRecord]: ...
-
-    @abstractmethod
-    def delete_teacher(self, owner: str, id: str) -> bool:
-        """Delete a teacher with its plans, priors and files."""
-
-    @abstractmethod
-    def teacher_array(self, id: str, name: str) -> Path: ...
-
-    # plans
-    @abstractmethod
-    def add_plan(self, rec: PlanRecord) -> None: ...
-
-    @abstractmethod
-    def plan(self, owner: str, id: str) -> PlanRecord | None: ...
-
-    # priors
-    @abstractmethod
-    def prior_for_plan(self, owner: str, plan_id: str) -> tuple[PriorRecord, bool]:
-        """The plan's prior, created as ``queued`` if there is none (True when created)."""
-
-    @abstractmethod
-    def prior(self, owner: str, id: str) -> PriorRecord | None: ...
-
-    @abstractmethod
-    def update_prior(self, id: str, **changes: Any) -> None: ...
-
-    @abstractmethod
-    def adopt_prior_arrays(self, id: str, folder: Path) -> None:
-        """Make the complete ``folder`` the prior's arrays (atomically)."""
-
-    @abstractmethod
-    def prior_dir(self, id: str) -> Path: ...
-
-    @abstractmethod
-    def unfinished_priors(self) -> list[PriorRecord]: ...
-
-    @abstractmethod
-    def bytes_stored(self) -> int: ...
-
-    @abstractmethod
-    def plan_for_job(self, plan_id: str) -> PlanRecord | None:
-        """A plan whatever its owner (for the job runner)."""
-
-    @abstractmethod
-    def teacher_for_job(self, teacher_id: str) -> TeacherRecord | None:
-        """A teacher whatever its owner (for the job runner)."""
-
-    @abstractmethod
-    def prior_for_job(self, prior_id: str) -> PriorRecord | None:
-        """A prior whatever its owner (for the job runner)."""
+_ROWS = {TeacherRecord: TeacherRow, PlanRecord: PlanRow, PriorRecord: PriorRow}
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS teachers (
-    id TEXT PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, structure TEXT NOT NULL,
-    format TEXT NOT NULL, arrays TEXT NOT NULL, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS plans (
-    id TEXT PRIMARY KEY, owner TEXT NOT NULL,
-    teacher_id TEXT NOT NULL REFERENCES teachers(id) ON DELETE CASCADE,
-    student TEXT NOT NULL, criterion TEXT, seed INTEGER, ops TEXT NOT NULL, cost REAL NOT NULL,
-    info TEXT NOT NULL, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS priors (
-    id TEXT PRIMARY KEY, owner TEXT NOT NULL,
-    plan_id TEXT NOT NULL UNIQUE REFERENCES plans(id) ON DELETE CASCADE,
-    status TEXT NOT NULL, cost REAL, problem TEXT, arrays TEXT NOT NULL DEFAULT '{}',
-    created REAL NOT NULL, started REAL, finished REAL);
-CREATE INDEX IF NOT EXISTS teachers_owner ON teachers(owner);
-CREATE INDEX IF NOT EXISTS plans_teacher ON plans(teacher_id);
-"""
+def _record(cls, row):
+    return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
 
 
-class LocalStore(Store):
-    """The embedded default: SQLite and files in one data folder."""
+class Store:
+    """Metadata and arrays of one service (every replica shares both)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        for sub in ("teachers", "priors", "tmp"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            self.root / "planner.sqlite3", check_same_thread=False, isolation_level=None
-        )
-        self._db.row_factory = sqlite3.Row
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
+    def __init__(self, database_url: str, storage: Storage, *, migrate_schema: bool = True):
+        self.engine = engine_for(database_url)
+        if migrate_schema:
+            migrate(self.engine)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+        self.storage = storage
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.engine.dispose()
 
-    def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
 
-    # -- housekeeping ------------------------------------------------------------------
-    def sweep(self) -> None:
-        """Remove what no row owns: interrupted uploads, results, orphan folders."""
-        shutil.rmtree(self.root / "tmp", ignore_errors=True)
-        (self.root / "tmp").mkdir(exist_ok=True)
-        for kind, table in (("teachers", "teachers"), ("priors", "priors")):
-            known = {r["id"] for r in self._q(f"SELECT id FROM {table}")}
-            for d in (self.root / kind).iterdir():
-                if d.name not in known:
-                    shutil.rmtree(d, ignore_errors=True)
-
-    def tmp_dir(self) -> Path:
-        d = self.root / "tmp" / secrets.token_hex(12)
-        d.mkdir()
-        return d
-
-    def bytes_stored(self) -> int:
-        total = 0
-        for kind in ("teachers", "priors"):
-            for f in (self.root / kind).glob("*/*"):
-                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
-                    total += f.stat().st_size
-        return total
-
-    # -- teachers ----------------------------------------------------------------------
-    def add_teacher(self, rec: TeacherRecord, folder: Path) -> None:
-        dst = self.root / "teachers" / rec.id
-        folder.rename(dst)
-        fsync_path(dst.parent)
-        self._insert("teachers", rec)
+    # -- keys -------------------------------------------------------------------------------
+    @staticmethod
+    def teacher_key(id: str, name: str) -> str:
+        return f"teachers/{id}/{name}.npy"
 
     @staticmethod
-    def _record(cls, r: sqlite3.Row):
-        """A record from its row: columns are named as the record's fields, and the
-        JSON columns (``_JSON``) are decoded."""
-        values = {}
-        for f in fields(cls):
-            v = r[f.name]
-            values[f.name] = json.loads(v) if f.name in _JSON and v is not None else v
-        return cls(**values)
+    def prior_key(rec: PriorRecord, name: str) -> str:
+        return f"{rec.location}/{name}.npy"
 
-    def _insert(self, table: str, rec) -> None:
-        """The row of a record (the inverse of :meth:`_record`)."""
-        names = [f.name for f in fields(rec)]
-        values = [json.dumps(getattr(rec, n)) if n in _JSON else getattr(rec, n) for n in names]
-        cols, marks = ", ".join(names), ", ".join("?" * len(names))
-        self._q(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(values))
+    @staticmethod
+    def derived_key(prior_id: str, name: str) -> str:
+        return f"priors/{prior_id}/derived/{name}"
 
-    def _teacher(self, r: sqlite3.Row) -> TeacherRecord:
-        return self._record(TeacherRecord, r)
+    # -- helpers ----------------------------------------------------------------------------
+    def _get(self, cls, **where):
+        row_cls = _ROWS[cls]
+        with self.session() as s:
+            row = s.scalars(select(row_cls).filter_by(**where)).first()
+            return None if row is None else _record(cls, row)
+
+    def _insert(self, rec) -> None:
+        row = _ROWS[type(rec)](**{f.name: getattr(rec, f.name) for f in fields(rec)})
+        with self.session.begin() as s:
+            s.add(row)
+
+    # -- teachers ---------------------------------------------------------------------------
+    def add_teacher(self, rec: TeacherRecord) -> None:
+        """Record a teacher whose arrays are already in storage (``teacher_key``)."""
+        self._insert(rec)
 
     def teacher(self, owner: str, id: str) -> TeacherRecord | None:
-        rows = self._q("SELECT * FROM teachers WHERE id=? AND owner=?", (id, owner))
-        return self._teacher(rows[0]) if rows else None
+        return self._get(TeacherRecord, id=id, owner=owner)
 
     def teachers(self, owner: str) -> list[TeacherRecord]:
-        rows = self._q("SELECT * FROM teachers WHERE owner=? ORDER BY created", (owner,))
-        return [self._teacher(r) for r in rows]
+        with self.session() as s:
+            rows = s.scalars(select(TeacherRow).filter_by(owner=owner).order_by(TeacherRow.created))
+            return [_record(TeacherRecord, r) for r in rows]
 
     def delete_teacher(self, owner: str, id: str) -> bool:
-        with self._lock:
-            priors = [
-                r["id"]
-                for r in self._q(
-                    "SELECT priors.id FROM priors JOIN plans ON priors.plan_id = plans.id "
-                    "WHERE plans.teacher_id=?",
-                    (id,),
-                )
-            ]
-            cur = self._db.execute("DELETE FROM teachers WHERE id=? AND owner=?", (id, owner))
-            if cur.rowcount == 0:
-                return False
-        shutil.rmtree(self.root / "teachers" / id, ignore_errors=True)
+        """Delete a teacher with its plans and priors (rows, then their arrays)."""
+        with self.session.begin() as s:
+            priors = s.scalars(
+                select(PriorRow.id)
+                .join(PlanRow, PriorRow.plan_id == PlanRow.id)
+                .where(PlanRow.teacher_id == id)
+            ).all()
+            gone = s.execute(delete(TeacherRow).filter_by(id=id, owner=owner)).rowcount
+        if not gone:
+            return False
+        self.storage.delete(f"teachers/{id}")
         for p in priors:
-            shutil.rmtree(self.root / "priors" / p, ignore_errors=True)
+            self.storage.delete(f"priors/{p}")
         return True
 
-    def teacher_array(self, id: str, name: str) -> Path:
-        return self.root / "teachers" / id / f"{name}.npy"
-
-    # -- plans -------------------------------------------------------------------------
+    # -- plans ------------------------------------------------------------------------------
     def add_plan(self, rec: PlanRecord) -> None:
-        self._insert("plans", rec)
+        self._insert(rec)
 
     def plan(self, owner: str, id: str) -> PlanRecord | None:
-        rows = self._q("SELECT * FROM plans WHERE id=? AND owner=?", (id, owner))
-        return self._record(PlanRecord, rows[0]) if rows else None
+        return self._get(PlanRecord, id=id, owner=owner)
 
-    # -- priors ------------------------------------------------------------------------
-    def _prior(self, r: sqlite3.Row) -> PriorRecord:
-        return self._record(PriorRecord, r)
-
+    # -- priors -----------------------------------------------------------------------------
     def prior_for_plan(self, owner: str, plan_id: str) -> tuple[PriorRecord, bool]:
-        with self._lock:
-            rows = self._q("SELECT * FROM priors WHERE plan_id=? AND owner=?", (plan_id, owner))
-            if rows:
-                return self._prior(rows[0]), False
-            pid = new_id("r")
-            self._q(
-                "INSERT INTO priors (id, owner, plan_id, status, created) VALUES (?,?,?,?,?)",
-                (pid, owner, plan_id, "queued", time.time()),
-            )
-            return self._prior(self._q("SELECT * FROM priors WHERE id=?", (pid,))[0]), True
+        """The plan's prior, created as ``queued`` if there is none (True when created)."""
+        rec = self._get(PriorRecord, plan_id=plan_id, owner=owner)
+        if rec is not None:
+            return rec, False
+        rec = PriorRecord(new_id("r"), owner, plan_id, "queued", None, None, created=time.time())
+        try:
+            self._insert(rec)
+        except IntegrityError:  # another replica created it meanwhile
+            return self._get(PriorRecord, plan_id=plan_id, owner=owner), False
+        return rec, True
 
     def prior(self, owner: str, id: str) -> PriorRecord | None:
-        rows = self._q("SELECT * FROM priors WHERE id=? AND owner=?", (id, owner))
-        return self._prior(rows[0]) if rows else None
+        return self._get(PriorRecord, id=id, owner=owner)
 
-    def update_prior(self, id: str, **changes: Any) -> None:
-        cols = {
-            k: json.dumps(v) if k in ("problem", "arrays") and v is not None else v
-            for k, v in changes.items()
-        }
-        sets = ", ".join(f"{k}=?" for k in cols)
-        self._q(f"UPDATE priors SET {sets} WHERE id=?", (*cols.values(), id))
+    def requeue_failed(self, id: str) -> bool:
+        """A failed prior goes back to the queue (True when this call did it)."""
+        return self._update(
+            id,
+            {"status": "failed"},
+            status="queued",
+            problem=None,
+            started=None,
+            finished=None,
+            submitted=None,
+        )
 
-    def adopt_prior_arrays(self, id: str, folder: Path) -> None:
-        dst = self.root / "priors" / id
-        if dst.exists():  # a re-run after a restart: replace the old result whole
-            shutil.rmtree(dst)
-        folder.rename(dst)
-        fsync_path(dst.parent)
+    def _update(self, id: str, where: dict[str, Any], **values: Any) -> bool:
+        with self.session.begin() as s:
+            q = update(PriorRow).where(PriorRow.id == id)
+            for k, v in where.items():
+                q = q.where(getattr(PriorRow, k) == v)
+            return s.execute(q.values(**values)).rowcount == 1
 
-    def prior_dir(self, id: str) -> Path:
-        return self.root / "priors" / id
+    # -- jobs: the rows are the truth ---------------------------------------------------------
+    def claim(self, id: str, token: str, lease: float) -> PriorRecord | None:
+        """Claim a queued prior for ``token`` (a conditional update: one claimant wins)."""
+        now = time.time()
+        with self.session.begin() as s:
+            won = s.execute(
+                update(PriorRow)
+                .where(PriorRow.id == id, PriorRow.status == "queued")
+                .values(
+                    status="running",
+                    claim=token,
+                    lease_until=now + lease,
+                    started=now,
+                    attempts=PriorRow.attempts + 1,
+                )
+            ).rowcount
+        return self._get(PriorRecord, id=id) if won == 1 else None
 
-    def unfinished_priors(self) -> list[PriorRecord]:
-        rows = self._q("SELECT * FROM priors WHERE status IN ('queued', 'running')")
-        return [self._prior(r) for r in rows]
+    def renew(self, id: str, token: str, lease: float) -> bool:
+        """Extend the lease while the claim is still ``token``'s (False: it was lost)."""
+        return self._update(
+            id, {"claim": token, "status": "running"}, lease_until=time.time() + lease
+        )
+
+    def complete(self, id: str, token: str, **values: Any) -> bool:
+        """Finish a prior (``done`` or ``failed``) if ``token`` still holds it."""
+        return self._update(
+            id, {"claim": token, "status": "running"}, finished=time.time(), **values
+        )
+
+    def mark_submitted(self, id: str) -> None:
+        self._update(id, {}, submitted=time.time())
+
+    def lost_jobs(self, now: float, resubmit_after: float, limit: int = 100) -> list[str]:
+        """Priors to hand to the executor (again): running ones whose lease expired are put
+        back in the queue, then queued ones never submitted, or submitted long enough ago
+        that their submission may be lost (with the scheduler or the replica that made it).
+        ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) lets replicas reap side by side."""
+        with self.session.begin() as s:
+            expired = s.scalars(
+                select(PriorRow.id)
+                .where(PriorRow.status == "running", PriorRow.lease_until < now)
+                .with_for_update(skip_locked=True)
+                .limit(limit)
+            ).all()
+            if expired:
+                s.execute(
+                    update(PriorRow)
+                    .where(PriorRow.id.in_(expired), PriorRow.status == "running")
+                    .where(PriorRow.lease_until < now)
+                    .values(status="queued", claim=None, submitted=None)
+                )
+            stale = s.scalars(
+                select(PriorRow.id)
+                .where(PriorRow.status == "queued")
+                .where((PriorRow.submitted.is_(None)) | (PriorRow.submitted < now - resubmit_after))
+                .with_for_update(skip_locked=True)
+                .limit(limit)
+            ).all()
+            if stale:
+                s.execute(update(PriorRow).where(PriorRow.id.in_(stale)).values(submitted=now))
+        return list(stale)
+
+    def queued(self) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(select(PriorRow.id).filter_by(status="queued")))
+
+    def requeue_running(self) -> list[str]:
+        """Put every running prior back in the queue (for an executor that knows it is the
+        only one: whatever runs belonged to a process that is gone)."""
+        with self.session.begin() as s:
+            ids = list(s.scalars(select(PriorRow.id).filter_by(status="running")))
+            if ids:
+                s.execute(
+                    update(PriorRow)
+                    .where(PriorRow.id.in_(ids), PriorRow.status == "running")
+                    .values(status="queued", claim=None, submitted=None)
+                )
+        return ids
 
     def plan_for_job(self, plan_id: str) -> PlanRecord | None:
-        rows = self._q("SELECT * FROM plans WHERE id=?", (plan_id,))
-        return self._record(PlanRecord, rows[0]) if rows else None
+        """A plan whatever its owner (for jobs)."""
+        return self._get(PlanRecord, id=plan_id)
 
     def teacher_for_job(self, teacher_id: str) -> TeacherRecord | None:
-        rows = self._q("SELECT * FROM teachers WHERE id=?", (teacher_id,))
-        return self._teacher(rows[0]) if rows else None
+        return self._get(TeacherRecord, id=teacher_id)
 
     def prior_for_job(self, prior_id: str) -> PriorRecord | None:
-        rows = self._q("SELECT * FROM priors WHERE id=?", (prior_id,))
-        return self._prior(rows[0]) if rows else None
+        return self._get(PriorRecord, id=prior_id)
+
+    # -- housekeeping -----------------------------------------------------------------------
+    def bytes_stored(self) -> int:
+        """Bytes of arrays the rows account for (no listing of storage)."""
+        total = 0
+        with self.session() as s:
+            for arrays in s.scalars(select(TeacherRow.arrays)):
+                total += sum(int(a.get("bytes", 0)) for a in arrays.values())
+            for arrays in s.scalars(select(PriorRow.arrays)):
+                total += sum(int(a.get("bytes", 0)) for a in (arrays or {}).values())
+        return total
+
+    def sweep(self, grace: float) -> int:
+        """Remove from storage what no row owns and is older than ``grace`` seconds:
+        abandoned uploads, results of lost claims, arrays of deleted records."""
+        st, now, removed = self.storage, time.time(), 0
+
+        def old(key: str) -> bool:  # nothing under it was written within the grace period
+            m = st.modified(key)
+            return m is not None and now - m > grace
+
+        with self.session() as s:
+            teachers = set(s.scalars(select(TeacherRow.id)))
+            locations = dict(s.execute(select(PriorRow.id, PriorRow.location)).all())
+        for name in st.children("staging"):
+            if old(f"staging/{name}"):
+                st.delete(f"staging/{name}")
+                removed += 1
+        for name in st.children("teachers"):
+            if name not in teachers and old(f"teachers/{name}"):
+                st.delete(f"teachers/{name}")
+                removed += 1
+        for pid in st.children("priors"):
+            if pid not in locations:
+                if old(f"priors/{pid}"):
+                    st.delete(f"priors/{pid}")
+                    removed += 1
+                continue
+            for claim in st.children(f"priors/{pid}"):
+                key = f"priors/{pid}/{claim}"
+                if claim != "derived" and key != locations[pid] and old(key):
+                    st.delete(key)
+                    removed += 1
+        return removed + st.abort_uploads(grace)
+
+    def counts(self) -> dict[str, int]:
+        with self.session() as s:
+            return {
+                "teachers": s.scalar(select(func.count()).select_from(TeacherRow)) or 0,
+                "priors": s.scalar(select(func.count()).select_from(PriorRow)) or 0,
+            }

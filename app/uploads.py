@@ -1,55 +1,49 @@
-"""Teacher uploads: multipart streamed to disk, then validated and adopted whole.
+"""Teacher uploads, the HTTP side: multipart streamed into storage, then validated by a job.
 
-The body is parsed as it arrives (python-multipart's streaming parser), each
-file part written straight into a private temporary folder of the store and
-hashed on the way; nothing is held whole in memory and nothing survives a
-failure.  Files are fsynced when they are adopted, so the disk's write-back
-overlaps with validation instead of stalling the stream.
+The body is parsed as it arrives (python-multipart's streaming parser) and each
+file part is written straight into storage under ``staging/<token>/`` (a local
+folder, or an S3 multipart upload), hashed on the way: nothing is held whole
+in memory, nothing lands on this replica's disk when storage is S3, and the
+parts become visible together once the whole body is received (a body cut
+short, or a replica killed mid-upload, leaves nothing listed).  The spec is checked here, before any
+work; validation and adoption run as a job (:func:`app.ingest.ingest`), which
+writes the teacher's arrays, and then the row is inserted.  A staging prefix
+that outlives its request (a killed replica) is swept.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import time
+import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from planner import FORMATS, InvalidPosterior, PlannerError
+from planner import FORMATS, PlannerError
 
-from .arrays import (
-    NAME,
-    ZIP_MAGIC,
-    extract_npz,
-    extract_safetensors,
-    fsync_path,
-    magic,
-    open_npy,
-    sha256_file,
-    write_npy,
-)
+from .arrays import NAME
+from .ingest import DENSE, Staged
 from .problems import Problem, problem_from_planner_error
 from .schemas import TeacherSpec, structure_json
 from .settings import Settings
-from .store import Store, TeacherRecord, new_id
+from .storage import Storage
 
-__all__ = ["Upload", "ingest_teacher", "receive_multipart"]
+__all__ = ["Upload", "receive_multipart", "staged_upload"]
 
 _MAX_FIELD = 1 << 20
-#: Formats whose arrays include a dense p × p matrix.
-DENSE = {"full", "precision"}
-#: From this size on, validating a dense matrix works in disk-backed memory maps.
-DISK_WORKSPACE_FROM = 512 * 2**20
+#: Bytes gathered before the parser (and the storage writes it makes) runs off the loop.
+_HANDOFF = 1 << 20
 
 
 @dataclass
 class Upload:
+    prefix: str
     fields: dict[str, bytes] = field(default_factory=dict)
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # part name -> storage key
     sha256: dict[str, str] = field(default_factory=dict)  # of each file part, as received
     bytes: int = 0
 
@@ -60,8 +54,9 @@ def _too_large(limit: int) -> Problem:
     )
 
 
-async def receive_multipart(request: Request, folder: Path, limit: int) -> Upload:
-    """Stream a ``multipart/form-data`` body: fields into memory (small), files to ``folder``."""
+async def receive_multipart(request: Request, storage: Storage, limit: int) -> Upload:
+    """Stream a ``multipart/form-data`` body: fields into memory (small), file parts into
+    storage under a fresh staging prefix (removed again when anything fails)."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -75,19 +70,14 @@ async def receive_multipart(request: Request, folder: Path, limit: int) -> Uploa
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise _too_large(limit)
-    up = Upload()
-    state: dict = {
-        "headers": {},
-        "hf": b"",
-        "hv": b"",
-        "name": None,
-        "fh": None,
-        "buf": None,
-        "h": None,
-    }
+    up = Upload(prefix=f"staging/{secrets.token_hex(12)}")
+    #: parts received whole, their objects not yet committed: every part of an upload
+    #: becomes visible at the end of the body, or none does
+    complete: list = []
+    state: dict = {"headers": {}, "hf": b"", "hv": b"", "name": None, "cm": None, "fh": None}
 
     def on_part_begin():
-        state.update(headers={}, hf=b"", hv=b"", name=None, fh=None, buf=None, h=None)
+        state.update(headers={}, hf=b"", hv=b"", name=None, cm=None, fh=None, buf=None, h=None)
 
     def on_header_field(data, start, end):
         state["hf"] += data[start:end]
@@ -116,10 +106,11 @@ async def receive_multipart(request: Request, folder: Path, limit: int) -> Uploa
             )
         state["name"] = name
         if b"filename" in disp:
-            path = folder / f"{name}.upload"
-            state["fh"] = open(path, "wb")  # noqa: SIM115 - closed at part end
+            key = f"{up.prefix}/{name}"
+            state["cm"] = storage.writer(key)
+            state["fh"] = state["cm"].__enter__()
             state["h"] = hashlib.sha256()
-            up.files[name] = path
+            up.files[name] = key
         else:
             state["buf"] = bytearray()
 
@@ -140,9 +131,9 @@ async def receive_multipart(request: Request, folder: Path, limit: int) -> Uploa
                 )
 
     def on_part_end():
-        if state["fh"] is not None:  # fsynced when adopted: only kept files need it
-            state["fh"].close()
-            state["fh"] = None
+        if state["fh"] is not None:  # the part is complete: committed with the others
+            complete.append(state["cm"])
+            state["cm"], state["fh"] = None, None
             up.sha256[state["name"]] = state["h"].hexdigest()
         else:
             up.fields[state["name"]] = bytes(state["buf"])
@@ -160,23 +151,42 @@ async def receive_multipart(request: Request, folder: Path, limit: int) -> Uploa
         },
     )
     try:
+        pending = bytearray()
         async for chunk in request.stream():
             up.bytes += len(chunk)
             if up.bytes > limit:
                 raise _too_large(limit)
-            parser.write(chunk)
+            pending += chunk
+            if len(pending) >= _HANDOFF:
+                await asyncio.to_thread(parser.write, bytes(pending))
+                pending.clear()
+        if pending:
+            await asyncio.to_thread(parser.write, bytes(pending))
         parser.finalize()
-    finally:
-        if state["fh"] is not None:
-            state["fh"].close()
+        await asyncio.to_thread(_commit, complete)
+    except BaseException as exc:
+        unfinished = [*complete, *([state["cm"]] if state.get("cm") is not None else [])]
+        for cm in unfinished:  # abort every object not yet committed
+            with contextlib.suppress(Exception):
+                cm.__exit__(type(exc), exc, exc.__traceback__)
+        await asyncio.to_thread(storage.delete, up.prefix)
+        raise
     return up
 
 
-def _spec(up: Upload) -> TeacherSpec:
+def _commit(writers: list) -> None:
+    """Commit the parts' objects in order (each leaves the list once committed)."""
+    while writers:
+        writers[0].__exit__(None, None, None)
+        writers.pop(0)
+
+
+def _spec(up: Upload, storage: Storage) -> TeacherSpec:
     raw = up.fields.get("spec")
     if raw is None:
         if "spec" in up.files:
-            raw = up.files["spec"].read_bytes()[:_MAX_FIELD]
+            with storage.open(up.files.pop("spec")) as f:
+                raw = f.read(_MAX_FIELD)
         else:
             raise Problem(
                 422,
@@ -195,21 +205,10 @@ def _spec(up: Upload) -> TeacherSpec:
         ) from None
 
 
-def _own_file(a: np.ndarray, folder: Path) -> Path | None:
-    """The file behind ``a`` when it is a float64 C-ordered memory map inside ``folder``."""
-    if not isinstance(a, np.memmap) or a.dtype != np.float64 or not a.flags.c_contiguous:
-        return None
-    path = Path(a.filename) if a.filename else None
-    if path is None or path.parent.resolve() != folder.resolve():
-        return None
-    # a view of the whole file, not of a part of it
-    header = np.load(path, mmap_mode="r", allow_pickle=False)
-    return path if header.shape == a.shape else None
-
-
-def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, folder: Path):
-    """Validate an upload (SPEC §7, §8) and adopt it as a teacher; 4xx problems otherwise."""
-    spec = _spec(up)
+def staged_upload(up: Upload, storage: Storage, settings: Settings, owner: str) -> Staged:
+    """Check what can be checked before any work (the spec, the format, the size limits)
+    and describe the staged upload for the ingest job."""
+    spec = _spec(up, storage)
     try:
         structure = spec.structure.build()
     except PlannerError as exc:
@@ -233,78 +232,13 @@ def ingest_teacher(store: Store, settings: Settings, owner: str, up: Upload, fol
             f"{p} parameters exceed this service's limit of {limit} for format {fmt!r}",
             field="spec.structure",
         )
-    files = dict(up.files)
-    if "archive" in files:
-        if len(files) > 1:
-            raise Problem(
-                422,
-                "invalid-request",
-                "Invalid request",
-                "send either one 'archive' or one .npy part per array, not both",
-                field="archive",
-            )
-        path = files.pop("archive")
-        if magic(path).startswith(ZIP_MAGIC):
-            files = extract_npz(path, folder, "archive", settings.max_upload_bytes)
-        else:
-            files = extract_safetensors(path, folder, "archive")
-        path.unlink()
-    cls = FORMATS[fmt]
-    allowed = {*cls.names(structure), "gradients"}
-    for name in files:
-        if name not in allowed:
-            raise Problem(
-                422,
-                "invalid-posterior",
-                "Invalid posterior",
-                f"unexpected array {name!r} for format {fmt!r}; expected {sorted(allowed)}",
-                field=name,
-            )
-    arrays = {name: open_npy(path, name) for name, path in files.items()}
-    scratch = iter(range(1 << 30))
-
-    def workspace(shape):  # validation's large arrays live on disk, beside the upload
-        path = folder / f"workspace-{next(scratch)}.npy"
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
-
-    dense = fmt in DENSE and 8 * p * p >= DISK_WORKSPACE_FROM
-    try:
-        post = cls.from_arrays(structure, arrays, workspace if dense else None)
-        grads = arrays.get("gradients")
-        if grads is not None and (grads.ndim != 2 or grads.shape[1] != p):
-            raise InvalidPosterior(
-                f"must have shape (examples, {p}); got {grads.shape}", field="gradients"
-            )
-        if grads is not None and not np.isfinite(grads).all():
-            raise InvalidPosterior("contains NaN or infinite values", field="gradients")
-    except PlannerError as exc:
-        raise problem_from_planner_error(exc) from None
-    final = folder / "final"
-    final.mkdir()
-    infos = {}
-    out = post.to_arrays()
-    if grads is not None:
-        out["gradients"] = grads
-    derived = post.derived_arrays()  # e.g. a precision's Cholesky factor: kept, not listed
-    out.update(derived)
-    hashes = {Path(files[n]).resolve(): up.sha256[n] for n in files if n in up.sha256}
-    for name, arr in out.items():
-        dst = final / f"{name}.npy"
-        shape = list(arr.shape)
-        src = _own_file(arr, folder)
-        if src is not None:  # float64 and already in our folder: adopt the file as it is
-            del arr
-            sha = hashes.get(src.resolve()) or sha256_file(src)
-            fsync_path(src)
-            src.rename(dst)
-            size = dst.stat().st_size
-        else:
-            sha, size = write_npy(dst, arr, np.float64)
-        infos[name] = {"shape": shape, "dtype": "float64", "bytes": size, "sha256": sha}
-        if name in derived:
-            infos[name]["derived"] = True
-    rec = TeacherRecord(
-        new_id("t"), owner, spec.name, structure_json(structure), fmt, infos, time.time()
+    return Staged(
+        up.prefix,
+        dict(up.files),
+        dict(up.sha256),
+        spec.name,
+        owner,
+        structure_json(structure),
+        fmt,
+        settings.max_upload_bytes,
     )
-    store.add_teacher(rec, final)
-    return rec

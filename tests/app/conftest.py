@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import secrets
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +16,8 @@ import pytest
 
 from app.main import create_app
 from app.settings import Settings
+from app.storage import Storage
+from tests.app.cluster import BUCKET, PG, DaskCluster, Seaweed, need, postgres_database, postgres_up
 from tests.strategies import spd
 
 
@@ -28,9 +32,15 @@ class Service(SimpleNamespace):
     settings: Settings
     data: Path
 
+    @property
+    def store(self):
+        return self.app.state.store
+
 
 async def start(data: Path, **settings) -> tuple:
-    s = Settings(data_dir=data, executor="thread", workers=2, **settings)
+    """The app on ``settings`` (the embedded default when only ``data`` is given), its
+    lifespan entered; (service, lifespan context)."""
+    s = Settings(**{"data_dir": data, "executor": "thread", "workers": 2, **settings})
     app = create_app(s)
     ctx = app.router.lifespan_context(app)
     await ctx.__aenter__()
@@ -38,12 +48,79 @@ async def start(data: Path, **settings) -> tuple:
     return Service(app=app, client=client, settings=s, data=data), ctx
 
 
-@pytest.fixture
-async def svc(tmp_path):
-    service, ctx = await start(tmp_path / "data")
-    yield service
+async def stop(service: Service, ctx) -> None:
     await service.client.aclose()
     await ctx.__aexit__(None, None, None)
+    service.store.close()
+
+
+# -- the two configurations: embedded, and PostgreSQL + S3 + Dask ---------------------------
+class ClusterParts(SimpleNamespace):
+    s3: Seaweed
+    dask: DaskCluster
+
+
+@pytest.fixture(scope="session")
+def cluster_parts(tmp_path_factory):
+    """SeaweedFS and a Dask scheduler with two workers, for the whole session; the S3
+    endpoint and keys in this process's environment (as a replica would have them)."""
+    need(postgres_up(), f"no PostgreSQL server at {PG!r}")
+    root = tmp_path_factory.mktemp("cluster")
+    s3 = Seaweed(root / "s3")
+    env = s3.env()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dask = DaskCluster(root / "dask", env, workers=2)
+    try:
+        yield ClusterParts(s3=s3, dask=dask)
+    finally:
+        dask.stop()
+        s3.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+#: Job timings of the cluster configuration in tests: a dead worker's job is found
+#: within seconds, not minutes.
+FAST_JOBS = {"lease_seconds": 2.0, "reap_seconds": 0.3, "resubmit_seconds": 4.0}
+
+
+def cluster_settings(parts: ClusterParts, database_url: str, **extra) -> dict:
+    """Settings of a replica of the scaled-out service: its own S3 prefix per test."""
+    return {
+        "database_url": database_url,
+        "storage_url": f"s3://{BUCKET}/t-{secrets.token_hex(6)}",
+        "executor": "dask",
+        "dask_scheduler": parts.dask.address,
+        **FAST_JOBS,
+        **extra,
+    }
+
+
+@pytest.fixture
+def backend(request):
+    """Settings of the configuration under test: ``embedded`` unless a test module
+    parametrises ``backend`` (indirectly) over :data:`BACKENDS`."""
+    mode = getattr(request, "param", "embedded")
+    if mode == "embedded":
+        yield {}
+        return
+    parts = request.getfixturevalue("cluster_parts")
+    with postgres_database() as url:
+        yield cluster_settings(parts, url)
+
+
+BACKENDS = ["embedded", "cluster"]
+
+
+@pytest.fixture
+async def svc(tmp_path, backend):
+    service, ctx = await start(tmp_path / "data", **backend)
+    yield service
+    await stop(service, ctx)
 
 
 def npy(a: np.ndarray) -> bytes:
@@ -103,11 +180,27 @@ def assert_problem(r: httpx.Response, status: int, field: str | None = None):
     return body
 
 
-def stored_files(data: Path) -> list[Path]:
-    """Every file under teachers/, priors/ and tmp/ of a data folder."""
-    return [
-        p for sub in ("teachers", "priors", "tmp") for p in (data / sub).rglob("*") if p.is_file()
-    ]
+def stored(where) -> list[str]:
+    """Every object under staging/, teachers/ and priors/ of a service's storage (a
+    :class:`Service`, a :class:`~app.storage.Storage`, or an embedded data folder),
+    partial files included."""
+    if isinstance(where, Service):
+        storage = where.store.storage
+    elif isinstance(where, Path):
+        storage = Storage(Settings(data_dir=where).storage)
+    else:
+        storage = where
+    storage.fs.invalidate_cache()
+    keys = []
+    for sub in ("staging", "teachers", "priors"):
+        try:
+            found = storage.fs.find(storage.path(sub))
+        except FileNotFoundError:
+            continue
+        keys += [
+            k[len(storage.root) + 1 :] for k in found if k.startswith(f"{storage.root}/{sub}/")
+        ]
+    return sorted(keys)
 
 
 async def make_plan(client, teacher_id: str, widths, headers=None) -> dict:

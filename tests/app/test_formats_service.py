@@ -13,7 +13,7 @@ from tests.app.conftest import (
     assert_problem,
     make_plan,
     start,
-    stored_files,
+    stored,
     upload,
     wait_done,
 )
@@ -75,7 +75,7 @@ async def test_bad_structured_inputs(svc, fmt, change, field):
     arrays = {**arrays_of(post), **change}
     r = await upload(svc.client, {"widths": [3, 5, 4, 2], "bias": True}, fmt, arrays)
     assert_problem(r, 422, field)
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 async def test_kron_for_an_rnn_is_refused(svc):
@@ -89,7 +89,7 @@ async def test_kron_for_an_rnn_is_refused(svc):
     }
     r = await upload(svc.client, {"widths": [3, 4, 2], "kind": "rnn"}, "kron", arrays)
     assert_problem(r, 422, "posterior.format")
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 async def test_a_prior_too_large_for_the_machine_is_refused_before_starting(tmp_path):
@@ -116,8 +116,7 @@ async def test_a_precision_keeps_its_factor_beside_its_arrays(svc):
     assert r.status_code == 201, r.text
     t = r.json()
     assert set(t["arrays"]) == {"mean", "precision"}
-    folder = svc.data / "teachers" / t["id"]
-    L = np.load(folder / "cholesky.npy")
+    L = svc.store.storage.load_npy(svc.store.teacher_key(t["id"], "cholesky"))
     np.testing.assert_allclose(L @ L.T, post.precision, rtol=1e-10, atol=1e-12)
     plan = await svc.client.post(
         f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 3, 2]}}

@@ -10,6 +10,7 @@ from tests.app.conftest import (
     make_prior,
     posterior,
     start,
+    stop,
     upload,
     wait_done,
 )
@@ -84,10 +85,8 @@ async def test_a_restart_serves_everything_bit_for_bit(tmp_path):
     # a second plan whose prior is cut off by the restart while "running"
     plan2 = await make_plan(svc.client, t["id"], [3, 2, 2])
     rec, _ = svc.app.state.store.prior_for_plan("public", plan2["id"])
-    svc.app.state.store.update_prior(rec.id, status="running", started=1.0)
-    await svc.client.aclose()
-    await ctx.__aexit__(None, None, None)
-    svc.app.state.store.close()
+    assert svc.store.claim(rec.id, "cut-off", 3600.0) is not None
+    await stop(svc, ctx)
 
     svc, ctx = await start(data)
     try:

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.app.conftest import assert_problem, npy, posterior, start, stored_files, upload
+from tests.app.conftest import assert_problem, npy, posterior, start, stored, upload
 
 pytestmark = pytest.mark.anyio
 
@@ -71,7 +71,7 @@ async def test_bad_arrays_are_refused_and_nothing_is_stored(svc, case):
     if field:
         assert body["field"] == field
     assert (await svc.client.get("/v1/teachers")).json() == []
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 def _raw(content: bytes):
@@ -92,7 +92,7 @@ async def test_an_object_npy_is_never_unpickled(svc, tmp_path):
     np.save(buf, np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
     body = assert_problem(await _raw_case(svc, buf.getvalue()), 422, "mean")
     assert "pickle" in body["detail"]
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 class Boom:
@@ -106,7 +106,7 @@ async def test_a_pickle_is_refused_without_being_loaded(svc):
     payload = pickle.dumps(Boom())
     assert_problem(await _raw_case(svc, payload), 422, "mean")
     assert not os.path.exists("/tmp/pwned-by-planner-test")
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 async def test_random_bytes_and_truncated_npy(svc):
@@ -114,7 +114,7 @@ async def test_random_bytes_and_truncated_npy(svc):
     assert_problem(await _raw_case(svc, rng.bytes(1000)), 422, "mean")
     good = npy(np.ones(26))
     assert_problem(await _raw_case(svc, good[: len(good) - 16]), 422, "mean")
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 @pytest.mark.parametrize(
@@ -166,7 +166,7 @@ async def test_bad_specs(svc, spec, field):
     _, arrays = posterior((3, 4, 4, 2), "diag")
     body = assert_problem(await upload(svc.client, None, "diag", arrays, spec=spec), 422)
     assert body["field"].startswith(field), body
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 async def test_missing_spec_wrong_media_type_and_mixed_parts(svc):
@@ -181,7 +181,7 @@ async def test_missing_spec_wrong_media_type_and_mixed_parts(svc):
     spec = {"name": "t", "structure": structure, "posterior": {"format": "diag"}}
     r = await svc.client.post("/v1/teachers", data={"spec": json.dumps(spec)}, files=files)
     assert_problem(r, 422, "archive")
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 async def test_too_large_uploads_are_413(tmp_path):
@@ -189,7 +189,7 @@ async def test_too_large_uploads_are_413(tmp_path):
     try:
         structure, arrays = posterior((3, 4, 4, 2), "full")
         assert_problem(await upload(svc.client, structure, "full", arrays), 413)
-        assert stored_files(svc.data) == []
+        assert stored(svc) == []
     finally:
         await svc.client.aclose()
         await ctx.__aexit__(None, None, None)
@@ -226,8 +226,8 @@ async def test_archives(svc, kind):
     assert r.status_code == 201, r.text
     t = r.json()
     assert t["arrays"]["covariance"]["shape"] == list(arrays["covariance"].shape)
-    stored = np.load(svc.data / "teachers" / t["id"] / "covariance.npy", allow_pickle=False)
-    assert np.array_equal(stored, arrays["covariance"])
+    kept = svc.store.storage.load_npy(svc.store.teacher_key(t["id"], "covariance"))
+    assert np.array_equal(kept, arrays["covariance"])
 
 
 async def test_bad_archives(svc):
@@ -239,7 +239,7 @@ async def test_bad_archives(svc):
     np.savez(buf, **{"../evil": np.ones(3)})
     raw = {"archive": ("a.npz", buf.getvalue(), "application/octet-stream")}
     assert_problem(await upload(svc.client, structure, "diag", None, raw=raw), 422)
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []
 
 
 async def test_float32_uploads_are_validated_at_their_tolerance(svc):
@@ -253,8 +253,8 @@ async def test_float32_uploads_are_validated_at_their_tolerance(svc):
         {"mean": arrays["mean"].astype(np.float32), "covariance": cov},
     )
     assert r.status_code == 201, r.text
-    stored = np.load(svc.data / "teachers" / r.json()["id"] / "covariance.npy")
-    assert stored.dtype == np.float64 and np.array_equal(stored, stored.T)
+    kept = svc.store.storage.load_npy(svc.store.teacher_key(r.json()["id"], "covariance"))
+    assert kept.dtype == np.float64 and np.array_equal(kept, kept.T)
     cov64 = arrays["covariance"].copy()
     cov64[0, 1] *= 1 + 2e-6
     assert_problem(
@@ -268,4 +268,4 @@ async def test_bad_part_names_are_refused(svc):
     structure, arrays = posterior((3, 4, 4, 2), "diag")
     raw = {"../../x": ("x.npy", npy(arrays["mean"]), "application/octet-stream")}
     assert_problem(await upload(svc.client, structure, "diag", None, raw=raw), 422, "body")
-    assert stored_files(svc.data) == []
+    assert stored(svc) == []

@@ -19,51 +19,8 @@ from planner import FullPosterior, Structure
 from planner.search import search
 from planner_client import InvalidRequest, NotFound, PlannerClient
 from planner_client.cli import main as cli
-from tests.app.conftest import posterior, stored_files
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, data: Path, **env: str) -> None:
-        self.data, self.env = data, env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Server:
-        env = {**os.environ, "PLANNER_DATA_DIR": str(self.data), "PLANNER_WORKERS": "2", **self.env}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-            cwd=Path(__file__).parents[2],
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError("uvicorn did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)
+from tests.app.cluster import Server
+from tests.app.conftest import posterior, stored
 
 
 @pytest.fixture
@@ -184,9 +141,9 @@ def test_a_killed_upload_leaves_nothing(server):
         s.sendall(body)
         time.sleep(0.5)  # the server is now writing the part to disk
     deadline = time.monotonic() + 10
-    while stored_files(server.data) and time.monotonic() < deadline:
+    while stored(server.data) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert stored_files(server.data) == []
+    assert stored(server.data) == []
     assert httpx.get(f"{server.url}/v1/teachers").json() == []
 
 
@@ -221,8 +178,14 @@ def test_restart_of_the_process(tmp_path):
             plan, got = c.align(t["id"], [3, 3, 2])
     finally:
         srv.stop()
-    (data / "tmp" / "stray").mkdir()  # as if a previous process died mid-upload
-    (data / "teachers" / "t_ffffffffffffffffffffffff").mkdir()
+    arrays_dir = data / "arrays"
+    stray = [  # as if a previous process died mid-upload, and mid-ingest
+        arrays_dir / "staging" / "0123abcd" / "mean",
+        arrays_dir / "teachers" / "t_ffffffffffffffffffffffff" / "mean.npy",
+    ]
+    for f in stray:
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"partial")
     srv = Server(data).start()
     try:
         with PlannerClient(srv.url) as c:
@@ -230,8 +193,8 @@ def test_restart_of_the_process(tmp_path):
             prior = c.request_prior(plan["id"])
             assert prior["status"] == "done"
             assert np.array_equal(c.array(prior["id"], "mean"), got["mean"])
-        assert not (data / "tmp" / "stray").exists()
-        assert not (data / "teachers" / "t_ffffffffffffffffffffffff").exists()
+        assert not any(f.exists() for f in stray)
+        assert stored(data)  # what the records own stays
     finally:
         srv.stop()
 

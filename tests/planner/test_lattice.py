@@ -147,3 +147,13 @@ def test_a_student_inherits_what_it_does_not_say():
     with pytest.raises(InvalidStructure, match="explicitly"):
         mixed.inherit((4, 3, 2))
     assert mixed.inherit((4, 3, 2), activation="relu").activations == ("relu", "identity")
+
+
+def test_counting_refuses_past_its_state_budget():
+    from planner import TooLarge
+    from planner.lattice import count_sequences
+
+    f, g = Structure.mlp((4, 30, 30, 30, 2)), Structure.mlp((4, 5, 2))
+    assert count_sequences(f, g) > 0
+    with pytest.raises(TooLarge):
+        count_sequences(f, g, max_states=10)

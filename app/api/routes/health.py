@@ -16,13 +16,23 @@ def healthz():
 
 @router.get("/readyz")
 def readyz(request: Request):
+    """Ready when the database, the storage and the executor answer (and, scaled out, at
+    least one worker is connected to the scheduler)."""
     state = request.app.state
-    checks = {"store": True, "jobs": state.jobs.alive()}
+    checks = {"database": True, "storage": True, "jobs": state.jobs.alive()}
     try:
-        state.store.teachers("__readyz__")
+        state.store.ping()
     except Exception:
-        checks["store"] = False
-    ok = all(checks.values())
+        checks["database"] = False
+    try:
+        state.store.storage.ping()
+    except Exception:
+        checks["storage"] = False
+    workers = getattr(state.jobs, "workers", None)
+    if workers is not None:
+        checks["workers"] = workers()
+        checks["jobs"] = checks["jobs"] and checks["workers"] > 0
+    ok = all(bool(v) for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, 200 if ok else 503)
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 from planner import PlannerError
 from planner.criteria import criterion_function
 
-from ...compute import TeacherFiles, run_plan, structure_from_json
+from ...compute import run_plan, structure_from_json
 from ...problems import problem_from_planner_error
 from ...schemas import PlanCreate, PlanPublic, structure_json
 from ...store import PlanRecord, new_id
@@ -60,7 +60,8 @@ async def create_plan(
             criterion_function(body.criterion)  # unknown names fail before any work
         out = await jobs.run(
             run_plan,
-            TeacherFiles.of(store, rec),
+            settings.config,
+            rec.id,
             structure_json(student),
             body.criterion,
             body.seed,

@@ -1,29 +1,36 @@
-"""``/v1/plans/{id}/prior`` and ``/v1/priors/{id}``: aligned priors and their arrays."""
+"""``/v1/plans/{id}/prior`` and ``/v1/priors/{id}``: aligned priors and their arrays.
+
+Any replica answers for any prior: the row says where its arrays are, storage
+serves them (HTTP Range supported, so broken downloads resume).  Files derived
+on request (float32 copies, a precision prior's covariance, archives) are built
+once per key, under a lock per key, and kept in storage beside the arrays.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import time
-from pathlib import Path
 from typing import Literal
+from weakref import WeakValueDictionary
 
-import numpy as np
-import scipy.linalg as sla
-from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, JSONResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
 
-from ...arrays import convert_npy, write_npy, write_npz, write_safetensors
-from ...compute import TeacherFiles
+from planner import FORMATS
+
+from ...compute import structure_from_json
+from ...derived import build_derived, derived_name
 from ...problems import Problem
 from ...schemas import PriorPublic
+from ...serving import serve
 from ...store import PriorRecord, Store
 from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
 
 router = APIRouter(tags=["priors"])
-_build_lock = threading.Lock()
+
+#: One lock per derived object being built in this replica (two replicas building the
+#: same object at once write the same bytes under the same key: the last commit wins).
+_BUILDING: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
 
 
 def prior_json(store: Store, rec: PriorRecord) -> dict:
@@ -53,13 +60,16 @@ def prior_json(store: Store, rec: PriorRecord) -> dict:
 def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep, settings: SettingsDep):
     """Start or reuse the plan's prior: 201 when it is computed, 202 while it is queued
     or running.  A failed prior is queued again.  A prior that would need more memory
-    than this machine offers is refused (413) before anything starts."""
+    than a worker may use is refused (413) before anything starts."""
     plan = owned(store, owner, "p", id)
     teacher = store.teacher(owner, plan.teacher_id)
-    need = (
-        TeacherFiles.of(store, teacher)
-        .posterior()
-        .align_bytes(plan.info["conditioned"], plan.student["n_params"])
+    cls = FORMATS[teacher.format]
+    shapes = {n: tuple(a["shape"]) for n, a in teacher.arrays.items()}
+    need = cls.align_bytes_of(
+        structure_from_json(teacher.structure),
+        shapes,
+        plan.info["conditioned"],
+        plan.student["n_params"],
     )
     if need > settings.max_job_bytes:
         raise Problem(
@@ -71,11 +81,10 @@ def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep, sett
             field="plan",
         )
     rec, created = store.prior_for_plan(owner, plan.id)
-    if rec.status == "failed":
-        store.update_prior(rec.id, status="queued", problem=None, started=None, finished=None)
+    if rec.status == "failed" and store.requeue_failed(rec.id):
         created = True
     if created:
-        jobs.submit(rec.id)
+        jobs.submit_prior(rec.id)
         rec = store.prior(owner, rec.id)
     status = 201 if rec.status == "done" else 202
     return JSONResponse(
@@ -111,33 +120,47 @@ async def get_prior(
     ),
 ):
     """The prior's status; with ``wait``, answers as soon as it is done or failed."""
-    rec = owned(store, owner, "r", id)
+    rec = await asyncio.to_thread(owned, store, owner, "r", id)
     deadline = time.monotonic() + wait
     while rec.status in ("queued", "running") and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-        rec = store.prior(owner, rec.id) or rec
-    return prior_json(store, rec)
+        await asyncio.sleep(0.05)
+        rec = await asyncio.to_thread(store.prior, owner, rec.id) or rec
+    return await asyncio.to_thread(prior_json, store, rec)
+
+
+async def _ensure(store: Store, jobs, prior_id: str, kind: str, name: str | None = None) -> str:
+    """The key of a derived object, built once by a job unless it exists already."""
+    key = store.derived_key(prior_id, derived_name(kind, name))
+    if await asyncio.to_thread(store.storage.exists, key):
+        return key
+    lock = _BUILDING.get(key)
+    if lock is None:
+        lock = _BUILDING[key] = asyncio.Lock()
+    async with lock:
+        if not await asyncio.to_thread(store.storage.exists, key):
+            await jobs.run(build_derived, jobs.config, prior_id, kind, name)
+    return key
 
 
 @router.get(
     "/v1/priors/{id}/arrays/{name}",
-    response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 async def get_array(
     id: str,
     name: str,
+    request: Request,
     store: StoreDep,
+    jobs: JobsDep,
     owner: OwnerDep,
     dtype: Literal["float64", "float32"] = "float64",
 ):
     """One array as ``.npy`` (HTTP Range supported, so broken downloads resume)."""
-    rec = _done_prior(store, owner, id)
+    rec = await asyncio.to_thread(_done_prior, store, owner, id)
+    st = store.storage
     if name == "covariance" and "precision" in rec.arrays:  # a precision prior, on request
-        path = store.prior_dir(rec.id) / "covariance.npy"
-        src = store.prior_dir(rec.id) / "precision.npy"
-        await _ensure(path, lambda: _covariance_of(src, path))
-        return FileResponse(path, media_type="application/octet-stream", filename=f"{name}.npy")
+        key = await _ensure(store, jobs, rec.id, "covariance")
+        return await serve(request, st, key, f"{name}.npy")
     if name not in rec.arrays:
         raise Problem(
             404,
@@ -146,72 +169,26 @@ async def get_array(
             f"prior {id} has no array {name[:80]!r}; it has {sorted(rec.arrays)}",
             field="name",
         )
-    path = store.prior_dir(rec.id) / f"{name}.npy"
-    etag = rec.arrays[name]["sha256"]
+    key, etag = store.prior_key(rec, name), rec.arrays[name]["sha256"]
     if dtype == "float32":
-        cached = store.prior_dir(rec.id) / f"{name}.float32.npy"
-        await _ensure(cached, lambda: convert_npy(path, cached, "float32"))
-        path, etag = cached, f"{etag}-f32"
-    return FileResponse(
-        path,
-        media_type="application/octet-stream",
-        filename=f"{name}.npy",
-        headers={"ETag": f'"{etag}"'},
-    )
-
-
-def _covariance_of(precision: Path, dst: Path) -> None:
-    """Σ = Λ⁻¹ by one Cholesky factorisation of Λ (asked for explicitly by the client)."""
-    lam = np.load(precision, mmap_mode="r", allow_pickle=False)
-    cf = sla.cho_factor(np.array(lam), lower=True, check_finite=False)
-    write_npy(dst, sla.cho_solve(cf, np.eye(lam.shape[0]), check_finite=False))
-
-
-async def _ensure(target: Path, build) -> None:
-    """Build a derived file once (atomically, off the event loop) unless it exists."""
-
-    def once() -> None:
-        with _build_lock:
-            if not target.exists():
-                build()
-
-    if not target.exists():
-        await run_in_threadpool(once)
+        key, etag = await _ensure(store, jobs, rec.id, "float32", name), f"{etag}-f32"
+    return await serve(request, st, key, f"{name}.npy", etag)
 
 
 @router.get(
     "/v1/priors/{id}/archive",
-    response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 async def get_archive(
     id: str,
+    request: Request,
     store: StoreDep,
+    jobs: JobsDep,
     owner: OwnerDep,
     format: Literal["npz", "safetensors"] = "npz",
 ):
     """Every array in one ``.npz`` or ``.safetensors`` file, the student structure in
     its metadata (the zip comment, or the safetensors header)."""
-    rec = _done_prior(store, owner, id)
-    d = store.prior_dir(rec.id)
-    plan = store.plan(owner, rec.plan_id)
-    teacher = store.teacher(owner, plan.teacher_id)
-    arrays = {n: d / f"{n}.npy" for n in rec.arrays}
-    meta = {
-        "structure": plan.student,
-        "format": teacher.format,
-        "plan": plan.id,
-        "prior": rec.id,
-        "cost": rec.cost,
-    }
-    target = d / f"archive.{format}"
-    st_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    await _ensure(
-        target,
-        (lambda: write_npz(target, arrays, meta))
-        if format == "npz"
-        else (lambda: write_safetensors(target, arrays, st_meta)),
-    )
-    return FileResponse(
-        target, media_type="application/octet-stream", filename=f"{rec.id}.{format}"
-    )
+    rec = await asyncio.to_thread(_done_prior, store, owner, id)
+    key = await _ensure(store, jobs, rec.id, format)
+    return await serve(request, store.storage, key, f"{rec.id}.{format}")

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
+import asyncio
 
 from fastapi import APIRouter, Request, Response
-from starlette.concurrency import run_in_threadpool
 
+from ...ingest import ingest
 from ...problems import Problem
 from ...schemas import TeacherPublic
 from ...store import TeacherRecord
-from ...uploads import ingest_teacher, receive_multipart
-from ..deps import OwnerDep, SettingsDep, StoreDep, check_id, owned
+from ...uploads import receive_multipart, staged_upload
+from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, check_id, owned
 
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
 
@@ -55,15 +55,25 @@ def teacher_json(rec: TeacherRecord) -> dict:
     },
 )
 async def create_teacher(
-    request: Request, response: Response, store: StoreDep, settings: SettingsDep, owner: OwnerDep
+    request: Request,
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    jobs: JobsDep,
 ):
-    """Upload a teacher: ``spec`` and one ``.npy`` per array, or one ``archive``."""
-    folder = store.tmp_dir()
+    """Upload a teacher: ``spec`` and one ``.npy`` per array, or one ``archive``.
+
+    The parts stream into storage; validation runs on the executor (a worker
+    when scaled out); the teacher exists once its row is written."""
+    up = await receive_multipart(request, store.storage, settings.max_upload_bytes)
     try:
-        up = await receive_multipart(request, folder, settings.max_upload_bytes)
-        rec = await run_in_threadpool(ingest_teacher, store, settings, owner, up, folder)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        staged = staged_upload(up, store.storage, settings, owner)
+    except BaseException:
+        await asyncio.to_thread(store.storage.delete, up.prefix)
+        raise
+    rec = TeacherRecord(**await jobs.run(ingest, settings.config, staged))
+    await asyncio.to_thread(store.add_teacher, rec)
     response.headers["Location"] = f"/v1/teachers/{rec.id}"
     return teacher_json(rec)
 
@@ -79,7 +89,7 @@ def get_teacher(id: str, store: StoreDep, owner: OwnerDep):
 
 
 @router.delete("/{id}", status_code=204)
-def delete_teacher(id: str, store: StoreDep, owner: OwnerDep):
+def delete_teacher(id: str, store: StoreDep, owner: OwnerDep):  # rows, then arrays
     """Delete a teacher with its plans, priors and files."""
     if not store.delete_teacher(owner, check_id(id, "t", "teacher")):
         raise Problem.not_found("teacher", id)

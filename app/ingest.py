@@ -1,0 +1,153 @@
+"""Validating an upload and adopting it as a teacher: a job, run where the executor puts it.
+
+The API streams the multipart parts into storage (``staging/<token>/``) and
+hands this job a :class:`Staged` upload; the job reads the parts (their own
+files for a local folder, downloads into its scratch space from S3), validates
+them (SPEC §7, §8), writes the teacher's float64 arrays under
+``teachers/<id>/`` (a part that is already the final float64 array is moved or
+server-side copied, not rewritten) and returns the record, which the API
+inserts: a teacher exists once its row does.  Nothing a client sent is ever
+unpickled; large dense matrices are validated in disk-backed memory maps in the
+job's scratch space.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from planner import FORMATS, InvalidPosterior, PlannerError
+
+from .arrays import ZIP_MAGIC, extract_npz, extract_safetensors, magic, open_npy, sha256_file
+from .compute import Config, scratch, store_for, structure_from_json
+from .problems import Problem, problem_from_planner_error
+from .store import Store, TeacherRecord, new_id
+
+__all__ = ["DENSE", "DISK_WORKSPACE_FROM", "Staged", "ingest"]
+
+#: Formats whose arrays include a dense p × p matrix.
+DENSE = {"full", "precision"}
+#: From this size on, validating a dense matrix works in disk-backed memory maps.
+DISK_WORKSPACE_FROM = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An upload in storage, what the API hands to :func:`ingest` (plain data)."""
+
+    prefix: str  # staging/<token>
+    files: dict[str, str]  # part name -> key
+    sha256: dict[str, str]  # part name -> sha256 of the part as received
+    name: str
+    owner: str
+    structure: dict  # the validated structure, in its JSON form
+    format: str
+    max_bytes: int
+
+
+def ingest(config: Config, staged: Staged) -> dict:
+    """Validate a staged upload and write the teacher's arrays; the record as a dict.
+    Raises a 4xx :class:`~app.problems.Problem` for anything the client got wrong."""
+    store = store_for(config)
+    try:
+        with tempfile.TemporaryDirectory(dir=scratch(config)) as tmp:
+            return asdict(_ingest(store, staged, Path(tmp)))
+    finally:
+        store.storage.delete(staged.prefix)
+
+
+def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
+    st = store.storage
+    structure = structure_from_json(up.structure)
+    fmt = up.format
+    local = {name: st.local_copy(key, tmp) for name, key in up.files.items()}
+    origin = {path.resolve(): name for name, path in local.items()}  # file -> staged part
+    if "archive" in local:
+        if len(local) > 1:
+            raise Problem(
+                422,
+                "invalid-request",
+                "Invalid request",
+                "send either one 'archive' or one .npy part per array, not both",
+                field="archive",
+            )
+        path = local.pop("archive")
+        if magic(path).startswith(ZIP_MAGIC):
+            local = extract_npz(path, tmp, "archive", up.max_bytes)
+        else:
+            local = extract_safetensors(path, tmp, "archive")
+    cls = FORMATS[fmt]
+    allowed = {*cls.names(structure), "gradients"}
+    for name in local:
+        if name not in allowed:
+            raise Problem(
+                422,
+                "invalid-posterior",
+                "Invalid posterior",
+                f"unexpected array {name!r} for format {fmt!r}; expected {sorted(allowed)}",
+                field=name,
+            )
+    arrays = {name: open_npy(path, name) for name, path in local.items()}
+    p = structure.n_params
+    scratch = iter(range(1 << 30))
+
+    def workspace(shape):  # validation's large arrays live on disk, in the job's scratch
+        path = tmp / f"workspace-{next(scratch)}.npy"
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
+
+    dense = fmt in DENSE and 8 * p * p >= DISK_WORKSPACE_FROM
+    try:
+        post = cls.from_arrays(structure, arrays, workspace if dense else None)
+        grads = arrays.get("gradients")
+        if grads is not None and (grads.ndim != 2 or grads.shape[1] != p):
+            raise InvalidPosterior(
+                f"must have shape (examples, {p}); got {grads.shape}", field="gradients"
+            )
+        if grads is not None and not np.isfinite(grads).all():
+            raise InvalidPosterior("contains NaN or infinite values", field="gradients")
+    except PlannerError as exc:
+        raise problem_from_planner_error(exc) from None
+    out = post.to_arrays()
+    if grads is not None:
+        out["gradients"] = grads
+    derived = post.derived_arrays()  # e.g. a precision's Cholesky factor: kept, not listed
+    out.update(derived)
+    tid, infos = new_id("t"), {}
+    for name, arr in out.items():
+        key = store.teacher_key(tid, name)
+        shape = list(arr.shape)
+        own = _own_file(arr)
+        part = origin.get(own.resolve()) if own is not None else None
+        if own is not None and part is not None:  # a float64 part as uploaded: adopt it whole
+            del arr
+            sha = up.sha256.get(part) or sha256_file(own)
+            if st.local:
+                size = st.put_file(own, key)
+            else:  # already in storage: a server-side copy
+                st.copy(up.files[part], key)
+                size = own.stat().st_size
+        elif own is not None:  # an extracted member, already float64: upload the file
+            del arr
+            sha = sha256_file(own)
+            size = st.put_file(own, key)
+        else:
+            sha, size = st.put_npy(key, arr, np.float64)
+        infos[name] = {"shape": shape, "dtype": "float64", "bytes": size, "sha256": sha}
+        if name in derived:
+            infos[name]["derived"] = True
+    return TeacherRecord(tid, up.owner, up.name, up.structure, fmt, infos, time.time())
+
+
+def _own_file(a: np.ndarray) -> Path | None:
+    """The file behind ``a`` when ``a`` is a float64 C-ordered memory map of all of it."""
+    if not isinstance(a, np.memmap) or a.dtype != np.float64 or not a.flags.c_contiguous:
+        return None
+    path = Path(a.filename) if a.filename else None
+    if path is None:
+        return None
+    header = np.load(path, mmap_mode="r", allow_pickle=False)
+    return path if header.shape == a.shape and header.dtype == np.float64 else None
