@@ -55,6 +55,9 @@ class Config:
     scratch_dir: str | None = None
     #: how long a claim holds without a renewal (a dead worker's job is run again after it)
     lease_seconds: float = 30.0
+    #: most bytes of remote arrays a process keeps copies of (``PLANNER_CACHE_BYTES``
+    #: in a worker's environment overrides it)
+    cache_bytes: int = 16 * 2**30
 
 
 _STORES: dict[Config, Store] = {}
@@ -82,7 +85,9 @@ def store_for(config: Config) -> Store:
     with _STORES_LOCK:
         store = _STORES.get(config)
         if store is None:
-            storage = Storage(config.storage_url, cache_dir=os.path.join(scratch(config), "cache"))
+            cache = int(os.environ.get("PLANNER_CACHE_BYTES") or config.cache_bytes)
+            cache_dir = os.path.join(scratch(config), "cache")
+            storage = Storage(config.storage_url, cache_dir=cache_dir, cache_bytes=cache)
             store = _STORES[config] = Store(config.database_url, storage, migrate_schema=False)
         return store
 
@@ -99,7 +104,7 @@ def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
     cls = FORMATS[rec.format]
     structure = structure_from_json(rec.structure)
     names = [*cls.names(structure), *(n for n in cls.derived_names if n in rec.arrays)]
-    arrays = {n: store.storage.load_npy(store.teacher_key(rec.id, n)) for n in names}
+    arrays = {n: store.storage.load_npy(store.teacher_array_key(rec, n)) for n in names}
     return cls.from_validated(structure, arrays)
 
 
@@ -107,11 +112,21 @@ def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
 _THREADED_FROM = 1500
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a pinned
+    worker's share, not the whole machine's)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def blas_threads(post: Posterior) -> int:
-    """BLAS threads for one job: all cores for large dense problems, else one (small
-    problems gain nothing from threads and lose much when jobs run side by side)."""
+    """BLAS threads for one job: all of this process's cores for large dense problems,
+    else one (small problems gain nothing from threads and lose much when jobs run side
+    by side)."""
     dense = post.format in ("full", "precision")
-    return (os.cpu_count() or 1) if dense and post.n >= _THREADED_FROM else 1
+    return cores() if dense and post.n >= _THREADED_FROM else 1
 
 
 def run_plan(
@@ -147,7 +162,7 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds) -> dict:
     else:
         crit = criterion_function(criterion)
         grads = (
-            store.storage.load_npy(store.teacher_key(rec.id, "gradients"))
+            store.storage.load_npy(store.teacher_array_key(rec, "gradients"))
             if crit.needs_gradients and "gradients" in rec.arrays
             else None
         )

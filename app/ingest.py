@@ -1,14 +1,14 @@
 """Validating an upload and adopting it as a teacher: a job, run where the executor puts it.
 
-The API streams the multipart parts into storage (``staging/<token>/``) and
-hands this job a :class:`Staged` upload; the job reads the parts (their own
-files for a local folder, downloads into its scratch space from S3), validates
-them (SPEC §7, §8), writes the teacher's float64 arrays under
-``teachers/<id>/`` (a part that is already the final float64 array is moved or
-server-side copied, not rewritten) and returns the record, which the API
-inserts: a teacher exists once its row does.  Nothing a client sent is ever
-unpickled; large dense matrices are validated in disk-backed memory maps in the
-job's scratch space.
+The API streams the multipart parts into storage (``teachers/<id>/upload/``)
+and hands this job a :class:`Staged` upload; the job reads the parts (their own
+files for a local folder; from S3, copies in the worker's cache, which later
+jobs on that worker reuse), validates them (SPEC §7, §8), adopts every part
+that is already the final float64 array where it lies (the record names its
+key: nothing is copied), writes the other arrays under ``teachers/<id>/`` and
+returns the record, which the API inserts: a teacher exists once its row does.
+Nothing a client sent is ever unpickled; large dense matrices are validated in
+disk-backed memory maps in the job's scratch space.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from planner import FORMATS, InvalidPosterior, PlannerError
 
 from .arrays import ZIP_MAGIC, extract_npz, extract_safetensors, magic, open_npy, sha256_file
-from .compute import Config, scratch, store_for, structure_from_json
+from .compute import Config, cores, scratch, store_for, structure_from_json
 from .problems import Problem, problem_from_planner_error
-from .store import Store, TeacherRecord, new_id
+from .store import Store, TeacherRecord
 
 __all__ = ["DENSE", "DISK_WORKSPACE_FROM", "Staged", "ingest"]
 
@@ -39,7 +40,8 @@ DISK_WORKSPACE_FROM = 512 * 2**20
 class Staged:
     """An upload in storage, what the API hands to :func:`ingest` (plain data)."""
 
-    prefix: str  # staging/<token>
+    teacher_id: str
+    prefix: str  # teachers/<id>
     files: dict[str, str]  # part name -> key
     sha256: dict[str, str]  # part name -> sha256 of the part as received
     name: str
@@ -51,20 +53,31 @@ class Staged:
 
 def ingest(config: Config, staged: Staged) -> dict:
     """Validate a staged upload and write the teacher's arrays; the record as a dict.
-    Raises a 4xx :class:`~app.problems.Problem` for anything the client got wrong."""
+    Raises a 4xx :class:`~app.problems.Problem` for anything the client got wrong, and
+    then nothing of the upload is left in storage."""
     store = store_for(config)
+    st = store.storage
     try:
         with tempfile.TemporaryDirectory(dir=scratch(config)) as tmp:
-            return asdict(_ingest(store, staged, Path(tmp)))
-    finally:
-        store.storage.delete(staged.prefix)
+            rec = _ingest(store, staged, Path(tmp))
+    except BaseException:
+        st.delete(staged.prefix)
+        for key in staged.files.values():
+            st.forget(key)
+        raise
+    adopted = {a.get("key") for a in rec.arrays.values()}
+    for key in staged.files.values():  # parts not adopted as arrays: archives, conversions
+        if key not in adopted:
+            st.delete(key)
+            st.forget(key)
+    return asdict(rec)
 
 
 def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
     st = store.storage
     structure = structure_from_json(up.structure)
     fmt = up.format
-    local = {name: st.local_copy(key, tmp) for name, key in up.files.items()}
+    local = {name: st.local_file(key) for name, key in up.files.items()}
     origin = {path.resolve(): name for name, path in local.items()}  # file -> staged part
     if "archive" in local:
         if len(local) > 1:
@@ -101,7 +114,8 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
 
     dense = fmt in DENSE and 8 * p * p >= DISK_WORKSPACE_FROM
     try:
-        post = cls.from_arrays(structure, arrays, workspace if dense else None)
+        with threadpool_limits(cores() if fmt in DENSE else 1):  # the Cholesky factorisation
+            post = cls.from_arrays(structure, arrays, workspace if dense else None)
         grads = arrays.get("gradients")
         if grads is not None and (grads.ndim != 2 or grads.shape[1] != p):
             raise InvalidPosterior(
@@ -116,38 +130,38 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
         out["gradients"] = grads
     derived = post.derived_arrays()  # e.g. a precision's Cholesky factor: kept, not listed
     out.update(derived)
-    tid, infos = new_id("t"), {}
+    tid, infos = up.teacher_id, {}
     for name, arr in out.items():
-        key = store.teacher_key(tid, name)
         shape = list(arr.shape)
         own = _own_file(arr)
         part = origin.get(own.resolve()) if own is not None else None
-        if own is not None and part is not None:  # a float64 part as uploaded: adopt it whole
+        if own is not None and part is not None:  # a float64 part as uploaded: adopt it
             del arr
-            sha = up.sha256.get(part) or sha256_file(own)
-            if st.local:
-                size = st.put_file(own, key)
-            else:  # already in storage: a server-side copy
-                st.copy(up.files[part], key)
-                size = own.stat().st_size
+            info = {"key": up.files[part], "sha256": up.sha256.get(part) or sha256_file(own)}
+            info["bytes"] = own.stat().st_size
         elif own is not None:  # an extracted member, already float64: upload the file
             del arr
-            sha = sha256_file(own)
-            size = st.put_file(own, key)
+            key = store.teacher_key(tid, name)
+            info = {"key": key, "sha256": sha256_file(own), "bytes": st.put_file(own, key)}
         else:
+            key = store.teacher_key(tid, name)
             sha, size = st.put_npy(key, arr, np.float64)
-        infos[name] = {"shape": shape, "dtype": "float64", "bytes": size, "sha256": sha}
+            info = {"key": key, "sha256": sha, "bytes": size}
+        infos[name] = {"shape": shape, "dtype": "float64", **info}
         if name in derived:
             infos[name]["derived"] = True
     return TeacherRecord(tid, up.owner, up.name, up.structure, fmt, infos, time.time())
 
 
 def _own_file(a: np.ndarray) -> Path | None:
-    """The file behind ``a`` when ``a`` is a float64 C-ordered memory map of all of it."""
-    if not isinstance(a, np.memmap) or a.dtype != np.float64 or not a.flags.c_contiguous:
+    """The ``.npy`` file behind ``a`` when ``a`` is all of a float64 C-ordered memory map
+    of it (views made by ``np.asarray`` included)."""
+    if a.dtype != np.float64 or not a.flags.c_contiguous:
         return None
-    path = Path(a.filename) if a.filename else None
-    if path is None:
+    m = a
+    while m is not None and not isinstance(m, np.memmap):
+        m = getattr(m, "base", None)
+    if m is None or not m.filename:
         return None
-    header = np.load(path, mmap_mode="r", allow_pickle=False)
-    return path if header.shape == a.shape and header.dtype == np.float64 else None
+    same_data = a.__array_interface__["data"][0] == m.__array_interface__["data"][0]
+    return Path(m.filename) if same_data and m.shape == a.shape else None

@@ -6,6 +6,7 @@ module attribute ``app`` is built on first access from the environment.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -28,7 +29,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.scratch.mkdir(parents=True, exist_ok=True)
-    storage = Storage(settings.storage, cache_dir=settings.scratch / "cache")
+    storage = Storage(
+        settings.storage, cache_dir=settings.scratch / "cache", cache_bytes=settings.cache_bytes
+    )
     store = Store(settings.database, storage)  # migrates the schema (once across replicas)
     metrics = Metrics(store.bytes_stored)
     jobs = runner_for(settings, store, metrics.observe_job)
@@ -40,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await jobs.shutdown()
+            await asyncio.to_thread(store.close)
 
     app = FastAPI(
         title="alignment-planner",

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     scratch_dir: Path | None = Field(
         None, description="a process's local scratch space (default: data_dir/scratch)"
     )
+    cache_bytes: int = Field(
+        16 * 2**30,
+        ge=0,
+        description="most bytes of remote (S3) arrays a process keeps local copies of",
+    )
     api_keys: str = Field(
         "", description="comma-separated bearer keys; empty turns authentication off"
     )
@@ -66,7 +71,11 @@ class Settings(BaseSettings):
     executor: Literal["process", "thread", "dask"] = Field(
         "process", description="what computes plans, uploads and priors off the event loop"
     )
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    workers: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)) or 1,
+        ge=1,
+        description="processes of the embedded executor (default: the cores this process may use)",
+    )
     dask_scheduler: str | None = Field(None, description="tcp://host:8786 for executor=dask")
     lease_seconds: float = Field(
         30.0, gt=0, description="a job's claim holds this long without a renewal"
@@ -105,4 +114,6 @@ class Settings(BaseSettings):
         """What jobs need to reach this service's state (``app.compute.Config``)."""
         from .compute import Config
 
-        return Config(self.database, self.storage, str(self.scratch), self.lease_seconds)
+        return Config(
+            self.database, self.storage, str(self.scratch), self.lease_seconds, self.cache_bytes
+        )

@@ -18,12 +18,16 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 import time
+import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
 import fsspec
+import fsspec.asyn
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
@@ -31,6 +35,8 @@ __all__ = ["Storage"]
 
 #: Bytes per part of an S3 multipart upload, and per ranged read when streaming.
 BLOCK = 16 * 2**20
+#: Ranged reads in flight when a worker copies an object to its cache.
+DOWNLOADS = 4
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,10 +54,28 @@ def _timestamp(info: dict) -> float | None:
     return m.timestamp() if hasattr(m, "timestamp") else float(m)
 
 
+def _boot_id() -> str:
+    """This boot of the machine: the cache lives in a folder of its own per boot, so its
+    copies need no fsync (a crash of the machine, which could leave a renamed copy with
+    unwritten pages, starts a new folder; a crash of the process loses nothing)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:
+        return "boot"
+
+
+_BOOT = _boot_id()
+
+
 class Storage:
     """Objects under ``url``: ``put``/``writer`` commit whole, ``open``/``read_range`` read."""
 
-    def __init__(self, url: str, cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int = 16 * 2**30,
+    ) -> None:
         self.url = url.rstrip("/")
         options = {}
         if url.startswith("s3://"):
@@ -67,8 +91,10 @@ class Storage:
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
-        #: where a process keeps local copies of remote objects it memory-maps
+        #: where a process keeps local copies of remote objects it memory-maps, and how
+        #: many bytes of them at most
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_bytes = cache_bytes
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -140,17 +166,11 @@ class Storage:
             return
         self.fs.copy(self.path(src), self.path(dst))
 
-    def local_copy(self, key: str, folder: Path) -> Path:
-        """A local file with the object's bytes: its own file for a local folder, else a
-        download into ``folder``."""
+    def local_file(self, key: str) -> Path:
+        """A local file with the object's bytes: its own file for a local folder, else
+        this process's cached copy (downloaded once)."""
         path = self.local_path(key)
-        if path is not None:
-            return path
-        dst = Path(folder) / key.replace("/", "_")
-        with self.open(key) as src, open(dst, "wb") as out:
-            while chunk := src.read(BLOCK):
-                out.write(chunk)
-        return dst
+        return path if path is not None else self.cached(key)
 
     def put_npy(self, key: str, a: np.ndarray, dtype=None) -> tuple[str, int]:
         """Write ``a`` (optionally cast) as ``.npy`` under ``key``; return (sha256, bytes)."""
@@ -188,27 +208,69 @@ class Storage:
 
     def load_npy(self, key: str) -> np.ndarray:
         """A ``.npy`` object as a read-only memory map: the file itself locally; remotely a
-        local copy in ``cache_dir`` (objects are immutable: one download per object)."""
-        path = self.local_path(key)
-        if path is None:
-            path = self._cached(key)
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        copy in this process's cache (objects are immutable: one download per object)."""
+        return np.load(self.local_file(key), mmap_mode="r", allow_pickle=False)
 
-    def _cached(self, key: str) -> Path:
+    def _cache_path(self, key: str) -> Path:
         import tempfile
 
         base = self.cache_dir or Path(tempfile.gettempdir()) / "alignment-planner-cache"
         name = hashlib.sha256(f"{self.url}/{key}".encode()).hexdigest()[:32] + ".npy"
-        dst = base / name
+        return base / _BOOT / name
+
+    def cached(self, key: str) -> Path:
+        """The path of a local copy of ``key`` in the cache, downloaded if missing; the
+        least recently used copies are evicted beyond ``cache_bytes`` (a copy being read
+        stays readable: an unlinked file lives on while it is open or mapped)."""
+        dst = self._cache_path(key)
         if dst.exists():
+            os.utime(dst)  # recently used
             return dst
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{name}.{secrets.token_hex(6)}.partial")
-        with self.open(key) as src, open(tmp, "wb") as out:
-            while chunk := src.read(BLOCK):
-                out.write(chunk)
-        os.replace(tmp, dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.partial")
+        try:
+            self._download(key, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._evict(keep=dst)
         return dst
+
+    def _download(self, key: str, dst: Path) -> None:
+        """The object into a local file by ranged reads, ``DOWNLOADS`` at a time (one S3
+        stream is far slower than the link)."""
+        size = self.size(key)
+        if size is None:
+            raise FileNotFoundError(key)
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+
+            def part(start: int) -> None:
+                os.pwrite(fd, self.read_range(key, start, min(size, start + BLOCK)), start)
+
+            with ThreadPoolExecutor(DOWNLOADS) as pool:
+                list(pool.map(part, range(0, size, BLOCK)))
+        finally:
+            os.close(fd)
+
+    def forget(self, key: str) -> None:
+        """Drop this process's cached copy of ``key``, if any."""
+        if not self.local:
+            self._cache_path(key).unlink(missing_ok=True)
+
+    def _evict(self, keep: Path) -> None:
+        for other in keep.parent.parent.iterdir():  # copies from before a reboot
+            if other.is_dir() and other.name != _BOOT:
+                shutil.rmtree(other, ignore_errors=True)
+        files = [(f.stat().st_mtime, f.stat().st_size, f) for f in keep.parent.glob("*.npy")]
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.cache_bytes:
+                return
+            if f != keep:
+                f.unlink(missing_ok=True)
+                total -= size
 
     # -- housekeeping -----------------------------------------------------------------------
     def delete(self, prefix: str) -> None:
@@ -263,6 +325,23 @@ class Storage:
                 return aborted
             args["KeyMarker"] = page.get("NextKeyMarker")
             args["UploadIdMarker"] = page.get("NextUploadIdMarker")
+
+    def close(self) -> None:
+        """Close the S3 client's connections now, on fsspec's own loop.  (s3fs would
+        otherwise close them when the file system is collected, on whatever event loop
+        is running in the collecting thread, which fails when it is not fsspec's.)"""
+        if self.local:
+            return
+        creator = getattr(self.fs, "_s3creator", None)
+        if creator is None:
+            return
+        registry = getattr(weakref.finalize, "_registry", {})
+        for fin, info in list(registry.items()):
+            if info.args and info.args[-1] is creator:
+                fin.detach()
+        with contextlib.suppress(Exception):
+            fsspec.asyn.sync(self.fs.loop, creator.__aexit__, None, None, None, timeout=10)
+        self.fs._s3 = self.fs._s3creator = None
 
     def ping(self) -> None:
         """Raise when the storage cannot be reached."""

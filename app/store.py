@@ -3,8 +3,8 @@
 Routes and jobs use :class:`Store`; they never know whether SQLite and a folder
 or PostgreSQL and S3 are behind it.  Keys in storage::
 
-    staging/<token>/<name>          an upload in progress (swept when abandoned)
-    teachers/<id>/<name>.npy        validated float64 arrays of a teacher
+    teachers/<id>/upload/<name>     the parts of an upload (adopted as arrays when they are)
+    teachers/<id>/<name>.npy        validated float64 arrays of a teacher (written)
     priors/<id>/<claim>/<name>.npy  a prior's arrays, written by the claim that computed it
     priors/<id>/derived/<file>      files derived on request (float32 copies, archives)
 
@@ -102,6 +102,7 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.storage.close()
 
     def ping(self) -> None:
         with self.engine.connect() as conn:
@@ -110,7 +111,13 @@ class Store:
     # -- keys -------------------------------------------------------------------------------
     @staticmethod
     def teacher_key(id: str, name: str) -> str:
+        """Where an array of a teacher is written (unless an uploaded part is adopted)."""
         return f"teachers/{id}/{name}.npy"
+
+    @staticmethod
+    def teacher_array_key(rec: TeacherRecord, name: str) -> str:
+        """Where an array of a teacher is: its record says."""
+        return rec.arrays[name].get("key") or Store.teacher_key(rec.id, name)
 
     @staticmethod
     def prior_key(rec: PriorRecord, name: str) -> str:
@@ -306,7 +313,8 @@ class Store:
 
     def sweep(self, grace: float) -> int:
         """Remove from storage what no row owns and is older than ``grace`` seconds:
-        abandoned uploads, results of lost claims, arrays of deleted records."""
+        abandoned uploads (and unfinished multipart uploads), results of lost claims,
+        arrays of deleted records."""
         st, now, removed = self.storage, time.time(), 0
 
         def old(key: str) -> bool:  # nothing under it was written within the grace period
@@ -316,10 +324,6 @@ class Store:
         with self.session() as s:
             teachers = set(s.scalars(select(TeacherRow.id)))
             locations = dict(s.execute(select(PriorRow.id, PriorRow.location)).all())
-        for name in st.children("staging"):
-            if old(f"staging/{name}"):
-                st.delete(f"staging/{name}")
-                removed += 1
         for name in st.children("teachers"):
             if name not in teachers and old(f"teachers/{name}"):
                 st.delete(f"teachers/{name}")

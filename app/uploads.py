@@ -1,14 +1,15 @@
 """Teacher uploads, the HTTP side: multipart streamed into storage, then validated by a job.
 
 The body is parsed as it arrives (python-multipart's streaming parser) and each
-file part is written straight into storage under ``staging/<token>/`` (a local
-folder, or an S3 multipart upload), hashed on the way: nothing is held whole
+file part is written straight into storage under ``teachers/<new id>/upload/``
+(a local folder, or an S3 multipart upload), hashed on the way: nothing is held whole
 in memory, nothing lands on this replica's disk when storage is S3, and the
 parts become visible together once the whole body is received (a body cut
 short, or a replica killed mid-upload, leaves nothing listed).  The spec is checked here, before any
 work; validation and adoption run as a job (:func:`app.ingest.ingest`), which
-writes the teacher's arrays, and then the row is inserted.  A staging prefix
-that outlives its request (a killed replica) is swept.
+adopts the parts that are already the final arrays where they lie (no copy),
+writes the others, and then the row is inserted.  A teacher prefix that no row
+owns once its request is over (a killed replica) is swept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import secrets
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -31,6 +31,7 @@ from .problems import Problem, problem_from_planner_error
 from .schemas import TeacherSpec, structure_json
 from .settings import Settings
 from .storage import Storage
+from .store import new_id
 
 __all__ = ["Upload", "receive_multipart", "staged_upload"]
 
@@ -41,6 +42,7 @@ _HANDOFF = 1 << 20
 
 @dataclass
 class Upload:
+    teacher_id: str
     prefix: str
     fields: dict[str, bytes] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # part name -> storage key
@@ -56,7 +58,7 @@ def _too_large(limit: int) -> Problem:
 
 async def receive_multipart(request: Request, storage: Storage, limit: int) -> Upload:
     """Stream a ``multipart/form-data`` body: fields into memory (small), file parts into
-    storage under a fresh staging prefix (removed again when anything fails)."""
+    storage under the prefix of a new teacher id (removed again when anything fails)."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -70,7 +72,8 @@ async def receive_multipart(request: Request, storage: Storage, limit: int) -> U
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise _too_large(limit)
-    up = Upload(prefix=f"staging/{secrets.token_hex(12)}")
+    tid = new_id("t")
+    up = Upload(teacher_id=tid, prefix=f"teachers/{tid}")
     #: parts received whole, their objects not yet committed: every part of an upload
     #: becomes visible at the end of the body, or none does
     complete: list = []
@@ -106,7 +109,7 @@ async def receive_multipart(request: Request, storage: Storage, limit: int) -> U
             )
         state["name"] = name
         if b"filename" in disp:
-            key = f"{up.prefix}/{name}"
+            key = f"{up.prefix}/upload/{name}"
             state["cm"] = storage.writer(key)
             state["fh"] = state["cm"].__enter__()
             state["h"] = hashlib.sha256()
@@ -233,6 +236,7 @@ def staged_upload(up: Upload, storage: Storage, settings: Settings, owner: str) 
             field="spec.structure",
         )
     return Staged(
+        up.teacher_id,
         up.prefix,
         dict(up.files),
         dict(up.sha256),

@@ -25,7 +25,7 @@ from bench.common import best_of, random_spd, report
 from planner import FullPosterior, Structure
 from planner.search import search
 from planner_client import InvalidRequest, PlannerClient
-from tests.app.test_uvicorn import Server
+from tests.app.cluster import Server
 
 
 def proc_memory(pid: int) -> dict[str, int]:

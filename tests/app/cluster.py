@@ -184,7 +184,9 @@ class DaskCluster:
     def address(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
 
-    def _spawn(self, args: list[str], name: str, **env: str) -> subprocess.Popen:
+    def _spawn(
+        self, args: list[str], name: str, cpus: set[int] | None = None, **env: str
+    ) -> subprocess.Popen:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         self._logs.append(log)
         return subprocess.Popen(
@@ -193,6 +195,7 @@ class DaskCluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
 
     def start_scheduler(self) -> None:
@@ -200,10 +203,11 @@ class DaskCluster:
         self.scheduler = self._spawn([*args, "--dashboard-address", ":0"], "scheduler")
         _wait_port(self.port, 60, self.scheduler)
 
-    def start_workers(self, n: int, **env: str) -> None:
+    def start_workers(self, n: int, cpus: list[int] | None = None, **env: str) -> None:
         """``n`` more workers, each with a scratch space of its own (as on its own machine),
-        and ``env`` added to their environment."""
-        for _ in range(n):
+        and ``env`` added to their environment; with ``cpus``, worker ``i`` is pinned to
+        core ``cpus[i]`` (as if it were a machine of one core)."""
+        for i in range(n):
             name = f"worker-{len(self.workers)}"
             scratch = self.root / name
             args = [
@@ -220,7 +224,8 @@ class DaskCluster:
             if self.preload:
                 args += ["--preload", self.preload]
             env["PLANNER_SCRATCH_DIR"] = str(scratch)
-            self.workers.append(self._spawn(args, name, **env))
+            pin = {cpus[i]} if cpus else None
+            self.workers.append(self._spawn(args, name, pin, **env))
         self.wait_workers(len([w for w in self.workers if w.poll() is None]))
 
     def wait_workers(self, n: int, timeout: float = 60) -> None:

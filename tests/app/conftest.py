@@ -181,7 +181,7 @@ def assert_problem(r: httpx.Response, status: int, field: str | None = None):
 
 
 def stored(where) -> list[str]:
-    """Every object under staging/, teachers/ and priors/ of a service's storage (a
+    """Every object under teachers/ and priors/ of a service's storage (a
     :class:`Service`, a :class:`~app.storage.Storage`, or an embedded data folder),
     partial files included."""
     if isinstance(where, Service):
@@ -192,7 +192,7 @@ def stored(where) -> list[str]:
         storage = where
     storage.fs.invalidate_cache()
     keys = []
-    for sub in ("staging", "teachers", "priors"):
+    for sub in ("teachers", "priors"):
         try:
             found = storage.fs.find(storage.path(sub))
         except FileNotFoundError:
@@ -201,6 +201,11 @@ def stored(where) -> list[str]:
             k[len(storage.root) + 1 :] for k in found if k.startswith(f"{storage.root}/{sub}/")
         ]
     return sorted(keys)
+
+
+def key_of(svc: Service, teacher_id: str, name: str) -> str:
+    """The storage key of a teacher's array (its record says where it lies)."""
+    return svc.store.teacher_array_key(svc.store.teacher_for_job(teacher_id), name)
 
 
 async def make_plan(client, teacher_id: str, widths, headers=None) -> dict:

@@ -240,6 +240,7 @@ async def test_a_replica_killed_mid_upload_leaves_nothing_listed(
         await until(lambda: not uploading(), 10, "the sweep to abort the upload")
     finally:
         await stop(svc, ctx)
+        storage.close()
 
 
 async def test_two_replicas_claiming_the_same_job_compute_it_once(

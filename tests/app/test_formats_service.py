@@ -11,6 +11,7 @@ from planner import Structure, from_arrays
 from planner.search import search
 from tests.app.conftest import (
     assert_problem,
+    key_of,
     make_plan,
     start,
     stored,
@@ -116,7 +117,7 @@ async def test_a_precision_keeps_its_factor_beside_its_arrays(svc):
     assert r.status_code == 201, r.text
     t = r.json()
     assert set(t["arrays"]) == {"mean", "precision"}
-    L = svc.store.storage.load_npy(svc.store.teacher_key(t["id"], "cholesky"))
+    L = svc.store.storage.load_npy(key_of(svc, t["id"], "cholesky"))
     np.testing.assert_allclose(L @ L.T, post.precision, rtol=1e-10, atol=1e-12)
     plan = await svc.client.post(
         f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 3, 2]}}

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.app.conftest import assert_problem, npy, posterior, start, stored, upload
+from tests.app.conftest import assert_problem, key_of, npy, posterior, start, stored, upload
 
 pytestmark = pytest.mark.anyio
 
@@ -226,7 +226,7 @@ async def test_archives(svc, kind):
     assert r.status_code == 201, r.text
     t = r.json()
     assert t["arrays"]["covariance"]["shape"] == list(arrays["covariance"].shape)
-    kept = svc.store.storage.load_npy(svc.store.teacher_key(t["id"], "covariance"))
+    kept = svc.store.storage.load_npy(key_of(svc, t["id"], "covariance"))
     assert np.array_equal(kept, arrays["covariance"])
 
 
@@ -253,7 +253,7 @@ async def test_float32_uploads_are_validated_at_their_tolerance(svc):
         {"mean": arrays["mean"].astype(np.float32), "covariance": cov},
     )
     assert r.status_code == 201, r.text
-    kept = svc.store.storage.load_npy(svc.store.teacher_key(r.json()["id"], "covariance"))
+    kept = svc.store.storage.load_npy(key_of(svc, r.json()["id"], "covariance"))
     assert kept.dtype == np.float64 and np.array_equal(kept, kept.T)
     cov64 = arrays["covariance"].copy()
     cov64[0, 1] *= 1 + 2e-6

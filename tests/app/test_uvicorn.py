@@ -180,7 +180,7 @@ def test_restart_of_the_process(tmp_path):
         srv.stop()
     arrays_dir = data / "arrays"
     stray = [  # as if a previous process died mid-upload, and mid-ingest
-        arrays_dir / "staging" / "0123abcd" / "mean",
+        arrays_dir / "teachers" / "t_eeeeeeeeeeeeeeeeeeeeeeee" / "upload" / "mean",
         arrays_dir / "teachers" / "t_ffffffffffffffffffffffff" / "mean.npy",
     ]
     for f in stray:

@@ -121,9 +121,12 @@ async def get_prior(
 ):
     """The prior's status; with ``wait``, answers as soon as it is done or failed."""
     rec = await asyncio.to_thread(owned, store, owner, "r", id)
-    deadline = time.monotonic() + wait
+    deadline, pause = time.monotonic() + wait, 0.05
     while rec.status in ("queued", "running") and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+        # the row is read at 20 Hz at first, then less often (4 Hz at most after a
+        # second): many waiting clients cost the database little
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(1.5 * pause, 0.25)
         rec = await asyncio.to_thread(store.prior, owner, rec.id) or rec
     return await asyncio.to_thread(prior_json, store, rec)
 

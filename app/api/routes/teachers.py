@@ -22,7 +22,11 @@ def teacher_json(rec: TeacherRecord) -> dict:
         "name": rec.name,
         "structure": rec.structure,
         "posterior": {"format": rec.format},
-        "arrays": {n: a for n, a in rec.arrays.items() if not a.get("derived")},
+        "arrays": {  # where an array lies is the service's business
+            n: {k: v for k, v in a.items() if k != "key"}
+            for n, a in rec.arrays.items()
+            if not a.get("derived")
+        },
         "created": rec.created,
     }
 
