@@ -18,6 +18,7 @@ the layers' own terms (``CompiledPlan.events``), never densified:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.linalg import blas, lapack
 
+from .._threads import all_threads
 from ..errors import InvalidPosterior, SingularConstraint, Unsupported
 from ..structure import Structure
 from . import _validate as v
@@ -368,12 +370,27 @@ class KronPosterior(Posterior):
         return self.cov_block(np.arange(self.n))
 
 
+def _lower_columns(A: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Columns ``C`` (sorted) of a symmetric matrix of which only the lower triangle is
+    current."""
+    out = A[:, C]
+    upper = np.arange(A.shape[0])[:, None] < C[None, :]
+    out[upper] = A[C, :].T[upper]
+    return out
+
+
+#: A layer's Schur complement is compacted (its dead columns dropped) once fewer than
+#: this share of its columns are live.
+_COMPACT_BELOW = 0.5
+
+
 @dataclass
 class _LayerState:
     """A layer during a search: its current rows (teacher ids), its columns and which are
     still live (not conditioned), the row factor's Cholesky on those rows, the whitened
     residual mean ``Z = L_G⁻¹ M'`` and the column factor's Schur complement ``A'`` (kept
-    full-size, Fortran order, downdated in place; conditioned columns are dead)."""
+    full-size, Fortran order, downdated in place in its lower triangle, which alone is
+    current; conditioned columns are dead until a compaction drops them)."""
 
     rows: np.ndarray
     cols: np.ndarray
@@ -489,22 +506,28 @@ class _KronDrops:
         return out
 
     def take(self, which) -> None:
-        """Condition the columns ``which`` at once: a rank-|C| Schur update, after which only
-        the live columns are kept (the work falls as the greedy goes)."""
+        """Condition the columns ``which`` at once: a rank-|C| Schur update of ``A'`` in
+        place (its conditioned rows and columns fall to zero and are dead), compacted
+        once most of it is dead (the work falls as the greedy goes)."""
         which = np.atleast_1d(which)
         if not self.live[which].all():
             raise ValueError("a candidate was taken already")
         st = self.st
-        C = np.searchsorted(st.cols, self.cand[which])
-        rest = np.setdiff1d(np.arange(st.cols.size), C)
-        LC = _chol(st.A[np.ix_(C, C)], f"col{self.t}")
+        C = np.sort(np.searchsorted(st.cols, self.cand[which]))  # sorted: A[C, C]'s lower
+        LC = _chol(st.A[np.ix_(C, C)], f"col{self.t}")  # triangle is A's
         Y = sla.solve_triangular(LC, st.Z[:, C].T, lower=True, check_finite=False)
         self.sc.cost += 0.5 * float(np.sum(Y * Y))
-        W = sla.solve_triangular(LC, st.A[np.ix_(rest, C)].T, lower=True, check_finite=False)
-        st.Z = st.Z[:, rest] - Y.T @ W
-        A = np.asfortranarray(st.A[np.ix_(rest, rest)])
-        st.A = blas.dgemm(-1.0, W, W, beta=1.0, c=A, trans_a=True, overwrite_c=True)
-        st.cols, st.live = st.cols[rest], st.live[rest]
+        W = sla.solve_triangular(LC, _lower_columns(st.A, C).T, lower=True, check_finite=False)
+        st.Z -= Y.T @ W
+        # A' is symmetric: its lower triangle alone is kept (a rank-|C| syrk, half a gemm)
+        with all_threads() if st.A.shape[0] >= 1024 else contextlib.nullcontext():
+            st.A = blas.dsyrk(-1.0, W, beta=1.0, c=st.A, trans=1, lower=1, overwrite_c=True)
+        st.live[C] = False
+        if st.live.mean() < _COMPACT_BELOW:
+            keep = np.flatnonzero(st.live)
+            st.A = np.asfortranarray(st.A[np.ix_(keep, keep)])
+            st.Z = np.ascontiguousarray(st.Z[:, keep])
+            st.cols, st.live = st.cols[keep], st.live[keep]
         self.live[which] = False
 
 

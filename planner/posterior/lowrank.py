@@ -23,7 +23,7 @@ from ..structure import Structure
 from . import _validate as v
 from .base import Posterior
 from .diag import diagonal_cross
-from .scoring import batched_cholesky, indices
+from .scoring import batched_cholesky, indices, solve_lower
 
 __all__ = ["LowRankPosterior", "LowRankScorer"]
 
@@ -235,7 +235,7 @@ class LowRankScorer:
         inner, w = self.inner + M, self.w + u
         single = inner.ndim == 2
         L, ok = batched_cholesky(inner[None] if single else inner)
-        y = np.linalg.solve(L, (w[None] if single else w)[..., None])[..., 0]
+        y = solve_lower(L, w[None] if single else w)
         whole = self.dd + a
         quad = whole - np.einsum("...r,...r->...", y, y).reshape(np.shape(a))
         ok = (ok.reshape(np.shape(a)) if single else ok) & ~(

@@ -29,8 +29,8 @@ from math import ceil
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from threadpoolctl import threadpool_limits
 
+from .._threads import single_threaded
 from ..criteria import Criterion, NeuronContext
 from ..lattice import Route
 from ..ops import Effect, Op, Phi, Psi, Tracked
@@ -40,12 +40,6 @@ from ..posterior.scoring import Columns, LayerBlock
 from ..structure import Structure
 
 __all__ = ["Built", "Choices", "construct", "replay", "single_threaded"]
-
-
-def single_threaded():
-    """One BLAS thread: for loops of small products, where a thread pool's start-up and
-    synchronisation cost several times the work (measured: 2.5–10× slower with two)."""
-    return threadpool_limits(1, user_api="blas")
 
 
 #: Above this many entries a merged layer's assignment is first narrowed to the

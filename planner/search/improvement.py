@@ -32,7 +32,7 @@ from ..errors import SingularConstraint
 from ..lattice import Route
 from ..ops import Tracked
 from ..posterior import DiagPosterior, Posterior
-from ..posterior.scoring import batched_cholesky
+from ..posterior.scoring import batched_cholesky, solve_lower
 from ..structure import Structure
 from .budget import NODE_WORK, Budget
 from .construction import Built, Choices, _Builder, replay, single_threaded
@@ -142,7 +142,7 @@ class DenseEvaluator:
                 quad -= np.matmul(np.swapaxes(eta, 1, 2), _solve(LR, eta))
             r = fam.enter_targets - self.post.mean[fam.enter] - shift
             LA, okA = batched_cholesky(_gather(self.S_EE, A, A) - quad)
-            y = np.linalg.solve(LA, r[..., None])[..., 0]
+            y = solve_lower(LA, r)
             cost = cost + 0.5 * np.einsum("na,na->n", y, y)
             ok &= okA
         cost[~ok] = np.inf

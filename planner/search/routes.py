@@ -29,7 +29,7 @@ from ..lattice import END, Route, route_graph, routes
 from ..posterior import Posterior
 from ..posterior.scoring import Columns, LayerBlock
 from ..structure import Structure
-from .construction import _Builder, _merge, _shrink
+from .construction import STAGE_WORK, _Builder, _merge, _shrink
 
 __all__ = ["candidate_routes"]
 
@@ -72,6 +72,7 @@ class _BlockScores:
     def __init__(self, posterior: Posterior, student: Structure, crit: Criterion) -> None:
         self.post, self.student, self.crit = posterior, student, crit
         self.f = posterior.structure
+        self.scorer = posterior.scorer()  # for its work model only
         self._drops: dict[int, np.ndarray] = {}
         self._rows: dict[int, tuple[float, np.ndarray]] = {}
 
@@ -80,7 +81,12 @@ class _BlockScores:
         shrinks = 1 < e < f.T and f.width(e) > w
         size = sum(f.layer_size(p) for p in range(s + 1, e + 1))
         size += f.layer_size(e + 1) if shrinks else 0
-        if size <= EXACT_BLOCK:
+        # exact when small, and when its greedy is light (a structured kernel's greedy
+        # over a wide position costs far more than its parameters say)
+        work = (
+            (f.width(e) - w) * self.scorer.step_work(f.width(e), f.width(e + 1)) if shrinks else 0
+        )
+        if size <= EXACT_BLOCK and work <= STAGE_WORK:
             return self.exact(s, e, w)
         cost = 0.0
         if shrinks:
