@@ -4,13 +4,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+# The torch the venv gets first. 2.13.0 is a CPU build on this project's machines
+# (pip takes it from their disk); elsewhere it is PyPI's. Override at will.
+TORCH  ?= torch==2.13.0
 
 .PHONY: venv run test lint bench clean
 
 $(BIN)/activate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet '$(TORCH)'
+	$(BIN)/pip install --quiet -e '.[dev]' '$(TORCH)'
+	@# laplace-torch declares torchvision but never imports it; torchmetrics (its
+	@# dependency) imports it when present, and PyPI's torchvision does not load
+	@# beside a CPU-only torch ("operator torchvision::nms does not exist").
+	$(BIN)/pip uninstall --quiet --yes torchvision
 	touch $(BIN)/activate
 
 venv: $(BIN)/activate

@@ -1,0 +1,576 @@
+"""Torch adapters for training jobs (SPEC §12): laplace-torch in, the aligned prior out.
+
+>>> from planner_client.torch import structure_of, from_laplace, load_mean, PriorPenalty
+>>> fmt, arrays = from_laplace(la)                              # doctest: +SKIP
+>>> teacher = client.upload_teacher("t", structure_of(model), fmt, arrays)  # doctest: +SKIP
+>>> plan, prior = client.align(teacher["id"], [64, 32, 16, 10])  # doctest: +SKIP
+>>> load_mean(student, prior)                                   # doctest: +SKIP
+>>> penalty = PriorPenalty(student, fmt, prior)                 # doctest: +SKIP
+>>> loss = nll + penalty() / n_train                            # doctest: +SKIP
+
+Every number is float64 inside, whatever the module's dtype; what goes back into
+the module (the mean, the penalty's value) is cast to the parameters' dtype.
+This module needs the ``torch`` extra (``pip install 'alignment-planner[torch]'``);
+:func:`from_laplace` also needs laplace-torch, which that extra installs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+try:
+    import torch
+    from torch import nn
+except ImportError as exc:  # pragma: no cover - exercised by the client-only install check
+    raise ImportError(
+        "planner_client.torch needs PyTorch; install the torch extra: "
+        "pip install 'alignment-planner[torch]' (torch and laplace-torch)"
+    ) from exc
+
+__all__ = [
+    "FORMATS",
+    "PriorPenalty",
+    "from_laplace",
+    "laplace_prior",
+    "load_mean",
+    "structure_of",
+    "to_distribution",
+]
+
+#: The posterior formats a prior can come in (SPEC §7).
+FORMATS = ("full", "diag", "lowrank", "kron", "precision")
+
+Prior = Mapping[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# structure_of
+# ---------------------------------------------------------------------------------------------
+
+
+def _activation(m: nn.Module, where: str) -> str:
+    """The structure's name for an activation module, or a ValueError saying why not."""
+    kind = type(m)
+    if kind is nn.ReLU6:  # a Hardtanh subclass: test it first
+        return "relu6"
+    if kind is nn.Hardtanh:
+        if (m.min_val, m.max_val) != (-1.0, 1.0):
+            raise ValueError(f"{where}: only Hardtanh(-1, 1) is the structure's 'hardtanh'")
+        return "hardtanh"
+    if kind is nn.LeakyReLU:
+        if m.negative_slope != 0.01:
+            raise ValueError(f"{where}: only LeakyReLU(0.01) is the structure's 'leaky_relu'")
+        return "leaky_relu"
+    names = {
+        nn.Identity: "identity",
+        nn.ReLU: "relu",
+        nn.Sigmoid: "sigmoid",
+        nn.Tanh: "tanh",
+        nn.GELU: "gelu",
+    }
+    if kind in names:
+        return names[kind]
+    raise ValueError(
+        f"{where}: {kind.__name__} is not an activation the lattice knows "
+        "(identity, relu, relu6, hardtanh, sigmoid, tanh, gelu, leaky_relu)"
+    )
+
+
+def _flatten(seq: nn.Sequential, prefix: str = "") -> Iterable[tuple[str, nn.Module]]:
+    for name, m in seq.named_children():
+        if isinstance(m, nn.Sequential):
+            yield from _flatten(m, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", m
+
+
+def structure_of(module: nn.Module, head: nn.Linear | None = None) -> dict[str, Any]:
+    """The structure JSON (SPEC §9) of a torch network.
+
+    ``module`` is an ``nn.Sequential`` of ``nn.Linear`` layers, each followed by at
+    most one activation (``nn.Flatten`` first and ``nn.Dropout`` anywhere are
+    allowed: they hold no parameters), or an Elman ``nn.RNN`` without bias with
+    its output layer ``head`` (an ``nn.Linear`` without bias). Anything the
+    lattice cannot describe (convolutions, normalisation, mixed biases, a
+    ``bias=True`` RNN, whose two bias vectors only their sum identifies) raises
+    a ``ValueError`` naming the module.
+    """
+    if isinstance(module, nn.RNN):
+        return _rnn_structure(module, head)
+    if head is not None:
+        raise ValueError("head is only for an nn.RNN; put the output layer in the Sequential")
+    if not isinstance(module, nn.Sequential):
+        raise ValueError(
+            f"structure_of takes an nn.Sequential of Linear layers and activations "
+            f"(or an nn.RNN with a Linear head); got {type(module).__name__}"
+        )
+    widths: list[int] = []
+    acts: list[str] = []
+    biases: set[bool] = set()
+    activated = False
+    for name, m in _flatten(module):
+        where = f"module {name!r}"
+        if isinstance(m, nn.Linear):
+            if widths and m.in_features != widths[-1]:
+                raise ValueError(
+                    f"{where}: in_features {m.in_features} != the previous width {widths[-1]}"
+                )
+            if not widths:
+                widths.append(m.in_features)
+            widths.append(m.out_features)
+            acts.append("identity")
+            activated = False
+            biases.add(m.bias is not None)
+        elif isinstance(m, nn.Dropout) or (isinstance(m, nn.Flatten) and not widths):
+            continue
+        elif not widths:
+            raise ValueError(f"{where}: the network must start with a Linear layer")
+        elif activated:
+            raise ValueError(f"{where}: one activation per layer; two follow each other here")
+        else:
+            acts[-1], activated = _activation(m, where), True
+    if len(widths) < 3:
+        raise ValueError("a structure needs at least two Linear layers (T >= 3 positions)")
+    if len(biases) > 1:
+        raise ValueError("every Linear layer must have a bias, or none of them")
+    return {
+        "widths": widths,
+        "activation": acts[:-1],
+        "output_activation": acts[-1],
+        "bias": biases.pop(),
+        "kind": "mlp",
+    }
+
+
+def _rnn_structure(rnn: nn.RNN, head: nn.Linear | None) -> dict[str, Any]:
+    if not isinstance(head, nn.Linear):
+        raise ValueError("an nn.RNN needs its output layer: structure_of(rnn, head=nn.Linear(...))")
+    if rnn.bias or head.bias is not None:
+        raise ValueError(
+            "an RNN teacher must have no biases: torch's RNN keeps two bias vectors per layer "
+            "(b_ih, b_hh) and only their sum is identifiable (use bias=False on both)"
+        )
+    if rnn.bidirectional or getattr(rnn, "proj_size", 0):
+        raise ValueError("bidirectional or projected RNNs are not Elman networks")
+    if head.in_features != rnn.hidden_size:
+        raise ValueError(f"head.in_features {head.in_features} != hidden_size {rnn.hidden_size}")
+    return {
+        "widths": [rnn.input_size, *[rnn.hidden_size] * rnn.num_layers, head.out_features],
+        "activation": [rnn.nonlinearity] * rnn.num_layers,
+        "output_activation": "identity",
+        "bias": False,
+        "kind": "rnn",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# from_laplace
+# ---------------------------------------------------------------------------------------------
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float64).numpy())
+
+
+def _sym(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(0.5 * (a + a.T))
+
+
+def _inverse_spd(P: np.ndarray, what: str) -> np.ndarray:
+    import scipy.linalg as sla
+
+    try:
+        c = sla.cho_factor(_sym(P), lower=True)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError(f"{what} is not positive definite") from exc
+    return _sym(sla.cho_solve(c, np.eye(len(P))))
+
+
+def _h_factor(la) -> float:
+    """laplace-torch's likelihood scale of the Hessian: 1 / (σ² · temperature)."""
+    sigma = float(torch.as_tensor(la.sigma_noise).reshape(-1)[0])
+    return 1.0 / (sigma**2 * float(la.temperature))
+
+
+def from_laplace(la, format: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    """``(format, arrays)`` in this service's layout from a fitted laplace-torch posterior.
+
+    The mean is ``la.mean`` (``parameters_to_vector`` order, SPEC §2); the prior
+    precision is part of every posterior below, as laplace-torch defines it
+    (``h·H + P₀``, ``h = 1 / (σ² · temperature)``).
+
+    * ``FullLaplace``: ``precision`` (default; laplace-torch's own matrix,
+      symmetrised) or ``full`` (its inverse by Cholesky, float64).
+    * ``DiagLaplace``: ``diag`` with ``variance = 1 / (h·H + P₀)``.
+    * ``KronLaplace``: ``kron``, exact only for a posterior fitted with
+      ``damping=True``, whose precision is, per weight,
+      ``(√h B + √δ I) ⊗ (√h A + √δ I)`` (laplace-torch's damped K-FAC) and, per
+      bias, ``h B + δ I``. The undamped ``h (B ⊗ A) + δ I`` is no Kronecker
+      product, so it is refused in ``kron``; ``precision`` or ``full`` give it
+      exactly, densely (``p²`` memory), for either damping.
+    * ``LowRankLaplace``: its precision ``U diag(h λ) Uᵀ + P₀`` has a covariance
+      ``P₀⁻¹ − V K Vᵀ`` (diagonal *minus* low rank) that this service's
+      ``lowrank`` (diagonal *plus* low rank) cannot hold; so ``precision``
+      (default) or ``full`` (by Woodbury, ``O(p² k)``), both exact and dense.
+
+    Only ``subset_of_weights="all"`` posteriors describe the whole network.
+    """
+    name = type(la).__name__
+    key = getattr(la, "_key", None)
+    if key is not None and key[0] != "all":
+        raise ValueError(
+            f"{name}: only subset_of_weights='all' posteriors cover every parameter "
+            f"(this one is {key[0]!r})"
+        )
+    if getattr(la, "H", None) is None or not getattr(la, "n_data", 1):
+        raise ValueError(f"{name} is not fitted: call la.fit(train_loader) first")
+    mean = _np(la.mean).reshape(-1)
+    allowed = {
+        "FullLaplace": ("precision", "full"),
+        "DiagLaplace": ("diag",),
+        "KronLaplace": ("kron", "precision", "full"),
+        "LowRankLaplace": ("precision", "full"),
+    }
+    if name not in allowed:
+        raise ValueError(f"from_laplace takes Full/Diag/Kron/LowRankLaplace; got {name}")
+    fmt = format or allowed[name][0]
+    if fmt not in allowed[name]:
+        raise ValueError(f"{name} converts exactly to {' or '.join(allowed[name])}, not {fmt!r}")
+    if name == "DiagLaplace":
+        return "diag", {"mean": mean, "variance": 1.0 / _np(la.posterior_precision)}
+    if name == "KronLaplace" and fmt == "kron":
+        return "kron", {"mean": mean, **_kron_arrays(la)}
+    precision = _sym(_dense_precision(la, name))
+    if fmt == "precision":
+        return "precision", {"mean": mean, "precision": precision}
+    if name == "LowRankLaplace":
+        return "full", {"mean": mean, "covariance": _lowrank_covariance(la)}
+    return "full", {"mean": mean, "covariance": _inverse_spd(precision, f"{name} precision")}
+
+
+def _dense_precision(la, name: str) -> np.ndarray:
+    P = la.posterior_precision
+    if name == "FullLaplace":
+        return _np(P)
+    if name == "KronLaplace":
+        return _np(_damped(P, la).to_matrix() if la.damping else P.to_matrix())
+    (U, lam), p0 = P
+    U = _np(U)
+    return (U * _np(lam)) @ U.T + np.diag(_np(p0))
+
+
+def _lowrank_covariance(la) -> np.ndarray:
+    """Woodbury: ``(P₀ + U Λ Uᵀ)⁻¹ = P₀⁻¹ − V (Λ⁻¹ + Uᵀ V)⁻¹ Vᵀ``, ``V = P₀⁻¹ U``."""
+    (U, lam), p0 = la.posterior_precision
+    U, lam, p0 = _np(U), _np(lam), _np(p0)
+    V = U / p0[:, None]
+    K = np.diag(1.0 / lam) + U.T @ V
+    L = np.linalg.cholesky(_sym(K))
+    W = np.linalg.solve(L, V.T).T  # V L⁻ᵀ
+    return _sym(np.diag(1.0 / p0) - W @ W.T)
+
+
+def _damped(P, la):
+    """laplace-torch's posterior precision with its damping flag restored (its ``*`` and
+    ``+`` on ``KronDecomposed`` drop the flag, so ``la.posterior_precision`` of a
+    ``damping=True`` fit is the undamped form)."""
+    return type(P)(P.eigenvectors, P.eigenvalues, P.deltas, damping=bool(la.damping))
+
+
+def _kron_arrays(la) -> dict[str, np.ndarray]:
+    if not la.damping:
+        raise ValueError(
+            "laplace-torch's undamped K-FAC posterior h(B⊗A) + δI is not a Kronecker product, "
+            "so no 'kron' upload equals it: fit with Laplace(..., hessian_structure='kron', "
+            "damping=True), whose (√h B + √δ I) ⊗ (√h A + √δ I) the kron format holds exactly, "
+            "or ask format='precision' for the undamped one, exact and dense"
+        )
+    P = la.posterior_precision  # eigenvalues already scaled by h (h^½ per factor)
+    deltas = _np(P.deltas.reshape(-1)) * np.ones(len(P.eigenvalues))
+    out: dict[str, np.ndarray] = {}
+    t = 1
+    for Qs, ls, delta, param in zip(P.eigenvectors, P.eigenvalues, deltas, la.params, strict=True):
+        Qs, ls = [_np(q) for q in Qs], [_np(v) for v in ls]
+        if param.ndim == 2:
+            t += 1
+            (Qg, Qa), (lg, la_) = Qs, ls
+            out_f, in_f = param.shape
+            if Qg.shape != (out_f, out_f) or Qa.shape != (in_f, in_f):
+                raise ValueError(f"layer {t}: Kronecker factors do not match weight {param.shape}")
+            root = np.sqrt(delta)
+            out[f"row{t}"] = _sym((Qg / (lg + root)) @ Qg.T)
+            out[f"col{t}"] = _sym((Qa / (la_ + root)) @ Qa.T)
+        elif param.ndim == 1 and t >= 2:
+            (Qb,), (lb,) = Qs, ls
+            out[f"bias{t}"] = _sym((Qb / (lb + delta)) @ Qb.T)
+        else:
+            raise ValueError(f"a {tuple(param.shape)} parameter is not a Linear weight or bias")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# load_mean, PriorPenalty, laplace_prior, to_distribution
+# ---------------------------------------------------------------------------------------------
+
+
+def _params(module: nn.Module) -> list[nn.Parameter]:
+    return list(module.parameters())
+
+
+def _layers(params: list[torch.Tensor]) -> list[tuple[int, slice, tuple[int, int], slice | None]]:
+    """Per layer t: (t, weight slice, weight shape, bias slice) in the flat layout."""
+    layers, at, i = [], 0, 0
+    while i < len(params):
+        W = params[i]
+        if W.ndim != 2:
+            raise ValueError(f"parameter {i} of shape {tuple(W.shape)} is not a Linear weight")
+        w = slice(at, at + W.numel())
+        at, i = w.stop, i + 1
+        b = None
+        if i < len(params) and params[i].ndim == 1:
+            b = slice(at, at + params[i].numel())
+            at, i = b.stop, i + 1
+        layers.append((len(layers) + 2, w, tuple(W.shape), b))
+    return layers
+
+
+def _check_kron(prior: Prior, params: list[torch.Tensor]) -> None:
+    for t, _, (n_out, n_in), b in _layers(params):
+        for key, n in ((f"row{t}", n_out), (f"col{t}", n_in)):
+            if key not in prior:
+                raise ValueError(f"kron prior has no {key!r} for layer {t}")
+            if np.shape(prior[key]) != (n, n):
+                raise ValueError(f"{key} is {np.shape(prior[key])}; layer {t} needs ({n}, {n})")
+        if b is not None and f"bias{t}" not in prior:
+            raise ValueError(f"kron prior has no 'bias{t}' for layer {t}'s bias")
+
+
+def load_mean(module: nn.Module, prior: Prior) -> nn.Module:
+    """Copy ``prior["mean"]`` into ``module.parameters()`` (``parameters_to_vector`` order).
+
+    Raises ``ValueError`` when the sizes differ, or when a ``kron`` prior's factors
+    do not match the module's layers. Returns the module.
+    """
+    params = _params(module)
+    mean = np.asarray(prior["mean"], dtype=np.float64)
+    n = sum(p.numel() for p in params)
+    if mean.shape != (n,):
+        raise ValueError(f"the prior mean has shape {mean.shape}; the module has {n} parameters")
+    if any(k.startswith("row") for k in prior):
+        _check_kron(prior, params)
+    with torch.no_grad():
+        at = 0
+        for p in params:
+            p.copy_(torch.from_numpy(mean[at : at + p.numel()]).reshape(p.shape))
+            at += p.numel()
+    return module
+
+
+def _t(a: Any) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(np.asarray(a, dtype=np.float64)))
+
+
+def _cholesky(a: torch.Tensor, what: str) -> torch.Tensor:
+    a = 0.5 * (a + a.T)
+    L, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise ValueError(f"{what} is not positive definite")
+    return L
+
+
+def _tri(L: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.solve_triangular(L, B, upper=False)
+
+
+class PriorPenalty(nn.Module):
+    """The Gaussian energy ``½ (θ − μ)ᵀ Ξ⁻¹ (θ − μ)`` of a module's current parameters.
+
+    ``penalty()`` is differentiable in the parameters, float64 inside and cast to
+    the parameters' dtype. Each format is applied at its own cost, with whatever
+    factorisation it needs computed once here: ``diag`` ``O(p)``; ``lowrank`` by
+    Woodbury, ``O(p k)``; ``kron`` per layer, two triangular solves with
+    ``chol(G_t)`` and ``chol(A_t)``; ``full`` one triangular solve with the cached
+    ``chol(Σ)``; ``precision`` one product. The normalising constant is left out
+    (it does not depend on θ). ``energy(vector)`` evaluates any flat vector.
+    """
+
+    def __init__(self, module: nn.Module, format: str, prior: Prior) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
+        self._module_params = _params(module)  # a plain list: not registered twice
+        n = sum(p.numel() for p in self._module_params)
+        mean = np.asarray(prior["mean"], dtype=np.float64)
+        if mean.shape != (n,):
+            raise ValueError(f"the prior mean has shape {mean.shape}; the module has {n} params")
+        self.format = format
+        self.register_buffer("mean", _t(mean))
+        getattr(self, f"_init_{format}")(prior, n)
+
+    # -- set-up per format -------------------------------------------------------------------
+    def _init_diag(self, prior: Prior, n: int) -> None:
+        var = _t(prior["variance"]).reshape(-1)
+        if var.shape != (n,) or not bool((var > 0).all()):
+            raise ValueError(f"variance must be ({n},) and positive")
+        self.register_buffer("inv_var", 1.0 / var)
+
+    def _init_full(self, prior: Prior, n: int) -> None:
+        S = _t(prior["covariance"])
+        if S.shape != (n, n):
+            raise ValueError(f"covariance is {tuple(S.shape)}; need ({n}, {n})")
+        self.register_buffer("chol", _cholesky(S, "the prior covariance"))
+
+    def _init_precision(self, prior: Prior, n: int) -> None:
+        P = _t(prior["precision"])
+        if P.shape != (n, n):
+            raise ValueError(f"precision is {tuple(P.shape)}; need ({n}, {n})")
+        _cholesky(P, "the prior precision")
+        self.register_buffer("precision", 0.5 * (P + P.T))
+
+    def _init_lowrank(self, prior: Prior, n: int) -> None:
+        d, F = _t(prior["variance"]).reshape(-1), _t(prior["factor"])
+        if d.shape != (n,) or F.ndim != 2 or F.shape[0] != n or not bool((d > 0).all()):
+            raise ValueError(f"lowrank needs variance ({n},) positive and factor ({n}, k)")
+        W = F / d[:, None]  # D⁻¹ F
+        C = torch.eye(F.shape[1], dtype=torch.float64) + F.T @ W
+        self.register_buffer("inv_var", 1.0 / d)
+        self.register_buffer("woodbury", W)
+        self.register_buffer("chol_c", _cholesky(C, "I + Fᵀ D⁻¹ F"))
+
+    def _init_kron(self, prior: Prior, n: int) -> None:
+        _check_kron(prior, self._module_params)
+        self._kron = []
+        for t, w, shape, b in _layers(self._module_params):
+            Lg = _cholesky(_t(prior[f"row{t}"]), f"row{t}")
+            La = _cholesky(_t(prior[f"col{t}"]), f"col{t}")
+            self.register_buffer(f"chol_row{t}", Lg)
+            self.register_buffer(f"chol_col{t}", La)
+            bias = None
+            if b is not None:
+                B = _t(prior[f"bias{t}"])
+                if B.ndim == 1:
+                    bias = ("var", b)
+                    self.register_buffer(f"inv_bias{t}", 1.0 / B)
+                else:
+                    bias = ("cov", b)
+                    self.register_buffer(f"chol_bias{t}", _cholesky(B, f"bias{t}"))
+            self._kron.append((t, w, shape, bias))
+
+    # -- energy --------------------------------------------------------------------------------
+    def vector(self) -> torch.Tensor:
+        """The module's parameters as one float64 vector (differentiable)."""
+        return torch.cat([p.reshape(-1).to(torch.float64) for p in self._module_params])
+
+    def energy(self, theta: torch.Tensor) -> torch.Tensor:
+        """``½ (θ − μ)ᵀ Ξ⁻¹ (θ − μ)`` of a flat float64 vector ``θ``."""
+        d = theta - self.mean
+        f = self.format
+        if f == "diag":
+            return 0.5 * (d * d * self.inv_var).sum()
+        if f == "full":
+            z = _tri(self.chol, d[:, None])
+            return 0.5 * (z * z).sum()
+        if f == "precision":
+            return 0.5 * d @ (self.precision @ d)
+        if f == "lowrank":
+            z = _tri(self.chol_c, (self.woodbury.T @ d)[:, None])
+            return 0.5 * ((d * d * self.inv_var).sum() - (z * z).sum())
+        total = d.new_zeros(())
+        for t, w, shape, bias in self._kron:
+            X = _tri(getattr(self, f"chol_row{t}"), d[w].reshape(shape))  # L_G⁻¹ D
+            Y = _tri(getattr(self, f"chol_col{t}"), X.T)  # L_A⁻¹ (L_G⁻¹ D)ᵀ
+            total = total + (Y * Y).sum()
+            if bias is not None:
+                kind, b = bias
+                if kind == "var":
+                    total = total + (d[b] * d[b] * getattr(self, f"inv_bias{t}")).sum()
+                else:
+                    z = _tri(getattr(self, f"chol_bias{t}"), d[b][:, None])
+                    total = total + (z * z).sum()
+        return 0.5 * total
+
+    def forward(self) -> torch.Tensor:
+        dtype = self._module_params[0].dtype if self._module_params else torch.float64
+        return self.energy(self.vector()).to(dtype)
+
+
+def precision_diagonal(format: str, prior: Prior) -> np.ndarray:
+    """The exact diagonal of ``Ξ⁻¹`` (not ``1 / diag Ξ``), in float64."""
+    import scipy.linalg as sla
+
+    if format == "diag":
+        return 1.0 / np.asarray(prior["variance"], dtype=np.float64)
+    if format == "precision":
+        return np.diag(np.asarray(prior["precision"], dtype=np.float64)).copy()
+    if format == "full":
+        L = np.linalg.cholesky(_sym(np.asarray(prior["covariance"], dtype=np.float64)))
+        Linv = sla.solve_triangular(L, np.eye(len(L)), lower=True)
+        return (Linv * Linv).sum(axis=0)  # diag(L⁻ᵀ L⁻¹): column norms of L⁻¹
+    if format == "lowrank":
+        d = np.asarray(prior["variance"], dtype=np.float64)
+        F = np.asarray(prior["factor"], dtype=np.float64)
+        W = F / d[:, None]
+        L = np.linalg.cholesky(np.eye(F.shape[1]) + F.T @ W)
+        Z = sla.solve_triangular(L, W.T, lower=True)  # L⁻¹ Wᵀ
+        return 1.0 / d - (Z * Z).sum(axis=0)
+    if format == "kron":
+        parts, t = [], 2
+        while f"row{t}" in prior:
+            g = np.diag(_inverse_spd(np.asarray(prior[f"row{t}"], dtype=np.float64), f"row{t}"))
+            a = np.diag(_inverse_spd(np.asarray(prior[f"col{t}"], dtype=np.float64), f"col{t}"))
+            parts.append(np.outer(g, a).reshape(-1))
+            if f"bias{t}" in prior:
+                B = np.asarray(prior[f"bias{t}"], dtype=np.float64)
+                parts.append(1.0 / B if B.ndim == 1 else np.diag(_inverse_spd(B, f"bias{t}")))
+            t += 1
+        return np.concatenate(parts)
+    raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
+
+
+def laplace_prior(format: str, prior: Prior, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``laplace.Laplace(student, likelihood, **laplace_prior(...))``.
+
+    ``prior_mean``, and as ``prior_precision`` the exact diagonal of ``Ξ⁻¹`` (each
+    parameter's precision given the others): laplace-torch takes only a diagonal
+    prior, so the correlations are dropped. ``subset_of_weights="all"`` comes
+    with them, since the prior covers every parameter (laplace-torch's default
+    is the last layer only).
+    """
+    dtype = dtype or torch.get_default_dtype()
+    return {
+        "subset_of_weights": "all",
+        "prior_mean": _t(prior["mean"]).to(dtype),
+        "prior_precision": _t(precision_diagonal(format, prior)).to(dtype),
+    }
+
+
+def to_distribution(format: str, prior: Prior) -> torch.distributions.Distribution:
+    """The prior as a ``torch.distributions`` object (float64), where one exists.
+
+    ``full``: ``MultivariateNormal(scale_tril=chol Σ)``; ``precision``:
+    ``MultivariateNormal(precision_matrix=Λ)``; ``lowrank``:
+    ``LowRankMultivariateNormal``; ``diag``: ``Independent(Normal, 1)``. torch has
+    no matrix-normal, so ``kron`` raises: use :class:`PriorPenalty`.
+    """
+    D = torch.distributions
+    mean = _t(prior["mean"])
+    if format == "full":
+        return D.MultivariateNormal(
+            mean, scale_tril=_cholesky(_t(prior["covariance"]), "the covariance")
+        )
+    if format == "precision":
+        P = _t(prior["precision"])
+        return D.MultivariateNormal(mean, precision_matrix=0.5 * (P + P.T))
+    if format == "lowrank":
+        return D.LowRankMultivariateNormal(mean, _t(prior["factor"]), _t(prior["variance"]))
+    if format == "diag":
+        return D.Independent(D.Normal(mean, _t(prior["variance"]).sqrt()), 1)
+    if format == "kron":
+        raise ValueError(
+            "torch.distributions has no matrix-normal for a 'kron' prior: use PriorPenalty for "
+            "its energy, or upload the teacher as 'full' or 'precision' for a dense distribution"
+        )
+    raise ValueError(f"format must be one of {FORMATS}; got {format!r}")
