@@ -36,6 +36,7 @@ __all__ = [
     "from_laplace",
     "laplace_prior",
     "load_mean",
+    "module_of",
     "structure_of",
     "to_distribution",
 ]
@@ -143,6 +144,38 @@ def structure_of(module: nn.Module, head: nn.Linear | None = None) -> dict[str, 
         "bias": biases.pop(),
         "kind": "mlp",
     }
+
+
+_MODULES = {
+    "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "hardtanh": nn.Hardtanh,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "gelu": lambda: nn.GELU(approximate="tanh"),  # the planner's gelu is the tanh form
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
+def module_of(structure: Mapping[str, Any], dtype: torch.dtype | None = None) -> nn.Sequential:
+    """The ``nn.Sequential`` of a structure JSON (a plan's ``student``, say): the inverse of
+    :func:`structure_of` for an MLP. Its parameters are torch's default initialisation;
+    :func:`load_mean` puts a prior's mean in them."""
+    if structure.get("kind", "mlp") != "mlp":
+        raise ValueError("module_of builds MLPs; build an RNN teacher's student by hand")
+    widths = [int(w) for w in structure["widths"]]
+    hidden = structure.get("activation", "relu")
+    acts = [hidden] * (len(widths) - 2) if isinstance(hidden, str) else list(hidden)
+    acts.append(structure.get("output_activation", "identity"))
+    if len(acts) != len(widths) - 1 or any(a not in _MODULES for a in acts):
+        raise ValueError(f"cannot build activations {acts} for widths {widths}")
+    layers: list[nn.Module] = []
+    for i, act in enumerate(acts):
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bool(structure.get("bias", False))))
+        if act != "identity":
+            layers.append(_MODULES[act]())
+    return nn.Sequential(*layers).to(dtype or torch.get_default_dtype())
 
 
 def _rnn_structure(rnn: nn.RNN, head: nn.Linear | None) -> dict[str, Any]:
