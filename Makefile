@@ -39,6 +39,7 @@ bench: venv
 	$(BIN)/python -m bench.service
 	$(BIN)/python -m bench.formats
 	$(BIN)/python -m bench.search
+	$(BIN)/python -m bench.cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -258,6 +258,7 @@ def config(quick: bool, seeds: int | None) -> dict:
         "sizes": list(SIZES),
         "teacher_steps": 1500,
         "teacher_prior": 1.0,
+        "laplace_examples": 1200,
         "steps": 400,
         "lr": 1e-2,
         "isotropic_grid": [0.01, 0.1, 1.0, 10.0, 100.0],
