@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import problems
+from . import openapi, problems
 from .api.routes import health, plans, priors, structures, teachers
 from .jobs import runner_for
 from .metrics import Metrics, MetricsMiddleware
@@ -50,10 +50,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=VERSION,
         summary="Structure alignment of teacher posteriors for Bayesian distillation.",
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # operationId = function name
     )
     app.state.settings, app.state.store = settings, store
     app.state.jobs, app.state.metrics = jobs, metrics
     problems.install(app)
+    openapi.install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics, max_json_bytes=settings.max_json_bytes)
     for r in (health, teachers, structures, plans, priors):
         app.include_router(r.router)

@@ -7,6 +7,7 @@ Every client mistake is a 4xx ``application/problem+json`` answer naming the
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -94,9 +95,37 @@ def problem_from_planner_error(exc: core.PlannerError, field_prefix: str = "") -
     return Problem(status, slug, title, exc.reason, field=field)
 
 
+_BRANCH = re.compile(r".*\[.*|str|int|float|bool|none|list|dict|function-\w+")
+
+
 def _loc(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
-    return ".".join(parts) or "body"
+    """pydantic's location as the service names fields: ``ops[0].layer``, ``student.widths``.
+
+    Unions put the branch in the location (``ops, 0, phi, layer`` for an op's tag,
+    ``activation, literal[...]`` for a smart union); branches are not fields, so they
+    are left out."""
+    out = ""
+    prev = None
+    for p in loc:
+        if p in ("body", "query", "path") and not out:
+            continue
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif (isinstance(prev, int) and p in ("phi", "psi")) or _BRANCH.fullmatch(str(p)):
+            pass
+        else:
+            out += f".{p}" if out else str(p)
+        prev = p
+    return out or "body"
+
+
+def _allowed(request: Request) -> set[str]:
+    """The methods the OpenAPI document lists for the request's path."""
+    path = request.url.path
+    for template, item in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), path):
+            return {m.upper() for m in item} | ({"HEAD"} if "get" in item else set())
+    return set()
 
 
 def install(app: FastAPI) -> None:
@@ -126,8 +155,15 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        headers = dict(exc.headers or {})
+        field = None
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            headers["Allow"] = ", ".join(sorted(_allowed(request))) or headers.get("Allow", "")
+            field = "method"
+        elif exc.status_code == 400:
+            field = "body"
         return Problem(
-            exc.status_code, slug, str(exc.detail), str(exc.detail), headers=exc.headers
+            exc.status_code, slug, str(exc.detail), str(exc.detail), field=field, headers=headers
         ).response()
 
     @app.exception_handler(Exception)

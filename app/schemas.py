@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from planner import Structure
+from planner import FORMATS, Structure
+from planner.criteria import CRITERIA
+from planner.structure import ACTIVATIONS
 
 __all__ = [
     "PlanCreate",
@@ -24,18 +26,36 @@ __all__ = [
 
 MAX_POSITIONS = 256
 MAX_WIDTH = 1 << 20
+#: The largest integer every JSON parser reads exactly (seeds are at most this).
+JSON_INT = 2**53 - 1
+
+Activation = Literal[
+    "identity", "relu", "relu6", "hardtanh", "step", "sigmoid", "tanh", "gelu", "leaky_relu"
+]
+Format = Literal["full", "diag", "lowrank", "kron", "precision"]
+CriterionName = Literal["posterior_ratio", "obd", "belsley", "gradient_covariance", "random"]
+Width = Annotated[StrictInt, Field(ge=1, le=MAX_WIDTH)]
+Index = Annotated[StrictInt, Field(ge=0, lt=MAX_WIDTH)]
+Layer = Annotated[StrictInt, Field(ge=2, le=MAX_POSITIONS)]
+# the request schema says exactly what the core accepts
+assert set(get_args(Activation)) == ACTIVATIONS
+assert set(get_args(Format)) == set(FORMATS)
+assert set(get_args(CriterionName)) == set(CRITERIA)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request: unknown fields and lax coercions (``0`` for ``false``, ``"1"`` for ``1``)
+    are refused, so the schema says exactly what is accepted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StructureIn(_Strict):
     """A structure; fields left out are inherited (a student) or defaulted (a teacher)."""
 
-    widths: list[int] = Field(min_length=1, max_length=MAX_POSITIONS)
-    activation: str | list[str] | None = None
-    output_activation: str | None = None
+    widths: list[Width] = Field(min_length=3, max_length=MAX_POSITIONS)
+    activation: Activation | list[Activation] | None = None
+    output_activation: Activation | None = None
     bias: bool | None = None
     kind: Literal["mlp", "rnn"] | None = None
 
@@ -87,7 +107,7 @@ def structure_json(s: Structure) -> dict[str, Any]:
 
 
 class PosteriorSpec(_Strict):
-    format: str
+    format: Format
 
 
 class TeacherSpec(_Strict):
@@ -117,7 +137,7 @@ class TeacherPublic(BaseModel):
 class SequencesRequest(_Strict):
     teacher: StructureIn
     student: StructureIn
-    limit: int = Field(100, ge=0, le=10_000)
+    limit: StrictInt = Field(100, ge=0, le=1_000)
 
 
 class SequencesResponse(BaseModel):
@@ -128,11 +148,34 @@ class SequencesResponse(BaseModel):
     sequences: list[list[dict[str, Any]]]
 
 
+class PhiOp(_Strict):
+    """φ(layer, neuron): remove neuron ``neuron`` (0-based, current order) of hidden
+    position ``layer``."""
+
+    op: Literal["phi"]
+    layer: Layer
+    neuron: Index
+
+
+class PsiOp(_Strict):
+    """ψ(layer, π): remove square layer ``layer``; ``pairing[k] = π(k)``, identity if absent."""
+
+    op: Literal["psi"]
+    layer: Layer
+    pairing: list[Index] | None = Field(None, max_length=MAX_WIDTH)
+
+
+Op = Annotated[PhiOp | PsiOp, Field(discriminator="op")]
+
+
 class PlanCreate(_Strict):
     student: StructureIn
-    criterion: str = "posterior_ratio"
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    ops: list[dict[str, Any]] | None = Field(None, max_length=10_000_000)
+    criterion: CriterionName = "posterior_ratio"
+    seed: StrictInt = Field(0, ge=0, le=JSON_INT)
+    ops: list[Op] | None = Field(None, max_length=10_000_000)
+
+    def ops_json(self) -> list[dict[str, Any]] | None:
+        return None if self.ops is None else [o.model_dump(exclude_none=True) for o in self.ops]
 
 
 class PlanPublic(BaseModel):

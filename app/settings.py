@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     max_sequence_steps: int = Field(
         2_000_000, description="most structure-level steps one sequences answer may list"
     )
+    max_count_states: int = Field(
+        50_000,
+        description="most lattice states one sequences answer may visit to count the "
+        "sequences exactly (about a second); beyond, `count` is null and `count_note` says why",
+    )
     plan_seconds: float = Field(
         120.0,
         gt=0,

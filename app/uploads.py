@@ -20,6 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
+from python_multipart.exceptions import ParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
@@ -54,6 +55,10 @@ def _too_large(limit: int) -> Problem:
     return Problem(
         413, "too-large", "Request too large", f"the upload exceeds {limit} bytes", field="body"
     )
+
+
+def _malformed(detail: str) -> Problem:
+    return Problem(400, "malformed-body", "Malformed multipart body", detail, field="body")
 
 
 async def receive_multipart(request: Request, storage: Storage, limit: int) -> Upload:
@@ -155,17 +160,22 @@ async def receive_multipart(request: Request, storage: Storage, limit: int) -> U
     )
     try:
         pending = bytearray()
-        async for chunk in request.stream():
-            up.bytes += len(chunk)
-            if up.bytes > limit:
-                raise _too_large(limit)
-            pending += chunk
-            if len(pending) >= _HANDOFF:
+        try:
+            async for chunk in request.stream():
+                up.bytes += len(chunk)
+                if up.bytes > limit:
+                    raise _too_large(limit)
+                pending += chunk
+                if len(pending) >= _HANDOFF:
+                    await asyncio.to_thread(parser.write, bytes(pending))
+                    pending.clear()
+            if pending:
                 await asyncio.to_thread(parser.write, bytes(pending))
-                pending.clear()
-        if pending:
-            await asyncio.to_thread(parser.write, bytes(pending))
-        parser.finalize()
+            parser.finalize()
+        except ParseError as exc:
+            raise _malformed(f"the multipart body does not parse: {exc}") from None
+        if state.get("cm") is not None:
+            raise _malformed(f"the body ends inside part {state['name']!r}")
         await asyncio.to_thread(_commit, complete)
     except BaseException as exc:
         unfinished = [*complete, *([state["cm"]] if state.get("cm") is not None else [])]

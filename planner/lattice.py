@@ -347,6 +347,9 @@ def count_sequences(teacher: Structure, student: Structure, max_states: int = 2_
     budget = [max_states]
     total = 0
     for r in routes(teacher, student):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise TooLarge("too many routes to count exactly", field="student")
         dist = {0: 1}
         for j, (s, e) in enumerate(r.blocks, start=1):
             dist = _shuffle(dist, _block_counts(teacher, s, e, student.width(j), budget))

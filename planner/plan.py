@@ -139,20 +139,32 @@ def _effects(tr: Tracked, ops: tuple[Op, ...]):
         yield k, eff
 
 
+def _index(d: Mapping, key: str) -> int:
+    """An integer field of an operation: bools, floats and strings are refused, not cast."""
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int | np.integer):
+        raise InvalidOperation(f"{key} must be an integer; got {v!r}", field=key)
+    return int(v)
+
+
 def op_from_json(d: Mapping) -> Op:
     """``{"op": "phi", "layer", "neuron"}`` or ``{"op": "psi", "layer", "pairing"?}``."""
-    kind = d.get("op")
+    kind = d.get("op") if isinstance(d, Mapping) else None
     try:
         if kind == "phi":
-            return Phi(int(d["layer"]), int(d["neuron"]))
+            return Phi(_index(d, "layer"), _index(d, "neuron"))
         if kind == "psi":
             pairing = d.get("pairing")
-            return Psi(int(d["layer"]), None if pairing is None else tuple(int(x) for x in pairing))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidOperation(
-            f"malformed {kind} operation {dict(d)!r}: {exc}", field="ops"
-        ) from None
-    raise InvalidOperation(f"unknown operation {kind!r}; expected 'phi' or 'psi'", field="ops")
+            if pairing is None:
+                return Psi(_index(d, "layer"), None)
+            if not isinstance(pairing, list | tuple | np.ndarray):
+                raise InvalidOperation(f"pairing must be a list; got {pairing!r}", field="pairing")
+            return Psi(
+                _index(d, "layer"), tuple(_index({"pairing": x}, "pairing") for x in pairing)
+            )
+    except KeyError as exc:
+        raise InvalidOperation(f"{kind} operation without {exc}", field=str(exc.args[0])) from None
+    raise InvalidOperation(f"unknown operation {kind!r}; expected 'phi' or 'psi'", field="op")
 
 
 @dataclass(frozen=True)
@@ -183,7 +195,14 @@ class Plan:
 
     @classmethod
     def from_json(cls, teacher: Structure, ops: Iterable[Mapping]) -> Plan:
-        return cls(teacher, tuple(op_from_json(d) for d in ops))
+        parsed = []
+        for k, d in enumerate(ops):
+            try:
+                parsed.append(op_from_json(d))
+            except InvalidOperation as exc:
+                field = f"ops[{k}].{exc.field}" if exc.field else f"ops[{k}]"
+                raise InvalidOperation(f"step {k}: {exc.reason}", field=field) from None
+        return cls(teacher, tuple(parsed))
 
     def to_json(self) -> list[dict]:
         return [op.to_json() for op in self.ops]

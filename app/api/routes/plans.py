@@ -65,7 +65,7 @@ async def create_plan(
             structure_json(student),
             body.criterion,
             body.seed,
-            body.ops,
+            body.ops_json(),
             settings.plan_seconds,
         )
     except PlannerError as exc:

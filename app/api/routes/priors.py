@@ -26,6 +26,15 @@ from ...serving import serve
 from ...store import PriorRecord, Store
 from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
 
+#: A file, whole or a byte range of it (``Range: bytes=a-b``, so downloads resume).
+BINARY: dict = {
+    200: {"content": {"application/octet-stream": {}}},
+    206: {
+        "description": "the byte range asked for with a Range header",
+        "content": {"application/octet-stream": {}},
+    },
+}
+
 router = APIRouter(tags=["priors"])
 
 #: One lock per derived object being built in this replica (two replicas building the
@@ -147,7 +156,7 @@ async def _ensure(store: Store, jobs, prior_id: str, kind: str, name: str | None
 
 @router.get(
     "/v1/priors/{id}/arrays/{name}",
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses=BINARY,
 )
 async def get_array(
     id: str,
@@ -180,7 +189,7 @@ async def get_array(
 
 @router.get(
     "/v1/priors/{id}/archive",
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses=BINARY,
 )
 async def get_archive(
     id: str,

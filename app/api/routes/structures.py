@@ -38,7 +38,7 @@ def sequences(body: SequencesRequest, settings: SettingsDep, owner: OwnerDep):
         )
     count, note = None, None
     try:
-        count = count_sequences(teacher, student)
+        count = count_sequences(teacher, student, settings.max_count_states)
     except TooLarge as exc:
         note = exc.reason
     # every sequence has at most this many steps: bound the answer's size

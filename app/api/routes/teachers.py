@@ -44,15 +44,25 @@ def teacher_json(rec: TeacherRecord) -> dict:
                         "type": "object",
                         "required": ["spec"],
                         "properties": {
-                            "spec": {
+                            "spec": {"$ref": "#/components/schemas/TeacherSpec"},
+                            "archive": {
                                 "type": "string",
-                                "description": "JSON: name, structure, posterior.format",
+                                "format": "binary",
+                                "description": "one .npz with every array (instead of parts)",
                             },
-                            "archive": {"type": "string", "format": "binary"},
-                            "mean": {"type": "string", "format": "binary"},
+                            "mean": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "the mean, .npy (p,)",
+                            },
                         },
-                        "additionalProperties": {"type": "string", "format": "binary"},
-                    }
+                        "additionalProperties": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the format's other arrays, one .npy part each",
+                        },
+                    },
+                    "encoding": {"spec": {"contentType": "application/json"}},
                 }
             },
         }

@@ -1,0 +1,61 @@
+"""The OpenAPI document is the contract: schemathesis, every check and every phase
+(examples, coverage, fuzzing, stateful through the document's links), against a real
+server. Any finding fails the suite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.app.cluster import Server
+
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path / "data").start()
+    yield srv
+    srv.stop()
+
+
+def test_schemathesis_finds_nothing(server, tmp_path):
+    st = Path(sys.executable).with_name("schemathesis")
+    out = subprocess.run(
+        [
+            str(st), "--config-file", str(CONFIG), "run", f"{server.url}/openapi.json",
+            "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
+            "--max-examples", "30", "--seed", "20261128", "--no-color",
+        ],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-20000:] + out.stderr[-5000:]
+    assert "Stateful" in out.stdout  # the stateful phase ran
+
+
+def test_every_route_documents_problems_as_problem_json(server):
+    doc = httpx.get(f"{server.url}/openapi.json").json()
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            for status, response in op["responses"].items():
+                if status[0] in "45":
+                    assert list(response["content"]) == ["application/problem+json"], (
+                        method,
+                        path,
+                        status,
+                    )
+            if "{id}" in path:
+                assert "404" in op["responses"], (method, path)
+    links = doc["paths"]["/v1/teachers"]["post"]["responses"]["201"]["links"]
+    assert links["CreatePlan"]["operationId"] == "create_plan"
+
+
+def test_405_lists_every_method_of_the_path(server):
+    r = httpx.put(f"{server.url}/v1/teachers/t123")
+    assert r.status_code == 405
+    assert set(r.headers["allow"].split(", ")) >= {"GET", "DELETE"}
+    assert r.headers["content-type"] == "application/problem+json"
