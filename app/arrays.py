@@ -186,8 +186,33 @@ def write_safetensors(
                 left -= len(chunk)
 
 
-def extract_npz(path: Path, out_dir: Path, field: str, max_bytes: int) -> dict[str, Path]:
-    """Copy each ``NAME.npy`` member of an ``.npz`` out to ``out_dir`` without loading it."""
+def _npy_header(src: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
+    """The shape, dtype and header length of a ``.npy`` stream, reading its header only."""
+    version = np.lib.format.read_magic(src)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(src)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(src)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return tuple(shape), np.dtype(dtype), src.tell()
+
+
+def extract_npz(
+    path: Path,
+    out_dir: Path,
+    field: str,
+    max_bytes: int,
+    max_elements: Callable[[str], int] | None = None,
+) -> dict[str, Path]:
+    """Copy each ``NAME.npy`` member of an ``.npz`` out to ``out_dir`` without loading it.
+
+    Nothing is extracted before every member passes what its headers say: the zip's
+    declared sizes against ``max_bytes``, and each member's own ``.npy`` header (read
+    alone, a few hundred bytes) for a float dtype, a size that matches the zip's
+    declared size, and at most ``max_elements(name)`` elements, what the structure
+    implies. A small archive that declares a huge array (a decompression bomb) is
+    refused in milliseconds."""
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -203,10 +228,35 @@ def extract_npz(path: Path, out_dir: Path, field: str, max_bytes: int) -> dict[s
                 f"{field}: archive expands past the upload limit",
                 field=field,
             )
+        members = []
         for info in infos:
             stem = info.filename[:-4] if info.filename.endswith(".npy") else None
             if stem is None or not NAME.match(stem):
                 raise _bad(f"{field}.{info.filename}", "members must be NAME.npy arrays")
+            where = f"{field}.{stem}"
+            try:
+                with zf.open(info) as src:
+                    shape, dtype, header = _npy_header(src)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                raise _bad(where, f"has no readable .npy header: {exc}") from None
+            if dtype not in _FLOATS:
+                raise _bad(where, f"must be float32 or float64; got dtype {dtype}")
+            n = int(np.prod(shape, dtype=object))
+            if header + n * dtype.itemsize != info.file_size:
+                raise _bad(
+                    where,
+                    f"declares shape {shape} ({n * dtype.itemsize} bytes of data) but holds "
+                    f"{info.file_size - header} bytes",
+                )
+            limit = max_elements(stem) if max_elements is not None else None
+            if limit is not None and n > limit:
+                raise _bad(
+                    where,
+                    f"declares shape {shape} ({n} elements); this structure's {stem!r} has "
+                    f"at most {limit}",
+                )
+            members.append((info, stem))
+        for info, stem in members:
             dst = out_dir / f"{stem}.upload"
             try:
                 with zf.open(info) as src, open(dst, "wb") as f:

@@ -13,6 +13,7 @@ disk-backed memory maps in the job's scratch space.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from planner import FORMATS, InvalidPosterior, PlannerError
+from planner.posterior import asymmetry_report
 
 from .arrays import ZIP_MAGIC, extract_npz, extract_safetensors, magic, open_npy, sha256_file
 from .compute import Config, cores, scratch, store_for, structure_from_json
@@ -90,7 +92,9 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
             )
         path = local.pop("archive")
         if magic(path).startswith(ZIP_MAGIC):
-            local = extract_npz(path, tmp, "archive", up.max_bytes)
+            local = extract_npz(
+                path, tmp, "archive", up.max_bytes, lambda name: _max_elements(structure, name)
+            )
         else:
             local = extract_safetensors(path, tmp, "archive")
     cls = FORMATS[fmt]
@@ -114,7 +118,10 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
 
     dense = fmt in DENSE and 8 * p * p >= DISK_WORKSPACE_FROM
     try:
-        with threadpool_limits(cores() if fmt in DENSE else 1):  # the Cholesky factorisation
+        with (
+            threadpool_limits(cores() if fmt in DENSE else 1),  # the Cholesky factorisation
+            asymmetry_report() as asymmetry,
+        ):
             post = cls.from_arrays(structure, arrays, workspace if dense else None)
         grads = arrays.get("gradients")
         if grads is not None and (grads.ndim != 2 or grads.shape[1] != p):
@@ -148,9 +155,27 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
             sha, size = st.put_npy(key, arr, np.float64)
             info = {"key": key, "sha256": sha, "bytes": size}
         infos[name] = {"shape": shape, "dtype": "float64", **info}
+        if name in asymmetry:  # measured before symmetrising (SPEC §8)
+            infos[name]["asymmetry"] = asymmetry[name]
         if name in derived:
             infos[name]["derived"] = True
     return TeacherRecord(tid, up.owner, up.name, up.structure, fmt, infos, time.time())
+
+
+def _max_elements(structure, name: str) -> int | None:
+    """The most elements an array of this name can have for this structure (an upper
+    bound for every format; the exact shapes are checked when the posterior is built)."""
+    p = structure.n_params
+    if name in ("mean", "variance"):
+        return p
+    if name in ("covariance", "precision", "factor"):  # a factor has at most p columns
+        return p * p
+    m = re.fullmatch(r"(row|col|bias)(\d+)", name)
+    if m and 2 <= int(m.group(2)) <= structure.T:
+        t = int(m.group(2))
+        n = structure.width(t - 1 if m.group(1) == "col" else t)
+        return n * n
+    return None  # gradients: bounded by the upload size; unknown names are refused later
 
 
 def _own_file(a: np.ndarray) -> Path | None:

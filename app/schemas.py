@@ -123,6 +123,8 @@ class ArrayInfo(BaseModel):
     dtype: str
     bytes: int
     sha256: str
+    #: a covariance or precision as uploaded: max|A − Aᵀ| / max|A| before symmetrising
+    asymmetry: float | None = None
 
 
 class TeacherPublic(BaseModel):
@@ -173,6 +175,9 @@ class PlanCreate(_Strict):
     criterion: CriterionName = "posterior_ratio"
     seed: StrictInt = Field(0, ge=0, le=JSON_INT)
     ops: list[Op] | None = Field(None, max_length=10_000_000)
+    #: this request's deadline for the search (at most the service's PLANNER_PLAN_SECONDS):
+    #: when it cuts the search, the best plan found so far comes back, marked search.cut
+    seconds: float | None = Field(None, gt=0, le=86_400)
 
     def ops_json(self) -> list[dict[str, Any]] | None:
         return None if self.ops is None else [o.model_dump(exclude_none=True) for o in self.ops]

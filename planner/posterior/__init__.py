@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import InvalidPosterior
 from ..structure import Structure
+from ._validate import asymmetry_report
 from .base import Posterior
 from .diag import DiagPosterior
 from .full import FullPosterior
@@ -23,6 +24,7 @@ __all__ = [
     "LowRankPosterior",
     "Posterior",
     "PrecisionPosterior",
+    "asymmetry_report",
     "from_arrays",
 ]
 

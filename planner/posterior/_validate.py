@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import scipy.linalg as sla
 
 from ..errors import InvalidPosterior, SingularConstraint
 
-#: Relative symmetry tolerance by upload dtype (SPEC §8).
-SYMMETRY_RTOL = {np.dtype(np.float64): 1e-8, np.dtype(np.float32): 1e-5}
+#: Relative symmetry tolerance, whatever the dtype (SPEC §8): a float32 matrix upcast to
+#: float64 by its client (laplace-torch's GGN, say) is asymmetric at ~1e-8 and accepted.
+SYMMETRY_RTOL = 1e-5
+_REPORT: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "asymmetry", default=None
+)
 _BLOCK = 1024
 _ROW_BYTES = 1 << 24
 #: Gives writable float64 arrays of a shape (the caller decides where they live).
 Workspace = Callable[[tuple[int, ...]], np.ndarray]
+
+
+@contextlib.contextmanager
+def asymmetry_report() -> Iterator[dict[str, float]]:
+    """Collect, per matrix validated inside the block, its measured relative asymmetry
+    ``max|A − Aᵀ| / max|A|`` (before symmetrisation), to keep in the teacher's metadata."""
+    report: dict[str, float] = {}
+    token = _REPORT.set(report)
+    try:
+        yield report
+    finally:
+        _REPORT.reset(token)
 
 
 def require(arrays: Mapping[str, np.ndarray], names: tuple[str, ...], fmt: str) -> None:
@@ -67,7 +85,7 @@ def spd_matrix(
     raw = np.asarray(a)
     if raw.shape != (n, n):
         raise InvalidPosterior(f"must have shape ({n}, {n}); got {raw.shape}", field=name)
-    rtol = SYMMETRY_RTOL.get(raw.dtype, 1e-8)
+    rtol = SYMMETRY_RTOL
     m = as_float(raw, name) if workspace is None else raw
     scale = 0.0
     rows = max(1, _ROW_BYTES // max(8 * n, 1))  # bounded temporaries, whatever n is
@@ -81,6 +99,9 @@ def spd_matrix(
         for j in range(i, n, _BLOCK):
             d = m[i : i + _BLOCK, j : j + _BLOCK] - m[j : j + _BLOCK, i : i + _BLOCK].T
             worst = max(worst, float(np.abs(d).max(initial=0.0)))
+    report = _REPORT.get()
+    if report is not None:
+        report[name] = worst / scale if scale > 0 else 0.0
     if worst > rtol * scale:
         raise InvalidPosterior(
             f"is not symmetric: max |A - Aᵀ| = {worst:.3g} exceeds {rtol:g} × max |A| = "

@@ -149,3 +149,15 @@ async def test_a_plan_cut_by_its_deadline_says_so_and_still_answers(tmp_path):
     finally:
         await service.client.aclose()
         await ctx.__aexit__(None, None, None)
+
+
+async def test_a_request_can_ask_for_a_shorter_deadline(svc):
+    teacher = Structure.mlp((6, 30, 20, 8))
+    post, _, _ = make("precision", teacher, np.random.default_rng(3))
+    t = (await upload(svc.client, {"widths": [6, 30, 20, 8]}, "precision", arrays_of(post))).json()
+    url = f"/v1/teachers/{t['id']}/plans"
+    r = await svc.client.post(url, json={"student": {"widths": [6, 18, 12, 8]}, "seconds": 1e-6})
+    assert r.status_code == 201, r.text
+    assert r.json()["search"]["cut"] is True and r.json()["search"]["seconds"] == 1e-6
+    r = await svc.client.post(url, json={"student": {"widths": [6, 18, 12, 8]}, "seconds": 0})
+    assert_problem(r, 422, "seconds")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -242,26 +243,72 @@ async def test_bad_archives(svc):
     assert stored(svc) == []
 
 
-async def test_float32_uploads_are_validated_at_their_tolerance(svc):
+def _bomb(name: str, shape: tuple[int, ...], data_bytes: int | None = None) -> bytes:
+    """An .npz whose one member's .npy header declares ``shape`` (float64): the data are
+    zeros, deflated (so the archive is small), ``data_bytes`` of them (all by default)."""
+    buf = io.BytesIO()
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(  # the magic and version too
+        header, {"descr": "<f8", "fortran_order": False, "shape": shape}
+    )
+    left = 8 * int(np.prod(shape)) if data_bytes is None else data_bytes
+    with (
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf,
+        zf.open(f"{name}.npy", "w", force_zip64=True) as f,
+    ):
+        f.write(header.getvalue())
+        zeros = bytes(1 << 24)
+        while left > 0:
+            f.write(zeros[: min(left, len(zeros))])
+            left -= len(zeros)
+    return buf.getvalue()
+
+
+async def test_archives_are_checked_from_their_headers_before_extraction(svc):
+    """A small archive (288 MB once extracted) declaring a (6000, 6000) variance is refused
+    from the member's header (a diag teacher of 36 parameters has at most 36 variances),
+    and so is a member whose header and declared size disagree; nothing is stored."""
+    structure, _ = posterior((3, 4, 4, 2), "diag")
+    bomb = _bomb("variance", (6000, 6000))
+    assert len(bomb) < 2**19
+    raw = {"archive": ("a.npz", bomb, "application/octet-stream")}
+    body = assert_problem(
+        await upload(svc.client, structure, "diag", None, raw=raw), 422, "archive.variance"
+    )
+    assert "at most 36" in body["detail"]
+    lying = _bomb("mean", (36,), data_bytes=8)  # declares 36 values, holds 1
+    raw = {"archive": ("a.npz", lying, "application/octet-stream")}
+    body = assert_problem(
+        await upload(svc.client, structure, "diag", None, raw=raw), 422, "archive.mean"
+    )
+    assert "holds 8 bytes" in body["detail"]
+    assert stored(svc) == []
+
+
+async def test_symmetry_is_checked_at_1e_5_relative_whatever_the_dtype(svc):
+    """SPEC §8: a float32 GGN upcast to float64 by its client (2e-8 relative, as
+    laplace-torch's) is accepted and symmetrised, its measured asymmetry kept."""
     structure, arrays = posterior((3, 4, 4, 2), "full", seed=4)
-    cov = arrays["covariance"].astype(np.float32)
-    cov[0, 1] *= 1 + 2e-6  # within float32's 1e-5, beyond float64's 1e-8
-    r = await upload(
-        svc.client,
-        structure,
-        "full",
-        {"mean": arrays["mean"].astype(np.float32), "covariance": cov},
-    )
-    assert r.status_code == 201, r.text
-    kept = svc.store.storage.load_npy(key_of(svc, r.json()["id"], "covariance"))
-    assert kept.dtype == np.float64 and np.array_equal(kept, kept.T)
-    cov64 = arrays["covariance"].copy()
-    cov64[0, 1] *= 1 + 2e-6
-    assert_problem(
-        await upload(svc.client, structure, "full", {"mean": arrays["mean"], "covariance": cov64}),
-        422,
-        "covariance",
-    )
+    for dtype in (np.float32, np.float64):
+        cov = arrays["covariance"].astype(dtype)
+        cov[0, 1] *= 1 + 2e-6  # within 1e-5 relative
+        r = await upload(
+            svc.client, structure, "full", {"mean": arrays["mean"].astype(dtype), "covariance": cov}
+        )
+        assert r.status_code == 201, r.text
+        asym = r.json()["arrays"]["covariance"]["asymmetry"]
+        measured = abs(float(cov[0, 1]) - float(cov[1, 0])) / float(np.abs(cov).max())
+        assert asym == pytest.approx(measured, rel=1e-6) and asym > 0
+        kept = svc.store.storage.load_npy(key_of(svc, r.json()["id"], "covariance"))
+        assert kept.dtype == np.float64 and np.array_equal(kept, kept.T)
+        cov[0, 1] = cov[1, 0] * (1 + 1e-3) + 1e-4 * np.abs(cov).max()  # beyond it
+        assert_problem(
+            await upload(
+                svc.client, structure, "full", {"mean": arrays["mean"], "covariance": cov}
+            ),
+            422,
+            "covariance",
+        )
 
 
 async def test_bad_part_names_are_refused(svc):

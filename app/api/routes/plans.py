@@ -66,7 +66,7 @@ async def create_plan(
             body.criterion,
             body.seed,
             body.ops_json(),
-            settings.plan_seconds,
+            min(body.seconds or settings.plan_seconds, settings.plan_seconds),
         )
     except PlannerError as exc:
         raise problem_from_planner_error(exc) from None
