@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from threadpoolctl import threadpool_limits
 
-from planner import FORMATS, InvalidPlan, Plan, PlannerError, Posterior, Structure
+from planner import FORMATS, InvalidPlan, Plan, PlannerError, Posterior, Structure, step_costs
 from planner.criteria import criterion_function
 from planner.search import search
 
@@ -186,6 +186,7 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds) -> dict:
             "conditioned": int(c.n_conditioned),
             "provenance": [p.to_json() for p in c.provenance],
             "search": stats,
+            "steps": step_costs(plan, post),
         },
     }
 

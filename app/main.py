@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import openapi, problems
-from .api.routes import health, plans, priors, structures, teachers
+from .api.routes import health, plans, priors, structures, teachers, ui
 from .jobs import runner_for
 from .metrics import Metrics, MetricsMiddleware
 from .settings import Settings
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     openapi.install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics, max_json_bytes=settings.max_json_bytes)
-    for r in (health, teachers, structures, plans, priors):
+    for r in (health, teachers, structures, plans, priors, ui):
         app.include_router(r.router)
     return app
 

@@ -175,7 +175,21 @@ class Store:
     def plan(self, owner: str, id: str) -> PlanRecord | None:
         return self._get(PlanRecord, id=id, owner=owner)
 
+    def plans_of(self, owner: str, teacher_id: str) -> list[PlanRecord]:
+        """The teacher's plans, oldest first."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(PlanRow)
+                .filter_by(owner=owner, teacher_id=teacher_id)
+                .order_by(PlanRow.created)
+            )
+            return [_record(PlanRecord, r) for r in rows]
+
     # -- priors -----------------------------------------------------------------------------
+    def prior_of(self, owner: str, plan_id: str) -> PriorRecord | None:
+        """The plan's prior if one was requested (never creates one)."""
+        return self._get(PriorRecord, plan_id=plan_id, owner=owner)
+
     def prior_for_plan(self, owner: str, plan_id: str) -> tuple[PriorRecord, bool]:
         """The plan's prior, created as ``queued`` if there is none (True when created)."""
         rec = self._get(PriorRecord, plan_id=plan_id, owner=owner)

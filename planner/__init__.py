@@ -23,7 +23,7 @@ from .errors import (  # noqa: E402 - after the OpenBLAS choice above
     Unsupported,
 )
 from .ops import Phi, Psi  # noqa: E402
-from .plan import CompiledPlan, Plan, Provenance, op_from_json  # noqa: E402
+from .plan import CompiledPlan, Plan, Provenance, op_from_json, step_costs  # noqa: E402
 from .posterior import FORMATS, DiagPosterior, FullPosterior, Posterior, from_arrays  # noqa: E402
 from .structure import ACTIVATIONS, IDEMPOTENT, Structure  # noqa: E402
 
@@ -53,4 +53,5 @@ __all__ = [
     "Unsupported",
     "from_arrays",
     "op_from_json",
+    "step_costs",
 ]

@@ -31,7 +31,7 @@ from .ops import Effect, Event, Op, Phi, Psi, Tracked
 from .posterior import Posterior
 from .structure import Structure
 
-__all__ = ["CompiledPlan", "Plan", "Provenance", "op_from_json"]
+__all__ = ["CompiledPlan", "Plan", "Provenance", "op_from_json", "step_costs"]
 
 
 @dataclass(frozen=True)
@@ -265,3 +265,44 @@ def _label(op: Op) -> str:
     if isinstance(op, Phi):
         return f"φ({op.layer}, {op.neuron})"
     return f"ψ({op.layer})" if op.pairing is None else f"ψ({op.layer}, π)"
+
+
+#: Step costs are reported per run when a plan has at most this many runs (each run
+#: costs one exact evaluation of a prefix plan).
+MAX_COST_RUNS = 64
+
+
+def step_costs(plan: Plan, posterior: Posterior) -> list[dict] | None:
+    """The cost each run of the plan adds (SPEC §4: a plan's cost is the sum of its
+    steps' costs, by the chain rule), as exact differences of prefix-plan costs.
+
+    A run is a maximal sequence of φ at one layer, or one ψ. Each entry names the run's
+    first op, its op count and kind, its layer in the current structure and the
+    teacher position it acts on, and ``cost``; the costs sum to the plan's cost.
+    ``None`` when the plan has more than :data:`MAX_COST_RUNS` runs (the page then
+    shows the total only).
+    """
+    runs = list(_runs(plan.ops))
+    if len(runs) > MAX_COST_RUNS:
+        return None
+    alive = list(range(1, plan.teacher.T + 1))  # teacher position of each current one
+    out, before = [], 0.0
+    for k, run in runs:
+        op = run[0]
+        position = alive[op.layer - 1]
+        prefix = Plan.from_compiled(CompiledPlan(plan.teacher, plan.ops[: k + len(run)]))
+        total = posterior.plan_cost(prefix.compiled)
+        out.append(
+            {
+                "first": k,
+                "count": len(run),
+                "op": "phi" if isinstance(op, Phi) else "psi",
+                "layer": op.layer,
+                "teacher_position": position,
+                "cost": float(total - before),
+            }
+        )
+        before = total
+        if isinstance(op, Psi):
+            alive.pop(op.layer - 1)
+    return out

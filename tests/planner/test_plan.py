@@ -222,3 +222,22 @@ def test_a_bad_step_inside_a_run_is_named():
     with pytest.raises(InvalidOperation) as err:
         Plan(teacher, (Phi(2, 0), Phi(2, 0), Phi(2, 0), Phi(2, 0)))
     assert err.value.field == "ops[3].layer"
+
+
+@given(cases())
+def test_step_costs_are_the_step_by_step_costs_of_each_run(case):
+    """The cost each run adds (the plan page's chart) is the sum of the reference's
+    per-step costs over that run's ops, and the runs' costs sum to the plan's."""
+    from planner import step_costs
+
+    net, ops, mean, cov = case
+    teacher = to_structure(net)
+    post = FullPosterior.from_dense(teacher, mean, cov)
+    plan = Plan(teacher, to_ops(ops))
+    *_, ref_costs = ref_apply(net, mean, cov, ops)
+    runs = step_costs(plan, post)
+    assert sum(r["count"] for r in runs) == len(ops)
+    for r in runs:
+        close(r["cost"], sum(ref_costs[r["first"] : r["first"] + r["count"]]))
+        assert r["op"] == ops[r["first"]][0] and r["layer"] == ops[r["first"]][1]
+    close(sum(r["cost"] for r in runs), plan.cost(post))
