@@ -294,6 +294,48 @@ def summarise(results: dict) -> dict:
     return out
 
 
+def paired(results: dict, a: str, b: str, sw, n: int, metric: str) -> dict | None:
+    """``a − b`` on ``metric``, paired by seed, for one student and n: mean, 95 % t interval."""
+    runs = {
+        (r["method"], r["seed"]): r[metric]
+        for r in results["runs"]
+        if tuple(r["student"]) == tuple(sw) and r["n"] == n
+    }
+    seeds = sorted({s for m, s in runs if m == a} & {s for m, s in runs if m == b})
+    if len(seeds) < 2:
+        return None
+    d = np.array([runs[(a, s)] - runs[(b, s)] for s in seeds])
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return {"diff": float(d.mean()), "lo": float(d.mean()) - half, "hi": float(d.mean()) + half}
+
+
+def _comparisons(results: dict, methods: list[str]) -> list[str]:
+    """Each aligned prior against the same teacher's shortcut and Hinton (test NLL)."""
+    cfg = results["config"]
+    lines = [
+        "",
+        "## The aligned prior against the shortcut and Hinton's distillation (test NLL)",
+        "",
+        "Paired by seed, each aligned prior minus the same teacher's baseline: negative "
+        "means the aligned prior is better.",
+    ]
+    for sw in cfg["students"]:
+        lines += ["", f"### student {tuple(sw)}", ""]
+        lines.append("| comparison | " + " | ".join(f"n = {n}" for n in cfg["sizes"]) + " |")
+        lines.append("| --- |" + " --- |" * len(cfg["sizes"]))
+        for a in (m for m in methods if m.startswith("aligned")):
+            teacher = a[len("aligned[") :].split()[0]
+            for b in (f"shortcut[{teacher}]", f"hinton[{teacher}]"):
+                cells = []
+                for n in cfg["sizes"]:
+                    c = paired(results, a, b, sw, n, "nll")
+                    cells.append(
+                        "" if c is None else f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
+                    )
+                lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = results["summary"] = summarise(results)
@@ -339,6 +381,7 @@ def write(results: dict, out: Path) -> None:
                         c = r[metric]
                         cells.append(f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += _comparisons(results, methods)
     (out / "digits.md").write_text("\n".join(lines) + "\n")
     _plot(summary, cfg, methods, out / "digits.png")
 
