@@ -190,6 +190,23 @@ async def test_gradient_covariance_uses_uploaded_gradients(svc):
     assert r.json()["criterion"] == "gradient_covariance"
 
 
+async def test_sequences_are_bounded(svc):
+    """A T = 256 teacher of width-1 layers to (1, 1, 1): counting would visit more lattice
+    states than PLANNER_MAX_COUNT_STATES, so the answer comes at once with count null and
+    the reason, and with at most `limit` ≤ 1000 sequences."""
+    body = {"teacher": {"widths": [1] * 256}, "student": {"widths": [1, 1, 1]}, "limit": 20}
+    r = await svc.client.post("/v1/structures/sequences", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["count"] is None and "too many" in out["count_note"]
+    assert len(out["sequences"]) == 20 and len(out["sequences"][0]) == 253
+    assert_problem(
+        await svc.client.post("/v1/structures/sequences", json={**body, "limit": 1001}),
+        422,
+        "limit",
+    )
+
+
 async def test_sequences(svc):
     body = {"teacher": {"widths": [10, 6, 7, 10]}, "student": {"widths": [10, 4, 6, 10]}}
     r = await svc.client.post("/v1/structures/sequences", json=body)

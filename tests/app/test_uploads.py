@@ -185,6 +185,23 @@ async def test_missing_spec_wrong_media_type_and_mixed_parts(svc):
     assert stored(svc) == []
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"--B\r\n\x00\x01garbage--B--",  # garbage between the boundaries
+        b"--B\r\nxx\r\n\r\nzz\r\n--B--\r\n",  # a header line without a colon
+        b"garbage",  # no boundary at all
+        b'--B\r\nContent-Disposition: form-data; name="mean"; filename="m.npy"\r\n\r\nab',
+    ],
+)
+async def test_malformed_multipart_is_a_400_problem(svc, body):
+    r = await svc.client.post(
+        "/v1/teachers", content=body, headers={"content-type": "multipart/form-data; boundary=B"}
+    )
+    assert_problem(r, 400, "body")
+    assert stored(svc) == []
+
+
 async def test_too_large_uploads_are_413(tmp_path):
     svc, ctx = await start(tmp_path / "data", max_upload_bytes=2000)
     try:
