@@ -227,9 +227,10 @@ def lowrank_laplace(model, loader, k: int, prior_precision: float):
     return la
 
 
-def test_from_laplace_lowrank():
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_laplace_lowrank(bias):
     widths = (3, 5, 4, 2)
-    model = mlp(widths)
+    model = mlp(widths, bias=bias)
     la = lowrank_laplace(model, loader(widths), k=6, prior_precision=0.8)
     fmt, arrays = from_laplace(la)
     assert fmt == "precision"
