@@ -137,6 +137,7 @@ def run_plan(
     seed: int,
     ops: list[dict] | None,
     seconds: float | None = None,
+    effort: str = "standard",
 ) -> dict:
     """Search (or validate and score ``ops``); raises ``PlannerError`` for bad requests.
     ``seconds`` is the search's wall-clock safety net (``PLANNER_PLAN_SECONDS``)."""
@@ -146,10 +147,10 @@ def run_plan(
         raise Problem.not_found("teacher", teacher_id)
     post = load_posterior(store, rec)
     with threadpool_limits(blas_threads(post)):
-        return _plan(post, store, rec, student, criterion, seed, ops, seconds)
+        return _plan(post, store, rec, student, criterion, seed, ops, seconds, effort)
 
 
-def _plan(post, store, rec, student, criterion, seed, ops, seconds) -> dict:
+def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort) -> dict:
     target = structure_from_json(student)
     if ops is not None:
         plan = Plan.from_json(post.structure, ops)
@@ -166,7 +167,9 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds) -> dict:
             if crit.needs_gradients and "gradients" in rec.arrays
             else None
         )
-        found = search(post, target, crit, seed=seed, gradients=grads, seconds=seconds)
+        found = search(
+            post, target, crit, seed=seed, gradients=grads, seconds=seconds, effort=effort
+        )
         plan, cost = found.plan, found.cost
         stats = {
             "route": [list(b) for b in found.route.blocks],
@@ -177,6 +180,7 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds) -> dict:
             "exhaustive": found.exhaustive,
             "cut": found.cut,
             "seconds": seconds,
+            "effort": effort,
         }
     c = plan.compiled
     return {

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--criterion", default="posterior_ratio")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--ops", help="a JSON file of explicit ops to validate and score")
+    plan.add_argument("--effort", choices=("standard", "thorough"), default="standard")
+    plan.add_argument("--seconds", type=float, default=None, help="the search's deadline")
 
     prior = sub.add_parser("prior", help="priors").add_subparsers(dest="action", required=True)
     get = prior.add_parser("get", help="compute (or reuse) a plan's prior and download it")
@@ -117,7 +119,13 @@ def run(args, client: PlannerClient) -> object:
     if args.command == "plan":
         ops = json.loads(Path(args.ops).read_text()) if args.ops else None
         return client.plan(
-            args.teacher_id, _structure(args, "student"), args.criterion, args.seed, ops
+            args.teacher_id,
+            _structure(args, "student"),
+            args.criterion,
+            args.seed,
+            ops,
+            effort=args.effort,
+            seconds=args.seconds,
         )
     if args.command == "prior":
         rec = client.request_prior(args.plan_id)

@@ -217,12 +217,20 @@ class PlannerClient:
         criterion: str = "posterior_ratio",
         seed: int = 0,
         ops: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        effort: str = "standard",
+        seconds: float | None = None,
     ) -> dict:
+        """Search a plan (``effort``: ``standard`` or ``thorough``; ``seconds``: a
+        deadline), or validate and score ``ops``."""
         body: dict[str, Any] = {
             "student": _as_structure(student),
             "criterion": criterion,
             "seed": seed,
+            "effort": effort,
         }
+        if seconds is not None:
+            body["seconds"] = seconds
         if ops is not None:
             body["ops"] = [dict(o) for o in ops]
         return self._json("POST", f"/v1/teachers/{teacher_id}/plans", json=body)

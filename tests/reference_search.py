@@ -9,7 +9,8 @@ covariance, ``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``, from scratch every tim
   blocks of consecutive teacher positions (SPEC §5 rules, written again here).
 * :func:`ref_greedy` is the contract of SPEC §6: per route, from the output
   down, a shrinking position removes, one at a time, the neuron of least exact
-  increment given everything conditioned so far (ties: the lowest index); a
+  increment given everything conditioned so far (ties, within 1e-9 of the cost so far:
+  the lowest index); a
   layer removed by ψ conditions its kept rows to unit vectors, paired by a
   linear assignment on the exact change of the cost when one entry's target
   goes from 0 to 1 (everything else in the layer at 0), given everything
@@ -100,6 +101,17 @@ class _State:
         self.net = new
 
 
+#: Increments this close (relative to the cost so far) are ties, broken by the lowest
+#: index: rounding must not decide between two equally cheap neurons.
+TIE = 1e-9
+
+
+def _least(incs: list[float], base: float) -> int:
+    m = min(incs)
+    tol = TIE * max(1.0, abs(base) + abs(m))
+    return next(i for i, x in enumerate(incs) if x <= m + tol)
+
+
 def _greedy_route(net: RefNet, mean, cov, widths, route) -> float:
     st = _State(net, mean, cov)
     for j in range(len(widths), 0, -1):
@@ -111,7 +123,7 @@ def _greedy_route(net: RefNet, mean, cov, widths, route) -> float:
                 incs = [
                     st.cost(st.effect(("phi", t, i))) - base for i in range(st.net.widths[t - 1])
                 ]
-                st.apply(("phi", t, int(np.argmin(incs))))
+                st.apply(("phi", t, _least(incs, base)))
         for p in range(e, s, -1):  # layers removed by ψ, from the top down
             t = st.tpos.index(p) + 1
             n_rows, n_cols = st.net.widths[t - 1], st.net.widths[t - 2]

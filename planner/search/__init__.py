@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..criteria import Criterion, criterion_function
-from ..errors import MissingData
+from ..errors import InvalidPlan, MissingData
 from ..lattice import Route, random_route, require_member
 from ..ops import Phi, Psi, Tracked
 from ..plan import Plan
@@ -48,10 +48,14 @@ __all__ = ["Budget", "SearchResult", "random_plan", "search"]
 
 #: Routes finished at most (the best by exact block costs when there are more).
 MAX_ROUTES = 8
-#: Work every search may spend on improvement, however small the problem (flops).
-WORK_FLOOR = 3e10
-#: Improvement work, in dense one-shot conditionings of the constructed plan's B.
-ONE_SHOTS = 2.0
+#: Improvement budget per effort (SPEC §6), as (one-shot conditionings of the constructed
+#: plan's B, a floor of flops every search may spend, the flops a branch and bound may
+#: spend when it can enumerate the whole choice space). ``standard`` keeps a plan within
+#: about 3 one-shot conditionings of its own B (the construction is 1–2.5 of them) and
+#: still proves the optimum of every space small enough to enumerate (about 1,000
+#: nodes); ``thorough`` lets the exchange moves run on small problems too (lower costs
+#: on the Table-1 teacher, at up to 50× the one-shot time when B is small).
+EFFORTS = {"standard": (0.5, 0.0, 3e10), "thorough": (2.0, 3e10, 3e10)}
 #: Improvement work at most, however large the problem (flops).
 WORK_CAP = 2e11
 #: Branch and bound runs when the choice space times this many nodes fits the budget.
@@ -91,6 +95,7 @@ def search(
     work: float | None = None,
     seconds: float | None = None,
     max_routes: int = MAX_ROUTES,
+    effort: str = "standard",
 ) -> SearchResult:
     """The valid plan of least exact cost found from ``posterior``'s teacher to ``student``.
 
@@ -111,12 +116,15 @@ def search(
     work : float, optional
         Flops the improvement may spend, counted as for a dense Gaussian
         (:func:`~planner.search.budget.dense_work`) whatever the format; by
-        default two one-shot conditionings of the constructed plan's B, within
-        ``WORK_FLOOR`` and ``WORK_CAP``.
+        default as ``effort`` says (:data:`EFFORTS`), at most ``WORK_CAP``.
     seconds : float, optional
         Wall-clock safety net; the result says when it cut the search.
     max_routes : int
         Routes finished at most.
+    effort : str
+        ``"standard"`` (plan time within about 3 one-shot conditionings of the plan's
+        B; exhaustive where the choice space is small) or ``"thorough"`` (a fixed floor
+        of improvement work as well).
 
     Raises
     ------
@@ -125,6 +133,10 @@ def search(
     UnknownCriterion, MissingData
         For an unknown criterion or one without its data.
     """
+    if effort not in EFFORTS:
+        raise InvalidPlan(
+            f"effort must be one of {sorted(EFFORTS)}; got {effort!r}", field="effort"
+        )
     teacher = posterior.structure
     require_member(teacher, student)
     crit = criterion_function(criterion)
@@ -156,9 +168,12 @@ def search(
     if crit.polished and not budget.cut:
         best = built[0]
         c = best.plan.compiled
-        default = ONE_SHOTS * dense_work(c.n_conditioned, c.student.n_params)
-        budget.work = work if work is not None else max(WORK_FLOOR, min(WORK_CAP, default))
+        one_shots, floor, enumerate_floor = EFFORTS[effort]
+        default = one_shots * dense_work(c.n_conditioned, c.student.n_params)
+        budget.work = work if work is not None else max(floor, min(WORK_CAP, default))
         space = sum(choice_space(teacher, student, b.choices.route) for b in built)
+        if work is None and space * NODES_PER_LEAF * NODE_WORK <= enumerate_floor:
+            budget.work = max(budget.work, enumerate_floor)  # small enough to prove
         if len(built) == len(cands) and space * NODES_PER_LEAF <= budget.work / NODE_WORK:
             exhaustive = True
             for b in built:

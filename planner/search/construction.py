@@ -149,6 +149,17 @@ class _Builder:
         return Plan.from_compiled(CompiledPlan(self.teacher, self.ops, (self.tr, self.effects)))
 
 
+#: Increments this close (relative to the cost so far) are ties, broken by the lowest
+#: index (SPEC §6): rounding noise must not decide between two equally cheap neurons.
+TIE = 1e-9
+
+
+def least(inc: np.ndarray, base: float) -> int:
+    """The index of the least increment, the lowest among ties (within ``TIE``)."""
+    m = float(np.min(inc))
+    return int(np.flatnonzero(inc <= m + TIE * max(1.0, abs(base) + abs(m)))[0])
+
+
 def construct(
     posterior: Posterior,
     student: Structure,
@@ -189,7 +200,7 @@ def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context) -> None:
         for k in range(need):
             if ranked is None:
                 inc = sc.drops(b.tr.outgoing_all(t)).increments()
-                a = int(b.ids(t)[int(np.argmin(inc))])
+                a = int(b.ids(t)[least(inc, float(sc.cost))])
             else:
                 a = ids[int(ranked[k])]
             eff = b.remove(p, [a])
@@ -208,7 +219,10 @@ def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context) -> None:
         with single_threaded():  # many thin products: threads cost more than they give
             while len(taken) < need:
                 inc = drops.increments()
-                pick = np.argsort(inc, kind="stable")[: min(batch, need - len(taken))]
+                if batch == 1:  # ties within TIE of the cost so far: the lowest index
+                    pick = np.array([least(inc, float(sc.cost))])
+                else:
+                    pick = np.argsort(inc, kind="stable")[: min(batch, need - len(taken))]
                 drops.take(pick)
                 taken.extend(int(i) for i in pick)
     else:

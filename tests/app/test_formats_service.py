@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 
-from planner import Structure, from_arrays
+from planner import FullPosterior, Structure, from_arrays
 from planner.search import search
 from tests.app.conftest import (
     assert_problem,
@@ -161,3 +161,25 @@ async def test_a_request_can_ask_for_a_shorter_deadline(svc):
     assert r.json()["search"]["cut"] is True and r.json()["search"]["seconds"] == 1e-6
     r = await svc.client.post(url, json={"student": {"widths": [6, 18, 12, 8]}, "seconds": 0})
     assert_problem(r, 422, "seconds")
+
+
+async def test_thorough_effort_is_never_worse(svc):
+    teacher = Structure.mlp((6, 30, 20, 8))
+    _, mean, cov = make("precision", teacher, np.random.default_rng(5))
+    cov = (cov + cov.T) / 2
+    post = FullPosterior.from_dense(teacher, mean, cov)
+    t = (await upload(svc.client, {"widths": [6, 30, 20, 8]}, "full", arrays_of(post))).json()
+    url = f"/v1/teachers/{t['id']}/plans"
+    costs = {}
+    for effort in ("standard", "thorough"):
+        r = await svc.client.post(
+            url, json={"student": {"widths": [6, 12, 8, 8]}, "effort": effort}
+        )
+        assert r.status_code == 201, r.text
+        assert r.json()["search"]["effort"] == effort
+        costs[effort] = r.json()["cost"]
+        core = search(post, teacher.inherit((6, 12, 8, 8)), effort=effort)
+        assert costs[effort] == pytest.approx(core.cost, rel=1e-12)
+    assert costs["thorough"] <= costs["standard"] * (1 + 1e-9)
+    r = await svc.client.post(url, json={"student": {"widths": [6, 12, 8, 8]}, "effort": "max"})
+    assert_problem(r, 422, "effort")

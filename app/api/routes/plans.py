@@ -67,6 +67,7 @@ async def create_plan(
             body.seed,
             body.ops_json(),
             min(body.seconds or settings.plan_seconds, settings.plan_seconds),
+            body.effort,
         )
     except PlannerError as exc:
         raise problem_from_planner_error(exc) from None
