@@ -172,7 +172,7 @@ def search(
         default = one_shots * dense_work(c.n_conditioned, c.student.n_params)
         budget.work = work if work is not None else max(floor, min(WORK_CAP, default))
         space = sum(choice_space(teacher, student, b.choices.route) for b in built)
-        if work is None and space * NODES_PER_LEAF * NODE_WORK <= enumerate_floor:
+        if work is None and space * NODES_PER_LEAF <= enumerate_floor / NODE_WORK:  # space: int
             budget.work = max(budget.work, enumerate_floor)  # small enough to prove
         if len(built) == len(cands) and space * NODES_PER_LEAF <= budget.work / NODE_WORK:
             exhaustive = True

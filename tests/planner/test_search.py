@@ -347,3 +347,14 @@ def test_every_exchange_move_is_scored_exactly(case, diagonal):
         costs = ev.evaluate(fam)
         for i in range(0, len(fam), max(1, len(fam) // 8)):
             close(costs[i], replay(post.structure, fam.choices(i)).cost(post))
+
+
+def test_a_choice_space_beyond_floats_is_searched():
+    """C(3000, 1500) ≈ 10⁹⁰⁰ choices: counted as an exact integer, never as a float."""
+    s = Structure.mlp((2, 3000, 2))
+    rng = np.random.default_rng(0)
+    post = DiagPosterior.from_arrays(
+        s, {"mean": rng.normal(size=s.n_params), "variance": rng.uniform(0.5, 2, s.n_params)}
+    )
+    found = search(post, s.inherit((2, 1500, 2)))
+    assert found.plan.student.widths == (2, 1500, 2) and not found.exhaustive
