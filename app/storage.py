@@ -67,6 +67,28 @@ def _boot_id() -> str:
 _BOOT = _boot_id()
 
 
+def _close_s3_session(loop, s3) -> None:
+    """s3fs's ``close_session`` (its finalizer when a file system is collected) without its
+    bug: s3fs schedules the client's ``__aexit__`` on whatever event loop is running in the
+    collecting thread, which then fails ("attached to a different loop") inside an
+    unrelated coroutine. The client belongs to fsspec's own loop: close it there."""
+    import asyncio
+
+    if loop is not None and loop.is_running() and not loop.is_closed():
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:  # collected on fsspec's own thread
+            loop.create_task(s3.__aexit__(None, None, None))
+            return
+        with contextlib.suppress(Exception):
+            fsspec.asyn.sync(loop, s3.__aexit__, None, None, None, timeout=1)
+            return
+    with contextlib.suppress(AttributeError):  # no loop left: close the socket itself
+        s3._client._endpoint.http_session._connector._close()
+
+
 class Storage:
     """Objects under ``url``: ``put``/``writer`` commit whole, ``open``/``read_range`` read."""
 
@@ -87,6 +109,8 @@ class Storage:
             options["default_block_size"] = BLOCK
             options["skip_instance_cache"] = True
         self.fs, self.root = fsspec.core.url_to_fs(url, **options)
+        if not isinstance(self.fs, LocalFileSystem):  # read by s3fs when it opens a session
+            self.fs.close_session = _close_s3_session
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.local:
