@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["from_laplace_kron", "from_swag"]
+__all__ = ["from_laplace_kron", "from_swag", "spd_inverse"]
 
 
 def from_swag(
@@ -44,13 +44,23 @@ def from_swag(
     }
 
 
+def spd_inverse(A: np.ndarray, what: str = "the matrix") -> np.ndarray:
+    """The inverse of a symmetric positive definite matrix, by Cholesky, symmetric in
+    float64; a ``ValueError`` naming ``what`` when it is not positive definite."""
+    import scipy.linalg as sla
+
+    A = np.asarray(A, dtype=np.float64)
+    try:
+        c = sla.cho_factor(0.5 * (A + A.T), lower=True)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError(f"{what} is not positive definite") from exc
+    out = sla.cho_solve(c, np.eye(len(A)))
+    return np.ascontiguousarray(0.5 * (out + out.T))
+
+
 def _damped_inverse(H: np.ndarray, damping: float) -> np.ndarray:
     H = np.asarray(H, dtype=np.float64)
-    S = H + damping * np.eye(H.shape[0])
-    L = np.linalg.cholesky(0.5 * (S + S.T))
-    Linv = np.linalg.solve(L, np.eye(len(L)))
-    out = Linv.T @ Linv
-    return 0.5 * (out + out.T)
+    return spd_inverse(H + damping * np.eye(H.shape[0]), "a damped Kronecker factor")
 
 
 def from_laplace_kron(

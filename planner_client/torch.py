@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from .imports import spd_inverse
+
 try:
     import torch
     from torch import nn
@@ -212,16 +214,6 @@ def _sym(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(0.5 * (a + a.T))
 
 
-def _inverse_spd(P: np.ndarray, what: str) -> np.ndarray:
-    import scipy.linalg as sla
-
-    try:
-        c = sla.cho_factor(_sym(P), lower=True)
-    except np.linalg.LinAlgError as exc:
-        raise ValueError(f"{what} is not positive definite") from exc
-    return _sym(sla.cho_solve(c, np.eye(len(P))))
-
-
 def _h_factor(la) -> float:
     """laplace-torch's likelihood scale of the Hessian: 1 / (σ² · temperature)."""
     sigma = float(torch.as_tensor(la.sigma_noise).reshape(-1)[0])
@@ -281,7 +273,7 @@ def from_laplace(la, format: str | None = None) -> tuple[str, dict[str, np.ndarr
         return "precision", {"mean": mean, "precision": precision}
     if name == "LowRankLaplace":
         return "full", {"mean": mean, "covariance": _lowrank_covariance(la)}
-    return "full", {"mean": mean, "covariance": _inverse_spd(precision, f"{name} precision")}
+    return "full", {"mean": mean, "covariance": spd_inverse(precision, f"{name} precision")}
 
 
 def _dense_precision(la, name: str) -> np.ndarray:
@@ -552,12 +544,12 @@ def precision_diagonal(format: str, prior: Prior) -> np.ndarray:
     if format == "kron":
         parts, t = [], 2
         while f"row{t}" in prior:
-            g = np.diag(_inverse_spd(np.asarray(prior[f"row{t}"], dtype=np.float64), f"row{t}"))
-            a = np.diag(_inverse_spd(np.asarray(prior[f"col{t}"], dtype=np.float64), f"col{t}"))
+            g = np.diag(spd_inverse(np.asarray(prior[f"row{t}"], dtype=np.float64), f"row{t}"))
+            a = np.diag(spd_inverse(np.asarray(prior[f"col{t}"], dtype=np.float64), f"col{t}"))
             parts.append(np.outer(g, a).reshape(-1))
             if f"bias{t}" in prior:
                 B = np.asarray(prior[f"bias{t}"], dtype=np.float64)
-                parts.append(1.0 / B if B.ndim == 1 else np.diag(_inverse_spd(B, f"bias{t}")))
+                parts.append(1.0 / B if B.ndim == 1 else np.diag(spd_inverse(B, f"bias{t}")))
             t += 1
         return np.concatenate(parts)
     raise ValueError(f"format must be one of {FORMATS}; got {format!r}")

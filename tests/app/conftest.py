@@ -17,7 +17,16 @@ import pytest
 from app.main import create_app
 from app.settings import Settings
 from app.storage import Storage
-from tests.app.cluster import BUCKET, PG, DaskCluster, Seaweed, need, postgres_database, postgres_up
+from tests.app.cluster import (
+    BUCKET,
+    PG,
+    DaskCluster,
+    Seaweed,
+    Server,
+    need,
+    postgres_database,
+    postgres_up,
+)
 from tests.strategies import spd
 
 
@@ -98,6 +107,14 @@ def cluster_settings(parts: ClusterParts, database_url: str, **extra) -> dict:
         **FAST_JOBS,
         **extra,
     }
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An embedded service in a uvicorn process of its own (process-pool jobs)."""
+    srv = Server(tmp_path / "data").start()
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture

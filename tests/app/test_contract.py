@@ -9,18 +9,8 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
-
-from tests.app.cluster import Server
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
-
-
-@pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path / "data").start()
-    yield srv
-    srv.stop()
 
 
 def test_schemathesis_finds_nothing(server, tmp_path):

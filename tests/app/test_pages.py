@@ -26,7 +26,8 @@ KEY, OTHER = "page-key", "other-key"
 @pytest.fixture(scope="module")
 def browser():
     need(Path(CHROMIUM).exists(), "Chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # a dev dependency: installed by make test
+
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield b

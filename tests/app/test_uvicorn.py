@@ -23,13 +23,6 @@ from tests.app.cluster import Server
 from tests.app.conftest import posterior, stored
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = Server(tmp_path / "data").start()
-    yield srv
-    srv.stop()
-
-
 def test_the_client_end_to_end(server, tmp_path):
     structure, arrays = posterior((3, 6, 5, 2), "full", seed=11)
     with PlannerClient(server.url) as c:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import laplace  # the torch extra: make test installs it, as it does torch
 import numpy as np
 import pytest
 import scipy.linalg as sla
@@ -20,8 +21,6 @@ from planner_client.torch import (
     structure_of,
     to_distribution,
 )
-
-laplace = pytest.importorskip("laplace")  # the torch extra; CI installs it (make test)
 
 REL = 1e-9
 

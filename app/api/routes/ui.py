@@ -148,7 +148,7 @@ def _merges(widths: list[int], ops: list[dict]) -> list[tuple[int, int, list[tup
     return out
 
 
-def _drawing(plan: PlanRecord, teacher: TeacherRecord) -> str:
+def _drawing(plan: PlanRecord, teacher: TeacherRecord, merges: list) -> str:
     tw, sw = teacher.structure["widths"], plan.student["widths"]
     prov = {p["teacher_position"]: p for p in plan.info["provenance"]}
     merged = set(range(1, len(tw) + 1)) - set(prov)  # only ψ removes a position
@@ -161,7 +161,6 @@ def _drawing(plan: PlanRecord, teacher: TeacherRecord) -> str:
         f"<text x='8' y='{top + H + gap - 6}' font-weight='bold'>student {_widths(plan.student)}"
         "</text>",
     ]
-    merges = _merges(tw, plan.ops) if len(plan.ops) <= 200_000 else []
     merged_neurons = {t: frozenset(m for _, m in pairs) for _, t, pairs in merges}
     for prev, t, pairs in merges:  # π: which neuron each merged one is joined to
         if _cells(tw[prev - 1])[1] == 1 and _cells(tw[t - 1])[1] == 1:
@@ -307,7 +306,7 @@ neuron is kept (by the student position of its colour), a hollow one removed. (�
 position a layer removal merged away: its neurons that lived until then are ringed in purple,
 and purple lines show π, the neuron of the previous position each one was joined to.
 Positions wider than {MAX_CELLS} are drawn as bands, shaded by the fraction kept.</p>
-{_drawing(plan, teacher)}
+{_drawing(plan, teacher, merges)}
 <h2>Layers removed (ψ)</h2>{psi_html}
 <h2>Cost by step</h2>{steps_html}
 <h2>Cost by teacher position</h2>
