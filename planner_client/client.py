@@ -218,10 +218,10 @@ class PlannerClient:
         seed: int = 0,
         ops: Sequence[Mapping[str, Any]] | None = None,
         *,
-        effort: str = "standard",
+        effort: str = "thorough",
         seconds: float | None = None,
     ) -> dict:
-        """Search a plan (``effort``: ``standard`` or ``thorough``; ``seconds``: a
+        """Search a plan (``effort``: ``thorough`` or ``fast``; ``seconds``: a
         deadline), or validate and score ``ops``."""
         body: dict[str, Any] = {
             "student": _as_structure(student),
