@@ -138,6 +138,11 @@ class Posterior(ABC):
         S = self.cov_block(np.concatenate([rows, cols]))
         return S[: rows.size, rows.size :]
 
+    def cov_view(self, idx: np.ndarray) -> np.ndarray:
+        """``Σ[idx][:, idx]`` for reading only: a view of the format's own dense matrix
+        where it holds one and ``idx`` is a run (no copy of a large block)."""
+        return self.cov_cross(idx, idx)
+
     def inverse_block(self, idx: np.ndarray) -> np.ndarray:
         """``Σ[idx, idx]⁻¹`` (for exchange moves): one Cholesky of the block by default."""
         from scipy.linalg import lapack

@@ -82,6 +82,9 @@ class FullPosterior(DensePosterior):
     def cov_cross(self, rows, cols) -> np.ndarray:
         return gather(self.covariance, rows, cols)
 
+    def cov_view(self, idx) -> np.ndarray:
+        return gather(self.covariance, idx, idx, copy=False)
+
     def variance(self) -> np.ndarray:
         return np.diag(self.covariance).copy()
 

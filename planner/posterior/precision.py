@@ -187,6 +187,13 @@ class PrecisionPosterior(DensePosterior):
         X = self._cols(u)
         return X[:, inv[: rows.size]].T @ X[:, inv[rows.size :]]
 
+    def cov_view(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        cached = self.__dict__.get("_trailing")
+        if idx.size and cached is not None and cached[0] <= int(idx.min()):
+            return gather(cached[1], idx - cached[0], idx - cached[0], copy=False)
+        return self.cov_cross(idx, idx)
+
     def _trailing_covariance(self, t0: int):
         """Σ over the trailing parameters ``t0..n`` (every parameter from layer t0's
         on), from the cached factor in one LAPACK call: the trailing block of the factor

@@ -65,5 +65,6 @@ class Budget:
         return self.spent + max(flops, EVALUATION_FLOOR) <= self.work and not self.expired()
 
     def charge(self, flops: float, evaluations: int = 1) -> None:
-        self.spent += max(flops, EVALUATION_FLOOR) * evaluations
+        """Charge ``flops`` in all for ``evaluations`` exact evaluations done at once."""
+        self.spent += max(flops, EVALUATION_FLOOR * min(evaluations, 1))
         self.evaluations += evaluations

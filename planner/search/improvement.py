@@ -24,6 +24,7 @@ choice space fits the budget, and then the result is the exhaustive optimum.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from math import comb, perm
 
 import numpy as np
@@ -58,6 +59,53 @@ def _gather(M: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return M[rows[:, :, None], cols[:, None, :]]
 
 
+def _segments(A: np.ndarray) -> list[slice]:
+    """Runs of columns of ``A`` (one row per move) that vary together: a family's moves
+    are pairs of a few choices, and each run of entries follows one of them."""
+    a = A.shape[1]
+    if a == 0:
+        return []
+    keys = [np.unique(A[:, j], return_inverse=True)[1].ravel() for j in range(a)]
+    cuts = [0, *(j for j in range(1, a) if not np.array_equal(keys[j], keys[j - 1])), a]
+    return [slice(i, j) for i, j in pairwise(cuts)]
+
+
+#: Bytes the batched products of one chunk of pattern blocks may hold.
+_CHUNK_BYTES = 1 << 25
+
+
+def _pattern(A: np.ndarray, dense, pairs) -> np.ndarray:
+    """``M[A_i, A_i]`` for every move i (an (n, a, a) array) of a matrix M over the pool,
+    computing only blocks that some move uses.
+
+    For each pair of column runs (:func:`_segments`) either the dense block over every
+    entry either run uses (``dense(rows, cols)``), or, when the moves combine few of
+    them, one small block per combination that occurs (``pairs(R, C)`` for stacked
+    index rows), whichever is less work.
+    """
+    out = np.empty((A.shape[0], A.shape[1], A.shape[1]))
+    segs = _segments(A)
+    uniq = [np.unique(A[:, s], axis=0, return_inverse=True) for s in segs]
+    for i, s1 in enumerate(segs):
+        u1, inv1 = uniq[i][0], uniq[i][1].ravel()
+        for j in range(i, len(segs)):
+            s2 = segs[j]
+            u2, inv2 = uniq[j][0], uniq[j][1].ravel()
+            e1, e2 = np.unique(u1), np.unique(u2)
+            combo, cinv = np.unique(inv1 * len(u2) + inv2, return_inverse=True)
+            w1, w2 = s1.stop - s1.start, s2.stop - s2.start
+            if e1.size * e2.size <= 4 * combo.size * w1 * w2:
+                M = dense(e1, e2)
+                r, c = np.searchsorted(e1, A[:, s1]), np.searchsorted(e2, A[:, s2])
+                blk = M[r[:, :, None], c[:, None, :]]
+            else:
+                blk = pairs(u1[combo // len(u2)], u2[combo % len(u2)])[cinv.ravel()]
+            out[:, s1, s2] = blk
+            if j != i:
+                out[:, s2, s1] = np.swapaxes(blk, 1, 2)
+    return out
+
+
 def _solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``(L Lᵀ)⁻¹ b`` for batched factors; ``b`` is (n, k) or (n, k, m)."""
     vec = b.ndim == 2
@@ -82,22 +130,34 @@ class DenseEvaluator:
         self.B, self.v = c.conditioned, c.targets
         self.d = self.v - post.mean[self.B]
         self.posB = _lookup(self.B)
-        E = np.setdiff1d(np.unique(pool), self.B)
+        self.E = E = np.setdiff1d(np.unique(pool), self.B)
         self.posE = _lookup(E) if E.size else None
         self.P = post.inverse_block(self.B)
         self.alpha = self.P @ self.d
         self.dalpha = float(self.d @ self.alpha)
-        both = post.cov_cross(np.concatenate([self.B, E]), E)  # one pass for both blocks
-        self.S_BE, self.S_EE = both[: self.B.size], both[self.B.size :]
+        self.S_BE = post.cov_cross(self.B, E)
         self.H = self.P @ self.S_BE
         self.Ealpha = self.S_BE.T @ self.alpha
 
-    def _G(self, A: np.ndarray) -> np.ndarray:
-        """``(Σ_EB P Σ_BE)[A_i, A_i]`` for each move, over the entries moves use only."""
-        U, inv = np.unique(A, return_inverse=True)
-        G = self.S_BE[:, U].T @ self.H[:, U]
-        inv = inv.reshape(A.shape)
-        return G[inv[:, :, None], inv[:, None, :]]
+    def _dense(self, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
+        """``Cov(x_E | x_B)`` over pool positions e1 × e2."""
+        return self.post.cov_cross(self.E[e1], self.E[e2]) - self.S_BE[:, e1].T @ self.H[:, e2]
+
+    def _pairs(self, R: np.ndarray, C: np.ndarray) -> np.ndarray:
+        """``Cov(x_E | x_B)[R_k, C_k]`` for each k (pool positions), in chunks."""
+        k, w1 = R.shape
+        w2 = C.shape[1]
+        step = max(1, _CHUNK_BYTES // (8 * (w1 + w2) * max(1, self.B.size)))
+        out = np.empty((k, w1, w2))
+        for i in range(0, k, step):
+            r, c = R[i : i + step], C[i : i + step]
+            u, inv = np.unique(np.concatenate([r.ravel(), c.ravel()]), return_inverse=True)
+            pr, pc = inv[: r.size].reshape(r.shape), inv[r.size :].reshape(c.shape)
+            S = self.post.cov_cross(self.E[u], self.E[u])
+            out[i : i + step] = S[pr[:, :, None], pc[:, None, :]] - np.matmul(
+                self.S_BE[:, r].transpose(1, 2, 0), self.H[:, c].transpose(1, 0, 2)
+            )
+        return out
 
     @staticmethod
     def work(n_B: int, n_E: int) -> float:
@@ -136,12 +196,12 @@ class DenseEvaluator:
                 - np.einsum("nra,nr->na", eta, e_R + g)
             )
             cross = np.matmul(np.swapaxes(u_R, 1, 2), H_AR)
-            quad = self._G(A) - cross - np.swapaxes(cross, 1, 2)
+            quad = -cross - np.swapaxes(cross, 1, 2)
             quad += np.matmul(np.swapaxes(u_R, 1, 2), np.matmul(P_RR, u_R))
             if R.shape[1]:
                 quad -= np.matmul(np.swapaxes(eta, 1, 2), _solve(LR, eta))
             r = fam.enter_targets - self.post.mean[fam.enter] - shift
-            LA, okA = batched_cholesky(_gather(self.S_EE, A, A) - quad)
+            LA, okA = batched_cholesky(_pattern(A, self._dense, self._pairs) - quad)
             y = solve_lower(LA, r)
             cost = cost + 0.5 * np.einsum("na,na->n", y, y)
             ok &= okA
