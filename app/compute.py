@@ -137,7 +137,7 @@ def run_plan(
     seed: int,
     ops: list[dict] | None,
     seconds: float | None = None,
-    effort: str = "thorough",
+    effort: str = "fast",
 ) -> dict:
     """Search (or validate and score ``ops``); raises ``PlannerError`` for bad requests.
     ``seconds`` is the search's wall-clock safety net (``PLANNER_PLAN_SECONDS``)."""

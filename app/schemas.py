@@ -178,9 +178,9 @@ class PlanCreate(_Strict):
     #: this request's deadline for the search (at most the service's PLANNER_PLAN_SECONDS):
     #: when it cuts the search, the best plan found so far comes back, marked search.cut
     seconds: float | None = Field(None, gt=0, le=86_400)
-    #: ``thorough`` (default): a fixed floor of improvement work (lower costs on small B);
-    #: ``fast``: plan time within about 3 one-shot conditionings of the plan's own B
-    effort: Literal["fast", "thorough"] = "thorough"
+    #: ``fast`` (default): plan time within about 3 one-shot conditionings of the plan's
+    #: own B; ``thorough``: a fixed floor of improvement work (lower costs on small B)
+    effort: Literal["fast", "thorough"] = "fast"
 
     def ops_json(self) -> list[dict[str, Any]] | None:
         return None if self.ops is None else [o.model_dump(exclude_none=True) for o in self.ops]

@@ -186,7 +186,7 @@ def rows_for(
 
 
 def one_row(make, student, fmt: str, thorough: bool = False) -> dict:
-    """The ``fast`` effort's plan against its one-shot (and the ``thorough`` one's)."""
+    """The default (``fast``) effort's plan against its one-shot (and ``thorough``'s)."""
     t_plan, found = best_of(lambda: search(make(), student, effort="fast"))
     c = found.plan.compiled
     B, v, keep = c.conditioned, c.targets, c.kept

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--criterion", default="posterior_ratio")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--ops", help="a JSON file of explicit ops to validate and score")
-    plan.add_argument("--effort", choices=("fast", "thorough"), default="thorough")
+    plan.add_argument("--effort", choices=("fast", "thorough"), default="fast")
     plan.add_argument("--seconds", type=float, default=None, help="the search's deadline")
 
     prior = sub.add_parser("prior", help="priors").add_subparsers(dest="action", required=True)

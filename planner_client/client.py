@@ -218,10 +218,10 @@ class PlannerClient:
         seed: int = 0,
         ops: Sequence[Mapping[str, Any]] | None = None,
         *,
-        effort: str = "thorough",
+        effort: str = "fast",
         seconds: float | None = None,
     ) -> dict:
-        """Search a plan (``effort``: ``thorough`` or ``fast``; ``seconds``: a
+        """Search a plan (``effort``: ``fast``, the default, or ``thorough``; ``seconds``: a
         deadline), or validate and score ``ops``."""
         body: dict[str, Any] = {
             "student": _as_structure(student),

@@ -22,12 +22,15 @@ import scipy.linalg as sla
 from scipy.linalg import lapack
 
 from ..errors import InvalidPosterior
-from ._dense import DensePosterior, gather
+from ._dense import DensePosterior, _runs, gather
 from ._validate import difference_cost
 
 #: A request for Σ over this share of the trailing parameters it spans computes (and
 #: keeps) Σ over all of them at once: solving for that many columns costs as much.
 _TRAILING_SHARE = 0.25
+
+#: Rows of the factor a trailing Schur complement reads at once (at most this many bytes).
+_BLOCK_BYTES = 1 << 26
 
 __all__ = ["PrecisionPosterior"]
 
@@ -129,8 +132,15 @@ class PrecisionPosterior(DensePosterior):
         P = np.asarray(P, dtype=np.int64)
         M, _ = self._rest(B, P)
         native = M.size**3 / 3 + M.size**2 * P.size
-        if native > self._covariance_route_work(np.concatenate([B, P])):
+        trailing = self._trailing_schur_work(B, P, M)
+        if min(native, trailing) > self._covariance_route_work(np.concatenate([B, P])):
             return None
+        if trailing < native:
+            return self._trailing_schur(B, values, P, M)
+        return self._native_schur(B, values, P, M)
+
+    def _native_schur(self, B, values, P, M):
+        """``(diag Q, Q c)`` from a factor of ``Λ_MM``: ``O(|M|³ + |M|² |P|)``."""
         Lam, m = self.precision, self.mean
         LM = self._factor(M) if M.size else np.zeros((0, 0))
         X = (
@@ -146,6 +156,60 @@ class PrecisionPosterior(DensePosterior):
             if M.size:
                 y_M = gather(Lam, M, B, copy=False) @ d
                 Qc += X.T @ sla.solve_triangular(LM, y_M, lower=True, check_finite=False)
+        return q, Qc
+
+    # -- the same from the cached factor of Λ, when P and B lie in the trailing layers ----
+    def _trailing_schur_work(self, B: np.ndarray, P: np.ndarray, M: np.ndarray) -> float:
+        """Flops of :meth:`_trailing_schur` (infinite without the cached factor): with
+        t0 the first index of B ∪ P, every index before t0 is marginalised, and the
+        trailing block of the factor of Λ is already the factor of what is left."""
+        if "_chol" not in self.__dict__ or P.size == 0:
+            return np.inf
+        t0 = int(min(P.min(), B.min() if B.size else P.min()))
+        t, R = self.n - t0, int(np.count_nonzero(t0 <= M))
+        return P.size * t * (2 + R) + R * R * t + B.size * t
+
+    def _trailing_schur(self, B, values, P, M):
+        """``(diag Q, Q c)`` from the trailing block ``L_t`` of the cached factor of Λ.
+
+        ``Λ' = L_t L_tᵀ`` is the precision of the trailing indices with the leading
+        ones marginalised; conditioning on B takes its sub-block, and marginalising
+        the trailing rest R is a Schur complement: ``S = Λ'_{PB∪P} − Λ'_{P,R}
+        Λ'_RR⁻¹ Λ'_{R,B∪P}``.  Rows of ``L_t`` are read in place, a run of P at a
+        time, so the work is ``O(|P| |R| t)`` however many leading indices were
+        marginalised."""
+        m = self.mean
+        t0 = int(min(P.min(), B.min() if B.size else P.min()))
+        Lt = self._chol[t0:, t0:]
+        R = M[t0 <= M] - t0
+        p, b = P - t0, B - t0
+        Lr = Lt[R]
+        K = sla.cholesky(Lr @ Lr.T, lower=True, check_finite=False) if R.size else None
+        step = max(1, _BLOCK_BYTES // (8 * max(1, Lt.shape[0])))  # rows per block
+        blocks = [  # (position in P, rows of L_t) for runs of P, at most ``step`` rows each
+            (i, slice(p[i], p[i] + min(e, i + step) - i))
+            for s0, e in zip(*_runs(p), strict=True)
+            for i in range(s0, e, step)
+        ]
+        # L_t is lower triangular: rows up to r have no entry right of column r
+        v = np.zeros(Lt.shape[0])  # L_tᵀ z, z = (m_P on P, −d on B): Λ' z = L_t v
+        for i, rows in blocks:
+            v[: rows.stop] += Lt[rows, : rows.stop].T @ m[P[i : i + rows.stop - rows.start]]
+        if B.size:
+            v -= Lt[b].T @ (values - m[B])
+        rv = sla.cho_solve((K, True), Lr @ v, check_finite=False) if R.size else None
+        q = np.empty(P.size)
+        Qc = np.empty(P.size)
+        for i, rows in blocks:
+            c = rows.stop
+            Lp, j = Lt[rows, :c], slice(i, i + c - rows.start)
+            q[j] = np.einsum("ij,ij->i", Lp, Lp)
+            Qc[j] = Lp @ v[:c]
+            if R.size:
+                Y = Lr[:, :c] @ Lp.T  # Λ'_RP over this block
+                Qc[j] -= Y.T @ rv
+                Y = sla.solve_triangular(K, Y, lower=True, check_finite=False, overwrite_b=True)
+                q[j] -= np.einsum("ij,ij->j", Y, Y)
         return q, Qc
 
     @classmethod

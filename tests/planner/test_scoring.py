@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from planner import DiagPosterior, FullPosterior, Structure
 from planner.ops import Tracked
-from planner.posterior import KronPosterior, LowRankPosterior, PrecisionPosterior
+from planner.posterior import KronPosterior, LowRankPosterior, PrecisionPosterior, precision
 from planner.posterior.kron import KronScorer
 from planner.posterior.lowrank import LowRankScorer
 from planner.posterior.scoring import DenseScorer, DiagScorer
@@ -140,3 +140,36 @@ def test_a_stage_taken_in_any_order_scores_exactly(fmt, seed, n_take):
             B += list(groups[i])
         k += pick.size
         close(sc.cost, dense_cost(mean, cov, B, [0.0] * len(B)))
+
+
+@given(st.integers(0, 2**32 - 1), st.booleans())
+def test_the_precision_side_of_a_block_is_exact_by_either_route(seed, with_b):
+    """``conditional_precision``'s two routes (the factor of Λ_MM, or the trailing block
+    of the cached factor of Λ) give ``diag Q`` and ``Q c`` of dense conditioning."""
+    rng = np.random.default_rng(seed)
+    s = Structure.mlp((3, 4, 5, 3), bias=bool(seed % 2))
+    post, mean, cov = make("precision", s, rng)
+    L3 = s.layer(3)
+    P = np.sort(L3.U.ravel())
+    B = s.layer(4).U[:, rng.permutation(5)[: int(rng.integers(1, 4))]].ravel() if with_b else []
+    B = np.asarray(B, dtype=np.int64)
+    v = rng.normal(size=B.size)
+    M, _ = post._rest(B, P)
+    S = cov[np.ix_(P, P)]
+    c = mean[P].copy()
+    if B.size:
+        K = np.linalg.solve(cov[np.ix_(B, B)], cov[np.ix_(B, P)])
+        S -= cov[np.ix_(P, B)] @ K
+        c += K.T @ (v - mean[B])
+    Q = np.linalg.inv(S)
+    routes = [post._native_schur(B, v, P, M), post._trailing_schur(B, v, P, M)]
+    was = precision._BLOCK_BYTES
+    try:  # the factor's rows read a few at a time, as for a large teacher
+        precision._BLOCK_BYTES = 8 * (s.n_params - int(min(P.min(), B.min(initial=P.min()))))
+        precision._BLOCK_BYTES *= int(rng.integers(1, 7))
+        routes.append(post._trailing_schur(B, v, P, M))
+    finally:
+        precision._BLOCK_BYTES = was
+    for q, Qc in routes:
+        np.testing.assert_allclose(q, np.diag(Q), rtol=1e-9, atol=1e-9 * np.abs(Q).max())
+        np.testing.assert_allclose(Qc, Q @ c, rtol=1e-9, atol=1e-9 * np.abs(Q @ c).max())
