@@ -333,6 +333,10 @@ class DenseScorer:
 _THREADED_PRODUCT = 2e6
 
 
+#: Entries of W up to which a compaction copies in one vectorised step (not in place).
+_SMALL_W = 1 << 20
+
+
 def _product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``A @ B`` on every core when it is large enough to gain (inside a greedy's
     single-threaded loop)."""
@@ -428,9 +432,13 @@ class _DenseDrops:
             u = self.sc.z[-q.size :]
             self.c += Yt.T @ u
             self.live[g] = False
-            live = np.flatnonzero(self.live)
-            Yq = Yt.T[self.pos[live]]  # n × k × k_g
-            self.S[live] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+            if 2 * np.count_nonzero(self.live) < self.live.size:  # only the live blocks
+                live = np.flatnonzero(self.live)
+                Yq = Yt.T[self.pos[live]]  # n × k × k_g
+                self.S[live] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+            else:
+                Yq = Yt.T[self.pos]
+                self.S -= np.matmul(Yq, Yq.transpose(0, 2, 1))
             k, w = q.size, self.G.size
             self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
             self.m += k
@@ -446,8 +454,11 @@ class _DenseDrops:
         remap = np.full(self.G.size, -1, dtype=np.int64)
         remap[keep] = np.arange(keep.size)
         w, nk, buf = self.G.size, keep.size, self._buf
-        for i in range(self.m):  # row i moves to [i nk, (i+1) nk): never past unread rows
-            buf[i * nk : (i + 1) * nk] = buf[i * w : (i + 1) * w].take(keep)
+        if self.m * w <= _SMALL_W:  # one vectorised copy
+            buf[: self.m * nk] = self._W.take(keep, axis=1).ravel()
+        else:  # in place: row i moves to [i nk, (i+1) nk), never past unread rows
+            for i in range(self.m):
+                buf[i * nk : (i + 1) * nk] = buf[i * w : (i + 1) * w].take(keep)
         self.cols, self.c, self.G = self.cols[keep], self.c[keep], self.G[keep]
         self._ahead = {h: (r.take(keep, axis=1), m0) for h, (r, m0) in self._ahead.items()}
         self.pos = np.where(self.live[:, None], remap[self.pos], -1)
