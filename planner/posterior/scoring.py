@@ -380,6 +380,7 @@ class _DenseDrops:
         self.dead = 0  # columns of taken candidates still held
         self._inc = np.zeros(len(groups))
         self._ahead: dict[int, tuple[np.ndarray, int]] = {}  # candidate → (rows of C, m then)
+        self._queue: list[int] = []  # the candidates a call to take commits after this one
 
     @property
     def _W(self) -> np.ndarray:
@@ -408,8 +409,11 @@ class _DenseDrops:
                 Wn = W[m0:]
                 row -= _product(Wn[:, self.pos[g]].T, Wn)
             return row
-        order = np.argsort(self._inc, kind="stable")
-        nxt = [int(h) for h in order[: self.SPECULATE + 1] if h != g and self.live[h]]
+        if self._queue:  # a criterion's ranking: the next ones are known
+            order = self._queue
+        else:  # the next cheapest by the last increments
+            order = [int(h) for h in np.argsort(self._inc, kind="stable")[: self.SPECULATE + 1]]
+        nxt = [h for h in order[: self.SPECULATE + 1] if h != g and self.live[h]]
         cands = [g, *[h for h in nxt if h not in self._ahead][: self.SPECULATE - 1]]
         sizes = [self.pos[h].size for h in cands]
         rows = self._product(np.concatenate([self.pos[h] for h in cands]), W)
@@ -419,8 +423,9 @@ class _DenseDrops:
         return parts[0]
 
     def take(self, which) -> None:
-        for g in np.atleast_1d(which):
-            g = int(g)
+        which = [int(g) for g in np.atleast_1d(which)]
+        for i, g in enumerate(which):
+            self._queue = which[i + 1 :]
             if not self.live[g]:
                 raise ValueError(f"candidate {g} was taken already")
             q = self.pos[g]
