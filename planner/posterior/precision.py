@@ -35,6 +35,11 @@ _BLOCK_BYTES = 1 << 26
 __all__ = ["PrecisionPosterior"]
 
 
+def _first(B: np.ndarray, P: np.ndarray) -> int:
+    """The first index of B ∪ P (P not empty)."""
+    return int(min(P.min(), B.min(initial=P.min())))
+
+
 class PrecisionPosterior(DensePosterior):
     """``N(mean, precision⁻¹)``."""
 
@@ -165,7 +170,7 @@ class PrecisionPosterior(DensePosterior):
         trailing block of the factor of Λ is already the factor of what is left."""
         if "_chol" not in self.__dict__ or P.size == 0:
             return np.inf
-        t0 = int(min(P.min(), B.min() if B.size else P.min()))
+        t0 = _first(B, P)
         t, R = self.n - t0, int(np.count_nonzero(t0 <= M))
         return P.size * t * (2 + R) + R * R * t + B.size * t
 
@@ -179,7 +184,7 @@ class PrecisionPosterior(DensePosterior):
         time, so the work is ``O(|P| |R| t)`` however many leading indices were
         marginalised."""
         m = self.mean
-        t0 = int(min(P.min(), B.min() if B.size else P.min()))
+        t0 = _first(B, P)
         Lt = self._chol[t0:, t0:]
         R = M[t0 <= M] - t0
         p, b = P - t0, B - t0
@@ -236,6 +241,14 @@ class PrecisionPosterior(DensePosterior):
         return X.T @ X
 
     def cov_cross(self, rows, cols) -> np.ndarray:
+        return self._cov(rows, cols, copy=True)
+
+    def cov_view(self, idx) -> np.ndarray:
+        return self._cov(idx, idx, copy=False)
+
+    def _cov(self, rows, cols, copy: bool) -> np.ndarray:
+        """Σ[rows][:, cols]: from the kept trailing Σ when it covers them (a view of it
+        where allowed), else by solves with the factor."""
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         u, inv = np.unique(np.concatenate([rows, cols]), return_inverse=True)
         if u.size == 0:
@@ -247,16 +260,9 @@ class PrecisionPosterior(DensePosterior):
             cached, covered = self._trailing_covariance(t0), True
         if covered:
             s0, S = cached
-            return gather(S, rows - s0, cols - s0)
+            return gather(S, rows - s0, cols - s0, copy=copy)
         X = self._cols(u)
         return X[:, inv[: rows.size]].T @ X[:, inv[rows.size :]]
-
-    def cov_view(self, idx) -> np.ndarray:
-        idx = np.asarray(idx, dtype=np.int64)
-        cached = self.__dict__.get("_trailing")
-        if idx.size and cached is not None and cached[0] <= int(idx.min()):
-            return gather(cached[1], idx - cached[0], idx - cached[0], copy=False)
-        return self.cov_cross(idx, idx)
 
     def _trailing_covariance(self, t0: int):
         """Σ over the trailing parameters ``t0..n`` (every parameter from layer t0's

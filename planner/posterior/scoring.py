@@ -267,7 +267,7 @@ class DenseScorer:
         the covariance may be a view of the format's own matrix when B is empty."""
         self._refresh()
         if readonly and self.n == 0:
-            return np.zeros((0, idx.size)), self.post.cov_view(idx), self.mean[idx].copy()
+            return np.zeros((0, idx.size)), self.post.cov_view(idx), self.mean[idx]
         S = self.post.cov_cross(idx, idx)
         c = self.mean[idx].astype(np.float64, copy=True)
         if self.n == 0:
@@ -337,7 +337,7 @@ _THREADED_PRODUCT = 2e6
 _SMALL_W = 1 << 20
 
 
-def _product(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``A @ B`` on every core when it is large enough to gain (inside a greedy's
     single-threaded loop)."""
     if A.shape[0] * A.shape[1] * B.shape[1] >= _THREADED_PRODUCT:
@@ -397,7 +397,7 @@ class _DenseDrops:
     def _product(self, rows: np.ndarray, W: np.ndarray) -> np.ndarray:
         """``C[rows, :]`` over the live columns: ``C0[rows] − W[:, rows]ᵀ W``."""
         out = self.C0[self.cols[rows]].take(self.cols, axis=1)  # (take on a view copies it)
-        out -= _product(np.ascontiguousarray(W[:, rows].T), W)
+        out -= _matmul(np.ascontiguousarray(W[:, rows].T), W)
         return out
 
     def _rows(self, g: int) -> np.ndarray:
@@ -407,7 +407,7 @@ class _DenseDrops:
             row, m0 = self._ahead.pop(g)
             if m0 < self.m:  # the commits since
                 Wn = W[m0:]
-                row -= _product(Wn[:, self.pos[g]].T, Wn)
+                row -= _matmul(Wn[:, self.pos[g]].T, Wn)
             return row
         if self._queue:  # a criterion's ranking: the next ones are known
             order = self._queue
@@ -437,13 +437,11 @@ class _DenseDrops:
             u = self.sc.z[-q.size :]
             self.c += Yt.T @ u
             self.live[g] = False
-            if 2 * np.count_nonzero(self.live) < self.live.size:  # only the live blocks
-                live = np.flatnonzero(self.live)
-                Yq = Yt.T[self.pos[live]]  # n × k × k_g
-                self.S[live] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
-            else:
-                Yq = Yt.T[self.pos]
-                self.S -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+            # every candidate's block, or only the live ones once most are taken
+            few = 2 * np.count_nonzero(self.live) < self.live.size
+            at = np.flatnonzero(self.live) if few else slice(None)
+            Yq = Yt.T[self.pos[at]]  # n × k × k_g
+            self.S[at] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
             k, w = q.size, self.G.size
             self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
             self.m += k

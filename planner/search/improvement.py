@@ -120,8 +120,9 @@ class DenseEvaluator:
 
     Set-up: ``P`` (``Posterior.inverse_block``: a factorisation of Σ_BB, or for a
     precision the Schur complement on B's complement), ``α = P d``, and for the
-    pool E of entries moves may add ``Σ_BE``, ``Σ_EE``, ``H = P Σ_BE``.  Then a
-    move costs ``O(|R|³ + |A|³)``, all moves of a family in one batched pass.
+    pool E of entries moves may add ``Σ_BE`` and ``H = P Σ_BE``; ``Cov(x_E | x_B)``
+    is formed only on the blocks moves use (:func:`_pattern`).  Then a move costs
+    ``O(|R|³ + |A|³)``, all moves of a family in one batched pass.
     """
 
     def __init__(self, post: Posterior, built: Built, pool: np.ndarray) -> None:
