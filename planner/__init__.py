@@ -10,6 +10,7 @@ from ._openblas import configure as _configure_openblas
 _configure_openblas()  # before numpy loads: see planner._openblas
 
 from .errors import (  # noqa: E402 - after the OpenBLAS choice above
+    DeadlineExceeded,
     InvalidOperation,
     InvalidPlan,
     InvalidPosterior,
@@ -32,6 +33,7 @@ __all__ = [
     "FORMATS",
     "IDEMPOTENT",
     "CompiledPlan",
+    "DeadlineExceeded",
     "DiagPosterior",
     "FullPosterior",
     "InvalidOperation",

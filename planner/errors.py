@@ -9,6 +9,7 @@ carries the ``field`` it is about (a dotted path a client can act on) and a
 from __future__ import annotations
 
 __all__ = [
+    "DeadlineExceeded",
     "InvalidOperation",
     "InvalidPlan",
     "InvalidPosterior",
@@ -73,3 +74,8 @@ class TooLarge(PlannerError):
 
 class Unsupported(PlannerError):
     """An operation this posterior format cannot do (e.g. arbitrary conditioning of kron)."""
+
+
+class DeadlineExceeded(PlannerError):
+    """A computation ran past its wall-clock deadline before it had any answer to give
+    (a search cut after its first plan returns that plan instead, marked ``cut``)."""

@@ -203,7 +203,7 @@ def enumerate_sequences(
     for route in routes(teacher, student):
         per_block = [(s, e, student.width(j)) for j, (s, e) in enumerate(route.blocks, start=1)]
         alive = list(range(1, teacher.T + 1))
-        for seq in _shuffles(teacher, per_block, [None] * len(per_block), alive):
+        for seq in _shuffles(teacher, per_block, alive):
             out.append(seq)
             if len(out) >= limit:
                 return out
@@ -214,64 +214,87 @@ def enumerate_sequences(
 _TStep = tuple[str, int]
 
 
+def _paths(root, children):
+    """Every root-to-leaf path of a tree, as the list of its edge labels, lazily and
+    without recursion (a path may be thousands of steps long): ``children(state)`` is
+    an iterable of ``(label, child)``, or ``None`` at a leaf (an empty iterable is a
+    dead end)."""
+    first = children(root)
+    if first is None:
+        yield []
+        return
+    stack, path = [iter(first)], []
+    while stack:
+        nxt = next(stack[-1], None)
+        if nxt is None:
+            stack.pop()
+            if path:
+                path.pop()
+            continue
+        label, child = nxt
+        path.append(label)
+        below = children(child)
+        if below is None:  # a leaf: an answer
+            yield list(path)
+            path.pop()
+        else:
+            stack.append(iter(below))
+
+
 def _block_sequences(f: Structure, s: int, e: int, w: int):
     """Every sequence of the steps inside block s..e (teacher positions), lazily."""
     fixed = {p for p in (1, f.T) if s <= p <= e}
 
-    def go(live: list[list[int]], out_merged: bool, seq: list[_TStep]):
+    def children(state):
+        live, out_merged = state
         if len(live) == 1 and live[0][1] == w:
-            yield list(seq)
-            return
-        for k, (p, n) in enumerate(live):
-            is_output = out_merged and k == len(live) - 1
-            if p not in fixed and not is_output and n > w:
-                live[k][1] -= 1
-                seq.append(("phi", p))
-                yield from go(live, out_merged, seq)
-                seq.pop()
-                live[k][1] += 1
-            if k > 0:
-                q, nq = live[k - 1]
-                if n == nq and merge_reason(f.activation(p), f.activation(q)) is None:
-                    rest = [list(x) for i, x in enumerate(live) if i != k]
-                    seq.append(("psi", p))
-                    yield from go(rest, out_merged or p == f.T, seq)
-                    seq.pop()
+            return None
+        return list(_block_moves(f, fixed, w, live, out_merged))
 
-    yield from go([[p, f.width(p)] for p in range(s, e + 1)], False, [])
+    yield from _paths((tuple((p, f.width(p)) for p in range(s, e + 1)), False), children)
 
 
-def _shuffles(f: Structure, blocks: list[tuple[int, int, int]], chosen: list, alive: list[int]):
+def _block_moves(f: Structure, fixed: set[int], w: int, live: tuple, out_merged: bool):
+    """The steps possible in a block's state, with the states they lead to."""
+    for k, (p, n) in enumerate(live):
+        is_output = out_merged and k == len(live) - 1
+        if p not in fixed and not is_output and n > w:
+            yield ("phi", p), ((*live[:k], (p, n - 1), *live[k + 1 :]), out_merged)
+        if k > 0:
+            q, nq = live[k - 1]
+            if n == nq and merge_reason(f.activation(p), f.activation(q)) is None:
+                yield ("psi", p), ((*live[:k], *live[k + 1 :]), out_merged or p == f.T)
+
+
+def _shuffles(f: Structure, blocks: list[tuple[int, int, int]], alive: list[int]):
     """Every interleaving of one sequence per block, in current positions, lazily."""
-    k = next((i for i, c in enumerate(chosen) if c is None), None)
-    if k is not None:  # choose block k's own sequence first
-        for seq in _block_sequences(f, *blocks[k]):
-            chosen[k] = seq
-            yield from _shuffles(f, blocks, chosen, alive)
-        chosen[k] = None
-        return
-    yield from _interleave([list(c) for c in chosen], [0] * len(chosen), list(alive), [])
+
+    def choose(k: int):  # the blocks' own sequences, block by block
+        if k == len(blocks):
+            return None
+        return ((seq, k + 1) for seq in _block_sequences(f, *blocks[k]))
+
+    for picked in _paths(0, choose):
+        yield from _interleave(picked, alive)
 
 
-def _interleave(seqs: list[list[_TStep]], at: list[int], alive: list[int], acc: list[Step]):
-    if all(a == len(s) for a, s in zip(at, seqs, strict=True)):
-        yield list(acc)
-        return
-    for b, seq in enumerate(seqs):
-        if at[b] == len(seq):
-            continue
-        kind, p = seq[at[b]]
-        t = alive.index(p) + 1
-        at[b] += 1
-        acc.append((kind, t))
-        if kind == "psi":
-            alive.pop(t - 1)
-            yield from _interleave(seqs, at, alive, acc)
-            alive.insert(t - 1, p)
-        else:
-            yield from _interleave(seqs, at, alive, acc)
-        acc.pop()
-        at[b] -= 1
+def _interleave(seqs: list[list[_TStep]], alive: list[int]):
+    """Every interleaving of the blocks' sequences, with teacher positions turned into
+    current ones (a ψ shifts every position above it down by one)."""
+
+    def children(state):
+        at, live = state
+        moves = []
+        for b, seq in enumerate(seqs):
+            if at[b] == len(seq):
+                continue
+            kind, p = seq[at[b]]
+            t = live.index(p) + 1
+            nat = (*at[:b], at[b] + 1, *at[b + 1 :])
+            moves.append(((kind, t), (nat, live[: t - 1] + live[t:] if kind == "psi" else live)))
+        return moves or None
+
+    yield from _paths(((0,) * len(seqs), tuple(alive)), children)
 
 
 def random_route(teacher: Structure, student: Structure, rng) -> Route:

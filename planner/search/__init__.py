@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..criteria import Criterion, criterion_function
-from ..errors import InvalidPlan, MissingData
+from ..errors import DeadlineExceeded, InvalidPlan, MissingData
 from ..lattice import Route, random_route, require_member
 from ..ops import Phi, Psi, Tracked
 from ..plan import Plan
@@ -80,8 +80,10 @@ class SearchResult:
     work: float
     #: whether the choices were enumerated (the plan is then the optimum of its routes)
     exhaustive: bool
-    #: whether the wall-clock deadline cut the search short
+    #: whether a safety net (the wall-clock deadline, the memory bound) cut the search
     cut: bool
+    #: which one cut it: ``"deadline"`` or ``"memory"`` (None when not cut)
+    cut_by: str | None = None
 
     @property
     def candidates(self) -> int:  # the previous name of ``evaluations``
@@ -99,6 +101,7 @@ def search(
     seconds: float | None = None,
     max_routes: int = MAX_ROUTES,
     effort: str = "fast",
+    memory: float | None = None,
 ) -> SearchResult:
     """The valid plan of least exact cost found from ``posterior``'s teacher to ``student``.
 
@@ -121,7 +124,13 @@ def search(
         (:func:`~planner.search.budget.dense_work`) whatever the format; by
         default as ``effort`` says (:data:`EFFORTS`), at most ``WORK_CAP``.
     seconds : float, optional
-        Wall-clock safety net; the result says when it cut the search.
+        Wall-clock safety net; the result says when it cut the search.  Checked
+        in every loop of every phase; past it before a first plan exists,
+        :class:`~planner.errors.DeadlineExceeded` is raised.
+    memory : float, optional
+        Bytes the improvement may hold beyond the posterior's arrays (a branch
+        and bound's scorer copies, the exchange moves' blocks); a phase that
+        would exceed it is skipped and the result is marked cut by memory.
     max_routes : int
         Routes finished at most.
     effort : str
@@ -147,8 +156,8 @@ def search(
     if crit.needs_gradients and gradients is None:
         raise MissingData(f"criterion {crit.name!r} needs per-example gradients", field="gradients")
     gvar = np.asarray(gradients).var(axis=0) if crit.needs_gradients else None
-    budget = Budget(np.inf, seconds)
-    cands, n_routes = candidate_routes(posterior, student, crit, max_routes)
+    budget = Budget(np.inf, seconds, memory)
+    cands, n_routes = candidate_routes(posterior, student, crit, max_routes, budget)
     first, count = _reach(teacher, student, cands)
     posterior.prepare(first, count)
     built: list[Built] = []
@@ -156,8 +165,8 @@ def search(
         if built and budget.expired():
             break
         rng = np.random.default_rng(seed)
-        built.append(
-            construct(
+        try:
+            plan = construct(
                 posterior,
                 student,
                 route,
@@ -165,11 +174,16 @@ def search(
                 rng=rng,
                 gradients=gradients,
                 gradient_variance=gvar,
+                budget=budget,
             )
-        )
+        except DeadlineExceeded:
+            if not built:  # nothing to answer with yet
+                raise
+            break
+        built.append(plan)
     built.sort(key=lambda b: b.cost)
     exhaustive = False
-    if crit.polished and not budget.cut:
+    if crit.polished and not budget.expired():
         best = built[0]
         c = best.plan.compiled
         one_shots, floor, enumerate_floor = EFFORTS[effort]
@@ -190,6 +204,7 @@ def search(
         else:
             built = [local_search(posterior, b, budget) for b in built]
             built.sort(key=lambda b: b.cost)
+
     best = built[0]
     return SearchResult(
         best.plan,
@@ -201,6 +216,7 @@ def search(
         float(budget.spent),
         exhaustive,
         budget.cut,
+        budget.cut_by,
     )
 
 

@@ -2,9 +2,16 @@
 
 The budget is counted in *work* (floating-point operations, as the posterior's
 scorer reports them for each exact evaluation), never in seconds, so the same
-request gives the same plan on any machine.  A wall-clock deadline is only a
-safety net: when it cuts the search, the result says so and still carries the
-best plan found.
+request gives the same plan on any machine.  Two safety nets bound what work
+cannot foresee: a wall-clock deadline and the memory the search may hold.
+When either cuts the search, the result says which (``cut_by``) and still
+carries the best plan found; a deadline that passes before a first plan exists
+raises :class:`~planner.errors.DeadlineExceeded`.
+
+Every loop of the search that can grow (the construction's greedy steps,
+route scoring, exchange rounds, each node of a branch and bound at every
+depth) asks the budget before it works: :meth:`Budget.allows` for work it is
+about to charge, :meth:`Budget.expired` for the clock.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["NODE_WORK", "Budget", "dense_work"]
+from ..errors import DeadlineExceeded
+
+__all__ = ["NODE_WORK", "Budget", "Cut", "dense_work"]
 
 #: Work charged for one exact evaluation at least (its Python overhead, in flops).
 EVALUATION_FLOOR = 2e5
@@ -29,9 +38,14 @@ def dense_work(conditioned: int, kept: int) -> float:
     return conditioned**3 / 3 + conditioned**2 * kept + conditioned * kept**2
 
 
+class Cut(Exception):
+    """Raised inside a search phase to unwind it at once when its budget is spent; the
+    phase's caller keeps the best plan found so far."""
+
+
 @dataclass
 class Budget:
-    """Work (flops) the improvement phase may spend, and an optional deadline.
+    """Work (flops) the improvement phase may spend, a deadline and a memory bound.
 
     Parameters
     ----------
@@ -40,14 +54,20 @@ class Budget:
         passes.  Deterministic: sized from the problem by the caller.
     seconds : float, optional
         Wall-clock safety net.
+    memory : float, optional
+        Bytes the search may hold beyond the posterior's own arrays; phases whose
+        estimated footprint exceeds it are skipped (``cut_by = "memory"``).
     """
 
     work: float
     seconds: float | None = None
+    memory: float | None = None
     spent: float = 0.0
     evaluations: int = 0
-    #: whether the deadline cut the search
+    #: whether a safety net (the deadline, the memory bound) cut the search
     cut: bool = False
+    #: which one: ``"deadline"`` or ``"memory"``
+    cut_by: str | None = None
     _deadline: float | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,9 +76,33 @@ class Budget:
 
     def expired(self) -> bool:
         """Whether the deadline has passed (and the search is therefore cut)."""
-        if self._deadline is not None and time.monotonic() > self._deadline:
-            self.cut = True
-        return self.cut
+        if self.cut_by != "deadline" and self._late():
+            self.cut, self.cut_by = True, "deadline"
+        return self.cut_by == "deadline"
+
+    def _late(self) -> bool:
+        return self._deadline is not None and time.monotonic() > self._deadline
+
+    def check(self, what: str) -> None:
+        """Raise :class:`DeadlineExceeded` when the deadline has passed before ``what``
+        could give any answer (the construction of the first plan)."""
+        if self.expired():
+            raise DeadlineExceeded(
+                f"the search ran past its deadline of {self.seconds:g} s while {what}, "
+                "before it had a first plan; ask for more 'seconds' (up to the service's "
+                "PLANNER_PLAN_SECONDS) or a smaller problem",
+                field="seconds",
+            )
+
+    def fits(self, nbytes: float) -> bool:
+        """Whether a phase that holds ``nbytes`` fits the memory bound (if not, the
+        search is marked cut by memory and the phase is skipped)."""
+        if self.memory is None or nbytes <= self.memory:
+            return True
+        self.cut = True
+        if self.cut_by is None:
+            self.cut_by = "memory"
+        return False
 
     def allows(self, flops: float) -> bool:
         """Whether one more evaluation of ``flops`` fits (and the deadline has not passed)."""
@@ -68,3 +112,9 @@ class Budget:
         """Charge ``flops`` in all for ``evaluations`` exact evaluations done at once."""
         self.spent += max(flops, EVALUATION_FLOOR * min(evaluations, 1))
         self.evaluations += evaluations
+
+    def spend(self, flops: float) -> None:
+        """Charge one evaluation of ``flops`` if it fits, else raise :class:`Cut`."""
+        if not self.allows(flops):
+            raise Cut
+        self.charge(flops)

@@ -38,6 +38,7 @@ from ..plan import CompiledPlan, Plan
 from ..posterior import Posterior
 from ..posterior.scoring import Columns, LayerBlock
 from ..structure import Structure
+from .budget import Budget
 
 __all__ = ["Built", "Choices", "construct", "replay", "single_threaded"]
 
@@ -170,10 +171,15 @@ def construct(
     gradients: np.ndarray | None = None,
     gradient_variance: np.ndarray | None = None,
     scorer=None,
+    budget: Budget | None = None,
 ) -> Built:
-    """The plan of ``route`` built by ``crit`` (exact increments when incremental)."""
+    """The plan of ``route`` built by ``crit`` (exact increments when incremental).
+
+    With a ``budget``, its deadline is checked before every stage and every greedy
+    step: past it, :class:`~planner.errors.DeadlineExceeded` is raised."""
     sc = posterior.scorer() if scorer is None else scorer
     b = _Builder(posterior.structure, route)
+    tick = (lambda: budget.check("building a plan")) if budget is not None else (lambda: None)
 
     def context(t: int) -> NeuronContext:
         return NeuronContext(posterior, b.tr, t, rng, gradients, gradient_variance)
@@ -182,14 +188,16 @@ def construct(
         s, e = route.blocks[j - 1]
         w = student.width(j)
         t = b.position(e)
+        tick()
         if b.tr.structure.is_hidden(t) and b.tr.structure.width(t) > w:
-            _shrink(b, sc, e, w, crit, context)
+            _shrink(b, sc, e, w, crit, context, tick)
         for p in range(e, s, -1):
+            tick()
             _merge(b, sc, p, crit, context, rng)
     return Built(b.finish(), float(sc.cost), b.choices)
 
 
-def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context) -> None:
+def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context, tick=lambda: None) -> None:
     """Reduce teacher position p to width w."""
     t = b.position(p)
     ids = [int(a) for a in b.ids(t)]
@@ -198,6 +206,7 @@ def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context) -> None:
         # a removal changes the others' groups (their V columns lose its row): one at a time
         ranked = None if crit.incremental else np.argsort(crit(context(t)), kind="stable")
         for k in range(need):
+            tick()
             if ranked is None:
                 inc = sc.drops(b.tr.outgoing_all(t)).increments()
                 a = int(b.ids(t)[least(inc, float(sc.cost))])
@@ -218,6 +227,7 @@ def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context) -> None:
         taken: list[int] = []
         with single_threaded():  # many thin products: threads cost more than they give
             while len(taken) < need:
+                tick()
                 inc = drops.increments()
                 if batch == 1:  # ties within TIE of the cost so far: the lowest index
                     pick = np.array([least(inc, float(sc.cost))])

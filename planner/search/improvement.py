@@ -35,7 +35,7 @@ from ..ops import Tracked
 from ..posterior import DiagPosterior, Posterior
 from ..posterior.scoring import batched_cholesky, solve_lower
 from ..structure import Structure
-from .budget import NODE_WORK, Budget
+from .budget import NODE_WORK, Budget, Cut
 from .construction import Built, Choices, _Builder, replay, single_threaded
 from .moves import Family, families
 
@@ -164,6 +164,11 @@ class DenseEvaluator:
     def work(n_B: int, n_E: int) -> float:
         return n_B**3 + n_B**2 * n_E + n_B * n_E**2
 
+    @staticmethod
+    def footprint(n_B: int, n_E: int) -> float:
+        """Bytes the set-up holds: P (and its factorisation) and Σ_BE, H."""
+        return 8.0 * (2 * n_B * n_B + 2 * n_B * n_E)
+
     def evaluate(self, fam: Family) -> np.ndarray:
         P, alpha, n = self.P, self.alpha, len(fam)
         R, C = self.posB(fam.leave), self.posB(fam.change)
@@ -272,6 +277,8 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
         setup = DenseEvaluator.work(n_B, pool.size)
         if not budget.allows(setup):
             return built
+        if not post.independent and not budget.fits(DenseEvaluator.footprint(n_B, pool.size)):
+            return built
         budget.charge(setup, 0)
         ev = DiagEvaluator(post, built) if post.independent else DenseEvaluator(post, built, pool)
         best, where = built.cost * (1 - 1e-12) - 1e-15, None
@@ -320,8 +327,10 @@ def branch_and_bound(
     """The cheapest choices of ``route`` if cheaper than ``best_cost`` (None otherwise).
 
     Depth first over the constructive order; a partial plan whose exact cost
-    reaches the best found is cut.  Stops (returning the best found) when the
-    budget is spent.
+    reaches the best found is cut.  Every node, at every depth, is charged to the
+    budget before it is made (its scorer copy and commit) and counted against the
+    memory bound with the copies the path above it holds; when either is spent the
+    walk unwinds at once and returns the best found.
     """
     teacher = post.structure
     steps: list[tuple] = []
@@ -331,25 +340,70 @@ def branch_and_bound(
         if 1 < e < teacher.T and teacher.width(e) > w:
             steps.append(("shrink", e, w))
         steps.extend(("merge", p, w) for p in range(e, s, -1))
-    best: list = [best_cost * (1 - 1e-12) - 1e-15, None]
+    walk = _Walk(budget, best_cost * (1 - 1e-12) - 1e-15)
 
     def go(k: int, b: _Builder, sc) -> None:
-        if not budget.allows(NODE_WORK):
-            return
-        budget.charge(NODE_WORK)
-        if sc.cost >= best[0]:
+        if sc.cost >= walk.bound():
             return
         if k == len(steps):
-            best[0], best[1] = sc.cost, b.choices.copy()
+            walk.best, walk.choices = sc.cost, b.choices.copy()
             return
         kind, p, w = steps[k]
         if kind == "shrink":
-            _shrinks(b, sc, p, w, lambda b2, sc2: go(k + 1, b2, sc2), lambda: best[0])
+            _shrinks(walk, b, sc, p, w, lambda b2, sc2: go(k + 1, b2, sc2))
         else:
-            _merges(b, sc, p, lambda b2, sc2: go(k + 1, b2, sc2), lambda: best[0])
+            _merges(walk, b, sc, p, lambda b2, sc2: go(k + 1, b2, sc2))
 
-    go(0, _Builder(teacher, route), post.scorer())
-    return best[1]
+    sc = post.scorer()
+    try:
+        walk.enter(sc)
+        go(0, _Builder(teacher, route), sc)
+    except Cut:
+        pass
+    return walk.choices
+
+
+def _footprint(obj, depth: int = 0) -> int:
+    """Bytes of the arrays a scorer owns (not the posterior's, which copies share)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes if obj.base is None else 0
+    if depth > 2:
+        return 0
+    if isinstance(obj, dict):
+        return sum(_footprint(v, depth + 1) for v in obj.values())
+    state = getattr(obj, "__dict__", None)
+    if state is None:
+        return 0
+    return sum(_footprint(v, depth + 1) for k, v in state.items() if k not in ("post", "mean"))
+
+
+class _Walk:
+    """A branch and bound's best so far and what its path holds: each node is charged
+    ``NODE_WORK`` plus the bytes its scorer copy moves, and the copies alive on the
+    path must fit the budget's memory bound."""
+
+    def __init__(self, budget: Budget, bound: float) -> None:
+        self.budget, self.best, self.choices = budget, bound, None
+        self.held = 0
+
+    def bound(self) -> float:
+        return self.best
+
+    def enter(self, sc) -> int:
+        """Charge one node that copies ``sc``; raises :class:`Cut` when it does not fit."""
+        size = _footprint(sc)
+        if not self.budget.fits(self.held + size):
+            raise Cut
+        self.budget.spend(NODE_WORK + size)
+        self.held += size
+        return size
+
+    def fork(self, b: _Builder, sc):
+        size = self.enter(sc)
+        return (*_fork(b, sc), size)
+
+    def leave(self, size: int) -> None:
+        self.held -= size
 
 
 def _fork(b: _Builder, sc):
@@ -368,9 +422,11 @@ def _fork(b: _Builder, sc):
     return nb, sc.copy()
 
 
-def _shrinks(b: _Builder, sc, p: int, w: int, then, bound) -> None:
+def _shrinks(walk: _Walk, b: _Builder, sc, p: int, w: int, then) -> None:
     """Every way to remove neurons of p down to width w (sets for an MLP, sequences for
-    an RNN, whose removal order matters), one removal per level."""
+    an RNN, whose removal order matters), one removal per level.  An MLP's sets are
+    walked in increasing order, and a prefix that cannot be completed (too few larger
+    neurons left) is never entered: the walk has at most (sets × depth) nodes."""
     rnn = b.teacher.kind == "rnn"
 
     def level(b: _Builder, sc, last: int) -> None:
@@ -379,22 +435,26 @@ def _shrinks(b: _Builder, sc, p: int, w: int, then, bound) -> None:
         if len(ids) == w:
             then(b, sc)
             return
-        for a in ids:
-            if not rnn and a <= last:
+        after = len(ids) - w - 1  # removals still to make after this one
+        for k, a in enumerate(ids):
+            if not rnn and (a <= last or len(ids) - 1 - k < after):
                 continue
-            nb, nsc = _fork(b, sc)
-            eff = nb.remove(p, [a])
+            nb, nsc, size = walk.fork(b, sc)
             try:
-                nsc.commit(eff.conditioned, eff.targets)
-            except SingularConstraint:  # not a valid plan
-                continue
-            if nsc.cost < bound():
-                level(nb, nsc, a)
+                eff = nb.remove(p, [a])
+                try:
+                    nsc.commit(eff.conditioned, eff.targets)
+                except SingularConstraint:  # not a valid plan
+                    continue
+                if nsc.cost < walk.bound():
+                    level(nb, nsc, a)
+            finally:
+                walk.leave(size)
 
     level(b, sc, -1)
 
 
-def _merges(b: _Builder, sc, p: int, then, bound) -> None:
+def _merges(walk: _Walk, b: _Builder, sc, p: int, then) -> None:
     """Every injective pairing of layer p's rows with neurons of position p-1."""
     t = b.position(p)
     P, R, L = b.block_indices(t)
@@ -412,29 +472,41 @@ def _merges(b: _Builder, sc, p: int, then, bound) -> None:
 
     def row(k: int, used: tuple, bb: _Builder, s2) -> None:
         if k == R:
-            nb, nsc = _fork(bb, s2)
-            nb.choices.pairs[p] = (tuple(int(a) for a in rows), tuple(int(cols[c]) for c in used))
-            gone = [int(cols[i]) for i in sorted(set(range(L)) - set(used), reverse=True)]
-            _remove_all(nb, nsc, p - 1, gone, P, then, bound)
+            nb, nsc, size = walk.fork(bb, s2)
+            try:
+                nb.choices.pairs[p] = (
+                    tuple(int(a) for a in rows),
+                    tuple(int(cols[c]) for c in used),
+                )
+                gone = [int(cols[i]) for i in sorted(set(range(L)) - set(used), reverse=True)]
+                _remove_all(walk, nb, nsc, p - 1, gone, P, then)
+            finally:
+                walk.leave(size)
             return
         for c in range(L):
             if c in used:
                 continue
-            nsc = s2.copy()
-            idx = np.concatenate([U[k], extra[k]])
-            tg = np.zeros(idx.size)
-            tg[c] = 1.0
+            size = walk.enter(s2)
             try:
-                nsc.commit(idx, tg)
-            except SingularConstraint:
-                continue
-            if nsc.cost < bound():
-                row(k + 1, (*used, c), bb, nsc)
+                nsc = s2.copy()
+                idx = np.concatenate([U[k], extra[k]])
+                tg = np.zeros(idx.size)
+                tg[c] = 1.0
+                try:
+                    nsc.commit(idx, tg)
+                except SingularConstraint:
+                    continue
+                if nsc.cost < walk.bound():
+                    row(k + 1, (*used, c), bb, nsc)
+            finally:
+                walk.leave(size)
 
     row(0, (), b, sc)
 
 
-def _remove_all(b: _Builder, sc, p: int, gone: list[int], skip: np.ndarray, then, bound) -> None:
+def _remove_all(
+    walk: _Walk, b: _Builder, sc, p: int, gone: list[int], skip: np.ndarray, then
+) -> None:
     """Remove the neurons ``gone`` of position p (in every order for an RNN, whose
     recurrent columns make the order matter), committing what is not in ``skip``."""
     if not gone:
@@ -442,12 +514,16 @@ def _remove_all(b: _Builder, sc, p: int, gone: list[int], skip: np.ndarray, then
         return
     firsts = gone if b.teacher.kind == "rnn" else gone[:1]
     for a in firsts:
-        nb, nsc = (b, sc) if len(firsts) == 1 else _fork(b, sc)
-        eff = nb.remove(p, [a])
-        keep = ~np.isin(eff.conditioned, skip)
+        forked = len(firsts) > 1
+        nb, nsc, size = walk.fork(b, sc) if forked else (b, sc, 0)
         try:
-            nsc.commit(eff.conditioned[keep], eff.targets[keep])
-        except SingularConstraint:
-            continue
-        if nsc.cost < bound():
-            _remove_all(nb, nsc, p, [x for x in gone if x != a], skip, then, bound)
+            eff = nb.remove(p, [a])
+            keep = ~np.isin(eff.conditioned, skip)
+            try:
+                nsc.commit(eff.conditioned[keep], eff.targets[keep])
+            except SingularConstraint:
+                continue
+            if nsc.cost < walk.bound():
+                _remove_all(walk, nb, nsc, p, [x for x in gone if x != a], skip, then)
+        finally:
+            walk.leave(size)

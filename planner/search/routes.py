@@ -47,9 +47,10 @@ def route_budget(teacher: Structure, k: int) -> int:
 
 
 def candidate_routes(
-    posterior: Posterior, student: Structure, crit: Criterion, k: int
+    posterior: Posterior, student: Structure, crit: Criterion, k: int, budget=None
 ) -> tuple[list[Route], int]:
-    """The routes to finish and how many routes there are (counted up to ``k + 1``)."""
+    """The routes to finish and how many routes there are (counted up to ``k + 1``).
+    With a ``budget``, its deadline is checked before each block is scored."""
     teacher = posterior.structure
     G = route_graph(teacher, student)
     first = list(itertools.islice(routes(teacher, student, G), k + 1))
@@ -58,6 +59,8 @@ def candidate_routes(
         return first, len(first)
     scores = _BlockScores(posterior, student, crit)
     for a, _b, data in G.edges(data=True):
+        if budget is not None:
+            budget.check("scoring routes")
         s, e = data["block"]
         data["cost"] = scores(s, e, a[1])
     out = []

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner import (
+    DeadlineExceeded,
     DiagPosterior,
     FullPosterior,
     MissingData,
@@ -27,10 +28,11 @@ from planner.criteria import CRITERIA, NeuronContext
 from planner.network import forward, unflatten
 from planner.ops import Tracked
 from planner.posterior import LowRankPosterior, PrecisionPosterior
+from planner.search import budget as budget_module
 from planner.search import random_plan, search
 from tests.planner.test_plan import close
 from tests.reference import RefNet
-from tests.reference_search import brute_force, ref_greedy
+from tests.reference_search import brute_force, constraint_cost, ref_greedy
 from tests.strategies import redundant, search_cases, spd, to_structure
 
 RTOL = 1e-9
@@ -165,15 +167,79 @@ def test_routes_are_chosen_by_exact_costs_in_every_format():
     _ = rng
 
 
-def test_the_deadline_cuts_the_search_and_still_answers():
+def test_a_deadline_before_the_first_plan_is_a_clear_error():
     rng = np.random.default_rng(0)
     teacher = Structure.mlp((6, 30, 20, 8))
     p = teacher.n_params
     post = FullPosterior.from_dense(teacher, rng.normal(size=p), spd(rng, p))
-    found = search(post, teacher.inherit((6, 18, 12, 8)), seconds=0.0)
-    assert found.cut
-    assert found.plan.student.widths == (6, 18, 12, 8)
+    with pytest.raises(DeadlineExceeded) as err:
+        search(post, teacher.inherit((6, 18, 12, 8)), seconds=0.0)
+    assert err.value.field == "seconds" and "first plan" in err.value.reason
+
+
+class _Clock:
+    """A monotonic clock that advances one second each time it is read."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize("ticks", [30, 50, 70])
+def test_the_deadline_cuts_the_search_and_still_answers(monkeypatch, ticks):
+    """Past the deadline in any phase after the first plan (a branch and bound at any
+    depth included), the best plan found comes back, marked cut by the deadline."""
+    rng = np.random.default_rng(0)
+    teacher = Structure.mlp((4, 8, 8, 3))
+    p = teacher.n_params
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), spd(rng, p))
+    student = teacher.inherit((4, 2, 8, 3))
+    full = search(post, student)
+    monkeypatch.setattr(budget_module, "time", _Clock())
+    found = search(post, student, seconds=float(ticks))
+    assert found.cut and found.cut_by == "deadline" and not found.exhaustive
+    assert found.plan.student.widths == (4, 2, 8, 3)
     close(found.cost, found.plan.cost(post))
+    assert found.cost >= full.cost * (1 - 1e-9)
+
+
+def test_the_memory_bound_skips_improvement_and_still_answers():
+    rng = np.random.default_rng(0)
+    teacher = Structure.mlp((6, 30, 20, 8))
+    p = teacher.n_params
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), spd(rng, p))
+    student = teacher.inherit((6, 18, 12, 8))
+    found = search(post, student, memory=0)
+    assert found.cut and found.cut_by == "memory"
+    close(found.cost, found.plan.cost(post))
+    assert search(post, student).cost <= found.cost * (1 + 1e-9)
+
+
+def test_branch_and_bound_of_a_deep_shrink_is_bounded():
+    """One neuron kept of many (the red team's (10, 82, 82, 10) → (10, 1, 82, 10), scaled
+    down): the walk enters only completable prefixes and holds its copies within the
+    memory bound; it finishes and proves the optimum."""
+    rng = np.random.default_rng(1)
+    teacher = Structure.mlp((3, 24, 6, 2))
+    p = teacher.n_params
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), spd(rng, p))
+    student = teacher.inherit((3, 1, 6, 2))
+    found = search(post, student, memory=2**30)
+    assert found.exhaustive and not found.cut
+    # keeping neuron k conditions every other column of layer 3 (6 × 24, after layer 2's
+    # 24 × 3 weights in parameters_to_vector order) to zero
+    cov = post.covariance
+
+    def kept(k: int) -> float:
+        B = [72 + r * 24 + j for r in range(6) for j in range(24) if j != k]
+        return constraint_cost(post.mean, cov, B, [0.0] * len(B))
+
+    close(found.cost, min(kept(k) for k in range(24)))
+    tight = search(post, student, memory=64 * 2**10)
+    assert tight.cut and tight.cut_by == "memory" and tight.cost >= found.cost * (1 - 1e-9)
 
 
 def test_the_same_request_gives_the_same_plan():
