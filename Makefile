@@ -25,7 +25,7 @@ venv: $(BIN)/activate
 
 run: venv
 	@echo "alignment-planner on http://$(HOST):$(PORT)  (docs: http://$(HOST):$(PORT)/docs, data: $${PLANNER_DATA_DIR:-./data})"
-	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+	$(BIN)/python -m app.server --host $(HOST) --port $(PORT)
 
 lint: venv
 	$(BIN)/ruff check .

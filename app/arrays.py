@@ -198,12 +198,29 @@ def _npy_header(src: BinaryIO) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), np.dtype(dtype), src.tell()
 
 
+def _member_problem(info: zipfile.ZipInfo, where: str) -> Problem | None:
+    """Why a zip member cannot be read here (encrypted, an unknown compression)."""
+    if info.flag_bits & 0x1:
+        return _bad(where, "is encrypted; send the archive without a password")
+    if info.compress_type not in _COMPRESSIONS:
+        return _bad(
+            where,
+            f"uses zip compression method {info.compress_type}; use stored or deflated "
+            "(numpy's savez or savez_compressed)",
+        )
+    return None
+
+
+_COMPRESSIONS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+
+
 def extract_npz(
     path: Path,
     out_dir: Path,
     field: str,
     max_bytes: int,
     max_elements: Callable[[str], int] | None = None,
+    allowed: set[str] | None = None,
 ) -> dict[str, Path]:
     """Copy each ``NAME.npy`` member of an ``.npz`` out to ``out_dir`` without loading it.
 
@@ -211,8 +228,9 @@ def extract_npz(
     declared sizes against ``max_bytes``, and each member's own ``.npy`` header (read
     alone, a few hundred bytes) for a float dtype, a size that matches the zip's
     declared size, and at most ``max_elements(name)`` elements, what the structure
-    implies. A small archive that declares a huge array (a decompression bomb) is
-    refused in milliseconds."""
+    implies; only ``allowed`` names, never encrypted or in an unknown compression.
+    A small archive that declares a huge array (a decompression bomb) is refused in
+    milliseconds."""
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -232,12 +250,16 @@ def extract_npz(
         for info in infos:
             stem = info.filename[:-4] if info.filename.endswith(".npy") else None
             if stem is None or not NAME.match(stem):
-                raise _bad(f"{field}.{info.filename}", "members must be NAME.npy arrays")
+                raise _bad(f"{field}.{info.filename[:80]}", "members must be NAME.npy arrays")
             where = f"{field}.{stem}"
+            if allowed is not None and stem not in allowed:
+                raise _bad(where, f"is not an array of this format; expected {sorted(allowed)}")
+            if (odd := _member_problem(info, where)) is not None:
+                raise odd
             try:
                 with zf.open(info) as src:
                     shape, dtype, header = _npy_header(src)
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
                 raise _bad(where, f"has no readable .npy header: {exc}") from None
             if dtype not in _FLOATS:
                 raise _bad(where, f"must be float32 or float64; got dtype {dtype}")
@@ -261,7 +283,14 @@ def extract_npz(
             try:
                 with zf.open(info) as src, open(dst, "wb") as f:
                     shutil.copyfileobj(src, f, _CHUNK)
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                EOFError,
+                ValueError,
+                NotImplementedError,
+                RuntimeError,
+            ) as exc:
                 raise _bad(f"{field}.{stem}", f"cannot be extracted: {exc}") from None
             out[stem] = dst
     return out
@@ -270,19 +299,42 @@ def extract_npz(
 _ST_DTYPES = {"F32": np.float32, "F64": np.float64}
 
 
-def extract_safetensors(path: Path, out_dir: Path, field: str) -> dict[str, Path]:
-    """Copy each tensor of a ``.safetensors`` file out as ``.npy``, in row chunks."""
+def extract_safetensors(
+    path: Path,
+    out_dir: Path,
+    field: str,
+    max_elements: Callable[[str], int] | None = None,
+    allowed: set[str] | None = None,
+) -> dict[str, Path]:
+    """Copy each tensor of a ``.safetensors`` file out as ``.npy``, in row chunks, after
+    every tensor's name, dtype and shape passed (from the header alone)."""
     from safetensors import safe_open
 
     out: dict[str, Path] = {}
     try:
         with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            keys = list(f.keys())
+            for key in keys:  # every header first, nothing extracted before
                 if not NAME.match(key):
-                    raise _bad(f"{field}.{key}", "tensor names must be identifiers")
+                    raise _bad(f"{field}.{key[:80]}", "tensor names must be identifiers")
+                if allowed is not None and key not in allowed:
+                    raise _bad(
+                        f"{field}.{key}",
+                        f"is not an array of this format; expected {sorted(allowed)}",
+                    )
                 sl = f.get_slice(key)
                 if sl.get_dtype() not in _ST_DTYPES:
                     raise _bad(f"{field}.{key}", f"must be F32 or F64; got {sl.get_dtype()}")
+                n = int(np.prod(sl.get_shape(), dtype=object))
+                limit = max_elements(key) if max_elements is not None else None
+                if limit is not None and n > limit:
+                    raise _bad(
+                        f"{field}.{key}",
+                        f"declares shape {tuple(sl.get_shape())} ({n} elements); this "
+                        f"structure's {key!r} has at most {limit}",
+                    )
+            for key in keys:
+                sl = f.get_slice(key)
                 shape = tuple(sl.get_shape())
                 dtype = np.dtype(_ST_DTYPES[sl.get_dtype()])
                 dst = out_dir / f"{key}.upload"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -40,6 +41,8 @@ __all__ = [
     "scratch",
     "store_for",
     "structure_from_json",
+    "sweep_scratch",
+    "workspace_prefix",
 ]
 
 log = logging.getLogger("app.jobs")
@@ -78,6 +81,55 @@ def scratch(config: Config) -> str:
     import tempfile
 
     return tempfile.gettempdir()
+
+
+#: A job's workspace in the scratch space: ``work-<pid>-<random>`` (the pid says whose).
+_WORKSPACE = re.compile(r"^work-(\d+)-")
+
+
+def workspace_prefix() -> str:
+    """The prefix of a job's temporary workspace (its process is named in it)."""
+    return f"work-{os.getpid()}-"
+
+
+def sweep_scratch(directory: str | os.PathLike, grace: float) -> int:
+    """Remove the job workspaces left in ``directory`` by processes that are gone (a
+    worker killed mid-validation), and temporary folders of older versions once older
+    than ``grace`` seconds; how many were removed.  Run at start-up and with every
+    storage sweep."""
+    import shutil
+
+    removed, now = 0, time.time()
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not entry.is_dir(follow_symlinks=False) or entry.name == "cache":
+            continue
+        m = _WORKSPACE.match(entry.name)
+        try:
+            stale = now - entry.stat(follow_symlinks=False).st_mtime > grace
+        except FileNotFoundError:
+            continue
+        if m is not None:  # a job's: once its process is gone (or a day old: pids recur)
+            doomed = not _alive(int(m.group(1))) or now - entry.stat().st_mtime > 86400
+        else:  # a temporary folder of an older version
+            doomed = stale and entry.name.startswith("tmp")
+        if doomed:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def store_for(config: Config) -> Store:
@@ -138,19 +190,35 @@ def run_plan(
     ops: list[dict] | None,
     seconds: float | None = None,
     effort: str = "fast",
+    memory: float | None = None,
+    max_ops: int | None = None,
 ) -> dict:
     """Search (or validate and score ``ops``); raises ``PlannerError`` for bad requests.
-    ``seconds`` is the search's wall-clock safety net (``PLANNER_PLAN_SECONDS``)."""
+    ``seconds`` is the search's wall-clock safety net (``PLANNER_PLAN_SECONDS``),
+    ``memory`` what its improvement may hold, ``max_ops`` the longest plan answered."""
     store = store_for(config)
     rec = store.teacher_for_job(teacher_id)
     if rec is None:
         raise Problem.not_found("teacher", teacher_id)
-    post = load_posterior(store, rec)
+    try:
+        post = load_posterior(store, rec)
+    except FileNotFoundError:  # deleted while the request was on its way
+        raise Problem.not_found("teacher", teacher_id) from None
     with threadpool_limits(blas_threads(post)):
-        return _plan(post, store, rec, student, criterion, seed, ops, seconds, effort)
+        out = _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory)
+    if max_ops is not None and len(out["ops"]) > max_ops:
+        raise Problem(
+            413,
+            "too-large",
+            "Plan too long",
+            f"the plan has {len(out['ops'])} operations; this service answers plans of at "
+            f"most {max_ops} (PLANNER_MAX_PLAN_OPS): ask for a student closer to the teacher",
+            field="student",
+        )
+    return out
 
 
-def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort) -> dict:
+def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory) -> dict:
     target = structure_from_json(student)
     if ops is not None:
         plan = Plan.from_json(post.structure, ops)
@@ -168,7 +236,14 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort) -> d
             else None
         )
         found = search(
-            post, target, crit, seed=seed, gradients=grads, seconds=seconds, effort=effort
+            post,
+            target,
+            crit,
+            seed=seed,
+            gradients=grads,
+            seconds=seconds,
+            effort=effort,
+            memory=memory,
         )
         plan, cost = found.plan, found.cost
         stats = {
@@ -179,6 +254,7 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort) -> d
             "work": found.work,
             "exhaustive": found.exhaustive,
             "cut": found.cut,
+            "cut_by": found.cut_by,
             "seconds": seconds,
             "effort": effort,
         }

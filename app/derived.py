@@ -21,6 +21,7 @@ from planner.posterior import PrecisionPosterior
 
 from .arrays import convert_npy, load_npy_stream, npy_chunks, write_npz, write_safetensors
 from .compute import Config, store_for, structure_from_json
+from .problems import Problem
 from .store import PriorRecord, Store
 
 __all__ = ["ARCHIVES", "build_derived", "derived_name"]
@@ -44,11 +45,20 @@ def build_derived(config: Config, prior_id: str, kind: str, name: str | None = N
     """Build one derived file of a done prior unless it exists; return its key."""
     store = store_for(config)
     rec = store.prior_for_job(prior_id)
-    if rec is None or rec.status != "done":
-        raise LookupError(f"prior {prior_id} is not done")
+    if rec is None or rec.status != "done":  # deleted (with its teacher) meanwhile
+        raise Problem.not_found("prior", prior_id)
     key = store.derived_key(rec.id, derived_name(kind, name))
     if store.storage.exists(key):
         return key
+    try:
+        _build(store, rec, key, kind, name)
+    except FileNotFoundError:  # its arrays were deleted while the file was being built
+        store.storage.delete(key)
+        raise Problem.not_found("prior", prior_id) from None
+    return key
+
+
+def _build(store: Store, rec: PriorRecord, key: str, kind: str, name: str | None) -> None:
     if kind == "float32":
         with store.storage.open(store.prior_key(rec, name)) as f, store.storage.writer(key) as out:
             convert_npy(f, out, "float32")
@@ -56,7 +66,6 @@ def build_derived(config: Config, prior_id: str, kind: str, name: str | None = N
         _covariance(store, rec, key)
     else:
         _archive(store, rec, key, kind)
-    return key
 
 
 def _covariance(store: Store, rec: PriorRecord, key: str) -> None:
@@ -66,6 +75,8 @@ def _covariance(store: Store, rec: PriorRecord, key: str) -> None:
         with st.open(store.prior_key(rec, n)) as f:
             arrays[n] = load_npy_stream(f)
     plan = store.plan_for_job(rec.plan_id)
+    if plan is None:
+        raise FileNotFoundError(rec.id)
     post = PrecisionPosterior.from_validated(structure_from_json(plan.student), arrays)
     cov = post.dense_covariance()
     with st.writer(key) as out:
@@ -76,7 +87,9 @@ def _covariance(store: Store, rec: PriorRecord, key: str) -> None:
 def _archive(store: Store, rec: PriorRecord, key: str, fmt: str) -> None:
     st = store.storage
     plan = store.plan_for_job(rec.plan_id)
-    teacher = store.teacher_for_job(plan.teacher_id)
+    teacher = store.teacher_for_job(plan.teacher_id) if plan is not None else None
+    if teacher is None:
+        raise FileNotFoundError(rec.id)
     meta = {
         "structure": plan.student,
         "format": teacher.format,

@@ -26,7 +26,7 @@ from planner import FORMATS, InvalidPosterior, PlannerError
 from planner.posterior import asymmetry_report
 
 from .arrays import ZIP_MAGIC, extract_npz, extract_safetensors, magic, open_npy, sha256_file
-from .compute import Config, cores, scratch, store_for, structure_from_json
+from .compute import Config, cores, scratch, store_for, structure_from_json, workspace_prefix
 from .problems import Problem, problem_from_planner_error
 from .store import Store, TeacherRecord
 
@@ -51,6 +51,8 @@ class Staged:
     structure: dict  # the validated structure, in its JSON form
     format: str
     max_bytes: int
+    #: most rows of a gradients array
+    max_gradient_examples: int = 100_000
 
 
 def ingest(config: Config, staged: Staged) -> dict:
@@ -60,7 +62,7 @@ def ingest(config: Config, staged: Staged) -> dict:
     store = store_for(config)
     st = store.storage
     try:
-        with tempfile.TemporaryDirectory(dir=scratch(config)) as tmp:
+        with tempfile.TemporaryDirectory(dir=scratch(config), prefix=workspace_prefix()) as tmp:
             rec = _ingest(store, staged, Path(tmp))
     except BaseException:
         st.delete(staged.prefix)
@@ -81,6 +83,14 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
     fmt = up.format
     local = {name: st.local_file(key) for name, key in up.files.items()}
     origin = {path.resolve(): name for name, path in local.items()}  # file -> staged part
+    cls = FORMATS[fmt]
+    allowed = {*cls.names(structure), "gradients"}
+
+    def most(name: str) -> int | None:
+        if name == "gradients":
+            return up.max_gradient_examples * structure.n_params
+        return _max_elements(structure, name)
+
     if "archive" in local:
         if len(local) > 1:
             raise Problem(
@@ -92,13 +102,9 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
             )
         path = local.pop("archive")
         if magic(path).startswith(ZIP_MAGIC):
-            local = extract_npz(
-                path, tmp, "archive", up.max_bytes, lambda name: _max_elements(structure, name)
-            )
+            local = extract_npz(path, tmp, "archive", up.max_bytes, most, allowed)
         else:
-            local = extract_safetensors(path, tmp, "archive")
-    cls = FORMATS[fmt]
-    allowed = {*cls.names(structure), "gradients"}
+            local = extract_safetensors(path, tmp, "archive", most, allowed)
     for name in local:
         if name not in allowed:
             raise Problem(
@@ -127,6 +133,12 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
         if grads is not None and (grads.ndim != 2 or grads.shape[1] != p):
             raise InvalidPosterior(
                 f"must have shape (examples, {p}); got {grads.shape}", field="gradients"
+            )
+        if grads is not None and grads.shape[0] > up.max_gradient_examples:
+            raise InvalidPosterior(
+                f"has {grads.shape[0]} examples; this service takes at most "
+                f"{up.max_gradient_examples} (PLANNER_MAX_GRADIENT_EXAMPLES)",
+                field="gradients",
             )
         if grads is not None and not np.isfinite(grads).all():
             raise InvalidPosterior("contains NaN or infinite values", field="gradients")

@@ -23,13 +23,16 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import resource
 import secrets
+import signal
 import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
-from .compute import Config, run_prior
+from .compute import Config, run_prior, sweep_scratch
 from .problems import Problem
 from .settings import Settings
 from .store import Store
@@ -66,8 +69,10 @@ class JobRunner(ABC):
     async def _shutdown(self) -> None: ...
 
     @abstractmethod
-    async def run(self, fn, *args):
-        """Run ``fn(*args)`` on the executor and await its result (or its exception)."""
+    async def run(self, fn, *args, seconds: float | None = None):
+        """Run ``fn(*args)`` on the executor and await its result (or its exception);
+        past ``seconds`` (a hard limit, where the executor can enforce one) the job is
+        stopped and the call answers a 503 problem."""
 
     @abstractmethod
     def _submit(self, prior_id: str) -> bool:
@@ -89,7 +94,11 @@ class JobRunner(ABC):
         """One pass of the reaper: (re)submit what the rows say is lost; how many.  The
         rows are read off the event loop; submissions are made on it."""
         ids = await asyncio.to_thread(
-            self.store.lost_jobs, time.time(), self.settings.resubmit_seconds
+            self.store.lost_jobs,
+            time.time(),
+            self.settings.resubmit_seconds,
+            100,
+            self.settings.max_attempts,
         )
         for pid in ids:
             log.info("handing prior %s to the executor (again)", pid)
@@ -106,21 +115,30 @@ class JobRunner(ABC):
                 if time.monotonic() > sweep_at:
                     sweep_at = time.monotonic() + self.settings.sweep_seconds
                     await asyncio.to_thread(self.store.sweep, self.settings.sweep_grace)
+                    await asyncio.to_thread(
+                        sweep_scratch, self.settings.scratch, self.settings.sweep_grace
+                    )
             except Exception:
                 log.warning("the reaper's pass failed", exc_info=True)
             await asyncio.sleep(self.settings.reap_seconds)
 
 
 # -- the embedded default -------------------------------------------------------------------
-def _worker_init(blas_threads: int, server_pid: int) -> None:
+def _worker_init(blas_threads: int, server_pid: int, memory: int | None) -> None:
     """Each worker: one BLAS thread by default (jobs raise it for large dense problems),
-    the core imported before the first job, and a watchdog that ends the worker when
-    the server is gone, even killed without a shutdown."""
+    the core imported before the first job, its working memory bounded by the OS
+    (``memory`` bytes beyond what it holds now: an allocation past it is a
+    ``MemoryError`` in the job, not the kernel's OOM killer on the machine), SIGALRM at
+    its default action (a job's hard time limit ends the worker), and a watchdog that
+    ends the worker when the server is gone, even killed without a shutdown."""
     from threadpoolctl import threadpool_limits
 
     import app.compute  # noqa: F401 - pay the imports before the first job
 
     threadpool_limits(blas_threads)  # stays in force for the worker's life
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    if memory:
+        limit_data(memory)
 
     def watchdog() -> None:
         while True:
@@ -133,47 +151,160 @@ def _worker_init(blas_threads: int, server_pid: int) -> None:
     threading.Thread(target=watchdog, daemon=True, name="watchdog").start()
 
 
+def limit_data(extra: int) -> int:
+    """Bound this process's private writable memory (``RLIMIT_DATA``: the heap and
+    anonymous maps, where numpy's arrays live; not read-only file maps such as a
+    teacher's memory-mapped arrays) to what it holds now plus ``extra`` bytes."""
+    used = 0
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                used = int(line.split()[1]) * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = used + int(extra)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    return limit
+
+
+def guarded(seconds: float | None, fn, *args):
+    """Run ``fn(*args)`` in a pool worker under a hard time limit: SIGALRM, whose default
+    action ends the process whatever it is doing (a step stuck in native code too); the
+    server sees the worker die and replaces the pool.  A ``MemoryError`` (the worker's
+    memory limit) becomes a problem that names the limit."""
+    if seconds:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    except MemoryError:
+        raise Problem(
+            413,
+            "too-large",
+            "Out of memory",
+            "this request needed more working memory than one job may hold on this service "
+            "(PLANNER_JOB_MEMORY); ask for a smaller problem",
+            field="body",
+        ) from None
+    finally:
+        if seconds:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def _noop() -> None:
     return None
 
 
+def _death(code: int | None) -> str:
+    if code == -signal.SIGALRM:
+        return "it ran past its hard time limit"
+    if code == -signal.SIGKILL:
+        return "it was killed (most often by the kernel, out of memory)"
+    if code is not None and code < 0:
+        return f"it died of signal {signal.Signals(-code).name}"
+    return f"it exited with code {code}"
+
+
 class LocalRunner(JobRunner):
-    """A process (or thread) pool on this machine."""
+    """A process (or thread) pool on this machine.
+
+    A worker that dies (out of memory, past its hard time limit, killed) breaks a
+    ``ProcessPoolExecutor`` for every later job; the runner notices at once (the failed
+    job, the next submission, or the reaper's pass) and replaces the pool: the job that
+    was running answers a 503 problem that says why, a prior is queued again (failed
+    after ``PLANNER_MAX_ATTEMPTS``), and the next request works.
+    """
 
     def __init__(self, settings: Settings, store: Store, observe=None) -> None:
         super().__init__(settings, store, observe)
         self.executor: Executor | None = None
+        self._lock = threading.Lock()
+        self.replaced = 0  # pools replaced since the start
+        self.last_death: str | None = None
+
+    @property
+    def _processes(self) -> bool:
+        return self.settings.executor == "process"
+
+    def _new_pool(self) -> Executor:
+        n = self.settings.workers
+        if not self._processes:
+            return ThreadPoolExecutor(n, thread_name_prefix="job")
+        ctx = multiprocessing.get_context("forkserver")
+        ex = ProcessPoolExecutor(
+            n,
+            mp_context=ctx,
+            initializer=_worker_init,
+            initargs=(1, os.getpid(), self.settings.job_memory),
+        )
+        for _ in range(n):  # start the workers now, not on demand
+            ex.submit(_noop)
+        return ex
 
     async def _start(self) -> None:
-        n = self.settings.workers
-        if self.settings.executor == "process":
-            ctx = multiprocessing.get_context("forkserver")
-            self.executor = ProcessPoolExecutor(
-                n, mp_context=ctx, initializer=_worker_init, initargs=(1, os.getpid())
-            )
-            for _ in range(n):  # start the workers now, not on demand
-                self.executor.submit(_noop)
-        else:
-            self.executor = ThreadPoolExecutor(n, thread_name_prefix="job")
+        self.executor = self._new_pool()
         # the embedded executor is the only one on its database: whatever ran or waited
         # before this pool started belonged to a process that is gone
-        for pid in self.store.requeue_running():
+        for pid in self.store.requeue_running(self.settings.max_attempts):
             log.info("re-queueing prior %s (cut off by a restart)", pid)
         # and so is whatever no row owns: half-written uploads, results of cut-off jobs
         removed = await asyncio.to_thread(self.store.sweep, 0.0)
+        removed += await asyncio.to_thread(sweep_scratch, self.settings.scratch, 0.0)
         if removed:
-            log.info("swept %d objects that no record owns", removed)
+            log.info("swept %d objects and workspaces that nothing owns", removed)
         for pid in self.store.queued():
             self.submit_prior(pid)
+
+    def _replace(self, broken: Executor) -> str:
+        """Replace ``broken`` (once, whoever notices first); why its worker died."""
+        with self._lock:
+            if self.executor is not broken:
+                return self.last_death or "a worker died"
+            procs = list(getattr(broken, "_processes", None) or {})
+            codes = [p.exitcode for p in getattr(broken, "_processes", {}).values()]
+            dead = [c for c in codes if c is not None and c != 0]
+            why = _death(dead[0]) if dead else "a worker died"
+            log.error("a pool worker died (%s; %d workers): replacing the pool", why, len(procs))
+            self.executor = self._new_pool()
+            self.replaced += 1
+            self.last_death = why
+        broken.shutdown(wait=False, cancel_futures=True)
+        return why
+
+    def _broken(self) -> bool:
+        return bool(getattr(self.executor, "_broken", False))
+
+    async def _heal(self) -> None:
+        ex = self.executor
+        if ex is not None and self._broken():
+            await asyncio.to_thread(self._replace, ex)
+
+    def _limit(self, seconds: float | None) -> float | None:
+        return seconds if self._processes else None
+
+    def _call(self, seconds: float | None, fn, *args) -> Future:
+        """Submit to the current pool, replacing it first if it is already broken."""
+        for _ in range(2):
+            ex = self.executor
+            if ex is None:
+                raise RuntimeError("the job runner is not started")
+            try:
+                if self._processes:
+                    return ex.submit(guarded, seconds, fn, *args)
+                return ex.submit(fn, *args)
+            except BrokenProcessPool:
+                self._replace(ex)
+        raise _worker_lost("the process pool could not be restarted")
 
     def _submit(self, prior_id: str) -> bool:
         if self.executor is None:
             return False
-        fut = self.executor.submit(run_prior, self.config, prior_id)
-        fut.add_done_callback(lambda f: self._done(prior_id, f))
+        ex = self.executor
+        fut = self._call(self._limit(self.settings.job_seconds), run_prior, self.config, prior_id)
+        fut.add_done_callback(lambda f: self._done(prior_id, f, ex))
         return True
 
-    def _done(self, prior_id: str, fut: Future) -> None:
+    def _done(self, prior_id: str, fut: Future, ex: Executor) -> None:
         if fut.cancelled():
             return  # shutting down: the prior stays as it is, found again at the next start
         exc = fut.exception()
@@ -181,16 +312,29 @@ class LocalRunner(JobRunner):
             out = fut.result()
             self.observe(out["status"], out["seconds"])
             return
-        log.error("worker for prior %s died: %r (its lease will expire)", prior_id, exc)
         self.observe("failed", 0.0)
+        if not isinstance(exc, BrokenProcessPool) or self.executor is None:
+            log.error("worker for prior %s failed: %r (its lease will expire)", prior_id, exc)
+            return
+        why = self._replace(ex)
+        # the pool's workers are all gone: the prior's claim is nobody's
+        if self.store.release(prior_id, self.settings.max_attempts):
+            log.warning("prior %s lost its worker (%s): queued again", prior_id, why)
+            self.submit_prior(prior_id)
+        else:
+            log.error("prior %s lost its worker (%s) too often: failed", prior_id, why)
 
-    async def run(self, fn, *args):
-        if self.executor is None:
-            raise RuntimeError("the job runner is not started")
-        return await asyncio.wrap_future(self.executor.submit(fn, *args))
+    async def run(self, fn, *args, seconds: float | None = None):
+        fut = self._call(self._limit(seconds), fn, *args)
+        ex = self.executor
+        try:
+            return await asyncio.wrap_future(fut)
+        except BrokenProcessPool:
+            why = await asyncio.to_thread(self._replace, ex)
+            raise _worker_lost(f"the worker computing this request died: {why}") from None
 
     def alive(self) -> bool:
-        return self.executor is not None
+        return self.executor is not None and not self._broken()
 
     async def _shutdown(self) -> None:
         """Stop at once: queued and running jobs are found again at the next start."""
@@ -203,6 +347,16 @@ class LocalRunner(JobRunner):
             proc.terminate()
         for proc in workers:
             proc.join(timeout=5)
+
+
+def _worker_lost(detail: str) -> Problem:
+    return Problem(
+        503,
+        "worker-lost",
+        "Worker lost",
+        f"{detail}; the pool was replaced and the service is ready for the next request",
+        headers={"Retry-After": "1"},
+    )
 
 
 # -- scaled out ------------------------------------------------------------------------------
@@ -244,7 +398,7 @@ class DaskRunner(JobRunner):
     def _key(self, what: str) -> str:
         return f"{what}-{secrets.token_hex(8)}"
 
-    async def run(self, fn, *args):
+    async def run(self, fn, *args, seconds: float | None = None):
         from distributed.client import FutureCancelledError
 
         if not self.alive():
@@ -253,7 +407,11 @@ class DaskRunner(JobRunner):
         # whose worker died is run again by the scheduler itself
         fut = self.client.submit(fn, *args, pure=False, key=self._key(fn.__name__))
         try:
-            return await fut
+            return await asyncio.wait_for(fut, seconds)
+        except TimeoutError:  # a Dask worker's thread cannot be killed: drop the task
+            with contextlib.suppress(Exception):
+                await self.client.cancel(fut)
+            raise _worker_lost("the job ran past its hard time limit and was cancelled") from None
         except FutureCancelledError:  # lost with the scheduler: the request may be retried
             raise _unavailable() from None
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from . import openapi, problems
 from .api.routes import health, plans, priors, structures, teachers, ui
 from .jobs import runner_for
+from .limits import LimitsMiddleware
 from .metrics import Metrics, MetricsMiddleware
 from .settings import Settings
 from .storage import Storage
@@ -56,7 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.jobs, app.state.metrics = jobs, metrics
     problems.install(app)
     openapi.install(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, max_json_bytes=settings.max_json_bytes)
+    app.add_middleware(LimitsMiddleware, settings=settings)  # inner: after the count
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     for r in (health, teachers, structures, plans, priors, ui):
         app.include_router(r.router)
     return app

@@ -1,13 +1,11 @@
 """Prometheus metrics: requests, latencies, job durations, bytes stored; and the
-ASGI middleware that counts requests and bounds request bodies."""
+ASGI middleware that counts requests."""
 
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from .problems import Problem
 
 __all__ = ["Metrics", "MetricsMiddleware"]
 
@@ -44,32 +42,16 @@ class Metrics:
 
 
 class MetricsMiddleware:
-    """Counts and times requests by route template; refuses oversized JSON bodies."""
+    """Counts and times requests by route template."""
 
-    def __init__(self, app, metrics: Metrics, max_json_bytes: int) -> None:
-        self.app, self.metrics, self.max_json = app, metrics, max_json_bytes
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = {"code": 500}
         t0 = time.perf_counter()
-        headers = dict(scope.get("headers") or [])
-        multipart = headers.get(b"content-type", b"").startswith(b"multipart/")
-        if not multipart:
-            length = headers.get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_json:
-                resp = Problem(
-                    413,
-                    "too-large",
-                    "Request too large",
-                    f"request bodies are limited to {self.max_json} bytes",
-                    field="body",
-                ).response()
-                await resp(scope, receive, send)
-                self._count(scope, 413, t0)
-                return
-            receive = self._bounded(receive)
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
@@ -80,25 +62,6 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self._count(scope, status["code"], t0)
-
-    def _bounded(self, receive):
-        seen = {"n": 0}
-
-        async def wrapped():
-            message = await receive()
-            if message["type"] == "http.request":
-                seen["n"] += len(message.get("body", b""))
-                if seen["n"] > self.max_json:
-                    raise Problem(
-                        413,
-                        "too-large",
-                        "Request too large",
-                        f"request bodies are limited to {self.max_json} bytes",
-                        field="body",
-                    )
-            return message
-
-        return wrapped
 
     def _count(self, scope, status: int, t0: float) -> None:
         route = scope.get("route")

@@ -34,6 +34,7 @@ _CORE = {
     core.MissingData: (422, "missing-data", "Missing data"),
     core.TooLarge: (413, "too-large", "Too large"),
     core.Unsupported: (422, "unsupported", "Unsupported by this format"),
+    core.DeadlineExceeded: (503, "deadline-exceeded", "Deadline exceeded"),
 }
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from planner import FORMATS, Structure
 from planner.criteria import CRITERIA
@@ -106,6 +107,11 @@ def structure_json(s: Structure) -> dict[str, Any]:
     ).model_dump()
 
 
+#: Names are printable: no C0 or C1 control characters (stored and echoed in pages).
+_PRINTABLE = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+_CONTROL = re.compile("[\\u0000-\\u001f\\u007f-\\u009f]")
+
+
 class PosteriorSpec(_Strict):
     format: Format
 
@@ -113,9 +119,25 @@ class PosteriorSpec(_Strict):
 class TeacherSpec(_Strict):
     """The ``spec`` part of a teacher upload."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        description="a label for people: printable text, no control characters",
+        json_schema_extra={"pattern": _PRINTABLE},
+    )
     structure: StructureIn
     posterior: PosteriorSpec
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        bad = next((c for c in v if _CONTROL.match(c)), None)
+        if bad is not None:
+            raise ValueError(
+                f"must not contain control characters; found U+{ord(bad):04X} at position "
+                f"{v.index(bad)}: remove it"
+            )
+        return v
 
 
 class ArrayInfo(BaseModel):
@@ -175,9 +197,15 @@ class PlanCreate(_Strict):
     criterion: CriterionName = "posterior_ratio"
     seed: StrictInt = Field(0, ge=0, le=JSON_INT)
     ops: list[Op] | None = Field(None, max_length=10_000_000)
-    #: this request's deadline for the search (at most the service's PLANNER_PLAN_SECONDS):
-    #: when it cuts the search, the best plan found so far comes back, marked search.cut
-    seconds: float | None = Field(None, gt=0, le=86_400)
+    seconds: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description="this request's deadline for the search, at most the service's "
+        "PLANNER_PLAN_SECONDS: when it cuts the search after a first plan, the best plan "
+        "found comes back marked search.cut (search.cut_by says which bound); before a "
+        "first plan, the answer is a 503 deadline-exceeded problem",
+    )
     #: ``fast`` (default): plan time within about 3 one-shot conditionings of the plan's
     #: own B; ``thorough``: a fixed floor of improvement work (lower costs on small B)
     effort: Literal["fast", "thorough"] = "fast"

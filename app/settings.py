@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     at the same PostgreSQL, S3 bucket and scheduler.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PLANNER_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="PLANNER_", frozen=True, populate_by_name=True)
 
     data_dir: Path = Field(Path("./data"), description="where the embedded store keeps its data")
     database_url: str | None = Field(
@@ -47,8 +47,35 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         "", description="comma-separated bearer keys; empty turns authentication off"
     )
+    metrics_key: str = Field(
+        "",
+        description="with API keys on, the bearer key that may read /metrics (its counts "
+        "are summed over tenants, so no tenant's key reads them); empty: /metrics is closed",
+    )
     max_upload_bytes: int = Field(16 * 2**30, description="largest teacher upload (bytes)")
     max_json_bytes: int = Field(4 * 2**20, description="largest JSON request body (bytes)")
+    max_form_bytes: int = Field(
+        1 * 2**20, description="most bytes of an upload's non-file form fields, all together"
+    )
+    max_parts: int = Field(64, ge=1, description="most parts of one multipart upload")
+    max_gradient_examples: int = Field(
+        100_000, ge=1, description="most rows (examples) of an uploaded gradients array"
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="most seconds a client may leave between two chunks of a request body "
+        "(408 beyond); headers are bounded by the server's own timeout (see the README)",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="most seconds a request's line and headers may take to arrive"
+    )
+    max_client_connections: int = Field(
+        128, ge=1, description="most connections one client address may hold at once"
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="most requests served at once by one replica (503 beyond)"
+    )
     max_params: int = Field(
         4_000_000_000 // 8, description="most parameters a teacher may have (any format)"
     )
@@ -69,9 +96,34 @@ class Settings(BaseSettings):
         description="wall-clock safety net of one plan search: the search stops there and "
         "answers with the best plan found, marked as cut (search.cut)",
     )
-    max_job_bytes: int = Field(
-        default_factory=lambda: int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
-        description="most working memory one prior computation may need (413 beyond)",
+    job_memory: int = Field(
+        default_factory=lambda: _default_job_memory(),
+        validation_alias=AliasChoices("PLANNER_JOB_MEMORY", "PLANNER_MAX_JOB_BYTES", "job_memory"),
+        gt=0,
+        description="most working memory one job (upload, plan, prior) may hold: a prior "
+        "estimated above it is refused (413), a plan search degrades within half of it, and "
+        "each process-pool worker runs under it as an OS limit (RLIMIT_DATA), so a job that "
+        "still exceeds it fails alone (default: 80 % of memory, shared by the workers)",
+    )
+    job_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="hard wall-clock limit of one upload validation or prior computation in a "
+        "process-pool worker: past it the worker is killed and replaced",
+    )
+    job_grace: float = Field(
+        15.0,
+        ge=0,
+        description="a plan's worker is killed this long after the plan's own deadline "
+        "(the search stops by itself at the deadline; this only catches a stuck step)",
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="claims of a prior whose workers died before it is marked failed"
+    )
+    max_plan_ops: int = Field(
+        100_000,
+        ge=1,
+        description="most operations one plan may have, given or searched (413 beyond)",
     )
     executor: Literal["process", "thread", "dask"] = Field(
         "process", description="what computes plans, uploads and priors off the event loop"
@@ -122,3 +174,11 @@ class Settings(BaseSettings):
         return Config(
             self.database, self.storage, str(self.scratch), self.lease_seconds, self.cache_bytes
         )
+
+
+def _default_job_memory() -> int:
+    """80 % of the machine's memory, shared by the process-pool workers that may run side
+    by side (``PLANNER_WORKERS``, by default one per core)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    workers = int(os.environ.get("PLANNER_WORKERS") or len(os.sched_getaffinity(0)) or 1)
+    return int(0.8 * total / max(workers, 1))

@@ -35,6 +35,19 @@ __all__ = ["ID", "PlanRecord", "PriorRecord", "Store", "TeacherRecord", "new_id"
 ID = r"^[tpr]_[0-9a-f]{24}$"
 
 
+def worker_lost_problem(attempts: int) -> dict:
+    """The problem recorded on a prior whose workers died on every attempt."""
+    return {
+        "type": "urn:alignment-planner:problem:worker-lost",
+        "title": "Worker lost",
+        "status": 503,
+        "detail": f"the worker computing this prior died on each of {attempts} attempts "
+        "(killed for memory, or past its hard time limit); it was given up. Request the "
+        "prior again to retry, or raise PLANNER_JOB_MEMORY / PLANNER_JOB_SECONDS",
+        "field": "plan",
+    }
+
+
 def new_id(kind: str) -> str:
     return f"{kind}_{secrets.token_hex(12)}"
 
@@ -257,25 +270,23 @@ class Store:
     def mark_submitted(self, id: str) -> None:
         self._update(id, {}, submitted=time.time())
 
-    def lost_jobs(self, now: float, resubmit_after: float, limit: int = 100) -> list[str]:
+    def lost_jobs(
+        self, now: float, resubmit_after: float, limit: int = 100, max_attempts: int = 3
+    ) -> list[str]:
         """Priors to hand to the executor (again): running ones whose lease expired are put
-        back in the queue, then queued ones never submitted, or submitted long enough ago
-        that their submission may be lost (with the scheduler or the replica that made it).
+        back in the queue (or, after ``max_attempts`` claims whose workers all died, marked
+        failed with a problem that says so: a job that kills its worker is not run for
+        ever), then queued ones never submitted, or submitted long enough ago that their
+        submission may be lost (with the scheduler or the replica that made it).
         ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) lets replicas reap side by side."""
         with self.session.begin() as s:
-            expired = s.scalars(
-                select(PriorRow.id)
+            expired = s.execute(
+                select(PriorRow.id, PriorRow.attempts)
                 .where(PriorRow.status == "running", PriorRow.lease_until < now)
                 .with_for_update(skip_locked=True)
                 .limit(limit)
             ).all()
-            if expired:
-                s.execute(
-                    update(PriorRow)
-                    .where(PriorRow.id.in_(expired), PriorRow.status == "running")
-                    .where(PriorRow.lease_until < now)
-                    .values(status="queued", claim=None, submitted=None)
-                )
+            self._put_back(s, expired, max_attempts, now)
             stale = s.scalars(
                 select(PriorRow.id)
                 .where(PriorRow.status == "queued")
@@ -287,22 +298,54 @@ class Store:
                 s.execute(update(PriorRow).where(PriorRow.id.in_(stale)).values(submitted=now))
         return list(stale)
 
+    @staticmethod
+    def _put_back(s, rows, max_attempts: int, now: float) -> None:
+        """Running priors whose worker is gone: queued again, or failed once they have
+        been claimed ``max_attempts`` times."""
+        again = [pid for pid, n in rows if n < max_attempts]
+        given_up = [pid for pid, n in rows if n >= max_attempts]
+        if again:
+            s.execute(
+                update(PriorRow)
+                .where(PriorRow.id.in_(again), PriorRow.status == "running")
+                .values(status="queued", claim=None, submitted=None)
+            )
+        if given_up:
+            s.execute(
+                update(PriorRow)
+                .where(PriorRow.id.in_(given_up), PriorRow.status == "running")
+                .values(
+                    status="failed",
+                    claim=None,
+                    finished=now,
+                    problem=worker_lost_problem(max_attempts),
+                )
+            )
+
+    def release(self, id: str, max_attempts: int = 3) -> bool:
+        """A running prior whose worker is known to be dead goes back to the queue (True),
+        or is failed once it was claimed ``max_attempts`` times (False)."""
+        with self.session.begin() as s:
+            rows = s.execute(
+                select(PriorRow.id, PriorRow.attempts).filter_by(id=id, status="running")
+            ).all()
+            self._put_back(s, rows, max_attempts, time.time())
+        return bool(rows) and rows[0][1] < max_attempts
+
     def queued(self) -> list[str]:
         with self.session() as s:
             return list(s.scalars(select(PriorRow.id).filter_by(status="queued")))
 
-    def requeue_running(self) -> list[str]:
+    def requeue_running(self, max_attempts: int = 3) -> list[str]:
         """Put every running prior back in the queue (for an executor that knows it is the
-        only one: whatever runs belonged to a process that is gone)."""
+        only one: whatever runs belonged to a process that is gone), or fail those already
+        claimed ``max_attempts`` times; the ids put back."""
         with self.session.begin() as s:
-            ids = list(s.scalars(select(PriorRow.id).filter_by(status="running")))
-            if ids:
-                s.execute(
-                    update(PriorRow)
-                    .where(PriorRow.id.in_(ids), PriorRow.status == "running")
-                    .values(status="queued", claim=None, submitted=None)
-                )
-        return ids
+            rows = s.execute(
+                select(PriorRow.id, PriorRow.attempts).filter_by(status="running")
+            ).all()
+            self._put_back(s, rows, max_attempts, time.time())
+        return [pid for pid, n in rows if n < max_attempts]
 
     def plan_for_job(self, plan_id: str) -> PlanRecord | None:
         """A plan whatever its owner (for jobs)."""

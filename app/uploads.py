@@ -51,6 +51,15 @@ class Upload:
     bytes: int = 0
 
 
+#: Bytes one part header's name or value may have.
+_MAX_HEADER = 8192
+
+
+def _bounded_header(b: bytes) -> None:
+    if len(b) > _MAX_HEADER:
+        raise _malformed(f"a part header is longer than {_MAX_HEADER} bytes")
+
+
 def _too_large(limit: int) -> Problem:
     return Problem(
         413, "too-large", "Request too large", f"the upload exceeds {limit} bytes", field="body"
@@ -61,9 +70,16 @@ def _malformed(detail: str) -> Problem:
     return Problem(400, "malformed-body", "Malformed multipart body", detail, field="body")
 
 
-async def receive_multipart(request: Request, storage: Storage, limit: int) -> Upload:
-    """Stream a ``multipart/form-data`` body: fields into memory (small), file parts into
-    storage under the prefix of a new teacher id (removed again when anything fails)."""
+async def receive_multipart(
+    request: Request,
+    storage: Storage,
+    limit: int,
+    max_parts: int = 64,
+    max_fields: int = _MAX_FIELD,
+) -> Upload:
+    """Stream a ``multipart/form-data`` body: fields into memory (small: ``max_fields``
+    bytes all together), file parts into storage under the prefix of a new teacher id
+    (removed again when anything fails); at most ``max_parts`` parts."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -85,13 +101,24 @@ async def receive_multipart(request: Request, storage: Storage, limit: int) -> U
     state: dict = {"headers": {}, "hf": b"", "hv": b"", "name": None, "cm": None, "fh": None}
 
     def on_part_begin():
+        state["parts"] = state.get("parts", 0) + 1
+        if state["parts"] > max_parts:
+            raise Problem(
+                413,
+                "too-large",
+                "Too many parts",
+                f"an upload has at most {max_parts} parts (PLANNER_MAX_PARTS)",
+                field="body",
+            )
         state.update(headers={}, hf=b"", hv=b"", name=None, cm=None, fh=None, buf=None, h=None)
 
     def on_header_field(data, start, end):
         state["hf"] += data[start:end]
+        _bounded_header(state["hf"])
 
     def on_header_value(data, start, end):
         state["hv"] += data[start:end]
+        _bounded_header(state["hv"])
 
     def on_header_end():
         state["headers"][state["hf"].decode("latin-1").lower()] = state["hv"]
@@ -114,6 +141,14 @@ async def receive_multipart(request: Request, storage: Storage, limit: int) -> U
             )
         state["name"] = name
         if b"filename" in disp:
+            if name == "spec":
+                raise Problem(
+                    422,
+                    "invalid-request",
+                    "Invalid request",
+                    "'spec' is a form field (JSON text), not a file part",
+                    field="spec",
+                )
             key = f"{up.prefix}/upload/{name}"
             state["cm"] = storage.writer(key)
             state["fh"] = state["cm"].__enter__()
@@ -129,12 +164,14 @@ async def receive_multipart(request: Request, storage: Storage, limit: int) -> U
             state["h"].update(chunk)
         else:
             state["buf"] += data[start:end]
-            if len(state["buf"]) > _MAX_FIELD:
+            held = len(state["buf"]) + sum(len(v) for v in up.fields.values())
+            if held > max_fields:
                 raise Problem(
                     413,
                     "too-large",
                     "Too large",
-                    f"field {state['name']!r} exceeds 1 MiB",
+                    f"form fields hold more than {max_fields} bytes all together "
+                    "(PLANNER_MAX_FORM_BYTES); arrays go in file parts",
                     field=state["name"],
                 )
 
@@ -197,17 +234,13 @@ def _commit(writers: list) -> None:
 def _spec(up: Upload, storage: Storage) -> TeacherSpec:
     raw = up.fields.get("spec")
     if raw is None:
-        if "spec" in up.files:
-            with storage.open(up.files.pop("spec")) as f:
-                raw = f.read(_MAX_FIELD)
-        else:
-            raise Problem(
-                422,
-                "invalid-request",
-                "Invalid request",
-                "the form field 'spec' is missing",
-                field="spec",
-            )
+        raise Problem(
+            422,
+            "invalid-request",
+            "Invalid request",
+            "the form field 'spec' is missing",
+            field="spec",
+        )
     try:
         return TeacherSpec.model_validate_json(raw)
     except ValidationError as exc:
@@ -255,4 +288,5 @@ def staged_upload(up: Upload, storage: Storage, settings: Settings, owner: str) 
         structure_json(structure),
         fmt,
         settings.max_upload_bytes,
+        settings.max_gradient_examples,
     )

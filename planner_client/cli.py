@@ -96,12 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args) -> int:
-    import uvicorn
-
     if args.data_dir:
         os.environ["PLANNER_DATA_DIR"] = args.data_dir
+    try:
+        from app.server import serve
+    except ImportError as exc:
+        print(
+            f"the service is not installed ({exc.name} is missing): "
+            "pip install 'alignment-planner[service]'",
+            file=sys.stderr,
+        )
+        return 2
     print(f"alignment-planner on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run("app.main:app", host=args.host, port=args.port)
+    serve(args.host, args.port)
     return 0
 
 

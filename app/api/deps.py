@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from ..auth import PUBLIC, owner_of
 from ..jobs import JobRunner
 from ..problems import Problem
 from ..settings import Settings
 from ..store import ID, Store
 
-__all__ = ["JobsDep", "OwnerDep", "SettingsDep", "StoreDep", "check_id", "owned"]
+__all__ = ["PUBLIC", "JobsDep", "OwnerDep", "SettingsDep", "StoreDep", "check_id", "owned"]
 
 _ID = re.compile(ID)
-PUBLIC = "public"
 
 
 def get_settings(request: Request) -> Settings:
@@ -39,21 +37,7 @@ JobsDep = Annotated[JobRunner, Depends(get_jobs)]
 
 def get_owner(request: Request, settings: SettingsDep) -> str:
     """The tenant: a digest of the caller's API key, or ``public`` without keys."""
-    if not settings.keys:
-        return PUBLIC
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and key:
-        for known in settings.keys:
-            if hmac.compare_digest(key.encode(), known.encode()):
-                return hashlib.sha256(known.encode()).hexdigest()[:24]
-    raise Problem(
-        401,
-        "unauthorized",
-        "Unauthorized",
-        "a valid 'Authorization: Bearer <key>' header is required",
-        field="authorization",
-        headers={"WWW-Authenticate": 'Bearer realm="alignment-planner"'},
-    )
+    return owner_of(request.headers.get("authorization", ""), settings.keys)
 
 
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -272,8 +272,9 @@ class DaskCluster:
 
 # -- API replicas ---------------------------------------------------------------------------
 class Server:
-    """A replica: ``uvicorn app.main:app`` in a process of its own, on a free port, with
-    ``PLANNER_*`` settings as environment variables."""
+    """A replica: ``python -m app.server`` (uvicorn with the service's limits) in a
+    process of its own, on a free port, with ``PLANNER_*`` settings as environment
+    variables."""
 
     def __init__(self, data: Path, **env: str) -> None:
         self.data, self.env = data, env
@@ -287,8 +288,7 @@ class Server:
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                "app.main:app",
+                "app.server",
                 "--port",
                 str(self.port),
                 "--log-level",

@@ -1,4 +1,5 @@
-"""Liveness, readiness and metrics: always open, no authentication."""
+"""Liveness, readiness and metrics.  Liveness and readiness are always open; metrics
+need the operator's key when API keys are on."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ...auth import owner_of
+
 router = APIRouter(tags=["health"])
+#: A key no request can present (``/metrics`` closed when no metrics key is set).
+_NOBODY = "\x00"
 
 
 @router.get("/healthz")
@@ -38,5 +43,11 @@ def readyz(request: Request):
 
 @router.get("/metrics", response_class=PlainTextResponse)
 def metrics(request: Request):
+    """Prometheus metrics.  They are summed over tenants: with API keys on, only the
+    operator's ``PLANNER_METRICS_KEY`` reads them."""
+    settings = request.app.state.settings
+    if settings.keys:
+        keys = frozenset({settings.metrics_key} - {""})
+        owner_of(request.headers.get("authorization", ""), keys or frozenset({_NOBODY}))
     body = generate_latest(request.app.state.metrics.registry)
     return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Response
+from sqlalchemy.exc import IntegrityError
 
 from planner import PlannerError
 from planner.criteria import criterion_function
 
 from ...compute import run_plan, structure_from_json
-from ...problems import problem_from_planner_error
+from ...problems import Problem, problem_from_planner_error
 from ...schemas import PlanCreate, PlanPublic, structure_json
 from ...store import PlanRecord, new_id
 from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
@@ -55,6 +57,16 @@ async def create_plan(
         student = body.student.build(parent=teacher)
     except PlannerError as exc:
         raise problem_from_planner_error(exc, "student") from None
+    if body.ops is not None and len(body.ops) > settings.max_plan_ops:
+        raise Problem(
+            413,
+            "too-large",
+            "Plan too long",
+            f"{len(body.ops)} operations given; this service scores plans of at most "
+            f"{settings.max_plan_ops} (PLANNER_MAX_PLAN_OPS)",
+            field="ops",
+        )
+    deadline = min(body.seconds or settings.plan_seconds, settings.plan_seconds)
     try:
         if body.ops is None:
             criterion_function(body.criterion)  # unknown names fail before any work
@@ -66,8 +78,11 @@ async def create_plan(
             body.criterion,
             body.seed,
             body.ops_json(),
-            min(body.seconds or settings.plan_seconds, settings.plan_seconds),
+            deadline,
             body.effort,
+            settings.job_memory / 2,  # the rest for the posterior's own working arrays
+            settings.max_plan_ops,
+            seconds=deadline + settings.job_grace,
         )
     except PlannerError as exc:
         raise problem_from_planner_error(exc) from None
@@ -84,7 +99,10 @@ async def create_plan(
         out["info"],
         time.time(),
     )
-    store.add_plan(plan)
+    try:
+        await asyncio.to_thread(store.add_plan, plan)
+    except IntegrityError:  # the teacher was deleted while its plan was searched
+        raise Problem.not_found("teacher", id) from None
     response.headers["Location"] = f"/v1/plans/{plan.id}"
     return plan_json(plan)
 

@@ -44,7 +44,9 @@ _BUILDING: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
 
 def prior_json(store: Store, rec: PriorRecord) -> dict:
     plan = store.plan(rec.owner, rec.plan_id)
-    teacher = store.teacher(rec.owner, plan.teacher_id)
+    teacher = store.teacher(rec.owner, plan.teacher_id) if plan is not None else None
+    if teacher is None:  # deleted with its teacher while this request ran
+        raise Problem.not_found("prior", rec.id)
     return {
         "id": rec.id,
         "plan": rec.plan_id,
@@ -72,6 +74,8 @@ def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep, sett
     than a worker may use is refused (413) before anything starts."""
     plan = owned(store, owner, "p", id)
     teacher = store.teacher(owner, plan.teacher_id)
+    if teacher is None:  # deleted while this request ran
+        raise Problem.not_found("plan", id)
     cls = FORMATS[teacher.format]
     shapes = {n: tuple(a["shape"]) for n, a in teacher.arrays.items()}
     need = cls.align_bytes_of(
@@ -80,13 +84,13 @@ def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep, sett
         plan.info["conditioned"],
         plan.student["n_params"],
     )
-    if need > settings.max_job_bytes:
+    if need > settings.job_memory:
         raise Problem(
             413,
             "too-large",
             "Prior too large",
             f"aligning this plan needs about {need / 2**30:.1f} GiB of memory; this service "
-            f"allows {settings.max_job_bytes / 2**30:.1f} GiB per prior",
+            f"allows {settings.job_memory / 2**30:.1f} GiB per prior",
             field="plan",
         )
     rec, created = store.prior_for_plan(owner, plan.id)
@@ -136,7 +140,9 @@ async def get_prior(
         # second): many waiting clients cost the database little
         await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
         pause = min(1.5 * pause, 0.25)
-        rec = await asyncio.to_thread(store.prior, owner, rec.id) or rec
+        rec = await asyncio.to_thread(store.prior, owner, rec.id)
+        if rec is None:  # deleted (with its teacher) while the client waited
+            raise Problem.not_found("prior", id)
     return await asyncio.to_thread(prior_json, store, rec)
 
 
@@ -150,7 +156,9 @@ async def _ensure(store: Store, jobs, prior_id: str, kind: str, name: str | None
         lock = _BUILDING[key] = asyncio.Lock()
     async with lock:
         if not await asyncio.to_thread(store.storage.exists, key):
-            await jobs.run(build_derived, jobs.config, prior_id, kind, name)
+            await jobs.run(
+                build_derived, jobs.config, prior_id, kind, name, seconds=jobs.settings.job_seconds
+            )
     return key
 
 

@@ -80,13 +80,21 @@ async def create_teacher(
 
     The parts stream into storage; validation runs on the executor (a worker
     when scaled out); the teacher exists once its row is written."""
-    up = await receive_multipart(request, store.storage, settings.max_upload_bytes)
+    up = await receive_multipart(
+        request,
+        store.storage,
+        settings.max_upload_bytes,
+        settings.max_parts,
+        settings.max_form_bytes,
+    )
     try:
         staged = staged_upload(up, store.storage, settings, owner)
     except BaseException:
         await asyncio.to_thread(store.storage.delete, up.prefix)
         raise
-    rec = TeacherRecord(**await jobs.run(ingest, settings.config, staged))
+    rec = TeacherRecord(
+        **await jobs.run(ingest, settings.config, staged, seconds=settings.job_seconds)
+    )
     await asyncio.to_thread(store.add_teacher, rec)
     response.headers["Location"] = f"/v1/teachers/{rec.id}"
     return teacher_json(rec)
