@@ -82,8 +82,8 @@ class JobRunner(ABC):
     @abstractmethod
     def alive(self) -> bool: ...
 
-    async def _heal(self) -> None:
-        """Reconnect to the executor if the connection was lost (scaled out)."""
+    async def heal(self) -> None:
+        """Replace a broken pool, or reconnect to a lost scheduler (scaled out)."""
         return None
 
     def submit_prior(self, prior_id: str) -> None:
@@ -109,7 +109,7 @@ class JobRunner(ABC):
         sweep_at = 0.0
         while True:
             try:
-                await self._heal()
+                await self.heal()
                 if self.alive():
                     await self.reap()
                 if time.monotonic() > sweep_at:
@@ -274,7 +274,7 @@ class LocalRunner(JobRunner):
     def _broken(self) -> bool:
         return bool(getattr(self.executor, "_broken", False))
 
-    async def _heal(self) -> None:
+    async def heal(self) -> None:
         ex = self.executor
         if ex is not None and self._broken():
             await asyncio.to_thread(self._replace, ex)
@@ -380,7 +380,7 @@ class DaskRunner(JobRunner):
             self.settings.dask_scheduler, asynchronous=True, timeout="30s", set_as_default=False
         )
 
-    async def _heal(self) -> None:
+    async def heal(self) -> None:
         """A client that gave up on a lost scheduler (after its own 30 s of retries) is
         replaced by a new one; what it had submitted is found again by the reaper."""
         if self.client is not None and self.client.status in ("running", "connecting"):

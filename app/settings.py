@@ -83,7 +83,7 @@ class Settings(BaseSettings):
         30_000, description="most parameters of a teacher with a dense (p × p) matrix"
     )
     max_sequence_steps: int = Field(
-        2_000_000, description="most structure-level steps one sequences answer may list"
+        100_000, description="most structure-level steps one sequences answer may list"
     )
     max_count_states: int = Field(
         50_000,

@@ -206,6 +206,30 @@ def test_the_deadline_cuts_the_search_and_still_answers(monkeypatch, ticks):
     assert found.cost >= full.cost * (1 - 1e-9)
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    search_cases(max_T=5, max_width=12, max_steps=8),
+    st.sampled_from([0.005, 0.05, 0.3]),
+    st.sampled_from(["fast", "thorough"]),
+)
+def test_a_search_never_runs_past_its_deadline(case, seconds, effort):
+    """Whatever the teacher, the student and the effort, a search answers (or says it
+    had no first plan) within its deadline plus a small margin (one step's time)."""
+    import time
+
+    net, student, seed = case
+    post = full(net, seed)
+    t0 = time.monotonic()
+    try:
+        found = search(post, to_structure(student), seconds=seconds, effort=effort)
+    except DeadlineExceeded:
+        found = None
+    took = time.monotonic() - t0
+    assert took < seconds + 0.5, (took, seconds)
+    if found is not None:
+        close(found.cost, found.plan.cost(post))
+
+
 def test_the_memory_bound_skips_improvement_and_still_answers():
     rng = np.random.default_rng(0)
     teacher = Structure.mlp((6, 30, 20, 8))

@@ -3,6 +3,9 @@ need the operator's key when API keys are on."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,10 +23,17 @@ def healthz():
 
 
 @router.get("/readyz")
-def readyz(request: Request):
+async def readyz(request: Request):
     """Ready when the database, the storage and the executor answer (and, scaled out, at
-    least one worker is connected to the scheduler)."""
+    least one worker is connected to the scheduler).  A broken pool is replaced first:
+    not ready only while no pool can be had."""
     state = request.app.state
+    with contextlib.suppress(Exception):
+        await state.jobs.heal()
+    return await asyncio.to_thread(_ready, state)
+
+
+def _ready(state):
     checks = {"database": True, "storage": True, "jobs": state.jobs.alive()}
     try:
         state.store.ping()
