@@ -38,6 +38,7 @@ __all__ = [
     "load_posterior",
     "run_plan",
     "run_prior",
+    "run_steps",
     "scratch",
     "store_for",
     "structure_from_json",
@@ -266,9 +267,29 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memo
             "conditioned": int(c.n_conditioned),
             "provenance": [p.to_json() for p in c.provenance],
             "search": stats,
-            "steps": step_costs(plan, post),
         },
     }
+
+
+def run_steps(config: Config, plan_id: str) -> list[dict] | None:
+    """The cost each run of a plan's steps adds (``planner.step_costs``: exact prefix
+    differences), computed when first asked for (the plan page, ``GET …/steps``) and
+    kept in the plan's row; never part of a plan request, which costs what its search
+    costs."""
+    store = store_for(config)
+    plan_rec = store.plan_for_job(plan_id)
+    rec = store.teacher_for_job(plan_rec.teacher_id) if plan_rec is not None else None
+    if rec is None:
+        raise Problem.not_found("plan", plan_id)
+    try:
+        post = load_posterior(store, rec)
+    except FileNotFoundError:  # deleted while the request was on its way
+        raise Problem.not_found("plan", plan_id) from None
+    plan = Plan.from_json(post.structure, plan_rec.ops)
+    with threadpool_limits(blas_threads(post)):
+        steps = step_costs(plan, post)
+    store.set_plan_steps(plan_id, steps)
+    return steps
 
 
 class _Lease:

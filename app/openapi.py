@@ -56,27 +56,31 @@ REASONS = {
     415: "the body is not multipart/form-data with a boundary",
     416: "the Range header asks for bytes beyond the array",
     422: "a field breaks the schema or a rule of SPEC §8/§9; `field` says which",
-    503: "the executor (a Dask scheduler) is unreachable: retry later",
+    408: "the request's body stalled past PLANNER_BODY_TIMEOUT",
+    503: "retry later: the replica is at PLANNER_MAX_CONNECTIONS, the executor (a Dask "
+    "scheduler) is unreachable, the job's worker died (worker-lost), or a search ran past "
+    "its deadline before a first plan (deadline-exceeded)",
 }
 
 #: What each operation can answer besides its success (operation id → statuses).
 ERRORS: dict[str, tuple[int, ...]] = {
-    "healthz": (),
+    "healthz": (503,),
     "readyz": (503,),
-    "metrics": (),
-    "create_teacher": (400, 401, 413, 415, 422, 503),
-    "list_teachers": (401,),
-    "get_teacher": (401, 404),
-    "delete_teacher": (401, 404),
-    "sequences": (400, 401, 413, 422),
-    "create_plan": (400, 401, 404, 413, 422, 503),
-    "get_plan": (401, 404),
-    "request_prior": (401, 404, 413, 503),
-    "get_prior": (401, 404, 422),
-    "get_array": (401, 404, 409, 416, 422),
-    "get_archive": (401, 404, 409, 416, 422),
-    "plan_page": (401, 404),
-    "teacher_page": (401, 404),
+    "metrics": (401, 503),
+    "create_teacher": (400, 401, 408, 413, 415, 422, 503),
+    "list_teachers": (401, 503),
+    "get_teacher": (401, 404, 503),
+    "delete_teacher": (401, 404, 503),
+    "sequences": (400, 401, 408, 413, 422, 503),
+    "create_plan": (400, 401, 404, 408, 413, 422, 503),
+    "get_plan": (401, 404, 503),
+    "get_plan_steps": (401, 404, 503),
+    "request_prior": (401, 404, 408, 413, 503),
+    "get_prior": (401, 404, 422, 503),
+    "get_array": (401, 404, 409, 416, 422, 503),
+    "get_archive": (401, 404, 409, 416, 422, 503),
+    "plan_page": (401, 404, 503),
+    "teacher_page": (401, 404, 503),
 }
 
 #: Links for stateful clients: teacher → plan → prior → arrays.

@@ -228,6 +228,25 @@ class PlanPublic(BaseModel):
     created: float
 
 
+class StepCost(BaseModel):
+    #: index of the run's first op in ``ops``, how many ops it has, its kind
+    first: int
+    count: int
+    op: Literal["phi", "psi"]
+    #: its layer in the structure current at that step, and the teacher position
+    layer: int
+    teacher_position: int
+    #: the exact cost the run adds
+    cost: float
+
+
+class PlanSteps(BaseModel):
+    plan: str
+    cost: float
+    steps: list[StepCost] | None
+    note: str | None = None
+
+
 PriorStatus = Literal["queued", "running", "done", "failed"]
 
 

@@ -185,6 +185,13 @@ class Store:
     def add_plan(self, rec: PlanRecord) -> None:
         self._insert(rec)
 
+    def set_plan_steps(self, id: str, steps: list[dict] | None) -> None:
+        """Keep a plan's step costs (computed on request) in its row's ``info``."""
+        with self.session.begin() as s:
+            row = s.get(PlanRow, id)
+            if row is not None:
+                row.info = {**row.info, "steps": steps, "steps_computed": True}
+
     def plan(self, owner: str, id: str) -> PlanRecord | None:
         return self._get(PlanRecord, id=id, owner=owner)
 

@@ -7,6 +7,8 @@
 2. Plan latency for a small teacher, 1 client and 16 concurrent clients.
 3. The Table-1 prior (10,100,50,1) → (10,50,1), full covariance, through the
    service (upload, plan, prior, download) against the core alone.
+4. A plan request for the Table-1 students, full and precision, through the service
+   against a one-shot conditioning of the plan's own B in the core.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import best_of, random_spd, report
-from planner import FullPosterior, Structure
+from planner import FullPosterior, Plan, Structure, from_arrays
 from planner.search import search
 from planner_client import InvalidRequest, PlannerClient
 from tests.app.cluster import Server
@@ -173,6 +175,52 @@ def table1_bench(srv: Server, tmp: Path, quick: bool) -> list[dict]:
     ]
 
 
+def plan_request_bench(srv: Server, quick: bool) -> list[dict]:
+    """A plan request through the service (HTTP, database, pool, arrays from storage)
+    against a one-shot conditioning of the plan's own B in the core, full and precision,
+    the Table-1 students (best of 3 each)."""
+    widths = (4, 12, 6, 1) if quick else (10, 100, 50, 1)
+    students = [(4, 6, 1), (4, 6, 3, 1)]
+    if not quick:
+        students = [(10, 50, 1), (10, 60, 30, 1), (10, 10, 10, 1)]
+    teacher = Structure.mlp(widths)
+    rng = np.random.default_rng(3)
+    p = teacher.n_params
+    mean, cov = rng.normal(size=p), random_spd(rng, p)
+    prec = np.linalg.inv(cov)
+    prec = (prec + prec.T) / 2
+    rows = []
+    with PlannerClient(srv.url, timeout=3600) as c:
+        for fmt, arrays in (
+            ("full", {"mean": mean, "covariance": cov}),
+            ("precision", {"mean": mean, "precision": prec}),
+        ):
+            t = c.upload_teacher("t1", {"widths": list(widths)}, fmt, arrays)
+            post = from_arrays(fmt, teacher, arrays)
+            if fmt == "precision":  # the service keeps Λ's factor from the upload too
+                post.__dict__["_chol"] = np.linalg.cholesky(prec)
+            for student in students:
+                t_req, plan = best_of(lambda t=t, s=student: c.plan(t["id"], list(s)))
+                compiled = Plan.from_json(teacher, plan["ops"]).compiled
+                B, v, keep = compiled.conditioned, compiled.targets, compiled.kept
+
+                def one_shot(B=B, v=v, keep=keep, k=compiled, q=post):
+                    return q.condition(B, v, keep, k.student)
+
+                t_one, _ = best_of(one_shot)
+                rows.append(
+                    {
+                        "case": f"plan request {widths}→{student} {fmt}",
+                        "|B|": int(B.size),
+                        "request_s": t_req,
+                        "one_shot_s": t_one,
+                        "request/one_shot": t_req / t_one,
+                        "goal": 3.0,
+                    }
+                )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, nothing saved")
@@ -184,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             report("service_upload", upload_bench(srv, tmp, 60 if args.quick else 1053), args.quick)
             report("service_latency", latency_bench(srv, 2 if args.quick else 25), args.quick)
             report("service_table1", table1_bench(srv, tmp, args.quick), args.quick)
+            report("service_plan_request", plan_request_bench(srv, args.quick), args.quick)
         finally:
             srv.stop()
 

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from planner import FullPosterior, Plan, Structure
+from planner import FullPosterior, Plan, Structure, step_costs
 from planner.search import search
 from tests.app.conftest import (
     BACKENDS,
@@ -308,3 +308,23 @@ async def test_a_lattice_too_large_to_count_still_answers(svc, monkeypatch):
     assert r.status_code == 200, r.text
     assert r.json()["count"] is None and "count exactly" in r.json()["count_note"]
     assert len(r.json()["sequences"]) == 3
+
+
+async def test_step_costs_are_computed_on_request_and_sum_to_the_cost(svc):
+    """A plan request does not cost its steps (that is a conditioning per run); the
+    first GET …/steps does, keeps them, and they equal the core's prefix differences."""
+    structure, arrays = posterior((4, 6, 5, 2), "full", seed=21)
+    t = (await upload(svc.client, structure, "full", arrays)).json()
+    plan = await make_plan(svc.client, t["id"], [4, 3, 2])
+    assert "steps" not in (await svc.client.get(f"/v1/plans/{plan['id']}")).json()
+    assert "steps" not in svc.store.plan("public", plan["id"]).info
+    r = await svc.client.get(f"/v1/plans/{plan['id']}/steps")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    teacher = Structure.mlp((4, 6, 5, 2))
+    post = FullPosterior.from_dense(teacher, arrays["mean"], arrays["covariance"])
+    expect = step_costs(Plan.from_json(teacher, plan["ops"]), post)
+    assert [s["cost"] for s in got["steps"]] == pytest.approx([s["cost"] for s in expect], rel=1e-9)
+    assert sum(s["cost"] for s in got["steps"]) == pytest.approx(plan["cost"], rel=1e-9)
+    assert svc.store.plan("public", plan["id"]).info["steps"] == got["steps"]
+    assert_problem(await svc.client.get("/v1/plans/p_000000000000000000000000/steps"), 404)

@@ -10,10 +10,11 @@ from sqlalchemy.exc import IntegrityError
 
 from planner import PlannerError
 from planner.criteria import criterion_function
+from planner.plan import MAX_COST_RUNS
 
-from ...compute import run_plan, structure_from_json
+from ...compute import run_plan, run_steps, structure_from_json
 from ...problems import Problem, problem_from_planner_error
-from ...schemas import PlanCreate, PlanPublic, structure_json
+from ...schemas import PlanCreate, PlanPublic, PlanSteps, structure_json
 from ...store import PlanRecord, new_id
 from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
 
@@ -110,3 +111,23 @@ async def create_plan(
 @router.get("/v1/plans/{id}", response_model=PlanPublic)
 def get_plan(id: str, store: StoreDep, owner: OwnerDep):
     return plan_json(owned(store, owner, "p", id))
+
+
+async def steps_of(store, jobs, rec: PlanRecord) -> list[dict] | None:
+    """A plan's step costs: kept in its row once computed, else computed now by a job
+    (exact prefix differences: about one conditioning per run of steps)."""
+    if rec.info.get("steps_computed") or "steps" in rec.info:
+        return rec.info.get("steps")
+    return await jobs.run(run_steps, jobs.config, rec.id, seconds=jobs.settings.job_seconds)
+
+
+@router.get("/v1/plans/{id}/steps", response_model=PlanSteps)
+async def get_plan_steps(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep):
+    """The cost each run of the plan's steps adds (a run: φ at one layer, or one ψ); the
+    costs sum to the plan's cost.  Computed on the first request (about one
+    conditioning per run) and kept; ``steps`` is null, with a note, for plans of more
+    runs than are costed one by one."""
+    rec = await asyncio.to_thread(owned, store, owner, "p", id)
+    steps = await steps_of(store, jobs, rec)
+    note = None if steps is not None else f"more than {MAX_COST_RUNS} runs: only the total"
+    return {"plan": rec.id, "cost": rec.cost, "steps": steps, "note": note}

@@ -8,6 +8,7 @@ same 404 for another tenant's ids.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import html
 import math
@@ -15,8 +16,10 @@ import math
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from ...problems import Problem
 from ...store import PlanRecord, PriorRecord, TeacherRecord
-from ..deps import OwnerDep, StoreDep, owned
+from ..deps import JobsDep, OwnerDep, StoreDep, owned
+from .plans import steps_of
 
 router = APIRouter(prefix="/ui", tags=["pages"])
 
@@ -237,14 +240,20 @@ def _prior_links(prior: PriorRecord | None, plan: PlanRecord) -> str:
 
 
 @router.get("/plans/{id}", response_class=HTMLResponse, responses=HTML_RESPONSES)
-def plan_page(id: str, store: StoreDep, owner: OwnerDep):
+async def plan_page(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep):
     """A plan as a picture: which teacher neurons each student position keeps, which
     layers ψ merged and how π pairs their neurons, the cost each run of steps added and
     the cost by teacher position, with links to the prior."""
-    plan = owned(store, owner, "p", id)
+    plan = await asyncio.to_thread(owned, store, owner, "p", id)
+    steps = await steps_of(store, jobs, plan)
+    return await asyncio.to_thread(_plan_page, store, owner, plan, steps)
+
+
+def _plan_page(store, owner: str, plan, steps) -> HTMLResponse:
     teacher = store.teacher(owner, plan.teacher_id)
+    if teacher is None:  # deleted while the page was being made
+        raise Problem.not_found("plan", plan.id)
     prior = store.prior_of(owner, plan.id)
-    steps = plan.info.get("steps")
     search = plan.info.get("search") or {}
     rows = []
     total = 0.0
