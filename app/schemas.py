@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
 
 from planner import FORMATS, Structure
 from planner.criteria import CRITERIA
@@ -35,9 +35,20 @@ Activation = Literal[
 ]
 Format = Literal["full", "diag", "lowrank", "kron", "precision"]
 CriterionName = Literal["posterior_ratio", "obd", "belsley", "gradient_covariance", "random"]
-Width = Annotated[StrictInt, Field(ge=1, le=MAX_WIDTH)]
-Index = Annotated[StrictInt, Field(ge=0, lt=MAX_WIDTH)]
-Layer = Annotated[StrictInt, Field(ge=2, le=MAX_POSITIONS)]
+
+
+def _integral(v: Any) -> Any:
+    """A JSON number with no fractional part is an integer (JSON Schema says so: ``93.0``
+    is an ``integer``); booleans, strings and fractions stay refused."""
+    if isinstance(v, float) and v.is_integer() and abs(v) <= JSON_INT:
+        return int(v)
+    return v
+
+
+# (the bounds before the validator: pydantic then writes them as minimum/maximum)
+Width = Annotated[StrictInt, Field(ge=1, le=MAX_WIDTH), BeforeValidator(_integral)]
+Index = Annotated[StrictInt, Field(ge=0, lt=MAX_WIDTH), BeforeValidator(_integral)]
+Layer = Annotated[StrictInt, Field(ge=2, le=MAX_POSITIONS), BeforeValidator(_integral)]
 # the request schema says exactly what the core accepts
 assert set(get_args(Activation)) == ACTIVATIONS
 assert set(get_args(Format)) == set(FORMATS)
@@ -161,7 +172,7 @@ class TeacherPublic(BaseModel):
 class SequencesRequest(_Strict):
     teacher: StructureIn
     student: StructureIn
-    limit: StrictInt = Field(100, ge=0, le=1_000)
+    limit: Annotated[StrictInt, Field(ge=0, le=1_000), BeforeValidator(_integral)] = 100
 
 
 class SequencesResponse(BaseModel):
@@ -195,7 +206,7 @@ Op = Annotated[PhiOp | PsiOp, Field(discriminator="op")]
 class PlanCreate(_Strict):
     student: StructureIn
     criterion: CriterionName = "posterior_ratio"
-    seed: StrictInt = Field(0, ge=0, le=JSON_INT)
+    seed: Annotated[StrictInt, Field(ge=0, le=JSON_INT), BeforeValidator(_integral)] = 0
     ops: list[Op] | None = Field(None, max_length=10_000_000)
     seconds: float | None = Field(
         None,

@@ -23,7 +23,15 @@ from starlette.concurrency import iterate_in_threadpool
 from .problems import Problem
 from .storage import BLOCK, Storage
 
-__all__ = ["serve"]
+__all__ = ["BinaryResponse", "serve"]
+
+
+class BinaryResponse(Response):
+    """What the array and archive routes declare: bytes, never JSON (so clients generated
+    from the OpenAPI document return the body as a file)."""
+
+    media_type = "application/octet-stream"
+
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 

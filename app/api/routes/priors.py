@@ -22,16 +22,19 @@ from ...compute import structure_from_json
 from ...derived import build_derived, derived_name
 from ...problems import Problem
 from ...schemas import PriorPublic
-from ...serving import serve
+from ...serving import BinaryResponse, serve
 from ...store import PriorRecord, Store
 from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
 
 #: A file, whole or a byte range of it (``Range: bytes=a-b``, so downloads resume).
 BINARY: dict = {
-    200: {"content": {"application/octet-stream": {}}},
+    200: {
+        "description": "the whole file",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
     206: {
         "description": "the byte range asked for with a Range header",
-        "content": {"application/octet-stream": {}},
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     },
 }
 
@@ -165,6 +168,7 @@ async def _ensure(store: Store, jobs, prior_id: str, kind: str, name: str | None
 @router.get(
     "/v1/priors/{id}/arrays/{name}",
     responses=BINARY,
+    response_class=BinaryResponse,
 )
 async def get_array(
     id: str,
@@ -198,6 +202,7 @@ async def get_array(
 @router.get(
     "/v1/priors/{id}/archive",
     responses=BINARY,
+    response_class=BinaryResponse,
 )
 async def get_archive(
     id: str,

@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import APIRouter, Request, Response
 
+from ...arrays import NAME
 from ...ingest import ingest
 from ...problems import Problem
 from ...schemas import TeacherPublic
@@ -61,6 +62,7 @@ def teacher_json(rec: TeacherRecord) -> dict:
                             "format": "binary",
                             "description": "the format's other arrays, one .npy part each",
                         },
+                        "propertyNames": {"pattern": NAME.pattern, "maxLength": 64},
                     },
                     "encoding": {"spec": {"contentType": "application/json"}},
                 }
