@@ -12,7 +12,6 @@ WORKDIR /srv
 COPY pyproject.toml README.md ./
 COPY planner ./planner
 COPY app ./app
-COPY planner_client ./planner_client
 RUN pip install '.[service]' \
     && useradd --system --uid 10001 --home-dir /srv --shell /usr/sbin/nologin planner \
     && mkdir -p /data && chown planner:planner /data

@@ -10,20 +10,28 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: venv run test lint bench clean browser
 
-$(BIN)/activate: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+# `make run`: the service alone (the `service` extra: no torch, no test tools)
+$(VENV)/.service: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[service]'
+	touch $@
+
+# `make test`: the service, the client distribution (client/) and the dev tools
+$(VENV)/.dev: pyproject.toml client/pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet '$(TORCH)'
-	$(BIN)/pip install --quiet -e '.[dev]' '$(TORCH)'
+	$(BIN)/pip install --quiet -e ./client -e '.[dev]' '$(TORCH)'
 	@# laplace-torch declares torchvision but never imports it; torchmetrics (its
 	@# dependency) imports it when present, and PyPI's torchvision does not load
 	@# beside a CPU-only torch ("operator torchvision::nms does not exist").
 	$(BIN)/pip uninstall --quiet --yes torchvision
-	touch $(BIN)/activate
+	touch $@ $(VENV)/.service
 
-venv: $(BIN)/activate
+venv: $(VENV)/.dev
 
-run: venv
+run: $(VENV)/.service
 	@echo "alignment-planner on http://$(HOST):$(PORT)  (docs: http://$(HOST):$(PORT)/docs, data: $${PLANNER_DATA_DIR:-./data})"
 	$(BIN)/python -m app.server --host $(HOST) --port $(PORT)
 

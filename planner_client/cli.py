@@ -2,7 +2,8 @@
 
 Every command prints JSON on stdout.  The service address comes from ``--url``
 or ``$PLANNER_URL`` (default ``http://127.0.0.1:8000``), the key from
-``--api-key`` or ``$PLANNER_API_KEY``.
+``--api-key`` or ``$PLANNER_API_KEY``.  Exit status: 0 done, 1 the service
+answered a problem (printed on stderr), 2 a usage error, 3 no service reachable.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import httpx
 
 from .client import PlannerClient, structure
 from .errors import PlannerAPIError
@@ -163,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     except PlannerAPIError as exc:
         print(json.dumps(exc.problem, indent=1), file=sys.stderr)
         return 1
+    except httpx.TransportError as exc:  # no service there: one line, and how to point at one
+        why = str(exc) or type(exc).__name__
+        print(
+            f"alignment-planner: cannot reach the service at {args.url} ({why}); "
+            "start one (alignment-planner serve) or point at yours with --url URL or "
+            "PLANNER_URL=URL",
+            file=sys.stderr,
+        )
+        return 3
     print(json.dumps(out, indent=1))
     return 0
 

@@ -25,7 +25,8 @@ class PlannerAPIError(Exception):
         self.problem = problem
         self.field = problem.get("field")
         self.detail = problem.get("detail") or problem.get("title") or f"HTTP {status}"
-        super().__init__(f"{status}: {self.detail}")
+        where = f" [{self.field}]" if self.field and self.field not in self.detail else ""
+        super().__init__(f"{status}{where}: {self.detail}")
 
 
 class Unauthorized(PlannerAPIError):
