@@ -11,6 +11,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from . import openapi, problems
 from .api.routes import health, plans, priors, structures, teachers, ui
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await jobs.shutdown()
             await asyncio.to_thread(store.close)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc from packaged files: no CDN, no internet
         title="alignment-planner",
         version=VERSION,
         summary="Structure alignment of teacher posteriors for Bayesian distillation.",

@@ -74,6 +74,8 @@ ERRORS: dict[str, tuple[int, ...]] = {
     "sequences": (400, 401, 408, 413, 422, 503),
     "create_plan": (400, 401, 404, 408, 413, 422, 503),
     "get_plan": (401, 404, 503),
+    "list_plans": (401, 404, 422, 503),
+    "list_priors": (401, 404, 422, 503),
     "get_plan_steps": (401, 404, 503),
     "request_prior": (401, 404, 408, 413, 503),
     "get_prior": (401, 404, 422, 503),
@@ -81,6 +83,7 @@ ERRORS: dict[str, tuple[int, ...]] = {
     "get_archive": (401, 404, 409, 416, 422, 503),
     "plan_page": (401, 404, 503),
     "teacher_page": (401, 404, 503),
+    "index_page": (401, 503),
 }
 
 #: Links for stateful clients: teacher → plan → prior → arrays.

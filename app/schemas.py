@@ -13,7 +13,10 @@ from planner.structure import ACTIVATIONS
 
 __all__ = [
     "PlanCreate",
+    "PlanPage",
     "PlanPublic",
+    "PlanSteps",
+    "PriorPage",
     "PriorPublic",
     "PriorStatus",
     "SequencesRequest",
@@ -258,6 +261,13 @@ class PlanSteps(BaseModel):
     note: str | None = None
 
 
+class PlanPage(BaseModel):
+    """One page of a teacher's plans, oldest first; ``next`` is the next page's URL."""
+
+    items: list[PlanPublic]
+    next: str | None
+
+
 PriorStatus = Literal["queued", "running", "done", "failed"]
 
 
@@ -273,3 +283,10 @@ class PriorPublic(BaseModel):
     created: float
     started: float | None
     finished: float | None
+
+
+class PriorPage(BaseModel):
+    """One page of the priors of a teacher's plans, oldest first."""
+
+    items: list[PriorPublic]
+    next: str | None

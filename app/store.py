@@ -205,6 +205,40 @@ class Store:
             )
             return [_record(PlanRecord, r) for r in rows]
 
+    def plans_page(
+        self, owner: str, teacher_id: str, limit: int, after: str | None = None
+    ) -> list[PlanRecord]:
+        """Up to ``limit`` of the teacher's plans, oldest first, after the plan ``after``
+        (keyset paging on (created, id): stable while plans are added)."""
+        q = select(PlanRow).filter_by(owner=owner, teacher_id=teacher_id)
+        return [_record(PlanRecord, r) for r in self._page(q, PlanRow, limit, after)]
+
+    def priors_page(
+        self, owner: str, teacher_id: str, limit: int, after: str | None = None
+    ) -> list[PriorRecord]:
+        """Up to ``limit`` of the priors of the teacher's plans, oldest first, after the
+        prior ``after``."""
+        q = (
+            select(PriorRow)
+            .join(PlanRow, PriorRow.plan_id == PlanRow.id)
+            .where(PriorRow.owner == owner, PlanRow.teacher_id == teacher_id)
+        )
+        return [_record(PriorRecord, r) for r in self._page(q, PriorRow, limit, after)]
+
+    def _page(self, q, row_cls, limit: int, after: str | None) -> list:
+        with self.session() as s:
+            if after is not None:
+                mark = s.execute(
+                    select(row_cls.created, row_cls.id).where(row_cls.id == after)
+                ).first()
+                if mark is None:
+                    return []
+                q = q.where(
+                    (row_cls.created > mark.created)
+                    | ((row_cls.created == mark.created) & (row_cls.id > mark.id))
+                )
+            return list(s.scalars(q.order_by(row_cls.created, row_cls.id).limit(limit)))
+
     # -- priors -----------------------------------------------------------------------------
     def prior_of(self, owner: str, plan_id: str) -> PriorRecord | None:
         """The plan's prior if one was requested (never creates one)."""

@@ -328,3 +328,22 @@ async def test_step_costs_are_computed_on_request_and_sum_to_the_cost(svc):
     assert sum(s["cost"] for s in got["steps"]) == pytest.approx(plan["cost"], rel=1e-9)
     assert svc.store.plan("public", plan["id"]).info["steps"] == got["steps"]
     assert_problem(await svc.client.get("/v1/plans/p_000000000000000000000000/steps"), 404)
+
+
+async def test_a_teachers_plans_and_priors_are_listed_a_page_at_a_time(svc):
+    structure, arrays = posterior((3, 5, 4, 2), "diag", seed=22)
+    t = (await upload(svc.client, structure, "diag", arrays)).json()
+    plans = [await make_plan(svc.client, t["id"], [3, w, 4, 2]) for w in (1, 2, 3, 4, 5)]
+    priors = [await make_prior(svc.client, p["id"]) for p in plans[:3]]
+    seen, url = [], f"/v1/teachers/{t['id']}/plans?limit=2"
+    while url:
+        page = (await svc.client.get(url)).json()
+        assert len(page["items"]) <= 2
+        seen += [p["id"] for p in page["items"]]
+        url = page["next"]
+    assert seen == [p["id"] for p in plans]
+    page = (await svc.client.get(f"/v1/teachers/{t['id']}/priors?limit=10")).json()
+    assert [r["id"] for r in page["items"]] == [r["id"] for r in priors] and page["next"] is None
+    assert_problem(await svc.client.get(f"/v1/teachers/{t['id']}/plans?limit=0"), 422, "limit")
+    other = "t_000000000000000000000000"
+    assert_problem(await svc.client.get(f"/v1/teachers/{other}/plans"), 404)

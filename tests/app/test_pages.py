@@ -82,9 +82,41 @@ def test_the_plan_page_draws_the_plan(browser, service):
         assert "<script>alert(1)</script>" in page.locator("body").inner_text()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "plan-page.png"), full_page=True)
+        assert "nats" in page.locator("#cost-words").inner_text()
         r = page.goto(f"{service.url}/ui/teachers/{t['id']}")
         assert r.status == 200
         assert page.locator(f"#plans a[href='/ui/plans/{plan['id']}']").count() == 1
+        assert page.locator(f"#plans a[href='/v1/priors/{prior['id']}']").count() == 1
+        # the index lists the tenant's teachers, plans and priors
+        for url in (f"{service.url}/", f"{service.url}/ui/"):
+            assert page.goto(url).status == 200
+            assert page.locator(f"#teachers a[href='/ui/teachers/{t['id']}']").count() == 1
+            assert page.locator(f"#teachers a[href='/ui/plans/{plan['id']}']").count() == 1
+            assert page.locator(f"#teachers a[href='/v1/priors/{prior['id']}']").count() == 1
+    finally:
+        ctx.close()
+
+
+def test_the_api_docs_are_served_without_internet(browser, service):
+    """/docs and /redoc load their scripts and styles from the service itself (a packaged
+    Swagger UI and Redoc), so they render on a closed network; Chromium here has no
+    internet. (Redoc's footer logo is an image from its maker's site: it may be missing.)"""
+    ctx, page = _page(browser, None)
+    try:
+        failed: list[str] = []  # scripts, styles and data the pages could not load
+        page.on(
+            "requestfailed",
+            lambda req: (
+                req.resource_type in ("script", "stylesheet", "fetch", "xhr", "font")
+                and failed.append(req.url)
+            ),
+        )
+        assert page.goto(f"{service.url}/docs").status == 200
+        page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+        assert page.locator(".opblock").count() >= 10
+        assert page.goto(f"{service.url}/redoc").status == 200
+        page.wait_for_selector("[role=navigation], .menu-content", timeout=20_000)
+        assert not [u for u in failed if not u.startswith(service.url)], failed
     finally:
         ctx.close()
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from ...arrays import NAME
 from ...ingest import ingest
 from ...problems import Problem
-from ...schemas import TeacherPublic
+from ...schemas import PlanPage, PriorPage, TeacherPublic
 from ...store import TeacherRecord
 from ...uploads import receive_multipart, staged_upload
 from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, check_id, owned
+from .plans import plan_json
+from .priors import prior_json
 
 router = APIRouter(prefix="/v1/teachers", tags=["teachers"])
 
@@ -118,3 +120,45 @@ def delete_teacher(id: str, store: StoreDep, owner: OwnerDep):  # rows, then arr
     if not store.delete_teacher(owner, check_id(id, "t", "teacher")):
         raise Problem.not_found("teacher", id)
     return Response(status_code=204)
+
+
+#: Items of one page of a listing at most.
+PAGE_MAX = 100
+
+
+def _next(path: str, items: list, limit: int) -> str | None:
+    return f"{path}?limit={limit}&after={items[-1].id}" if len(items) == limit else None
+
+
+@router.get("/{id}/plans", response_model=PlanPage)
+def list_plans(
+    id: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    limit: int = Query(50, ge=1, le=PAGE_MAX, description="plans per page"),
+    after: str | None = Query(None, max_length=64, description="the last plan of the page before"),
+):
+    """The teacher's plans, oldest first, a page at a time (``next`` links the next page)."""
+    t = owned(store, owner, "t", id)
+    items = store.plans_page(owner, t.id, limit, after)
+    return {
+        "items": [plan_json(p) for p in items],
+        "next": _next(f"/v1/teachers/{t.id}/plans", items, limit),
+    }
+
+
+@router.get("/{id}/priors", response_model=PriorPage)
+def list_priors(
+    id: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    limit: int = Query(50, ge=1, le=PAGE_MAX, description="priors per page"),
+    after: str | None = Query(None, max_length=64, description="the last prior of the page before"),
+):
+    """The priors requested for the teacher's plans, oldest first, a page at a time."""
+    t = owned(store, owner, "t", id)
+    items = store.priors_page(owner, t.id, limit, after)
+    return {
+        "items": [prior_json(store, r) for r in items],
+        "next": _next(f"/v1/teachers/{t.id}/priors", items, limit),
+    }
