@@ -3,7 +3,7 @@
 The API streams the multipart parts into storage (``teachers/<id>/upload/``)
 and hands this job a :class:`Staged` upload; the job reads the parts (their own
 files for a local folder; from S3, copies in the worker's cache, which later
-jobs on that worker reuse), validates them (SPEC §7, §8), adopts every part
+jobs on that worker reuse), validates them (docs/theory.md §7, §8), adopts every part
 that is already the final float64 array where it lies (the record names its
 key: nothing is copied), writes the other arrays under ``teachers/<id>/`` and
 returns the record, which the API inserts: a teacher exists once its row does.
@@ -167,7 +167,7 @@ def _ingest(store: Store, up: Staged, tmp: Path) -> TeacherRecord:
             sha, size = st.put_npy(key, arr, np.float64)
             info = {"key": key, "sha256": sha, "bytes": size}
         infos[name] = {"shape": shape, "dtype": "float64", **info}
-        if name in asymmetry:  # measured before symmetrising (SPEC §8)
+        if name in asymmetry:  # measured before symmetrising (docs/theory.md §8)
             infos[name]["asymmetry"] = asymmetry[name]
         if name in derived:
             infos[name]["derived"] = True

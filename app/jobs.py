@@ -1,4 +1,4 @@
-"""Executors: where plans, uploads and priors are computed (SPEC §11).
+"""Executors: where plans, uploads and priors are computed (docs/scaling.md).
 
 * :class:`LocalRunner` (the embedded default): a process pool as large as the
   machine (``PLANNER_EXECUTOR=process``) or a thread pool (``thread``).

@@ -1,4 +1,4 @@
-"""The OpenAPI document as the contract (SPEC §9): every status a route can answer, the
+"""The OpenAPI document as the contract (docs/service.md): every status a route can answer, the
 RFC 9457 problem schema under ``application/problem+json``, and links between operations.
 
 FastAPI documents what the route functions declare: their success responses and a
@@ -55,7 +55,7 @@ REASONS = {
     413: "the request or the work it asks for exceeds a documented limit",
     415: "the body is not multipart/form-data with a boundary",
     416: "the Range header asks for bytes beyond the array",
-    422: "a field breaks the schema or a rule of SPEC §8/§9; `field` says which",
+    422: "a field breaks the schema or a rule of docs/theory.md §8, docs/service.md; `field` says which",
     408: "the request's body stalled past PLANNER_BODY_TIMEOUT",
     503: "retry later: the replica is at PLANNER_MAX_CONNECTIONS, the executor (a Dask "
     "scheduler) is unreachable, the job's worker died (worker-lost), or a search ran past "

@@ -1,4 +1,4 @@
-"""Request and response models, one family per resource (SPEC §9)."""
+"""Request and response models, one family per resource (docs/service.md)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class StructureIn(_Strict):
     kind: Literal["mlp", "rnn"] | None = None
 
     def build(self, parent: Structure | None = None) -> Structure:
-        """The structure, inheriting unset fields from ``parent`` or the SPEC defaults."""
+        """The structure, inheriting unset fields from ``parent`` or the defaults (``docs/service.md``)."""
         for w in self.widths:
             if w > MAX_WIDTH:
                 from planner import InvalidStructure

@@ -14,7 +14,7 @@ __all__ = ["Settings"]
 
 
 class Settings(BaseSettings):
-    """Configuration of one service replica (SPEC §9, §11).
+    """Configuration of one service replica (docs/service.md, docs/scaling.md).
 
     With nothing set, the service is embedded: metadata in SQLite and arrays in
     a folder, both in ``./data``, a process pool as large as the machine, no
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description="most seconds a client may leave between two chunks of a request body "
-        "(408 beyond); headers are bounded by the server's own timeout (see the README)",
+        "(408 beyond); headers are bounded by PLANNER_HEADER_TIMEOUT (docs/limits.md)",
     )
     header_timeout: float = Field(
         10.0, gt=0, description="most seconds a request's line and headers may take to arrive"

@@ -1,5 +1,5 @@
 """A small numpy MLP (no biases, ReLU hidden, identity output) for the seed's experiment:
-training, the GGN Laplace posterior, and variational students (SPEC §10)."""
+training, the GGN Laplace posterior, and variational students (docs/experiments.md)."""
 
 from __future__ import annotations
 

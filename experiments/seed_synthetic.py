@@ -1,4 +1,4 @@
-"""The seed's synthetic Bayesian distillation experiment (SPEC §10), through the service.
+"""The seed's synthetic Bayesian distillation experiment (docs/experiments.md), through the service.
 
     python -m experiments.seed_synthetic [--quick] [--out DIR] [--url URL]
 

@@ -1,6 +1,6 @@
 """alignment-planner's core: exact structure alignment of Gaussian posteriors.
 
-Pure numpy, scipy and networkx; no I/O.  See ``../shared/SPEC.md``.
+Pure numpy, scipy and networkx; no I/O.  The mathematics: ``docs/theory.md``.
 """
 
 from __future__ import annotations

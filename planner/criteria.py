@@ -1,4 +1,4 @@
-"""Named neuron criteria (SPEC §6) behind one callable interface.
+"""Named neuron criteria (docs/theory.md §6) behind one callable interface.
 
 A criterion is data (:class:`Criterion`): a ``score`` callable mapping a
 :class:`NeuronContext` (the posterior, the current tracked layout, a position)
@@ -7,7 +7,7 @@ taken over the group a neuron's removal conditions (its outgoing weights into
 the neurons that are still live), and what the search needs to know about it:
 
 * ``incremental``: the search ranks by the *exact increment* of each removal
-  given everything already conditioned (``posterior_ratio``, SPEC §6), which
+  given everything already conditioned (``posterior_ratio``, docs/theory.md §6), which
   its scorer computes; ``score`` is then the same quantity on the teacher's
   marginal, for callers outside the search;
 * ``needs_gradients``: per-example gradients must be supplied;

@@ -37,15 +37,15 @@ class PlannerError(Exception):
 
 
 class InvalidStructure(PlannerError):
-    """A structure breaks a rule of SPEC §2 (T >= 3, widths >= 1, known activations)."""
+    """A structure breaks a rule of docs/theory.md §2 (T >= 3, widths >= 1, known activations)."""
 
 
 class InvalidPosterior(PlannerError):
-    """Posterior arrays break SPEC §7/§8 (shape, finiteness, symmetry, definiteness)."""
+    """Posterior arrays break docs/theory.md §7/§8 (shape, finiteness, symmetry, definiteness)."""
 
 
 class InvalidOperation(PlannerError):
-    """A φ or ψ step that SPEC §3 forbids on the current structure."""
+    """A φ or ψ step that docs/theory.md §3 forbids on the current structure."""
 
 
 class InvalidPlan(PlannerError):
@@ -53,15 +53,15 @@ class InvalidPlan(PlannerError):
 
 
 class NotInLattice(PlannerError):
-    """The student is not reachable from the teacher by valid steps (SPEC §5)."""
+    """The student is not reachable from the teacher by valid steps (docs/theory.md §5)."""
 
 
 class SingularConstraint(PlannerError):
-    """Σ_BB is numerically singular: the constraint cannot be conditioned on (SPEC §8)."""
+    """Σ_BB is numerically singular: the constraint cannot be conditioned on (docs/theory.md §8)."""
 
 
 class UnknownCriterion(PlannerError):
-    """A criterion name that is not registered (SPEC §6)."""
+    """A criterion name that is not registered (docs/theory.md §6)."""
 
 
 class MissingData(PlannerError):

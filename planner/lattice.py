@@ -1,4 +1,4 @@
-"""The lattice 𝔖_f of structures a teacher generates (SPEC §5).
+"""The lattice 𝔖_f of structures a teacher generates (docs/theory.md §5).
 
 The lattice itself (structures as nodes, single φ(t)/ψ(t) steps as edges) is
 far too large to build for real teachers, so this module works on two compact

@@ -1,4 +1,4 @@
-"""Flat parameter vectors as matrices, and the networks they define (SPEC §2).
+"""Flat parameter vectors as matrices, and the networks they define (docs/theory.md §2).
 
 For training jobs and checks: :func:`unflatten` turns a flat vector in the
 PyTorch layout into per-layer ``(U, V, b)``; :func:`forward` evaluates the MLP

@@ -1,4 +1,4 @@
-"""φ and ψ as data (SPEC §3).
+"""φ and ψ as data (docs/theory.md §3).
 
 An operation does not touch numbers: applied to a :class:`Tracked` layout (the
 current structure, and for every live parameter the teacher index it came
@@ -62,7 +62,7 @@ Op = Phi | Psi
 
 
 def merge_reason(removed: str, kept: str) -> str | None:
-    """The one ψ activation rule (SPEC §3): why a position with activation ``removed``
+    """The one ψ activation rule (docs/theory.md §3): why a position with activation ``removed``
     cannot be merged into its predecessor with ``kept``; ``None`` when it can.
 
     With ``U_t = P_π`` position t computes ``σ_t(P_π h) = P_π σ_t(h)``, which is the
@@ -80,7 +80,7 @@ def merge_reason(removed: str, kept: str) -> str | None:
 
 
 def psi_activation_reason(structure: Structure, t: int) -> str | None:
-    """Why ψ(t) would not preserve the function, or ``None`` when it is valid (SPEC §3)."""
+    """Why ψ(t) would not preserve the function, or ``None`` when it is valid (docs/theory.md §3)."""
     a, prev = structure.activation(t), structure.activation(t - 1)
     why = merge_reason(a, prev)
     if why is None:
@@ -270,7 +270,7 @@ class Tracked:
     def apply_phis(self, t: int, neurons: list[int]) -> Effect:
         """Apply φ(t, i) for each i of ``neurons`` in order, as one batched step.
 
-        Exactly the effect of the single steps (SPEC §3), computed at once: the
+        Exactly the effect of the single steps (docs/theory.md §3), computed at once: the
         indices are current ones, each taken after the previous removals.
         """
         if not neurons:

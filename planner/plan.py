@@ -1,4 +1,4 @@
-"""Plans: a sequence of φ/ψ compiled to one joint conditioning (SPEC §4).
+"""Plans: a sequence of φ/ψ compiled to one joint conditioning (docs/theory.md §4).
 
 Applying a plan step by step is the definition.  Equivalently the plan fixes a
 set ``B`` of teacher parameters with targets ``v`` and the set ``a`` of
@@ -174,7 +174,7 @@ class Plan:
     Raises
     ------
     InvalidOperation
-        If a step breaks a rule of SPEC §3; ``field`` names the step (``ops[k]``).
+        If a step breaks a rule of docs/theory.md §3; ``field`` names the step (``ops[k]``).
     """
 
     teacher: Structure
@@ -217,12 +217,12 @@ class Plan:
         return self.compiled.student
 
     def apply(self, posterior: Posterior) -> Posterior:
-        """The aligned prior: one joint conditioning of ``posterior`` (SPEC §4)."""
+        """The aligned prior: one joint conditioning of ``posterior`` (docs/theory.md §4)."""
         self._check_posterior(posterior)
         return posterior.align(self.compiled)
 
     def cost(self, posterior: Posterior) -> float:
-        """``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``, the plan's Mahalanobis cost (SPEC §4)."""
+        """``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``, the plan's Mahalanobis cost (docs/theory.md §4)."""
         self._check_posterior(posterior)
         return posterior.plan_cost(self.compiled)
 
@@ -273,7 +273,7 @@ MAX_COST_RUNS = 64
 
 
 def step_costs(plan: Plan, posterior: Posterior) -> list[dict] | None:
-    """The cost each run of the plan adds (SPEC §4: a plan's cost is the sum of its
+    """The cost each run of the plan adds (docs/theory.md §4: a plan's cost is the sum of its
     steps' costs, by the chain rule), as exact differences of prefix-plan costs.
 
     A run is a maximal sequence of φ at one layer, or one ψ. Each entry names the run's

@@ -1,4 +1,4 @@
-"""Structures and their parameter layout (SPEC §2).
+"""Structures and their parameter layout (docs/theory.md §2).
 
 A :class:`Structure` is a tuple of widths ``(n_1, …, n_T)`` with an activation
 per position 2..T, a ``bias`` flag and a ``kind`` (``"mlp"`` or ``"rnn"``).
@@ -31,7 +31,7 @@ __all__ = ["ACTIVATIONS", "IDEMPOTENT", "KINDS", "LayerIndex", "Structure"]
 ACTIVATIONS = frozenset(
     {"identity", "relu", "relu6", "hardtanh", "step", "sigmoid", "tanh", "gelu", "leaky_relu"}
 )
-#: Activations with σ∘σ = σ (SPEC §3, validity of ψ).
+#: Activations with σ∘σ = σ (docs/theory.md §3, validity of ψ).
 IDEMPOTENT = frozenset({"identity", "relu", "relu6", "hardtanh", "step"})
 KINDS = frozenset({"mlp", "rnn"})
 
@@ -149,7 +149,7 @@ class Structure:
         bias: bool = False,
         kind: str = "mlp",
     ) -> Structure:
-        """The SPEC §9 form: a hidden ``activation`` (one name or one per hidden position)."""
+        """The docs/service.md form: a hidden ``activation`` (one name or one per hidden position)."""
         widths = tuple(widths)
         n_hidden = max(len(widths) - 2, 0)
         if isinstance(activation, str):

@@ -1,4 +1,4 @@
-"""Torch adapters for training jobs (SPEC §12): laplace-torch in, the aligned prior out.
+"""Torch adapters for training jobs (docs/torch.md): laplace-torch in, the aligned prior out.
 
 >>> from planner_client.torch import structure_of, from_laplace, load_mean, PriorPenalty
 >>> fmt, arrays = from_laplace(la)                              # doctest: +SKIP
@@ -43,7 +43,7 @@ __all__ = [
     "to_distribution",
 ]
 
-#: The posterior formats a prior can come in (SPEC §7).
+#: The posterior formats a prior can come in (docs/theory.md §7).
 FORMATS = ("full", "diag", "lowrank", "kron", "precision")
 
 Prior = Mapping[str, Any]
@@ -91,7 +91,7 @@ def _flatten(seq: nn.Sequential, prefix: str = "") -> Iterable[tuple[str, nn.Mod
 
 
 def structure_of(module: nn.Module, head: nn.Linear | None = None) -> dict[str, Any]:
-    """The structure JSON (SPEC §9) of a torch network.
+    """The structure JSON (docs/service.md) of a torch network.
 
     ``module`` is an ``nn.Sequential`` of ``nn.Linear`` layers, each followed by at
     most one activation (``nn.Flatten`` first and ``nn.Dropout`` anywhere are
@@ -223,7 +223,7 @@ def _h_factor(la) -> float:
 def from_laplace(la, format: str | None = None) -> tuple[str, dict[str, np.ndarray]]:
     """``(format, arrays)`` in this service's layout from a fitted laplace-torch posterior.
 
-    The mean is ``la.mean`` (``parameters_to_vector`` order, SPEC §2); the prior
+    The mean is ``la.mean`` (``parameters_to_vector`` order, docs/theory.md §2); the prior
     precision is part of every posterior below, as laplace-torch defines it
     (``h·H + P₀``, ``h = 1 / (σ² · temperature)``).
 

@@ -1,4 +1,4 @@
-"""A slow, obviously correct reference for φ and ψ (SPEC §3).
+"""A slow, obviously correct reference for φ and ψ (docs/theory.md §3).
 
 Written independently of ``planner.ops``/``planner.plan``: its own layout (a
 dict from ``("U"|"V"|"b", t, row, col)`` to flat index, built by loops), its

@@ -1,4 +1,4 @@
-"""Slow, obviously correct references for the search (SPEC §5, §6).
+"""Slow, obviously correct references for the search (docs/theory.md §5, §6).
 
 Written independently of ``planner``: the routes, the greedy of exact
 increments and the brute force all speak the reference's own layout and rules
@@ -6,8 +6,8 @@ increments and the brute force all speak the reference's own layout and rules
 covariance, ``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``, from scratch every time.
 
 * :func:`ref_routes` lists every way the student's positions can come from
-  blocks of consecutive teacher positions (SPEC §5 rules, written again here).
-* :func:`ref_greedy` is the contract of SPEC §6: per route, from the output
+  blocks of consecutive teacher positions (docs/theory.md §5 rules, written again here).
+* :func:`ref_greedy` is the contract of docs/theory.md §6: per route, from the output
   down, a shrinking position removes, one at a time, the neuron of least exact
   increment given everything conditioned so far (ties, within 1e-9 of the cost so far:
   the lowest index); a
@@ -156,7 +156,7 @@ def _greedy_route(net: RefNet, mean, cov, widths, route) -> float:
 
 
 def ref_greedy(net: RefNet, mean, cov, widths: list[int], acts: list[str]) -> float:
-    """The cost of the greedy of exact increments (SPEC §6), the least over routes."""
+    """The cost of the greedy of exact increments (docs/theory.md §6), the least over routes."""
     costs = [_greedy_route(net, mean, cov, widths, r) for r in ref_routes(net, widths, acts)]
     assert costs, "the student is not in the lattice"
     return min(costs)

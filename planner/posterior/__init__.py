@@ -1,4 +1,4 @@
-"""Posterior formats behind one Gaussian interface (SPEC §7)."""
+"""Posterior formats behind one Gaussian interface (docs/theory.md §7)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ __all__ = [
     "from_arrays",
 ]
 
-#: Registered formats by their SPEC §7 name.
+#: Registered formats by their docs/theory.md §7 name.
 FORMATS: dict[str, type[Posterior]] = {
     cls.format: cls
     for cls in (FullPosterior, DiagPosterior, LowRankPosterior, KronPosterior, PrecisionPosterior)

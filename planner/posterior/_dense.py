@@ -44,7 +44,7 @@ def gather(A: np.ndarray, rows: np.ndarray, cols: np.ndarray, copy: bool = True)
 
 class DensePosterior(Posterior):
     """A Gaussian held by one dense SPD matrix, named ``array_names[0]``: validated once
-    (SPEC §8), its lower Cholesky factor computed at most once."""
+    (docs/theory.md §8), its lower Cholesky factor computed at most once."""
 
     def __init__(
         self,

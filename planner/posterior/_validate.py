@@ -1,4 +1,4 @@
-"""Validation of posterior arrays at the edge (SPEC §8): validate once, then trust."""
+"""Validation of posterior arrays at the edge (docs/theory.md §8): validate once, then trust."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import scipy.linalg as sla
 
 from ..errors import InvalidPosterior, SingularConstraint
 
-#: Relative symmetry tolerance, whatever the dtype (SPEC §8): a float32 matrix upcast to
+#: Relative symmetry tolerance, whatever the dtype (docs/theory.md §8): a float32 matrix upcast to
 #: float64 by its client (laplace-torch's GGN, say) is asymmetric at ~1e-8 and accepted.
 SYMMETRY_RTOL = 1e-5
 _REPORT: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
@@ -74,7 +74,7 @@ def positive_vector(a: np.ndarray, name: str, n: int) -> np.ndarray:
 def spd_matrix(
     a: np.ndarray, name: str, n: int, workspace: Workspace | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Check a covariance or precision: finite, symmetric (SPEC §8 tolerance), PD.
+    """Check a covariance or precision: finite, symmetric (docs/theory.md §8 tolerance), PD.
 
     Returns the float64 matrix, symmetrised, and its lower Cholesky factor.
     The checks read the matrix in blocks.  With ``workspace`` (a callable
@@ -141,7 +141,7 @@ def spd_matrix(
 
 
 def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:
-    """Lower Cholesky factor of Σ_BB, refusing a numerically singular block (SPEC §8)."""
+    """Lower Cholesky factor of Σ_BB, refusing a numerically singular block (docs/theory.md §8)."""
     k = S_BB.shape[0]
     if k == 0:
         return np.zeros((0, 0))
@@ -168,7 +168,7 @@ def difference_cost(whole: float, part: float, k: int, what: str) -> float:
     precision and Woodbury formulas) over ``k`` conditioned parameters.  When the
     difference is within rounding of ``whole`` (``10 k ε whole``, the scale at which the
     dense formula refuses a Cholesky pivot), every significant digit is lost: the
-    conditioned parameters' covariance is numerically singular (SPEC §8)."""
+    conditioned parameters' covariance is numerically singular (docs/theory.md §8)."""
     quad = whole - part
     if whole > 0 and quad <= 10 * k * np.finfo(float).eps * whole:
         raise SingularConstraint(

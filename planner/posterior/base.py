@@ -1,4 +1,4 @@
-"""The Gaussian interface every posterior format implements (SPEC §3, §7).
+"""The Gaussian interface every posterior format implements (docs/theory.md §3, §7).
 
 A posterior is an immutable Gaussian ``N(m, Σ)`` over the flat parameters of a
 structure.  Formats differ in how Σ is held; they agree on this interface:
@@ -29,7 +29,7 @@ class Posterior(ABC):
     """A Gaussian posterior over the parameters of ``structure``."""
 
     format: ClassVar[str]
-    #: Array names of the format besides ``mean`` (SPEC §7).
+    #: Array names of the format besides ``mean`` (docs/theory.md §7).
     array_names: ClassVar[tuple[str, ...]]
     #: Whether the coordinates are independent (a plan's cost is then a sum over its
     #: conditioned parameters, which the search's exchange moves use).
@@ -54,7 +54,7 @@ class Posterior(ABC):
     def from_arrays(
         cls, structure: Structure, arrays: Mapping[str, np.ndarray], workspace=None
     ) -> Posterior:
-        """Validate the arrays of this format against ``structure`` (SPEC §7, §8).
+        """Validate the arrays of this format against ``structure`` (docs/theory.md §7, §8).
 
         ``workspace``, when given, allocates the large scratch arrays validation
         needs (e.g. as disk-backed memory maps); formats without any ignore it.
@@ -62,7 +62,7 @@ class Posterior(ABC):
 
     @classmethod
     def names(cls, structure: Structure) -> tuple[str, ...]:
-        """Every array name of this format for ``structure`` (SPEC §7)."""
+        """Every array name of this format for ``structure`` (docs/theory.md §7)."""
         return ("mean", *cls.array_names)
 
     @classmethod
@@ -73,7 +73,7 @@ class Posterior(ABC):
 
     @abstractmethod
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The arrays of this format, by their SPEC §7 names."""
+        """The arrays of this format, by their docs/theory.md §7 names."""
 
     #: Names of arrays derived from the format's own (e.g. a factorisation) that a store
     #: may keep beside them and give back to :meth:`from_validated`.
@@ -98,7 +98,7 @@ class Posterior(ABC):
 
     @abstractmethod
     def constraint_cost(self, B: np.ndarray, values: np.ndarray) -> float:
-        """``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)`` (SPEC §4)."""
+        """``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)`` (docs/theory.md §4)."""
 
     def align(self, plan) -> Posterior:
         """The aligned posterior of a compiled plan (``planner.plan.CompiledPlan``).
@@ -168,7 +168,7 @@ class Posterior(ABC):
         return None
 
     def scorer(self):
-        """The exact incremental conditioning the search uses (SPEC §6): dense blocks
+        """The exact incremental conditioning the search uses (docs/theory.md §6): dense blocks
         of Σ by default; formats with structure supply their own."""
         from .scoring import DenseScorer
 
@@ -196,7 +196,7 @@ class Posterior(ABC):
         """``½ m_gᵀ Σ_gg⁻¹ m_g`` for each row ``g`` of ``groups`` (n × k indices).
 
         The cost of conditioning each group to zero on its own: the
-        ``posterior_ratio`` score of SPEC §6.  Formats override this with a
+        ``posterior_ratio`` score of docs/theory.md §6.  Formats override this with a
         vectorised kernel; this generic one factorises one block at a time.
         """
         out = np.empty(len(groups))

@@ -1,4 +1,4 @@
-"""The ``diag`` format: mean and variances (SPEC §7).
+"""The ``diag`` format: mean and variances (docs/theory.md §7).
 
 Coordinates are independent, so conditioning leaves the others untouched:
 alignment is selection.

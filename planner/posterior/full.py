@@ -1,4 +1,4 @@
-"""The ``full`` format: mean and dense covariance (SPEC §3, §7, §8)."""
+"""The ``full`` format: mean and dense covariance (docs/theory.md §3, §7, §8)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class FullPosterior(DensePosterior):
     """``N(mean, covariance)`` with a dense covariance.
 
     Conditioning is one Cholesky of Σ_BB, one triangular solve against Σ_Ba and
-    one product for the kept block (SPEC §8): never k copies of Σ.
+    one product for the kept block (docs/theory.md §8): never k copies of Σ.
     """
 
     format = "full"

@@ -1,4 +1,4 @@
-"""The ``kron`` format: per layer ``Cov(U[i,j], U[k,l]) = G[i,k] A[j,l]`` (SPEC §7).
+"""The ``kron`` format: per layer ``Cov(U[i,j], U[k,l]) = G[i,k] A[j,l]`` (docs/theory.md §7).
 
 Layers are independent (and biases independent of weights).  Arrays: ``mean``
 and, for each layer t = 2..T, ``row{t}`` (G, out × out), ``col{t}`` (A,
@@ -43,7 +43,7 @@ DENSE_PARAMS = 4096
 
 def _chol(S: np.ndarray, what: str) -> np.ndarray:
     """Cholesky factor of a block met while conditioning; a block that is not numerically
-    positive definite makes the plan's constraint singular (SPEC §8)."""
+    positive definite makes the plan's constraint singular (docs/theory.md §8)."""
     try:
         L = sla.cholesky(S, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
@@ -413,7 +413,7 @@ class _LayerState:
 
 
 class KronScorer:
-    """Exact incremental conditioning of a layer-wise Kronecker posterior (SPEC §6, §7).
+    """Exact incremental conditioning of a layer-wise Kronecker posterior (docs/theory.md §6, §7).
 
     Layers are independent, so each keeps its own matrix-normal state.  The
     search's candidates are whole columns of a layer over its current rows (a

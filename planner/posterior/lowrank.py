@@ -1,4 +1,4 @@
-"""The ``lowrank`` format: ``Σ = diag(variance) + F Fᵀ`` (SPEC §7; SWAG's form).
+"""The ``lowrank`` format: ``Σ = diag(variance) + F Fᵀ`` (docs/theory.md §7; SWAG's form).
 
 With ``D = diag(variance)`` and ``B`` conditioned, ``a`` kept (disjoint, so
 ``Σ_aB = F_a F_Bᵀ``), Woodbury gives, for ``C = (I + F_Bᵀ D_B⁻¹ F_B)⁻¹``::
@@ -193,7 +193,7 @@ class LowRankPosterior(Posterior):
 
 
 class LowRankScorer:
-    """Exact incremental conditioning of ``Σ = D + F Fᵀ`` by Woodbury (SPEC §6, §7).
+    """Exact incremental conditioning of ``Σ = D + F Fᵀ`` by Woodbury (docs/theory.md §6, §7).
 
     Everything committed enters through three sums over B (D diagonal, so they
     add up group by group): the capacitance ``I + F_Bᵀ D_B⁻¹ F_B`` (k × k),

@@ -1,4 +1,4 @@
-"""Exact incremental conditioning: the one scoring interface the search uses (SPEC §6).
+"""Exact incremental conditioning: the one scoring interface the search uses (docs/theory.md §6).
 
 A search commits constraints one group at a time (a neuron's outgoing weights
 to zero, a merged layer's rows to unit vectors) and, before each commit, scores
@@ -206,7 +206,7 @@ def _batched_increments(S: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 class DenseScorer:
-    """Incremental conditioning through dense blocks of Σ (any format, SPEC §6).
+    """Incremental conditioning through dense blocks of Σ (any format, docs/theory.md §6).
 
     State: the committed set B in commit order with its targets and its cost;
     the lower Cholesky factor ``L`` of Σ_BB and ``z = L⁻¹ (v_B − m_B)`` (so the

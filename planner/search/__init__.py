@@ -1,4 +1,4 @@
-"""The search: route × neurons × order → the plan of least exact cost (SPEC §4–§6).
+"""The search: route × neurons × order → the plan of least exact cost (docs/theory.md §4–§6).
 
 1. **Routes** (:mod:`.routes`): all of them when there are few, else the ``k``
    best by exact block costs.
@@ -48,7 +48,7 @@ __all__ = ["Budget", "SearchResult", "random_plan", "search"]
 
 #: Routes finished at most (the best by exact block costs when there are more).
 MAX_ROUTES = 8
-#: Improvement budget per effort (SPEC §6), as (one-shot conditionings of the constructed
+#: Improvement budget per effort (docs/theory.md §6), as (one-shot conditionings of the constructed
 #: plan's B, a floor of flops every search may spend, the flops a branch and bound may
 #: spend when it can enumerate the whole choice space). ``fast`` (the default) keeps a
 #: plan within about 3 one-shot conditionings of its own B (the construction is 1–2.5 of
@@ -114,7 +114,7 @@ def search(
     criterion : str or Criterion
         ``"posterior_ratio"`` (default): the greedy of exact increments.
         Others rank the neurons of shrinking positions by their own score
-        (SPEC §6); ``"random"`` is the seed's baseline and is never improved.
+        (docs/theory.md §6); ``"random"`` is the seed's baseline and is never improved.
     seed : int
         Seeds the ``random`` criterion.
     gradients : array (examples × p), optional

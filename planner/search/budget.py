@@ -1,4 +1,4 @@
-"""What a search may spend (SPEC §6, "deterministic budgets, sized by the work").
+"""What a search may spend (docs/theory.md §6, "deterministic budgets, sized by the work").
 
 The budget is counted in *work* (floating-point operations, as the posterior's
 scorer reports them for each exact evaluation), never in seconds, so the same

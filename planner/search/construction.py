@@ -1,8 +1,8 @@
-"""The constructive pass: one route, one plan, by exact increments (SPEC §6).
+"""The constructive pass: one route, one plan, by exact increments (docs/theory.md §6).
 
 Blocks are visited from the output down, so every position is reduced after
 the positions above it (deeper first: a neuron's removal then conditions only
-its outgoing weights into surviving neurons, which never costs more, SPEC §4):
+its outgoing weights into surviving neurons, which never costs more, docs/theory.md §4):
 
 * a position that shrinks removes, one at a time, the neuron whose removal has
   the least exact increment given everything conditioned so far (ties: the
@@ -151,7 +151,7 @@ class _Builder:
 
 
 #: Increments this close (relative to the cost so far) are ties, broken by the lowest
-#: index (SPEC §6): rounding noise must not decide between two equally cheap neurons.
+#: index (docs/theory.md §6): rounding noise must not decide between two equally cheap neurons.
 TIE = 1e-9
 
 

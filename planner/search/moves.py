@@ -1,4 +1,4 @@
-"""Exchange moves on an MLP plan, in families scored at once (SPEC §6).
+"""Exchange moves on an MLP plan, in families scored at once (docs/theory.md §6).
 
 For a plan built deeper first, every teacher layer ℓ contributes to the
 conditioned set B one block (kept neurons ``K``, dropped ``D``):

@@ -1,4 +1,4 @@
-"""Routes: which teacher positions survive, chosen by exact block costs (SPEC §5, §6).
+"""Routes: which teacher positions survive, chosen by exact block costs (docs/theory.md §5, §6).
 
 A route assigns each student position a block of consecutive teacher
 positions.  When there are few routes every one is finished; otherwise each

@@ -1,4 +1,4 @@
-"""The real parts of the scaled-out configuration (SPEC §11), for tests.
+"""The real parts of the scaled-out configuration (docs/scaling.md), for tests.
 
 * PostgreSQL: the server on 127.0.0.1:5432 (trust authentication); every test
   gets a database of its own, created here and dropped after.

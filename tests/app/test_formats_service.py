@@ -1,4 +1,4 @@
-"""The structured formats through the service (SPEC §7): end to end and bad inputs."""
+"""The structured formats through the service (docs/theory.md §7): end to end and bad inputs."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ async def test_every_format_end_to_end(svc, fmt):
     done = await wait_done(svc.client, prior["id"])
     assert done["status"] == "done", done
     expect = core.plan.apply(core_post).to_arrays()
-    assert set(done["arrays"]) == set(expect)  # the same form, the same names (SPEC §7)
+    assert set(done["arrays"]) == set(expect)  # the same form, the same names (docs/theory.md §7)
     for name, value in expect.items():
         r = await svc.client.get(f"/v1/priors/{prior['id']}/arrays/{name}")
         assert np.array_equal(np.load(io.BytesIO(r.content)), value), name

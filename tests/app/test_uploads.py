@@ -303,7 +303,7 @@ async def test_archives_are_checked_from_their_headers_before_extraction(svc):
 
 
 async def test_symmetry_is_checked_at_1e_5_relative_whatever_the_dtype(svc):
-    """SPEC §8: a float32 GGN upcast to float64 by its client (2e-8 relative, as
+    """docs/theory.md §8: a float32 GGN upcast to float64 by its client (2e-8 relative, as
     laplace-torch's) is accepted and symmetrised, its measured asymmetry kept."""
     structure, arrays = posterior((3, 4, 4, 2), "full", seed=4)
     for dtype in (np.float32, np.float64):

@@ -221,12 +221,13 @@ def test_workers_end_with_the_server(tmp_path, how):
 
 
 README = Path(__file__).parents[2] / "README.md"
+SERVICE_DOC = Path(__file__).parents[2] / "docs" / "service.md"
 
 
-def test_the_readme_curl_walkthrough_runs(server, tmp_path):
+def test_the_curl_walkthrough_runs(server, tmp_path):
     import re
 
-    block = re.search(r"```sh\n(URL=.*?)```", README.read_text(), re.S).group(1)
+    block = re.search(r"```sh\n(URL=.*?)```", SERVICE_DOC.read_text(), re.S).group(1)
     env = {
         **os.environ,
         "URL": server.url,
@@ -246,12 +247,24 @@ def test_the_readme_curl_walkthrough_runs(server, tmp_path):
     assert sorted(np.load(tmp_path / "prior.npz").files) == ["covariance", "mean"]
 
 
-def test_the_readme_client_example_runs(server, tmp_path, monkeypatch, capsys):
+def test_the_client_example_runs(server, tmp_path, monkeypatch, capsys):
     import re
 
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", SERVICE_DOC.read_text(), re.S)
     code = next(b for b in blocks if "# needs a running service" in b)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.replace("http://127.0.0.1:8000", server.url), "README", "exec"), {})
+    exec(compile(code.replace("http://127.0.0.1:8000", server.url), "service.md", "exec"), {})
     assert "(550,)" in capsys.readouterr().out
     assert (tmp_path / "prior.safetensors").stat().st_size > 550 * 8
+
+
+def test_the_readme_examples_run_against_a_server(server, capsys):
+    """The README's first example, then its service example, in one namespace."""
+    import re
+
+    namespace: dict = {}
+    for code in re.findall(r"```python\n(.*?)```", README.read_text(), re.S):
+        code = code.replace("http://127.0.0.1:8000", server.url)
+        exec(compile(code, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].endswith("(124,)"), out

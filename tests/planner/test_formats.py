@@ -1,4 +1,4 @@
-"""Structured formats (SPEC §7) against the slow dense reference.
+"""Structured formats (docs/theory.md §7) against the slow dense reference.
 
 Each format is aligned in its own closed form; the reference conditions the
 densified covariance step by step.  Mean, covariance and cost agree to 1e-9.
@@ -203,7 +203,7 @@ def test_a_kron_posterior_refuses_arbitrary_conditioning_with_a_typed_error():
 def test_a_numerically_singular_constraint_is_refused(fmt):
     """Two outgoing weights that are numerically one variable, conditioned along it: the
     dense formula meets a vanishing pivot, Woodbury a cancellation, kron a singular
-    column factor; each refuses with a typed error naming the plan (SPEC §8)."""
+    column factor; each refuses with a typed error naming the plan (docs/theory.md §8)."""
     from planner import FullPosterior, SingularConstraint
 
     s = Structure.mlp((1, 2, 1))  # U_2 (2 params), then U_3 (2 params: indices 2, 3)

@@ -1,4 +1,4 @@
-"""The lattice 𝔖_f against brute force over the reference's own rules (SPEC §5)."""
+"""The lattice 𝔖_f against brute force over the reference's own rules (docs/theory.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One-pass plans against the slow step-by-step reference (SPEC §3, §4)."""
+"""One-pass plans against the slow step-by-step reference (docs/theory.md §3, §4)."""
 
 from __future__ import annotations
 

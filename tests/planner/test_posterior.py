@@ -1,4 +1,4 @@
-"""Posterior validation (SPEC §7, §8), in memory and with a disk-backed workspace."""
+"""Posterior validation (docs/theory.md §7, §8), in memory and with a disk-backed workspace."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The scoring kernels (SPEC §6) against one another and against dense conditioning.
+"""The scoring kernels (docs/theory.md §6) against one another and against dense conditioning.
 
 Every format's scorer must give the exact increments and costs of the dense
 formulas: the Woodbury kernel (``lowrank``), the per-layer matrix-normal kernel

@@ -1,4 +1,4 @@
-"""The search (SPEC §6): no worse than the greedy of exact increments, the exhaustive
+"""The search (docs/theory.md §6): no worse than the greedy of exact increments, the exhaustive
 optimum where it can be enumerated, one plan per Gaussian, exact on planted structure.
 
 The references (``tests.reference_search``) are independent of ``planner``: the

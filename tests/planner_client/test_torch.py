@@ -1,4 +1,4 @@
-"""The torch adapters (SPEC §12) against real laplace-torch objects and dense formulas."""
+"""The torch adapters (docs/torch.md) against real laplace-torch objects and dense formulas."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``/v1/teachers/{id}/plans`` and ``/v1/plans/{id}`` (SPEC §9)."""
+"""``/v1/teachers/{id}/plans`` and ``/v1/plans/{id}`` (docs/service.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``/v1/structures``: the lattice 𝔖_f (SPEC §5)."""
+"""``/v1/structures``: the lattice 𝔖_f (docs/theory.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``/v1/teachers``: upload, list, read, delete (SPEC §9)."""
+"""``/v1/teachers``: upload, list, read, delete (docs/service.md)."""
 
 from __future__ import annotations
 
