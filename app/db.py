@@ -1,4 +1,5 @@
-"""The metadata database: SQLAlchemy 2 tables, one schema for SQLite and PostgreSQL (docs/scaling.md).
+"""The metadata database: SQLAlchemy 2 tables, one schema for SQLite and PostgreSQL
+(docs/scaling.md).
 
 ``PLANNER_DATABASE_URL`` selects it: SQLite in ``PLANNER_DATA_DIR`` by default,
 ``postgresql+psycopg://user@host:5432/db`` scaled out.  The schema is created

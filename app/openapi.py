@@ -55,7 +55,8 @@ REASONS = {
     413: "the request or the work it asks for exceeds a documented limit",
     415: "the body is not multipart/form-data with a boundary",
     416: "the Range header asks for bytes beyond the array",
-    422: "a field breaks the schema or a rule of docs/theory.md §8, docs/service.md; `field` says which",
+    422: "a field breaks the schema or a rule of docs/theory.md §8 or docs/service.md; "
+    "`field` says which",
     408: "the request's body stalled past PLANNER_BODY_TIMEOUT",
     503: "retry later: the replica is at PLANNER_MAX_CONNECTIONS, the executor (a Dask "
     "scheduler) is unreachable, the job's worker died (worker-lost), or a search ran past "

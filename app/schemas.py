@@ -75,7 +75,8 @@ class StructureIn(_Strict):
     kind: Literal["mlp", "rnn"] | None = None
 
     def build(self, parent: Structure | None = None) -> Structure:
-        """The structure, inheriting unset fields from ``parent`` or the defaults (``docs/service.md``)."""
+        """The structure, inheriting unset fields from ``parent`` or the defaults
+        (``docs/service.md``)."""
         for w in self.widths:
             if w > MAX_WIDTH:
                 from planner import InvalidStructure

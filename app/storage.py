@@ -1,4 +1,5 @@
-"""Arrays in storage, through fsspec: a local folder by default, S3 when scaled out (docs/scaling.md).
+"""Arrays in storage, through fsspec: a local folder by default, S3 when scaled out
+(docs/scaling.md).
 
 Every object is written once under its own key and becomes visible by one
 commit: locally a rename of a complete, fsynced temporary file; on S3 the

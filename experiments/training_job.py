@@ -1,4 +1,5 @@
-"""A training job end to end, as docs/torch.md shows it: teacher → laplace-torch → service → student.
+"""A training job end to end, as docs/torch.md shows it: teacher → laplace-torch →
+service → student.
 
     python -m experiments.training_job [--url URL]
 

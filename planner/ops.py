@@ -80,7 +80,8 @@ def merge_reason(removed: str, kept: str) -> str | None:
 
 
 def psi_activation_reason(structure: Structure, t: int) -> str | None:
-    """Why ψ(t) would not preserve the function, or ``None`` when it is valid (docs/theory.md §3)."""
+    """Why ψ(t) would not preserve the function, or ``None`` when it is valid
+    (docs/theory.md §3)."""
     a, prev = structure.activation(t), structure.activation(t - 1)
     why = merge_reason(a, prev)
     if why is None:

@@ -149,7 +149,8 @@ class Structure:
         bias: bool = False,
         kind: str = "mlp",
     ) -> Structure:
-        """The docs/service.md form: a hidden ``activation`` (one name or one per hidden position)."""
+        """The form of docs/service.md: a hidden ``activation`` (one name or one per hidden
+        position)."""
         widths = tuple(widths)
         n_hidden = max(len(widths) - 2, 0)
         if isinstance(activation, str):

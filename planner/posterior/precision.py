@@ -103,7 +103,7 @@ class PrecisionPosterior(DensePosterior):
             part = float(z @ z)
         return difference_cost(whole, part, B.size, "the plan")
 
-    # -- the precision side of the search's blocks (docs/theory.md §6) ----------------------------------
+    # -- the precision side of the search's blocks (docs/theory.md §6) ---------------------
     def _covariance_route_work(self, idx: np.ndarray) -> float:
         """Flops of forming Σ over ``idx`` by solves with the trailing factor, then inverting."""
         t = self.n - int(idx.min()) if idx.size else 0
