@@ -31,12 +31,14 @@ from planner.search import search
 
 from .problems import Problem, problem_from_planner_error
 from .storage import Storage
-from .store import Store, TeacherRecord
+from .store import PlanRecord, Store, TeacherRecord, new_id
 
 __all__ = [
     "Config",
     "load_posterior",
+    "plan_record",
     "run_plan",
+    "run_plan_job",
     "run_prior",
     "run_steps",
     "scratch",
@@ -193,10 +195,12 @@ def run_plan(
     effort: str = "fast",
     memory: float | None = None,
     max_ops: int | None = None,
+    stop=None,
 ) -> dict:
     """Search (or validate and score ``ops``); raises ``PlannerError`` for bad requests.
     ``seconds`` is the search's wall-clock safety net (``PLANNER_PLAN_SECONDS``),
-    ``memory`` what its improvement may hold, ``max_ops`` the longest plan answered."""
+    ``memory`` what its improvement may hold, ``max_ops`` the longest plan answered,
+    ``stop`` a callable that cancels the search once it returns True."""
     store = store_for(config)
     rec = store.teacher_for_job(teacher_id)
     if rec is None:
@@ -206,7 +210,7 @@ def run_plan(
     except FileNotFoundError:  # deleted while the request was on its way
         raise Problem.not_found("teacher", teacher_id) from None
     with threadpool_limits(blas_threads(post)):
-        out = _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory)
+        out = _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory, stop)
     if max_ops is not None and len(out["ops"]) > max_ops:
         raise Problem(
             413,
@@ -219,7 +223,7 @@ def run_plan(
     return out
 
 
-def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory) -> dict:
+def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory, stop) -> dict:
     target = structure_from_json(student)
     if ops is not None:
         plan = Plan.from_json(post.structure, ops)
@@ -245,6 +249,7 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memo
             seconds=seconds,
             effort=effort,
             memory=memory,
+            stop=stop,
         )
         plan, cost = found.plan, found.cost
         stats = {
@@ -269,6 +274,68 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memo
             "search": stats,
         },
     }
+
+
+def plan_record(owner: str, teacher_id: str, request: dict, out: dict) -> PlanRecord:
+    """The record of a plan computed for ``request`` (what ``POST …/plans`` carries:
+    ``student``, ``criterion``, ``seed``, ``ops``), from :func:`run_plan`'s answer."""
+    searched = request.get("ops") is None
+    return PlanRecord(
+        new_id("p"),
+        owner,
+        teacher_id,
+        request["student"],
+        request["criterion"] if searched else None,
+        request["seed"] if searched else None,
+        out["ops"],
+        out["cost"],
+        out["info"],
+        time.time(),
+    )
+
+
+def run_plan_job(config: Config, job_id: str) -> dict:
+    """A plan requested with ``Prefer: respond-async``: claimed like a prior, searched
+    under a lease (a replica or worker lost mid-search loses no plan: the job is run
+    again), stopped as soon as it is cancelled, and recorded with its plan in one
+    transaction only while the claim holds.  Returns ``{"status", "seconds"}``."""
+    t0 = time.perf_counter()
+    store = store_for(config)
+    token = secrets.token_hex(8)
+    job = store.claim(job_id, token, config.lease_seconds)
+    if job is None:
+        return {"status": "skipped", "seconds": time.perf_counter() - t0}
+    lease = _Lease(store, job_id, token, config.lease_seconds)
+    req = job.request
+    try:
+        try:
+            out = run_plan(
+                config,
+                job.teacher_id,
+                req["student"],
+                req["criterion"],
+                req["seed"],
+                req["ops"],
+                req["seconds"],
+                req["effort"],
+                req["memory"],
+                req["max_ops"],
+                stop=lease.lost.is_set,
+            )
+        except (PlannerError, Problem) as exc:
+            problem = exc if isinstance(exc, Problem) else problem_from_planner_error(exc)
+            done = store.complete(job_id, token, status="failed", problem=problem.to_json())
+            return {"status": "failed" if done else "lost", "seconds": time.perf_counter() - t0}
+        except Exception:
+            log.exception("plan job %s failed", job_id)
+            problem = Problem(500, "internal", "Internal server error", "the search failed (a bug)")
+            done = store.complete(job_id, token, status="failed", problem=problem.to_json())
+            return {"status": "failed" if done else "lost", "seconds": time.perf_counter() - t0}
+        plan = plan_record(job.owner, job.teacher_id, req, out)
+        done = store.complete_plan_job(job_id, token, plan)
+        return {"status": "done" if done else "lost", "seconds": time.perf_counter() - t0}
+    finally:
+        lease.stop()
 
 
 def run_steps(config: Config, plan_id: str) -> list[dict] | None:

@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "PlanRow", "PriorRow", "TeacherRow", "engine_for", "migrate"]
+__all__ = ["Base", "PlanJobRow", "PlanRow", "PriorRow", "TeacherRow", "engine_for", "migrate"]
 
 #: The advisory lock that serialises migrations of replicas starting together.
 _MIGRATION_LOCK = 0x706C616E6E6572  # "planner"
@@ -96,6 +96,32 @@ class PriorRow(Base):
     submitted: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("priors_status", "status"),)
+
+
+class PlanJobRow(Base):
+    """A plan computed as a job (``Prefer: respond-async``): the request, its state and,
+    once done, the plan it made."""
+
+    __tablename__ = "plan_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64))
+    teacher_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("teachers.id", ondelete="CASCADE"), index=True
+    )
+    request: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16))
+    plan_id: Mapped[str | None] = mapped_column(String(32))
+    problem: Mapped[dict[str, Any] | None]
+    created: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float)
+    claim: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    submitted: Mapped[float | None] = mapped_column(Float)
+
+    __table_args__ = (Index("plan_jobs_status", "status"),)
 
 
 def engine_for(url: str) -> Engine:

@@ -7,12 +7,12 @@
   ids and a :class:`~app.compute.Config`; workers read and write through the
   same database and storage.
 
-Plans and uploads are awaited (``run``).  A prior is *submitted*
-(``submit_prior``) and its row is the truth: the job claims it by a
-conditional update, renews a lease while it works and completes it only while
-it holds the claim.  Every replica runs a reaper that puts back in the queue
-the running priors whose lease expired (their worker died) and hands to its
-executor the queued priors whose submission may be lost (with a scheduler or a
+Plans and uploads are awaited (``run``).  A prior, and a plan asked for with
+``Prefer: respond-async``, is a *job*, *submitted* (``submit``) by id, and its row
+is the truth: the job claims it by a conditional update, renews a lease while it
+works and completes it only while it holds the claim.  Every replica runs a reaper
+that puts back in the queue the running jobs whose lease expired (their worker
+died) and hands to its executor the queued jobs whose submission may be lost (with a scheduler or a
 replica): duplicate submissions are harmless, the claim admits one.
 """
 
@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from .compute import Config, run_prior, sweep_scratch
+from .compute import Config, run_plan_job, run_prior, sweep_scratch
 from .problems import Problem
 from .settings import Settings
 from .store import Store
@@ -75,9 +75,9 @@ class JobRunner(ABC):
         stopped and the call answers a 503 problem."""
 
     @abstractmethod
-    def _submit(self, prior_id: str) -> bool:
-        """Hand the prior's job to the executor (fire and forget); False when the
-        executor is unreachable (the row stays queued for the reaper)."""
+    def _submit(self, job_id: str) -> bool:
+        """Hand the job (a prior, a plan job) to the executor (fire and forget); False
+        when the executor is unreachable (the row stays queued for the reaper)."""
 
     @abstractmethod
     def alive(self) -> bool: ...
@@ -86,9 +86,10 @@ class JobRunner(ABC):
         """Replace a broken pool, or reconnect to a lost scheduler (scaled out)."""
         return None
 
-    def submit_prior(self, prior_id: str) -> None:
-        if self._submit(prior_id):
-            self.store.mark_submitted(prior_id)
+    def submit(self, job_id: str) -> None:
+        """Hand a queued job to the executor: ``r_…`` a prior, ``j_…`` a plan job."""
+        if self._submit(job_id):
+            self.store.mark_submitted(job_id)
 
     async def reap(self) -> int:
         """One pass of the reaper: (re)submit what the rows say is lost; how many.  The
@@ -253,7 +254,7 @@ class LocalRunner(JobRunner):
         if removed:
             log.info("swept %d objects and workspaces that nothing owns", removed)
         for pid in self.store.queued():
-            self.submit_prior(pid)
+            self.submit(pid)
 
     def _replace(self, broken: Executor) -> str:
         """Replace ``broken`` (once, whoever notices first); why its worker died."""
@@ -296,12 +297,14 @@ class LocalRunner(JobRunner):
                 self._replace(ex)
         raise _worker_lost("the process pool could not be restarted")
 
-    def _submit(self, prior_id: str) -> bool:
+    def _submit(self, job_id: str) -> bool:
         if self.executor is None:
             return False
         ex = self.executor
-        fut = self._call(self._limit(self.settings.job_seconds), run_prior, self.config, prior_id)
-        fut.add_done_callback(lambda f: self._done(prior_id, f, ex))
+        fut = self._call(
+            self._limit(self.settings.job_seconds), job_of(job_id), self.config, job_id
+        )
+        fut.add_done_callback(lambda f: self._done(job_id, f, ex))
         return True
 
     def _done(self, prior_id: str, fut: Future, ex: Executor) -> None:
@@ -319,10 +322,10 @@ class LocalRunner(JobRunner):
         why = self._replace(ex)
         # the pool's workers are all gone: the prior's claim is nobody's
         if self.store.release(prior_id, self.settings.max_attempts):
-            log.warning("prior %s lost its worker (%s): queued again", prior_id, why)
-            self.submit_prior(prior_id)
+            log.warning("job %s lost its worker (%s): queued again", prior_id, why)
+            self.submit(prior_id)
         else:
-            log.error("prior %s lost its worker (%s) too often: failed", prior_id, why)
+            log.error("job %s lost its worker (%s) too often: failed", prior_id, why)
 
     async def run(self, fn, *args, seconds: float | None = None):
         fut = self._call(self._limit(seconds), fn, *args)
@@ -415,13 +418,13 @@ class DaskRunner(JobRunner):
         except FutureCancelledError:  # lost with the scheduler: the request may be retried
             raise _unavailable() from None
 
-    def _submit(self, prior_id: str) -> bool:
+    def _submit(self, job_id: str) -> bool:
         from distributed import fire_and_forget
 
         if not self.alive():
             return False  # the row stays queued: the reaper submits it once the scheduler is back
         fut = self.client.submit(
-            run_prior, self.config, prior_id, pure=False, key=self._key(f"prior-{prior_id}")
+            job_of(job_id), self.config, job_id, pure=False, key=self._key(f"job-{job_id}")
         )
         fire_and_forget(fut)  # the scheduler keeps it even if this replica goes away
         return True
@@ -452,6 +455,11 @@ def _unavailable() -> Problem:
         "the job executor (Dask scheduler) is not reachable; retry shortly",
         headers={"Retry-After": "5"},
     )
+
+
+def job_of(job_id: str):
+    """The function that runs a job, by the kind of its id."""
+    return {"r": run_prior, "j": run_plan_job}[job_id[0]]
 
 
 def runner_for(settings: Settings, store: Store, observe=None) -> JobRunner:

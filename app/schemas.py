@@ -13,6 +13,7 @@ from planner.structure import ACTIVATIONS
 
 __all__ = [
     "PlanCreate",
+    "PlanJobPublic",
     "PlanPage",
     "PlanPublic",
     "PlanSteps",
@@ -291,3 +292,26 @@ class PriorPage(BaseModel):
 
     items: list[PriorPublic]
     next: str | None
+
+
+PlanJobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class PlanJobPublic(BaseModel):
+    """A plan computed as a job (``Prefer: respond-async``)."""
+
+    id: str
+    teacher: str
+    status: PlanJobStatus
+    student: StructurePublic
+    criterion: str
+    seconds: float
+    effort: str
+    #: the plan's id once the job is done
+    plan: str | None
+    problem: dict[str, Any] | None
+    #: how many times a worker took it (more than one: a worker was lost)
+    attempts: int
+    created: float
+    started: float | None
+    finished: float | None

@@ -105,6 +105,12 @@ class Settings(BaseSettings):
         "each process-pool worker runs under it as an OS limit (RLIMIT_DATA), so a job that "
         "still exceeds it fails alone (default: 80 % of memory, shared by the workers)",
     )
+    plan_job_seconds: float = Field(
+        3000.0,
+        gt=0,
+        description="deadline of a plan search run as a job (Prefer: respond-async); keep it "
+        "under PLANNER_JOB_SECONDS - PLANNER_JOB_GRACE",
+    )
     job_seconds: float = Field(
         3600.0,
         gt=0,

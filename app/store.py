@@ -26,25 +26,32 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from .db import PlanRow, PriorRow, TeacherRow, engine_for, migrate
+from .db import PlanJobRow, PlanRow, PriorRow, TeacherRow, engine_for, migrate
 from .storage import Storage
 
-__all__ = ["ID", "PlanRecord", "PriorRecord", "Store", "TeacherRecord", "new_id"]
+__all__ = [
+    "ID",
+    "PlanJobRecord",
+    "PlanRecord",
+    "PriorRecord",
+    "Store",
+    "TeacherRecord",
+    "new_id",
+]
 
 #: What ids look like: a kind letter and 24 hex digits.  Anything else is a 404.
-ID = r"^[tpr]_[0-9a-f]{24}$"
+ID = r"^[tprj]_[0-9a-f]{24}$"
 
 
 def worker_lost_problem(attempts: int) -> dict:
-    """The problem recorded on a prior whose workers died on every attempt."""
+    """The problem recorded on a job whose workers died on every attempt."""
     return {
         "type": "urn:alignment-planner:problem:worker-lost",
         "title": "Worker lost",
         "status": 503,
-        "detail": f"the worker computing this prior died on each of {attempts} attempts "
-        "(killed for memory, or past its hard time limit); it was given up. Request the "
-        "prior again to retry, or raise PLANNER_JOB_MEMORY / PLANNER_JOB_SECONDS",
-        "field": "plan",
+        "detail": f"the worker computing this job died on each of {attempts} attempts "
+        "(killed for memory, or past its hard time limit); it was given up. Ask again to "
+        "retry, or raise PLANNER_JOB_MEMORY / PLANNER_JOB_SECONDS",
     }
 
 
@@ -78,6 +85,24 @@ class PlanRecord:
 
 
 @dataclass(frozen=True)
+class PlanJobRecord:
+    id: str
+    owner: str
+    teacher_id: str
+    request: dict  # the plan request: student, criterion, seed, ops, seconds, effort
+    status: str  # queued | running | done | failed | cancelled
+    plan_id: str | None = None
+    problem: dict | None = None
+    created: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    claim: str | None = None
+    lease_until: float | None = None
+    attempts: int = 0
+    submitted: float | None = None
+
+
+@dataclass(frozen=True)
 class PriorRecord:
     id: str
     owner: str
@@ -96,7 +121,18 @@ class PriorRecord:
     submitted: float | None = None
 
 
-_ROWS = {TeacherRecord: TeacherRow, PlanRecord: PlanRow, PriorRecord: PriorRow}
+_ROWS = {
+    TeacherRecord: TeacherRow,
+    PlanRecord: PlanRow,
+    PriorRecord: PriorRow,
+    PlanJobRecord: PlanJobRow,
+}
+#: The jobs' tables, by the kind letter of their ids: priors (``r_``), plan jobs (``j_``).
+_JOBS = {"r": PriorRow, "j": PlanJobRow}
+
+
+def _jobs(id: str):
+    return _JOBS[id[0]]
 
 
 def _record(cls, row):
@@ -272,38 +308,44 @@ class Store:
         )
 
     def _update(self, id: str, where: dict[str, Any], **values: Any) -> bool:
+        """A conditional update of a job's row (a prior or a plan job, by its id)."""
+        row = _jobs(id)
         with self.session.begin() as s:
-            q = update(PriorRow).where(PriorRow.id == id)
+            q = update(row).where(row.id == id)
             for k, v in where.items():
-                q = q.where(getattr(PriorRow, k) == v)
+                q = q.where(getattr(row, k) == v)
             return s.execute(q.values(**values)).rowcount == 1
 
-    # -- jobs: the rows are the truth ---------------------------------------------------------
-    def claim(self, id: str, token: str, lease: float) -> PriorRecord | None:
-        """Claim a queued prior for ``token`` (a conditional update: one claimant wins)."""
+    # -- jobs (priors, plan jobs): the rows are the truth ---------------------------------------
+    def claim(self, id: str, token: str, lease: float):
+        """Claim a queued job (a prior, a plan job) for ``token`` (a conditional update: one
+        claimant wins); its record, or None."""
         now = time.time()
+        row = _jobs(id)
         with self.session.begin() as s:
             won = s.execute(
-                update(PriorRow)
-                .where(PriorRow.id == id, PriorRow.status == "queued")
+                update(row)
+                .where(row.id == id, row.status == "queued")
                 .values(
                     status="running",
                     claim=token,
                     lease_until=now + lease,
                     started=now,
-                    attempts=PriorRow.attempts + 1,
+                    attempts=row.attempts + 1,
                 )
             ).rowcount
-        return self._get(PriorRecord, id=id) if won == 1 else None
+        cls = PriorRecord if row is PriorRow else PlanJobRecord
+        return self._get(cls, id=id) if won == 1 else None
 
     def renew(self, id: str, token: str, lease: float) -> bool:
-        """Extend the lease while the claim is still ``token``'s (False: it was lost)."""
+        """Extend the lease while the claim is still ``token``'s (False: it was lost, or the
+        job was cancelled)."""
         return self._update(
             id, {"claim": token, "status": "running"}, lease_until=time.time() + lease
         )
 
     def complete(self, id: str, token: str, **values: Any) -> bool:
-        """Finish a prior (``done`` or ``failed``) if ``token`` still holds it."""
+        """Finish a job (``done`` or ``failed``) if ``token`` still holds it."""
         return self._update(
             id, {"claim": token, "status": "running"}, finished=time.time(), **values
         )
@@ -314,47 +356,51 @@ class Store:
     def lost_jobs(
         self, now: float, resubmit_after: float, limit: int = 100, max_attempts: int = 3
     ) -> list[str]:
-        """Priors to hand to the executor (again): running ones whose lease expired are put
-        back in the queue (or, after ``max_attempts`` claims whose workers all died, marked
-        failed with a problem that says so: a job that kills its worker is not run for
-        ever), then queued ones never submitted, or submitted long enough ago that their
-        submission may be lost (with the scheduler or the replica that made it).
-        ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) lets replicas reap side by side."""
-        with self.session.begin() as s:
-            expired = s.execute(
-                select(PriorRow.id, PriorRow.attempts)
-                .where(PriorRow.status == "running", PriorRow.lease_until < now)
-                .with_for_update(skip_locked=True)
-                .limit(limit)
-            ).all()
-            self._put_back(s, expired, max_attempts, now)
-            stale = s.scalars(
-                select(PriorRow.id)
-                .where(PriorRow.status == "queued")
-                .where((PriorRow.submitted.is_(None)) | (PriorRow.submitted < now - resubmit_after))
-                .with_for_update(skip_locked=True)
-                .limit(limit)
-            ).all()
-            if stale:
-                s.execute(update(PriorRow).where(PriorRow.id.in_(stale)).values(submitted=now))
-        return list(stale)
+        """Jobs (priors and plan jobs) to hand to the executor (again): running ones whose
+        lease expired are put back in the queue (or, after ``max_attempts`` claims whose
+        workers all died, marked failed with a problem that says so: a job that kills its
+        worker is not run for ever), then queued ones never submitted, or submitted long
+        enough ago that their submission may be lost (with the scheduler or the replica
+        that made it).  ``FOR UPDATE SKIP LOCKED`` (PostgreSQL) lets replicas reap side
+        by side."""
+        out: list[str] = []
+        for row in _JOBS.values():
+            with self.session.begin() as s:
+                expired = s.execute(
+                    select(row.id, row.attempts)
+                    .where(row.status == "running", row.lease_until < now)
+                    .with_for_update(skip_locked=True)
+                    .limit(limit)
+                ).all()
+                self._put_back(s, row, expired, max_attempts, now)
+                stale = s.scalars(
+                    select(row.id)
+                    .where(row.status == "queued")
+                    .where((row.submitted.is_(None)) | (row.submitted < now - resubmit_after))
+                    .with_for_update(skip_locked=True)
+                    .limit(limit)
+                ).all()
+                if stale:
+                    s.execute(update(row).where(row.id.in_(stale)).values(submitted=now))
+            out += stale
+        return out
 
     @staticmethod
-    def _put_back(s, rows, max_attempts: int, now: float) -> None:
-        """Running priors whose worker is gone: queued again, or failed once they have
-        been claimed ``max_attempts`` times."""
+    def _put_back(s, row, rows, max_attempts: int, now: float) -> None:
+        """Running jobs whose worker is gone: queued again, or failed once they have been
+        claimed ``max_attempts`` times."""
         again = [pid for pid, n in rows if n < max_attempts]
         given_up = [pid for pid, n in rows if n >= max_attempts]
         if again:
             s.execute(
-                update(PriorRow)
-                .where(PriorRow.id.in_(again), PriorRow.status == "running")
+                update(row)
+                .where(row.id.in_(again), row.status == "running")
                 .values(status="queued", claim=None, submitted=None)
             )
         if given_up:
             s.execute(
-                update(PriorRow)
-                .where(PriorRow.id.in_(given_up), PriorRow.status == "running")
+                update(row)
+                .where(row.id.in_(given_up), row.status == "running")
                 .values(
                     status="failed",
                     claim=None,
@@ -364,29 +410,73 @@ class Store:
             )
 
     def release(self, id: str, max_attempts: int = 3) -> bool:
-        """A running prior whose worker is known to be dead goes back to the queue (True),
+        """A running job whose worker is known to be dead goes back to the queue (True),
         or is failed once it was claimed ``max_attempts`` times (False)."""
+        row = _jobs(id)
         with self.session.begin() as s:
-            rows = s.execute(
-                select(PriorRow.id, PriorRow.attempts).filter_by(id=id, status="running")
-            ).all()
-            self._put_back(s, rows, max_attempts, time.time())
+            rows = s.execute(select(row.id, row.attempts).filter_by(id=id, status="running")).all()
+            self._put_back(s, row, rows, max_attempts, time.time())
         return bool(rows) and rows[0][1] < max_attempts
 
     def queued(self) -> list[str]:
+        """Every queued job (priors and plan jobs)."""
         with self.session() as s:
-            return list(s.scalars(select(PriorRow.id).filter_by(status="queued")))
+            return [
+                i
+                for row in _JOBS.values()
+                for i in s.scalars(select(row.id).filter_by(status="queued"))
+            ]
 
     def requeue_running(self, max_attempts: int = 3) -> list[str]:
-        """Put every running prior back in the queue (for an executor that knows it is the
+        """Put every running job back in the queue (for an executor that knows it is the
         only one: whatever runs belonged to a process that is gone), or fail those already
         claimed ``max_attempts`` times; the ids put back."""
+        out: list[str] = []
+        for row in _JOBS.values():
+            with self.session.begin() as s:
+                rows = s.execute(select(row.id, row.attempts).filter_by(status="running")).all()
+                self._put_back(s, row, rows, max_attempts, time.time())
+            out += [pid for pid, n in rows if n < max_attempts]
+        return out
+
+    # -- plan jobs ------------------------------------------------------------------------------
+    def add_plan_job(self, rec: PlanJobRecord) -> None:
+        self._insert(rec)
+
+    def plan_job(self, owner: str, id: str) -> PlanJobRecord | None:
+        return self._get(PlanJobRecord, id=id, owner=owner)
+
+    def plan_job_for_job(self, id: str) -> PlanJobRecord | None:
+        return self._get(PlanJobRecord, id=id)
+
+    def cancel_plan_job(self, owner: str, id: str) -> bool:
+        """Cancel a queued or running plan job (True when this call did it): its worker
+        notices at its next lease renewal and stops; no plan is recorded."""
         with self.session.begin() as s:
-            rows = s.execute(
-                select(PriorRow.id, PriorRow.attempts).filter_by(status="running")
-            ).all()
-            self._put_back(s, rows, max_attempts, time.time())
-        return [pid for pid, n in rows if n < max_attempts]
+            q = (
+                update(PlanJobRow)
+                .where(PlanJobRow.id == id, PlanJobRow.owner == owner)
+                .where(PlanJobRow.status.in_(("queued", "running")))
+                .values(status="cancelled", claim=None, finished=time.time())
+            )
+            return s.execute(q).rowcount == 1
+
+    def complete_plan_job(self, id: str, token: str, plan: PlanRecord) -> bool:
+        """Record the job's plan and mark the job done, in one transaction, if ``token``
+        still holds the job (False: it was cancelled or another claim took it; nothing
+        is recorded)."""
+        row = PlanRow(**{f.name: getattr(plan, f.name) for f in fields(plan)})
+        with self.session.begin() as s:
+            won = s.execute(
+                update(PlanJobRow)
+                .where(PlanJobRow.id == id, PlanJobRow.claim == token)
+                .where(PlanJobRow.status == "running")
+                .values(status="done", plan_id=plan.id, finished=time.time())
+            ).rowcount
+            if won != 1:
+                return False
+            s.add(row)
+        return True
 
     def plan_for_job(self, plan_id: str) -> PlanRecord | None:
         """A plan whatever its owner (for jobs)."""

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from .errors import PriorFailed, error_for
+from .errors import PlanFailed, PriorFailed, error_for
 
 __all__ = ["PlannerClient", "structure"]
 
@@ -44,6 +44,20 @@ def structure(
         if v is not None:
             d[k] = v
     return d
+
+
+def _plan_body(student, criterion, seed, ops, effort, seconds) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "student": _as_structure(student),
+        "criterion": criterion,
+        "seed": seed,
+        "effort": effort,
+    }
+    if seconds is not None:
+        body["seconds"] = seconds
+    if ops is not None:
+        body["ops"] = [dict(o) for o in ops]
+    return body
 
 
 def _as_structure(s: Mapping[str, Any] | Sequence[int]) -> dict[str, Any]:
@@ -93,7 +107,8 @@ class PlannerClient:
 
     # -- plumbing ------------------------------------------------------------------------
     def _send(self, method: str, url: str, *, stream: bool = False, **kw) -> httpx.Response:
-        """One request, retried on connection errors and 503 with backoff."""
+        """One request, retried on connection errors and on 503 with ``Retry-After``, with
+        backoff."""
         # a POST is retried only when it cannot have reached the server
         retryable = (
             (httpx.TransportError,)
@@ -110,7 +125,9 @@ class PlannerClient:
                 self._sleep(attempt)
                 kw = self._rewind(kw)
                 continue
-            if resp.status_code == 503 and attempt < self.retries:
+            # a 503 that says when to retry (busy, a lost worker, the scheduler away); one
+            # without Retry-After (a search past its deadline) would only fail again
+            if resp.status_code == 503 and "retry-after" in resp.headers and attempt < self.retries:
                 resp.close()
                 self._sleep(attempt)
                 kw = self._rewind(kw)
@@ -223,17 +240,55 @@ class PlannerClient:
     ) -> dict:
         """Search a plan (``effort``: ``fast``, the default, or ``thorough``; ``seconds``: a
         deadline), or validate and score ``ops``."""
-        body: dict[str, Any] = {
-            "student": _as_structure(student),
-            "criterion": criterion,
-            "seed": seed,
-            "effort": effort,
-        }
-        if seconds is not None:
-            body["seconds"] = seconds
-        if ops is not None:
-            body["ops"] = [dict(o) for o in ops]
+        body = _plan_body(student, criterion, seed, ops, effort, seconds)
         return self._json("POST", f"/v1/teachers/{teacher_id}/plans", json=body)
+
+    def submit_plan(
+        self,
+        teacher_id: str,
+        student: Mapping[str, Any] | Sequence[int],
+        criterion: str = "posterior_ratio",
+        seed: int = 0,
+        ops: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        effort: str = "fast",
+        seconds: float | None = None,
+    ) -> dict:
+        """Ask for a plan as a job (``Prefer: respond-async``): the job at once, to poll with
+        :meth:`wait_plan` (or cancel with :meth:`cancel_plan`); for long searches."""
+        body = _plan_body(student, criterion, seed, ops, effort, seconds)
+        return self._json(
+            "POST",
+            f"/v1/teachers/{teacher_id}/plans",
+            json=body,
+            headers={"Prefer": "respond-async"},
+        )
+
+    def plan_job(self, job_id: str) -> dict:
+        return self._json("GET", f"/v1/plan-jobs/{job_id}")
+
+    def wait_plan(self, job_id: str, timeout: float = 3600.0) -> dict:
+        """Wait (long-polling) for a plan job; the plan once it is done, or
+        :class:`PlanFailed` with the job's problem when it failed or was cancelled."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            job = self._json(
+                "GET", f"/v1/plan-jobs/{job_id}", params={"wait": max(0.0, min(30.0, left))}
+            )
+            if job["status"] == "done":
+                return self.get_plan(job["plan"])
+            if job["status"] in ("failed", "cancelled"):
+                problem = job["problem"] or {
+                    "status": 409,
+                    "detail": f"plan job {job_id} was cancelled",
+                }
+                raise PlanFailed(problem.get("status", 500), problem)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"plan job {job_id} still {job['status']} after {timeout} s")
+
+    def cancel_plan(self, job_id: str) -> None:
+        self._json("DELETE", f"/v1/plan-jobs/{job_id}")
 
     def get_plan(self, plan_id: str) -> dict:
         return self._json("GET", f"/v1/plans/{plan_id}")

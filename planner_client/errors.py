@@ -9,6 +9,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "PayloadTooLarge",
+    "PlanFailed",
     "PlannerAPIError",
     "PriorFailed",
     "ServerError",
@@ -55,6 +56,10 @@ class ServerError(PlannerAPIError):
 
 class PriorFailed(PlannerAPIError):
     """A prior whose computation failed; ``problem`` is the failure's problem."""
+
+
+class PlanFailed(PlannerAPIError):
+    """A plan job that failed or was cancelled; ``problem`` says why."""
 
 
 def error_for(status: int, problem: dict[str, Any]) -> PlannerAPIError:

@@ -43,14 +43,20 @@ def get_owner(request: Request, settings: SettingsDep) -> str:
 OwnerDep = Annotated[str, Depends(get_owner)]
 
 
-_KINDS = {"t": "teacher", "p": "plan", "r": "prior"}
+#: Id kinds: the store's reader and the name problems use.
+_KINDS = {
+    "t": ("teacher", "teacher"),
+    "p": ("plan", "plan"),
+    "r": ("prior", "prior"),
+    "j": ("plan_job", "plan job"),
+}
 
 
 def owned(store: Store, owner: str, kind: str, id: str):
     """The caller's teacher (``t``), plan (``p``) or prior (``r``) with this id, or 404:
     another tenant's record is not found either."""
-    what = _KINDS[kind]
-    rec = getattr(store, what)(owner, check_id(id, kind, what))
+    reader, what = _KINDS[kind]
+    rec = getattr(store, reader)(owner, check_id(id, kind, what))
     if rec is None:
         raise Problem.not_found(what, id)
     return rec

@@ -102,6 +102,7 @@ def search(
     max_routes: int = MAX_ROUTES,
     effort: str = "fast",
     memory: float | None = None,
+    stop=None,
 ) -> SearchResult:
     """The valid plan of least exact cost found from ``posterior``'s teacher to ``student``.
 
@@ -131,6 +132,9 @@ def search(
         Bytes the improvement may hold beyond the posterior's arrays (a branch
         and bound's scorer copies, the exchange moves' blocks); a phase that
         would exceed it is skipped and the result is marked cut by memory.
+    stop : callable, optional
+        Asked whenever the deadline is: once it returns True the search stops as at
+        its deadline (``cut_by = "cancelled"``), e.g. for a cancelled job.
     max_routes : int
         Routes finished at most.
     effort : str
@@ -156,7 +160,7 @@ def search(
     if crit.needs_gradients and gradients is None:
         raise MissingData(f"criterion {crit.name!r} needs per-example gradients", field="gradients")
     gvar = np.asarray(gradients).var(axis=0) if crit.needs_gradients else None
-    budget = Budget(np.inf, seconds, memory)
+    budget = Budget(np.inf, seconds, memory, stop)
     cands, n_routes = candidate_routes(posterior, student, crit, max_routes, budget)
     first, count = _reach(teacher, student, cands)
     posterior.prepare(first, count)

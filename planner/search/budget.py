@@ -17,6 +17,7 @@ about to charge, :meth:`Budget.expired` for the clock.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import DeadlineExceeded
@@ -62,6 +63,8 @@ class Budget:
     work: float
     seconds: float | None = None
     memory: float | None = None
+    #: asked with the clock: True once the caller wants the search stopped (a cancelled job)
+    stop: Callable[[], bool] | None = field(default=None, repr=False)
     spent: float = 0.0
     evaluations: int = 0
     #: whether a safety net (the deadline, the memory bound) cut the search
@@ -75,10 +78,14 @@ class Budget:
             self._deadline = time.monotonic() + self.seconds
 
     def expired(self) -> bool:
-        """Whether the deadline has passed (and the search is therefore cut)."""
-        if self.cut_by != "deadline" and self._late():
-            self.cut, self.cut_by = True, "deadline"
-        return self.cut_by == "deadline"
+        """Whether the deadline has passed, or the caller asked to stop (and the search is
+        therefore cut)."""
+        if self.cut_by not in ("deadline", "cancelled"):
+            if self._late():
+                self.cut, self.cut_by = True, "deadline"
+            elif self.stop is not None and self.stop():
+                self.cut, self.cut_by = True, "cancelled"
+        return self.cut_by in ("deadline", "cancelled")
 
     def _late(self) -> bool:
         return self._deadline is not None and time.monotonic() > self._deadline

@@ -257,7 +257,7 @@ async def test_two_replicas_claiming_the_same_job_compute_it_once(
         assert again.id == rec.id and not created  # one prior per plan, whoever asks
         # both replicas hand the job to the executor, twice each; one claim wins
         for svc in (a, b, a, b):
-            svc.app.state.jobs.submit_prior(rec.id)
+            svc.app.state.jobs.submit(rec.id)
         await assert_exact(b.client, post, plans, [rec.id])
         done = a.store.prior_for_job(rec.id)
         assert done.attempts == 1

@@ -34,6 +34,7 @@ ENV = {
     "PLANNER_MAX_GRADIENT_EXAMPLES": "10",
     "PLANNER_JOB_MEMORY": str(1536 * 2**20),
     "PLANNER_JOB_GRACE": "5",
+    "PLANNER_LEASE_SECONDS": "3",
 }
 
 
@@ -508,3 +509,55 @@ def test_a_job_past_its_hard_time_limit_ends_its_worker_alone(tmp_path):
         assert r.status_code == 200
     finally:
         srv.stop()
+
+
+# -- long plans as jobs (Prefer: respond-async) ------------------------------------------------
+def test_a_plan_job_gives_the_synchronous_plan_and_survives_a_killed_worker(hard):
+    from planner_client import PlannerClient
+
+    structure, arrays = posterior((10, 30, 30, 10), "full", seed=12)
+    with PlannerClient(hard.url) as c:
+        t = c.upload_teacher("async", structure, "full", arrays)
+        sync = c.plan(t["id"], [10, 20, 20, 10])
+        r = httpx.post(
+            f"{hard.url}/v1/teachers/{t['id']}/plans",
+            json={"student": {"widths": [10, 20, 20, 10]}},
+            headers={"Prefer": "respond-async"},
+        )
+        assert r.status_code == 202 and r.headers["preference-applied"] == "respond-async"
+        assert r.headers["location"] == f"/v1/plan-jobs/{r.json()['id']}"
+        plan = c.wait_plan(r.json()["id"], timeout=60)
+        assert plan["ops"] == sync["ops"] and plan["cost"] == sync["cost"]
+        # a worker killed mid-search loses no plan: the job is run again
+        job = c.submit_plan(t["id"], [10, 1, 30, 10], seconds=3)
+        time.sleep(1.0)
+        for w in workers(hard):
+            w.send_signal(signal.SIGKILL)
+        plan = c.wait_plan(job["id"], timeout=60)
+        done = c.plan_job(job["id"])
+        assert done["status"] == "done" and done["attempts"] == 2 and done["plan"] == plan["id"]
+        assert plan["student"]["widths"] == [10, 1, 30, 10]
+
+
+def test_a_plan_job_can_be_cancelled_and_records_no_plan(hard):
+    from planner_client import PlanFailed, PlannerClient
+
+    structure, arrays = posterior((10, 30, 30, 10), "full", seed=13)
+    with PlannerClient(hard.url) as c:
+        t = c.upload_teacher("cancel", structure, "full", arrays)
+        before = httpx.get(f"{hard.url}/v1/teachers/{t['id']}/plans").json()["items"]
+        job = c.submit_plan(t["id"], [10, 1, 30, 10], seconds=60)
+        time.sleep(0.5)
+        c.cancel_plan(job["id"])
+        with pytest.raises(PlanFailed):
+            c.wait_plan(job["id"], timeout=30)
+        assert c.plan_job(job["id"])["status"] == "cancelled"
+        r = httpx.delete(f"{hard.url}/v1/plan-jobs/{job['id']}")
+        assert_problem(r, 409, "status")
+        # at its next lease renewal (a second here) the worker stops searching
+        deadline = time.monotonic() + 10
+        while any(w.cpu_percent(interval=0.5) > 50 for w in workers(hard)):
+            assert time.monotonic() < deadline, "the cancelled search is still running"
+        after = httpx.get(f"{hard.url}/v1/teachers/{t['id']}/plans").json()["items"]
+        assert after == before
+        healthy(hard)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
 from planner import PlannerError
 from planner.criteria import criterion_function
 from planner.plan import MAX_COST_RUNS
 
-from ...compute import run_plan, run_steps, structure_from_json
+from ...compute import plan_record, run_plan, run_steps, structure_from_json
 from ...problems import Problem, problem_from_planner_error
-from ...schemas import PlanCreate, PlanPublic, PlanSteps, structure_json
-from ...store import PlanRecord, new_id
+from ...schemas import PlanCreate, PlanJobPublic, PlanPublic, PlanSteps, structure_json
+from ...store import PlanJobRecord, PlanRecord, new_id
 from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
 
 router = APIRouter(tags=["plans"])
@@ -37,7 +38,25 @@ def plan_json(rec: PlanRecord) -> dict:
     }
 
 
-@router.post("/v1/teachers/{id}/plans", status_code=201, response_model=PlanPublic)
+def _async(prefer: str | None) -> bool:
+    """Whether a ``Prefer`` header (RFC 7240) asks for ``respond-async``."""
+    return bool(prefer) and any(
+        p.split(";")[0].split("=")[0].strip().lower() == "respond-async" for p in prefer.split(",")
+    )
+
+
+@router.post(
+    "/v1/teachers/{id}/plans",
+    status_code=201,
+    response_model=PlanPublic,
+    responses={
+        202: {
+            "model": PlanJobPublic,
+            "description": "with `Prefer: respond-async`: the plan is a job; poll "
+            "`/v1/plan-jobs/{id}` (its `Location`) until it is done",
+        }
+    },
+)
 async def create_plan(
     id: str,
     body: PlanCreate,
@@ -46,11 +65,19 @@ async def create_plan(
     jobs: JobsDep,
     owner: OwnerDep,
     settings: SettingsDep,
+    prefer: str | None = Header(
+        None,
+        max_length=256,
+        description="`respond-async` (RFC 7240): run the search as a job and answer 202 at "
+        "once, with a deadline of up to PLANNER_PLAN_JOB_SECONDS",
+    ),
 ):
     """Search the plan of least cost to ``student``, or validate and score ``ops``.
 
     The search runs in the job executor (a process pool by default), so
-    concurrent plans use every core and never block the event loop.
+    concurrent plans use every core and never block the event loop. With
+    ``Prefer: respond-async`` it runs as a job: 202 with the job, which survives a
+    lost worker or replica (it is run again) and can be cancelled (``DELETE``).
     """
     rec = owned(store, owner, "t", id)
     teacher = structure_from_json(rec.structure)
@@ -67,45 +94,120 @@ async def create_plan(
             f"{settings.max_plan_ops} (PLANNER_MAX_PLAN_OPS)",
             field="ops",
         )
-    deadline = min(body.seconds or settings.plan_seconds, settings.plan_seconds)
-    try:
-        if body.ops is None:
+    if body.ops is None:
+        try:
             criterion_function(body.criterion)  # unknown names fail before any work
+        except PlannerError as exc:
+            raise problem_from_planner_error(exc) from None
+    later = _async(prefer)
+    most = settings.plan_job_seconds if later else settings.plan_seconds
+    request = {
+        "student": structure_json(student),
+        "criterion": body.criterion,
+        "seed": body.seed,
+        "ops": body.ops_json(),
+        "seconds": min(body.seconds or most, most),
+        "effort": body.effort,
+        "memory": settings.job_memory / 2,  # the rest for the posterior's own arrays
+        "max_ops": settings.max_plan_ops,
+    }
+    if later:
+        return await _submit_plan_job(store, jobs, owner, rec.id, request)
+    try:
         out = await jobs.run(
             run_plan,
             settings.config,
             rec.id,
-            structure_json(student),
-            body.criterion,
-            body.seed,
-            body.ops_json(),
-            deadline,
-            body.effort,
-            settings.job_memory / 2,  # the rest for the posterior's own working arrays
-            settings.max_plan_ops,
-            seconds=deadline + settings.job_grace,
+            *(request[k] for k in ("student", "criterion", "seed", "ops", "seconds", "effort")),
+            request["memory"],
+            request["max_ops"],
+            seconds=request["seconds"] + settings.job_grace,
         )
     except PlannerError as exc:
         raise problem_from_planner_error(exc) from None
-    searched = body.ops is None
-    plan = PlanRecord(
-        new_id("p"),
-        owner,
-        rec.id,
-        structure_json(student),
-        body.criterion if searched else None,
-        body.seed if searched else None,
-        out["ops"],
-        out["cost"],
-        out["info"],
-        time.time(),
-    )
+    plan = plan_record(owner, rec.id, request, out)
     try:
         await asyncio.to_thread(store.add_plan, plan)
     except IntegrityError:  # the teacher was deleted while its plan was searched
         raise Problem.not_found("teacher", id) from None
     response.headers["Location"] = f"/v1/plans/{plan.id}"
     return plan_json(plan)
+
+
+async def _submit_plan_job(store, jobs, owner: str, teacher_id: str, request: dict):
+    job = PlanJobRecord(new_id("j"), owner, teacher_id, request, "queued", created=time.time())
+    try:
+        await asyncio.to_thread(store.add_plan_job, job)
+    except IntegrityError:  # the teacher was deleted meanwhile
+        raise Problem.not_found("teacher", teacher_id) from None
+    jobs.submit(job.id)
+    job = await asyncio.to_thread(store.plan_job, owner, job.id) or job
+    return JSONResponse(
+        plan_job_json(job),
+        status_code=202,
+        headers={"Location": f"/v1/plan-jobs/{job.id}", "Preference-Applied": "respond-async"},
+    )
+
+
+def plan_job_json(job: PlanJobRecord) -> dict:
+    req = job.request
+    return {
+        "id": job.id,
+        "teacher": job.teacher_id,
+        "status": job.status,
+        "student": req["student"],
+        "criterion": req["criterion"],
+        "seconds": req["seconds"],
+        "effort": req["effort"],
+        "plan": job.plan_id,
+        "problem": job.problem,
+        "attempts": job.attempts,
+        "created": job.created,
+        "started": job.started,
+        "finished": job.finished,
+    }
+
+
+@router.get("/v1/plan-jobs/{id}", response_model=PlanJobPublic)
+async def get_plan_job(
+    id: str,
+    store: StoreDep,
+    owner: OwnerDep,
+    wait: float = Query(
+        0.0, ge=0.0, le=60.0, description="long-poll: seconds to wait for the job to finish"
+    ),
+):
+    """A plan job: ``queued``, ``running``, ``done`` (``plan`` is the plan's id),
+    ``failed`` (``problem`` says why) or ``cancelled``; ``wait`` answers as soon as it
+    finishes."""
+    job = await asyncio.to_thread(owned, store, owner, "j", id)
+    deadline, pause = time.monotonic() + wait, 0.05
+    while job.status in ("queued", "running") and time.monotonic() < deadline:
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(1.5 * pause, 0.25)
+        job = await asyncio.to_thread(store.plan_job, owner, job.id)
+        if job is None:  # deleted with its teacher while the client waited
+            raise Problem.not_found("plan job", id)
+    return plan_job_json(job)
+
+
+@router.delete("/v1/plan-jobs/{id}", status_code=204)
+def cancel_plan_job(id: str, store: StoreDep, owner: OwnerDep):
+    """Cancel a queued or running plan job: it records no plan, and its worker stops
+    searching within a third of a lease (``PLANNER_LEASE_SECONDS``). A job that already
+    finished is a 409."""
+    job = owned(store, owner, "j", id)
+    if not store.cancel_plan_job(owner, job.id):
+        job = store.plan_job(owner, job.id) or job
+        raise Problem(
+            409,
+            "already-finished",
+            "Plan job already finished",
+            f"plan job {id} is {job.status}; only queued or running jobs can be cancelled",
+            field="status",
+            status_value=job.status,
+        )
+    return Response(status_code=204)
 
 
 @router.get("/v1/plans/{id}", response_model=PlanPublic)

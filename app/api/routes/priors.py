@@ -100,7 +100,7 @@ def request_prior(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDep, sett
     if rec.status == "failed" and store.requeue_failed(rec.id):
         created = True
     if created:
-        jobs.submit_prior(rec.id)
+        jobs.submit(rec.id)
         rec = store.prior(owner, rec.id)
     status = 201 if rec.status == "done" else 202
     return JSONResponse(
