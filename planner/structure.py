@@ -241,6 +241,48 @@ class Structure:
         """Flat index of ``U_t[0, 0]`` (for t = T + 1: the number of parameters)."""
         return self._offsets[t]
 
+    def parameter_arithmetic(self) -> str:
+        """How the parameter count adds up, layer by layer: ``3·4 + 4·2 = 20``."""
+        terms = []
+        for t in range(2, self.T + 1):
+            n, m = self.width(t), self.width(t - 1)
+            terms.append(f"{n}·{m}")
+            if self.recurrent(t):
+                terms.append(f"{n}·{n}")
+            if self.bias:
+                terms.append(f"{n}")
+        return f"{' + '.join(terms)} = {self.n_params}"
+
+    def size_hint(self, got: int) -> str:
+        """Why ``got`` is not this structure's parameter count, in arithmetic, with a hint
+        when it is the count of the same widths with the bias switched."""
+        b = "with" if self.bias else "without"
+        hint = f"{list(self.widths)} {b} bias has {self.parameter_arithmetic()} parameters"
+        flipped = Structure(self.widths, self.activations, not self.bias, self.kind)
+        if got == flipped.n_params:
+            hint += (
+                f"; {got} is its count {'without' if self.bias else 'with'} bias "
+                f'({flipped.parameter_arithmetic()}): set "bias": '
+                f"{'false' if self.bias else 'true'} in the structure"
+            )
+        return hint
+
+    def where(self, index: int) -> str:
+        """What flat parameter ``index`` is, in words: ``U_3[1, 2]``, ``V_2[0, 0]``, ``b_2[3]``."""
+        for t in range(2, self.T + 1):
+            start = self.layer_offset(t)
+            if start <= index < self.layer_offset(t + 1):
+                n, m, k = self.width(t), self.width(t - 1), index - start
+                if k < n * m:
+                    return f"U_{t}[{k // m}, {k % m}] (layer {t})"
+                k -= n * m
+                if self.recurrent(t):
+                    if k < n * n:
+                        return f"V_{t}[{k // n}, {k % n}] (layer {t})"
+                    k -= n * n
+                return f"b_{t}[{k}] (layer {t})"
+        return f"index {index} (past the last parameter)"
+
     # -- relations ----------------------------------------------------------------------
     def with_widths(self, widths: Sequence[int]) -> Structure:
         """A structure of another width tuple of the same depth, kind, bias, activations."""

@@ -68,8 +68,10 @@ class DensePosterior(Posterior):
         name = cls.array_names[0]
         v.require(arrays, ("mean", name), cls.format)
         p = structure.n_params
-        mean = v.vector(arrays["mean"], "mean", p)
-        matrix, chol = v.spd_matrix(arrays[name], name, p, workspace)
+        mean = v.vector(arrays["mean"], "mean", p, structure.size_hint)
+        matrix, chol = v.spd_matrix(
+            arrays[name], name, p, workspace, structure.size_hint, structure.where
+        )
         return cls(structure, mean, matrix, chol)
 
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import scipy.linalg as sla
+from scipy.linalg import lapack
 
 from ..errors import InvalidPosterior, SingularConstraint
 
@@ -53,17 +54,28 @@ def as_float(a: np.ndarray, name: str) -> np.ndarray:
     return a if a.dtype == np.float64 else a.astype(np.float64)
 
 
-def vector(a: np.ndarray, name: str, n: int) -> np.ndarray:
+#: Says why a size is not the structure's (``Structure.size_hint``), for messages.
+Explain = Callable[[int], str]
+
+
+def _shape_problem(name: str, want: tuple, got: tuple, explain: Explain | None):
+    why = f"must have shape {want}; got {got}"
+    if explain is not None and got:
+        why += f": {explain(got[0])}"
+    return InvalidPosterior(why, field=name)
+
+
+def vector(a: np.ndarray, name: str, n: int, explain: Explain | None = None) -> np.ndarray:
     v = as_float(a, name)
     if v.shape != (n,):
-        raise InvalidPosterior(f"must have shape ({n},); got {v.shape}", field=name)
+        raise _shape_problem(name, (n,), v.shape, explain)
     if not np.isfinite(v).all():
         raise InvalidPosterior("contains NaN or infinite values", field=name)
     return v
 
 
-def positive_vector(a: np.ndarray, name: str, n: int) -> np.ndarray:
-    v = vector(a, name, n)
+def positive_vector(a: np.ndarray, name: str, n: int, explain: Explain | None = None) -> np.ndarray:
+    v = vector(a, name, n, explain)
     if n and v.min() <= 0:
         raise InvalidPosterior(
             f"variances must be > 0; entry {int(np.argmin(v))} is {v.min():g}", field=name
@@ -72,7 +84,12 @@ def positive_vector(a: np.ndarray, name: str, n: int) -> np.ndarray:
 
 
 def spd_matrix(
-    a: np.ndarray, name: str, n: int, workspace: Workspace | None = None
+    a: np.ndarray,
+    name: str,
+    n: int,
+    workspace: Workspace | None = None,
+    explain: Explain | None = None,
+    where: Callable[[int], str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Check a covariance or precision: finite, symmetric (docs/theory.md §8 tolerance), PD.
 
@@ -84,7 +101,8 @@ def spd_matrix(
     """
     raw = np.asarray(a)
     if raw.shape != (n, n):
-        raise InvalidPosterior(f"must have shape ({n}, {n}); got {raw.shape}", field=name)
+        raise _shape_problem(name, (n, n), raw.shape, explain)
+    where = where or (lambda i: f"index {i}")
     rtol = SYMMETRY_RTOL
     m = as_float(raw, name) if workspace is None else raw
     scale = 0.0
@@ -94,18 +112,23 @@ def spd_matrix(
         if not np.isfinite(blk).all():
             raise InvalidPosterior("contains NaN or infinite values", field=name)
         scale = max(scale, float(blk.max(initial=0.0)), -float(blk.min(initial=0.0)))
-    worst = 0.0
+    worst, at = 0.0, (0, 0)
     for i in range(0, n, _BLOCK):
         for j in range(i, n, _BLOCK):
-            d = m[i : i + _BLOCK, j : j + _BLOCK] - m[j : j + _BLOCK, i : i + _BLOCK].T
-            worst = max(worst, float(np.abs(d).max(initial=0.0)))
+            d = np.abs(m[i : i + _BLOCK, j : j + _BLOCK] - m[j : j + _BLOCK, i : i + _BLOCK].T)
+            if d.size and float(d.max()) > worst:
+                r, c = np.unravel_index(int(np.argmax(d)), d.shape)
+                worst, at = float(d[r, c]), (i + int(r), j + int(c))
     report = _REPORT.get()
     if report is not None:
         report[name] = worst / scale if scale > 0 else 0.0
     if worst > rtol * scale:
+        r, c = at
         raise InvalidPosterior(
-            f"is not symmetric: max |A - Aᵀ| = {worst:.3g} exceeds {rtol:g} × max |A| = "
-            f"{rtol * scale:.3g}",
+            f"is not symmetric: max |A - Aᵀ| = {worst:.3g}, at [{r}, {c}] ({where(r)} against "
+            f"{where(c)}), exceeds {rtol:g} × max |A| = {rtol * scale:.3g}. Rows and columns "
+            "must follow the same parameter order (parameters_to_vector); if the asymmetry is "
+            "rounding, send (A + Aᵀ) / 2",
             field=name,
         )
     if workspace is None:
@@ -114,12 +137,9 @@ def spd_matrix(
                 m = np.array(m)
             m += m.T
             m *= 0.5
-        try:
-            chol = sla.cholesky(m, lower=True, check_finite=False)
-        except np.linalg.LinAlgError:
-            raise InvalidPosterior(
-                "is not positive definite (Cholesky failed)", field=name
-            ) from None
+        chol, info = lapack.dpotrf(m, lower=1, clean=1, overwrite_a=0)
+        if info != 0:
+            raise _indefinite(name, info, where)
         return m, chol
     if worst > 0 or m.dtype != np.float64:
         out = workspace((n, n))
@@ -132,12 +152,27 @@ def spd_matrix(
     for i in range(0, n, rows):
         scratch[i : i + rows] = m[i : i + rows]
     try:  # in place: the transpose of a C-ordered symmetric matrix is itself, F-ordered
-        sla.cholesky(scratch.T, lower=True, overwrite_a=True, check_finite=False)
-    except np.linalg.LinAlgError:
-        raise InvalidPosterior("is not positive definite (Cholesky failed)", field=name) from None
+        _, info = lapack.dpotrf(scratch.T, lower=1, clean=0, overwrite_a=1)
     finally:
         del scratch
+    if info != 0:
+        raise _indefinite(name, info, where)
     return m, None
+
+
+def _indefinite(name: str, info: int, where: Callable[[int], str]) -> InvalidPosterior:
+    """Where a Cholesky factorisation stopped (LAPACK's ``info``), and what to do."""
+    if info < 0:  # an argument LAPACK refused: not the matrix's fault
+        return InvalidPosterior(f"could not be factorised (LAPACK info {info})", field=name)
+    k = info - 1
+    return InvalidPosterior(
+        f"is not positive definite: its leading {info} × {info} block is not (the "
+        f"factorisation fails at [{k}, {k}], {where(k)}). A Laplace posterior needs a positive "
+        "prior precision (add δ·I to a GGN or Hessian: laplace-torch's prior_precision); a "
+        "sample covariance with fewer samples than parameters needs the diagonal or lowrank "
+        "format",
+        field=name,
+    )
 
 
 def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:

@@ -48,8 +48,8 @@ class DiagPosterior(Posterior):
         p = structure.n_params
         return cls(
             structure,
-            v.vector(arrays["mean"], "mean", p),
-            v.positive_vector(arrays["variance"], "variance", p),
+            v.vector(arrays["mean"], "mean", p, structure.size_hint),
+            v.positive_vector(arrays["variance"], "variance", p, structure.size_hint),
         )
 
     def to_arrays(self) -> dict[str, np.ndarray]:

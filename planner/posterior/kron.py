@@ -127,7 +127,7 @@ class KronPosterior(Posterior):
                 field="posterior.format",
             )
         v.require(arrays, cls.names(structure), cls.format)
-        mean = v.vector(arrays["mean"], "mean", structure.n_params)
+        mean = v.vector(arrays["mean"], "mean", structure.n_params, structure.size_hint)
         G, A, bias = {}, {}, {}
         for t in range(2, structure.T + 1):
             G[t] = v.spd_matrix(arrays[f"row{t}"], f"row{t}", structure.width(t))[0]

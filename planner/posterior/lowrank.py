@@ -70,13 +70,14 @@ class LowRankPosterior(Posterior):
     ) -> LowRankPosterior:
         v.require(arrays, ("mean", "variance", "factor"), cls.format)
         p = structure.n_params
-        mean = v.vector(arrays["mean"], "mean", p)
-        var = v.positive_vector(arrays["variance"], "variance", p)
+        mean = v.vector(arrays["mean"], "mean", p, structure.size_hint)
+        var = v.positive_vector(arrays["variance"], "variance", p, structure.size_hint)
         F = v.as_float(arrays["factor"], "factor")
         if F.ndim != 2 or F.shape[0] != p or F.shape[1] < 1:
-            raise InvalidPosterior(
-                f"must have shape ({p}, k) with k >= 1; got {F.shape}", field="factor"
-            )
+            why = f"must have shape ({p}, k) with k >= 1; got {F.shape}"
+            if F.ndim == 2 and F.shape[0] != p:
+                why += f": {structure.size_hint(F.shape[0])}"
+            raise InvalidPosterior(why, field="factor")
         rows = max(1, (1 << 24) // max(8 * F.shape[1], 1))
         for i in range(0, p, rows):
             if not np.isfinite(F[i : i + rows]).all():

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from planner import DiagPosterior, FullPosterior, InvalidPosterior, Structure
+from planner import DiagPosterior, FullPosterior, InvalidPosterior, Structure, from_arrays
 from tests.strategies import spd
 
 S = Structure.mlp((3, 4, 2))  # 20 parameters
@@ -81,3 +81,25 @@ def test_errors_keep_their_field_across_processes():
     assert (
         type(back) is InvalidPosterior and back.field == "covariance" and back.reason == "is wrong"
     )
+
+
+def test_bad_arrays_are_explained_where_and_what_to_do():
+    """A size off by the bias gives the arithmetic and the hint; an asymmetric or
+    indefinite matrix says which parameters, and what to do."""
+    s = Structure.mlp((3, 4, 2))
+    p = s.n_params
+    with pytest.raises(InvalidPosterior) as err:
+        from_arrays("full", s, {"mean": np.zeros(26), "covariance": np.eye(26)})
+    assert "4·3 + 2·4 = 20" in err.value.reason and '"bias": true' in err.value.reason
+    A = np.eye(p)
+    A[5, 0] = 0.5
+    with pytest.raises(InvalidPosterior) as err:
+        from_arrays("full", s, {"mean": np.zeros(p), "covariance": A})
+    assert "U_2[1, 2]" in err.value.reason and "(A + Aᵀ) / 2" in err.value.reason
+    B = np.eye(p)
+    B[13, 13] = -1.0
+    for fmt in ("full", "precision"):
+        with pytest.raises(InvalidPosterior) as err:
+            from_arrays(fmt, s, {"mean": np.zeros(p), "covariance" if fmt == "full" else fmt: B})
+        assert "[13, 13], U_3[0, 1] (layer 3)" in err.value.reason, err.value.reason
+        assert "prior precision" in err.value.reason
