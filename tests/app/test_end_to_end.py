@@ -134,11 +134,12 @@ async def test_explicit_ops_are_validated_and_scored(svc):
     )
     assert_problem(r, 422, "ops[0]")
     # integers are integers: 2.9 is not layer 2, true is not neuron 1, "10" no pairing
+    # (10.0 is 10, as JSON Schema says: tests/app/test_contract.py)
     for op, field in (
         ({"op": "phi", "layer": 2.9, "neuron": 1}, "ops[0].layer"),
         ({"op": "phi", "layer": 2, "neuron": True}, "ops[0].neuron"),
         ({"op": "psi", "layer": 3, "pairing": "10"}, "ops[0].pairing"),
-        ({"op": "psi", "layer": 3, "pairing": [1, 0.0, 2]}, "ops[0].pairing[1]"),
+        ({"op": "psi", "layer": 3, "pairing": [1, 0.5, 2]}, "ops[0].pairing[1]"),
     ):
         r = await svc.client.post(
             f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [3, 3, 2]}, "ops": [op]}
