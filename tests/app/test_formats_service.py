@@ -18,7 +18,7 @@ from tests.app.conftest import (
     upload,
     wait_done,
 )
-from tests.planner.test_formats import make
+from tests.helpers import make
 
 pytestmark = pytest.mark.anyio
 

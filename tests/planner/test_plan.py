@@ -18,17 +18,9 @@ from planner import (
     SingularConstraint,
     Structure,
 )
+from tests.helpers import close
 from tests.reference import RefNet, ref_apply
 from tests.strategies import cases, spd, to_ops, to_structure
-
-RTOL = 1e-9
-
-
-def close(a, b, rtol=RTOL):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape
-    scale = max(1.0, float(np.abs(b).max(initial=0.0)))
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
 
 
 @given(cases())

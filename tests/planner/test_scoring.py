@@ -17,8 +17,7 @@ from planner.posterior import KronPosterior, LowRankPosterior, PrecisionPosterio
 from planner.posterior.kron import KronScorer
 from planner.posterior.lowrank import LowRankScorer
 from planner.posterior.scoring import DenseScorer, DiagScorer
-from tests.planner.test_formats import make
-from tests.planner.test_plan import close
+from tests.helpers import close, make
 from tests.strategies import spd
 
 

@@ -30,7 +30,7 @@ from planner.ops import Tracked
 from planner.posterior import LowRankPosterior, PrecisionPosterior
 from planner.search import budget as budget_module
 from planner.search import random_plan, search
-from tests.planner.test_plan import close
+from tests.helpers import close
 from tests.reference import RefNet
 from tests.reference_search import brute_force, constraint_cost, ref_greedy
 from tests.strategies import redundant, search_cases, spd, to_structure
