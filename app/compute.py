@@ -159,7 +159,7 @@ def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
     cls = FORMATS[rec.format]
     structure = structure_from_json(rec.structure)
     names = [*cls.names(structure), *(n for n in cls.derived_names if n in rec.arrays)]
-    arrays = {n: store.storage.load_npy(store.teacher_array_key(rec, n)) for n in names}
+    arrays = {n: store.load_teacher_array(rec, n) for n in names}
     return cls.from_validated(structure, arrays)
 
 
@@ -236,7 +236,7 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memo
     else:
         crit = criterion_function(criterion)
         grads = (
-            store.storage.load_npy(store.teacher_array_key(rec, "gradients"))
+            store.load_teacher_array(rec, "gradients")
             if crit.needs_gradients and "gradients" in rec.arrays
             else None
         )

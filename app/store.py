@@ -168,6 +168,11 @@ class Store:
         """Where an array of a teacher is: its record says."""
         return rec.arrays[name].get("key") or Store.teacher_key(rec.id, name)
 
+    def load_teacher_array(self, rec: TeacherRecord, name: str):
+        """A teacher's array as a read-only memory map (through this process's cache when
+        storage is remote)."""
+        return self.storage.load_npy(self.teacher_array_key(rec, name))
+
     @staticmethod
     def prior_key(rec: PriorRecord, name: str) -> str:
         return f"{rec.location}/{name}.npy"

@@ -70,6 +70,129 @@ def _malformed(detail: str) -> Problem:
     return Problem(400, "malformed-body", "Malformed multipart body", detail, field="body")
 
 
+class _Parts:
+    """The multipart parser's callbacks for one upload: each file part streams into a
+    storage object (hashed on the way) that is committed with the others once the body
+    is whole; form fields are kept in memory, bounded in total."""
+
+    def __init__(self, up: Upload, storage: Storage, max_parts: int, max_fields: int) -> None:
+        self.up, self.storage = up, storage
+        self.max_parts, self.max_fields = max_parts, max_fields
+        self.parts = 0
+        #: parts received whole, their objects not yet committed: every part of an upload
+        #: becomes visible at the end of the body, or none does
+        self.complete: list = []
+        self._start()
+
+    def _start(self) -> None:
+        self.headers: dict[str, bytes] = {}
+        self.field, self.value = b"", b""
+        self.name: str | None = None
+        self.writer = None  # the open storage object of the current file part
+        self.fh = None
+        self.hash = None
+        self.buf: bytearray | None = None
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.part_begin,
+            "on_header_field": self.header_field,
+            "on_header_value": self.header_value,
+            "on_header_end": self.header_end,
+            "on_headers_finished": self.headers_finished,
+            "on_part_data": self.part_data,
+            "on_part_end": self.part_end,
+        }
+
+    def part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise Problem(
+                413,
+                "too-large",
+                "Too many parts",
+                f"an upload has at most {self.max_parts} parts (PLANNER_MAX_PARTS)",
+                field="body",
+            )
+        self._start()
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self.field += data[start:end]
+        _bounded_header(self.field)
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+        _bounded_header(self.value)
+
+    def header_end(self) -> None:
+        self.headers[self.field.decode("latin-1").lower()] = self.value
+        self.field, self.value = b"", b""
+
+    def headers_finished(self) -> None:
+        up = self.up
+        _, disp = parse_options_header(self.headers.get("content-disposition", b""))
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        if not NAME.match(name):
+            raise Problem(
+                422,
+                "invalid-request",
+                "Invalid request",
+                f"part name {name[:80]!r} is not an identifier",
+                field="body",
+            )
+        if name in up.files or name in up.fields:
+            raise Problem(
+                422, "invalid-request", "Invalid request", f"part {name!r} given twice", field=name
+            )
+        self.name = name
+        if b"filename" not in disp:
+            self.buf = bytearray()
+            return
+        if name == "spec":
+            raise Problem(
+                422,
+                "invalid-request",
+                "Invalid request",
+                "'spec' is a form field (JSON text), not a file part",
+                field="spec",
+            )
+        key = f"{up.prefix}/upload/{name}"
+        self.writer = self.storage.writer(key)
+        self.fh = self.writer.__enter__()
+        self.hash = hashlib.sha256()
+        up.files[name] = key
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.fh is not None:
+            chunk = data[start:end]
+            self.fh.write(chunk)
+            self.hash.update(chunk)
+            return
+        self.buf += data[start:end]
+        held = len(self.buf) + sum(len(v) for v in self.up.fields.values())
+        if held > self.max_fields:
+            raise Problem(
+                413,
+                "too-large",
+                "Too large",
+                f"form fields hold more than {self.max_fields} bytes all together "
+                "(PLANNER_MAX_FORM_BYTES); arrays go in file parts",
+                field=self.name,
+            )
+
+    def part_end(self) -> None:
+        if self.fh is not None:  # the part is complete: committed with the others
+            self.complete.append(self.writer)
+            self.up.sha256[self.name] = self.hash.hexdigest()
+            self.writer, self.fh = None, None
+        else:
+            self.up.fields[self.name] = bytes(self.buf)
+
+    def unfinished(self) -> list:
+        """Every storage object not yet committed (to abort when the upload fails)."""
+        return [*self.complete, *([self.writer] if self.writer is not None else [])]
+
+
 async def receive_multipart(
     request: Request,
     storage: Storage,
@@ -95,106 +218,8 @@ async def receive_multipart(
         raise _too_large(limit)
     tid = new_id("t")
     up = Upload(teacher_id=tid, prefix=f"teachers/{tid}")
-    #: parts received whole, their objects not yet committed: every part of an upload
-    #: becomes visible at the end of the body, or none does
-    complete: list = []
-    state: dict = {"headers": {}, "hf": b"", "hv": b"", "name": None, "cm": None, "fh": None}
-
-    def on_part_begin():
-        state["parts"] = state.get("parts", 0) + 1
-        if state["parts"] > max_parts:
-            raise Problem(
-                413,
-                "too-large",
-                "Too many parts",
-                f"an upload has at most {max_parts} parts (PLANNER_MAX_PARTS)",
-                field="body",
-            )
-        state.update(headers={}, hf=b"", hv=b"", name=None, cm=None, fh=None, buf=None, h=None)
-
-    def on_header_field(data, start, end):
-        state["hf"] += data[start:end]
-        _bounded_header(state["hf"])
-
-    def on_header_value(data, start, end):
-        state["hv"] += data[start:end]
-        _bounded_header(state["hv"])
-
-    def on_header_end():
-        state["headers"][state["hf"].decode("latin-1").lower()] = state["hv"]
-        state["hf"], state["hv"] = b"", b""
-
-    def on_headers_finished():
-        _, disp = parse_options_header(state["headers"].get("content-disposition", b""))
-        name = disp.get(b"name", b"").decode("utf-8", "replace")
-        if not NAME.match(name):
-            raise Problem(
-                422,
-                "invalid-request",
-                "Invalid request",
-                f"part name {name[:80]!r} is not an identifier",
-                field="body",
-            )
-        if name in up.files or name in up.fields:
-            raise Problem(
-                422, "invalid-request", "Invalid request", f"part {name!r} given twice", field=name
-            )
-        state["name"] = name
-        if b"filename" in disp:
-            if name == "spec":
-                raise Problem(
-                    422,
-                    "invalid-request",
-                    "Invalid request",
-                    "'spec' is a form field (JSON text), not a file part",
-                    field="spec",
-                )
-            key = f"{up.prefix}/upload/{name}"
-            state["cm"] = storage.writer(key)
-            state["fh"] = state["cm"].__enter__()
-            state["h"] = hashlib.sha256()
-            up.files[name] = key
-        else:
-            state["buf"] = bytearray()
-
-    def on_part_data(data, start, end):
-        if state["fh"] is not None:
-            chunk = data[start:end]
-            state["fh"].write(chunk)
-            state["h"].update(chunk)
-        else:
-            state["buf"] += data[start:end]
-            held = len(state["buf"]) + sum(len(v) for v in up.fields.values())
-            if held > max_fields:
-                raise Problem(
-                    413,
-                    "too-large",
-                    "Too large",
-                    f"form fields hold more than {max_fields} bytes all together "
-                    "(PLANNER_MAX_FORM_BYTES); arrays go in file parts",
-                    field=state["name"],
-                )
-
-    def on_part_end():
-        if state["fh"] is not None:  # the part is complete: committed with the others
-            complete.append(state["cm"])
-            state["cm"], state["fh"] = None, None
-            up.sha256[state["name"]] = state["h"].hexdigest()
-        else:
-            up.fields[state["name"]] = bytes(state["buf"])
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
+    parts = _Parts(up, storage, max_parts, max_fields)
+    parser = MultipartParser(boundary, parts.callbacks())
     try:
         pending = bytearray()
         try:
@@ -211,12 +236,11 @@ async def receive_multipart(
             parser.finalize()
         except ParseError as exc:
             raise _malformed(f"the multipart body does not parse: {exc}") from None
-        if state.get("cm") is not None:
-            raise _malformed(f"the body ends inside part {state['name']!r}")
-        await asyncio.to_thread(_commit, complete)
+        if parts.writer is not None:
+            raise _malformed(f"the body ends inside part {parts.name!r}")
+        await asyncio.to_thread(_commit, parts.complete)
     except BaseException as exc:
-        unfinished = [*complete, *([state["cm"]] if state.get("cm") is not None else [])]
-        for cm in unfinished:  # abort every object not yet committed
+        for cm in parts.unfinished():  # abort every object not yet committed
             with contextlib.suppress(Exception):
                 cm.__exit__(type(exc), exc, exc.__traceback__)
         await asyncio.to_thread(storage.delete, up.prefix)
