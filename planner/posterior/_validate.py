@@ -11,6 +11,7 @@ import scipy.linalg as sla
 from scipy.linalg import lapack
 
 from ..errors import InvalidPosterior, SingularConstraint
+from ..linalg import pivots_ok
 
 #: Relative symmetry tolerance, whatever the dtype (docs/theory.md §8): a float32 matrix upcast to
 #: float64 by its client (laplace-torch's GGN, say) is asymmetric at ~1e-8 and accepted.
@@ -188,8 +189,8 @@ def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:
             "this plan cannot be conditioned on",
             field="ops",
         ) from None
-    piv = np.diag(L) ** 2
-    if piv.min() <= k * np.finfo(float).eps * np.diag(S_BB).max():
+    if not pivots_ok(L, S_BB):
+        piv = np.diag(L) ** 2
         raise SingularConstraint(
             f"the covariance of the conditioned parameters Σ_BB is numerically singular "
             f"(smallest Cholesky pivot {piv.min():.3g}); this plan cannot be conditioned on",

@@ -7,6 +7,7 @@ from functools import cached_property
 import numpy as np
 import scipy.linalg as sla
 
+from ..linalg import inverse_diagonal
 from ..structure import Structure
 from . import _validate as v
 from ._dense import DensePosterior, gather
@@ -90,9 +91,7 @@ class FullPosterior(DensePosterior):
 
     @cached_property
     def _precision_diagonal(self) -> np.ndarray:
-        # diag(Σ⁻¹) = column sums of squares of L⁻¹, with Σ = L Lᵀ.
-        Linv = sla.solve_triangular(self._chol, np.eye(self.n), lower=True, check_finite=False)
-        return np.einsum("ij,ij->j", Linv, Linv)
+        return inverse_diagonal(self._chol)  # diag(Σ⁻¹), with Σ = L Lᵀ
 
     def precision_diagonal(self) -> np.ndarray:
         return self._precision_diagonal

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as sla
-from scipy.linalg import blas, lapack
+from scipy.linalg import blas
 
 from .._threads import all_threads
 from ..errors import InvalidPosterior, SingularConstraint, Unsupported
+from ..linalg import inverse_diagonal, pivots_ok, symmetrise
 from ..structure import Structure
 from . import _validate as v
 from .base import Posterior
@@ -48,8 +49,7 @@ def _chol(S: np.ndarray, what: str) -> np.ndarray:
         L = sla.cholesky(S, lower=True, check_finite=False)
     except np.linalg.LinAlgError:
         L = None
-    d = np.diag(L) ** 2 if L is not None else None
-    if L is None or (d.size and d.min() <= d.size * np.finfo(float).eps * np.abs(np.diag(S)).max()):
+    if L is None or not pivots_ok(L, S):
         raise SingularConstraint(
             f"the Kronecker factor {what} restricted to the conditioned parameters is "
             "numerically singular; this plan cannot be conditioned on",
@@ -74,14 +74,6 @@ class _Layer:
     def pos(self, ids: np.ndarray, of: np.ndarray) -> np.ndarray:
         index = {int(x): k for k, x in enumerate(of)}
         return np.array([index[int(x)] for x in ids], dtype=np.int64)
-
-
-def _inverse_diagonal(L: np.ndarray) -> np.ndarray:
-    """The diagonal of ``(L Lᵀ)⁻¹`` from the triangular inverse of ``L``."""
-    Li, info = lapack.dtrtri(L, lower=1)
-    if info != 0:  # pragma: no cover - a Cholesky factor inverts
-        raise InvalidPosterior("lost positive definiteness", field="factor")
-    return np.einsum("ij,ij->j", Li, Li)
 
 
 def _bias_cost(bm: np.ndarray, bS: np.ndarray) -> float:
@@ -205,7 +197,7 @@ class KronPosterior(Posterior):
                 W = sla.solve_triangular(LA, L.A[np.ix_(C, k)], lower=True, check_finite=False)
                 L.M = L.M[:, k] + Zt.T @ W
                 L.A = L.A[np.ix_(k, k)] - W.T @ W
-                L.A = 0.5 * (L.A + L.A.T)
+                L.A = symmetrise(L.A)
                 L.cols = L.cols[k]
             else:  # a whole layer conditioned (ψ)
                 r, c = L.pos(ev.rows, L.rows), L.pos(ev.cols, L.cols)
@@ -309,7 +301,7 @@ class KronPosterior(Posterior):
         cache = self.__dict__.setdefault("_column_factors", {})
         if t not in cache:
             L = _chol(np.asarray(self.A[t]), f"col{t}")
-            cache[t] = (L, _inverse_diagonal(L))
+            cache[t] = (L, inverse_diagonal(L))
         return cache[t]
 
     def scorer(self):
@@ -355,8 +347,7 @@ class KronPosterior(Posterior):
         s, out = self.structure, np.empty(self.n)
 
         def inv_diag(S):
-            Li = sla.solve_triangular(_chol(S, "factor"), np.eye(len(S)), lower=True)
-            return np.einsum("ij,ij->j", Li, Li)
+            return inverse_diagonal(_chol(S, "factor"))
 
         for t in range(2, s.T + 1):
             ix = s.layer(t)
@@ -560,8 +551,8 @@ class _KronBlock:
             self.LA, ai = post.column_factor(u)  # untouched: the layer's own, cached
         else:
             self.LA = _chol(st.A[np.ix_(live, live)], f"col{u}")
-            ai = _inverse_diagonal(self.LA)
-        gi = _inverse_diagonal(st.LG)
+            ai = inverse_diagonal(self.LA)
+        gi = inverse_diagonal(st.LG)
         GM = sla.solve_triangular(st.LG, self.Z, lower=True, trans="T", check_finite=False)
         GMA = sla.cho_solve((self.LA, True), GM.T, check_finite=False).T
         lin = np.empty(idx.size)

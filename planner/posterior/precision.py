@@ -22,6 +22,7 @@ import scipy.linalg as sla
 from scipy.linalg import lapack
 
 from ..errors import InvalidPosterior
+from ..linalg import inverse_diagonal, symmetrise
 from ._dense import DensePosterior, _runs, gather
 from ._validate import difference_cost
 
@@ -130,7 +131,7 @@ class PrecisionPosterior(DensePosterior):
         if native > self._covariance_route_work(idx):
             return super().inverse_block(idx)
         _, _, Q = self._schur(M, idx)
-        return 0.5 * (Q + Q.T)
+        return symmetrise(Q)
 
     def conditional_precision(self, B, values, P):
         B = np.asarray(B, dtype=np.int64)
@@ -307,8 +308,7 @@ class PrecisionPosterior(DensePosterior):
 
     @cached_property
     def _variance(self) -> np.ndarray:
-        Linv = sla.solve_triangular(self._chol, np.eye(self.n), lower=True, check_finite=False)
-        return np.einsum("ij,ij->j", Linv, Linv)
+        return inverse_diagonal(self._chol)  # diag(Λ⁻¹), with Λ = L Lᵀ
 
     def variance(self) -> np.ndarray:
         return self._variance

@@ -33,6 +33,7 @@ import scipy.linalg as sla
 from scipy.linalg import lapack
 
 from .._threads import all_threads
+from ..linalg import pivots_ok
 from ._validate import cholesky_constraint
 
 __all__ = [
@@ -150,9 +151,7 @@ def batched_cholesky(S: np.ndarray):
                 L[i], ok[i] = np.linalg.cholesky(S[i]), True
             except np.linalg.LinAlgError:
                 continue
-    d = np.diagonal(L, axis1=1, axis2=2) ** 2
-    scale = np.abs(np.diagonal(S, axis1=1, axis2=2)).max(axis=1, initial=0.0)
-    ok &= d.min(axis=1, initial=np.inf) > k * np.finfo(float).eps * scale
+    ok &= pivots_ok(L, S)
     L[~ok] = np.eye(k)
     return L, ok
 

@@ -1,0 +1,56 @@
+"""The small pieces of dense linear algebra the formats share (docs/theory.md §8).
+
+* :func:`inverse_diagonal`: the diagonal of ``(L Lᵀ)⁻¹`` from a Cholesky factor, by
+  one triangular inversion (the precision's diagonal of a covariance, a precision's
+  variances, a Kronecker factor's);
+* :func:`pivots_ok`: the one numerical positive-definiteness rule: a factor's smallest
+  squared pivot must exceed ``k ε`` times the largest diagonal entry of its matrix,
+  else the matrix is numerically singular (a plan's ``Σ_BB``, a Kronecker block,
+  a batch of candidate blocks);
+* :func:`symmetrise`: ``(A + Aᵀ) / 2``, the symmetric part every matrix is read as.
+
+Examples
+--------
+>>> import numpy as np
+>>> L = np.linalg.cholesky(np.array([[4.0, 2.0], [2.0, 3.0]]))
+>>> inverse_diagonal(L).round(4)
+array([0.375, 0.5  ])
+>>> bool(pivots_ok(L, np.array([[4.0, 2.0], [2.0, 3.0]])))
+True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg import lapack
+
+__all__ = ["inverse_diagonal", "pivots_ok", "symmetrise"]
+
+EPS = np.finfo(float).eps
+
+
+def inverse_diagonal(L: np.ndarray) -> np.ndarray:
+    """The diagonal of ``(L Lᵀ)⁻¹`` for a lower Cholesky factor ``L``: the column sums of
+    squares of ``L⁻¹`` (one ``trtri``)."""
+    if L.shape[0] == 0:
+        return np.zeros(0)
+    Li, info = lapack.dtrtri(L, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the factor is singular at pivot {info}")
+    return np.einsum("ij,ij->j", Li, Li)
+
+
+def pivots_ok(L: np.ndarray, S: np.ndarray) -> np.ndarray | np.bool_:
+    """Whether the Cholesky factor ``L`` of ``S`` (or a batch: ``(..., k, k)``) is
+    numerically positive definite: every squared pivot above ``k ε max|diag S|``."""
+    k = S.shape[-1]
+    if k == 0:
+        return np.ones(S.shape[:-2], dtype=bool) if S.ndim > 2 else np.True_
+    d = np.diagonal(L, axis1=-2, axis2=-1) ** 2
+    scale = np.abs(np.diagonal(S, axis1=-2, axis2=-1)).max(axis=-1)
+    return d.min(axis=-1) > k * EPS * scale
+
+
+def symmetrise(A: np.ndarray) -> np.ndarray:
+    """``(A + Aᵀ) / 2`` as a new array."""
+    return 0.5 * (A + A.T)
