@@ -95,10 +95,16 @@ def _block_reason(
     a = f.activation(s)
     for p in range(s + 1, e + 1):
         why = merge_reason(f.activation(p), a)
+        if why and s == 1:
+            return (
+                f"removing teacher layer {p} ({f.activation(p)}) into the input would change "
+                f"the function: ψ({p}) reads the input, so it needs σ_{p} to be the identity "
+                f"(the rule of docs/theory.md §3); keep position {p} in the student"
+            )
         if why:
             return (
                 f"removing teacher layer {p} ({f.activation(p)}) into position {s} ({a}) "
-                f"would change the function: ψ {why}"
+                f"would change the function: ψ({p}) {why} (the rule of docs/theory.md §3)"
             )
     return None
 

@@ -132,7 +132,7 @@ def test_psi_on_relu_into_the_input_is_not_a_route():
     student = Structure.mlp((4, 5, 2))
     relu = Structure.mlp((4, 4, 5, 2))
     m = membership(relu, student)
-    assert not m.member and "ψ needs the identity" in m.reason
+    assert not m.member and "ψ(2) reads the input, so it needs σ_2 to be the identity" in m.reason
     lin = Structure.mlp((4, 4, 5, 2), activation=["identity", "relu"])
     assert membership(lin, student).member
     assert [r.removed_layers for r in routes(lin, student)] == [(2,)]
