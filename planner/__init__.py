@@ -6,6 +6,7 @@ Pure numpy, scipy and networkx; no I/O.  The mathematics: ``docs/theory.md``.
 from __future__ import annotations
 
 from ._openblas import configure as _configure_openblas
+from ._openblas import settle as _settle_openblas
 
 _configure_openblas()  # before numpy loads: see planner._openblas
 
@@ -27,6 +28,8 @@ from .ops import Phi, Psi  # noqa: E402
 from .plan import CompiledPlan, Plan, Provenance, op_from_json, step_costs  # noqa: E402
 from .posterior import FORMATS, DiagPosterior, FullPosterior, Posterior, from_arrays  # noqa: E402
 from .structure import ACTIVATIONS, IDEMPOTENT, Structure  # noqa: E402
+
+_settle_openblas()  # numpy came first: no threaded SkylakeX kernels (see planner._openblas)
 
 __all__ = [
     "ACTIVATIONS",

@@ -1,0 +1,37 @@
+"""planner._openblas: on AVX-512 machines the SkylakeX kernels never run threaded under
+planner, and no warning is raised on any path (bench/openblas_check.py is the defect's
+reproducer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+PROBE = (
+    "import json; from threadpoolctl import threadpool_info;"
+    "print(json.dumps([(i.get('architecture'), i['num_threads']) for i in threadpool_info()"
+    " if i['internal_api'] == 'openblas']))"
+)
+
+
+def _run(first: str) -> list:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", f"{first}; {PROBE}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_planner_first_never_loads_the_skylakex_kernels():
+    assert all(arch != "SkylakeX" for arch, _ in _run("import planner, numpy"))
+
+
+def test_numpy_first_runs_skylakex_single_threaded_without_a_warning():
+    # -W error: a warning would fail the child; SkylakeX kernels, if loaded, run one thread
+    for arch, threads in _run("import numpy, planner"):
+        assert arch != "SkylakeX" or threads == 1, (arch, threads)
