@@ -25,7 +25,16 @@ from dataclasses import dataclass
 
 from threadpoolctl import threadpool_limits
 
-from planner import FORMATS, InvalidPlan, Plan, PlannerError, Posterior, Structure, step_costs
+from planner import (
+    FORMATS,
+    InvalidPlan,
+    Plan,
+    PlannerError,
+    Posterior,
+    Structure,
+    backend,
+    step_costs,
+)
 from planner.criteria import criterion_function
 from planner.search import search
 
@@ -64,6 +73,9 @@ class Config:
     #: most bytes of remote arrays a process keeps copies of (``PLANNER_CACHE_BYTES``
     #: in a worker's environment overrides it)
     cache_bytes: int = 16 * 2**30
+    #: where dense kernels run (``planner.backend``): None numpy, "cpu"/"cuda" torch;
+    #: ``PLANNER_DEVICE`` in a worker's environment overrides it
+    device: str | None = None
 
 
 _STORES: dict[Config, Store] = {}
@@ -135,8 +147,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def use_device(config: Config) -> None:
+    """Select this process's backend for dense kernels: the worker's own
+    ``PLANNER_DEVICE`` if set, else the service's."""
+    device = os.environ.get("PLANNER_DEVICE") or config.device
+    if backend.current().name != _BACKEND_NAMES.get(device, f"torch-{device}"):
+        backend.select(device)
+
+
+_BACKEND_NAMES = {None: "numpy", "": "numpy"}
+
+
 def store_for(config: Config) -> Store:
-    """The process's store for ``config`` (one engine per process, reused by every job)."""
+    """The process's store for ``config`` (one engine per process, reused by every job);
+    also selects the process's dense backend (:func:`use_device`)."""
+    use_device(config)
     with _STORES_LOCK:
         store = _STORES.get(config)
         if store is None:

@@ -131,6 +131,12 @@ class Settings(BaseSettings):
         ge=1,
         description="most operations one plan may have, given or searched (413 beyond)",
     )
+    device: Literal["cpu", "cuda"] | None = Field(
+        None,
+        description="where the dense formats' kernels run: unset, numpy; cpu or cuda, torch "
+        "there in float64 (the gpu extra). A Dask worker's own PLANNER_DEVICE overrides it, "
+        "so workers with a GPU run the dense jobs on it",
+    )
     executor: Literal["process", "thread", "dask"] = Field(
         "process", description="what computes plans, uploads and priors off the event loop"
     )
@@ -178,7 +184,12 @@ class Settings(BaseSettings):
         from .compute import Config
 
         return Config(
-            self.database, self.storage, str(self.scratch), self.lease_seconds, self.cache_bytes
+            self.database,
+            self.storage,
+            str(self.scratch),
+            self.lease_seconds,
+            self.cache_bytes,
+            self.device,
         )
 
 

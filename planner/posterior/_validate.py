@@ -184,12 +184,21 @@ def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:
     try:
         L = sla.cholesky(S_BB, lower=True, check_finite=False, overwrite_a=False)
     except np.linalg.LinAlgError:
+        L = None
+    check_constraint_factor(L, S_BB)
+    return L
+
+
+def check_constraint_factor(L: np.ndarray | None, S_BB: np.ndarray) -> None:
+    """Refuse a plan whose Σ_BB had no Cholesky factor (``L`` None) or a numerically
+    singular one (docs/theory.md §8)."""
+    if L is None:
         raise SingularConstraint(
             "the covariance of the conditioned parameters Σ_BB is singular; "
             "this plan cannot be conditioned on",
             field="ops",
-        ) from None
-    if not pivots_ok(L, S_BB):
+        )
+    if S_BB.shape[0] and not pivots_ok(L, S_BB):
         piv = np.diag(L) ** 2
         raise SingularConstraint(
             f"the covariance of the conditioned parameters Σ_BB is numerically singular "

@@ -7,6 +7,7 @@ from functools import cached_property
 import numpy as np
 import scipy.linalg as sla
 
+from ..backend import current
 from ..linalg import inverse_diagonal
 from ..structure import Structure
 from . import _validate as v
@@ -40,16 +41,16 @@ class FullPosterior(DensePosterior):
         keep = np.asarray(keep, dtype=np.int64)
         m_keep = m[keep]
         S_keep = gather(S, keep, keep)
-        if B.size:
-            L = v.cholesky_constraint(gather(S, B, B))
-            alpha = sla.solve_triangular(L, values - m[B], lower=True, check_finite=False)
-            W = sla.solve_triangular(
-                L, gather(S, B, keep), lower=True, check_finite=False, overwrite_b=True
-            )
-            m_keep += W.T @ alpha
-            S_keep -= W.T @ W
-            S_keep += S_keep.T
-            S_keep *= 0.5
+        if B.size:  # one joint conditioning, on the backend in force (planner.backend)
+            S_BB = gather(S, B, B)
+            try:
+                L, shift, S_keep = current().condition(
+                    S_BB, gather(S, B, keep), S_keep, values - m[B]
+                )
+            except np.linalg.LinAlgError:
+                L = None
+            v.check_constraint_factor(L, S_BB)
+            m_keep += shift
         return FullPosterior(structure, m_keep, S_keep)
 
     def constraint_cost(self, B, values) -> float:

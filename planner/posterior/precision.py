@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.linalg import lapack
 
+from ..backend import current
 from ..errors import InvalidPosterior
 from ..linalg import inverse_diagonal, symmetrise
 from ._dense import DensePosterior, _runs, gather
@@ -68,7 +69,7 @@ class PrecisionPosterior(DensePosterior):
 
     def _factor(self, r: np.ndarray) -> np.ndarray:
         try:
-            return sla.cholesky(gather(self.precision, r, r), lower=True, check_finite=False)
+            return current().cholesky(gather(self.precision, r, r))
         except np.linalg.LinAlgError:  # pragma: no cover - a principal block of a PD matrix
             raise InvalidPosterior("is not positive definite", field="precision") from None
 
@@ -81,11 +82,9 @@ class PrecisionPosterior(DensePosterior):
         mu = self.mean[r].copy()
         if B.size:
             y = gather(self.precision, r, B, copy=False) @ (values - self.mean[B])
-            mu -= sla.cho_solve((L, True), y, check_finite=False)
+            mu -= current().cho_solve(L, y)
         La = L[M.size :, M.size :]
-        prec = La @ La.T
-        prec += prec.T
-        prec *= 0.5
+        prec = current().gram(La)
         return PrecisionPosterior(structure, mu[M.size :], prec, La.copy())
 
     def constraint_cost(self, B, values) -> float:

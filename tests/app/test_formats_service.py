@@ -7,12 +7,13 @@ import io
 import numpy as np
 import pytest
 
-from planner import FullPosterior, Structure, from_arrays
+from planner import FullPosterior, Plan, Structure, from_arrays
 from planner.search import search
 from tests.app.conftest import (
     assert_problem,
     key_of,
     make_plan,
+    make_prior,
     start,
     stored,
     upload,
@@ -201,3 +202,34 @@ async def test_thorough_effort_is_never_worse(svc):
     assert costs["thorough"] <= costs["fast"] * (1 + 1e-9)
     r = await svc.client.post(url, json={"student": {"widths": [6, 12, 8, 8]}, "effort": "max"})
     assert_problem(r, 422, "effort")
+
+
+async def test_dense_jobs_run_on_the_torch_backend_when_asked(tmp_path):
+    """PLANNER_DEVICE=cpu: the dense formats' priors come from torch kernels (the path a
+    GPU worker takes with cuda) and equal the core's numpy apply to rounding."""
+    from planner import backend
+
+    service, ctx = await start(tmp_path / "data", device="cpu")
+    try:
+        for fmt in ("full", "precision"):
+            teacher = Structure.mlp((4, 7, 5, 2))
+            post, mean, cov = make("precision", teacher, np.random.default_rng(7))
+            if fmt == "full":
+                post = FullPosterior.from_dense(teacher, mean, (cov + cov.T) / 2)
+            t = await upload(service.client, {"widths": [4, 7, 5, 2]}, fmt, arrays_of(post))
+            plan = await make_plan(service.client, t.json()["id"], [4, 3, 2])
+            done = await make_prior(service.client, plan["id"])
+            assert done["status"] == "done", done
+            got = {
+                n: np.load(io.BytesIO((await service.client.get(
+                    f"/v1/priors/{done['id']}/arrays/{n}")).content))
+                for n in done["arrays"]
+            }  # fmt: skip
+            expect = Plan.from_json(teacher, plan["ops"]).apply(post).to_arrays()
+            for n, a in expect.items():
+                np.testing.assert_allclose(got[n], a, rtol=1e-9, atol=1e-12)
+        assert backend.current().name == "torch-cpu"  # the thread pool shares this process
+    finally:
+        await service.client.aclose()
+        await ctx.__aexit__(None, None, None)
+        backend.select(None)

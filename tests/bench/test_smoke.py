@@ -15,6 +15,7 @@ def test_service_benchmarks_run_quick(capsys):
     service.main(["--quick"])
     out = capsys.readouterr().out
     assert "receive_MB_s" in out and "p99_ms" in out and "per_prior_ratio" in out
+    assert "request/one_shot" in out
 
 
 def test_format_benchmarks_run_quick(capsys):
@@ -33,3 +34,11 @@ def test_search_benchmarks_run_quick(capsys):
     out = capsys.readouterr().out
     for word in ("cost/greedy", "cost/best_of_random", "plan/one_shot", "cold/one_shot", "diag"):
         assert word in out
+
+
+def test_gpu_benchmark_runs_quick_on_the_cpu(capsys):
+    from bench import gpu
+
+    gpu.main(["--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "numpy/device" in out and "device/one_shot" in out
