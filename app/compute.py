@@ -324,43 +324,21 @@ def run_plan_job(config: Config, job_id: str) -> dict:
     under a lease (a replica or worker lost mid-search loses no plan: the job is run
     again), stopped as soon as it is cancelled, and recorded with its plan in one
     transaction only while the claim holds.  Returns ``{"status", "seconds"}``."""
-    t0 = time.perf_counter()
-    store = store_for(config)
-    token = secrets.token_hex(8)
-    job = store.claim(job_id, token, config.lease_seconds)
-    if job is None:
-        return {"status": "skipped", "seconds": time.perf_counter() - t0}
-    lease = _Lease(store, job_id, token, config.lease_seconds)
-    req = job.request
-    try:
-        try:
-            out = run_plan(
-                config,
-                job.teacher_id,
-                req["student"],
-                req["criterion"],
-                req["seed"],
-                req["ops"],
-                req["seconds"],
-                req["effort"],
-                req["memory"],
-                req["max_ops"],
-                stop=lease.lost.is_set,
-            )
-        except (PlannerError, Problem) as exc:
-            problem = exc if isinstance(exc, Problem) else problem_from_planner_error(exc)
-            done = store.complete(job_id, token, status="failed", problem=problem.to_json())
-            return {"status": "failed" if done else "lost", "seconds": time.perf_counter() - t0}
-        except Exception:
-            log.exception("plan job %s failed", job_id)
-            problem = Problem(500, "internal", "Internal server error", "the search failed (a bug)")
-            done = store.complete(job_id, token, status="failed", problem=problem.to_json())
-            return {"status": "failed" if done else "lost", "seconds": time.perf_counter() - t0}
+
+    def work(store: Store, job, token: str, lease: _Lease) -> str:
+        req = job.request
+        out = run_plan(
+            config,
+            job.teacher_id,
+            *(req[k] for k in ("student", "criterion", "seed", "ops", "seconds", "effort")),
+            req["memory"],
+            req["max_ops"],
+            stop=lease.lost.is_set,
+        )
         plan = plan_record(job.owner, job.teacher_id, req, out)
-        done = store.complete_plan_job(job_id, token, plan)
-        return {"status": "done" if done else "lost", "seconds": time.perf_counter() - t0}
-    finally:
-        lease.stop()
+        return "done" if store.complete_plan_job(job_id, token, plan) else "lost"
+
+    return _claimed(config, job_id, work, "the search failed (a bug)")
 
 
 def run_steps(config: Config, plan_id: str) -> list[dict] | None:
@@ -408,65 +386,79 @@ class _Lease:
         self._thread.join(timeout=5)
 
 
-def run_prior(config: Config, prior_id: str) -> dict:
-    """Compute one prior if it can be claimed; the row records the outcome.
-
-    Returns ``{"status", "seconds"}`` (``skipped`` when another claim holds it or
-    it is gone); never raises for a failure of the computation itself, which is
-    recorded on the prior as a problem.
-    """
+def _claimed(config: Config, job_id: str, work, bug: str, field: str | None = None, lost=None):
+    """Run a job (a prior, a plan job) if it can be claimed: ``work(store, record, token,
+    lease)`` returns its status while the lease is renewed in the background; a failure
+    is recorded on the job as a problem (``field`` prefixing a core error's), never
+    raised.  ``lost(store, token)`` cleans up when another claim took the job over.
+    Returns ``{"status", "seconds"}`` (``skipped`` when the job could not be claimed)."""
     t0 = time.perf_counter()
     store = store_for(config)
     token = secrets.token_hex(8)
-    rec = store.claim(prior_id, token, config.lease_seconds)
+    rec = store.claim(job_id, token, config.lease_seconds)
     if rec is None:
         return {"status": "skipped", "seconds": time.perf_counter() - t0}
-    lease = _Lease(store, prior_id, token, config.lease_seconds)
-    location = f"priors/{prior_id}/{token}"
+    lease = _Lease(store, job_id, token, config.lease_seconds)
     try:
-        plan_rec = store.plan_for_job(rec.plan_id)
-        teacher = store.teacher_for_job(plan_rec.teacher_id) if plan_rec else None
-        if plan_rec is None or teacher is None:  # deleted meanwhile: nothing to record
-            return {"status": "gone", "seconds": time.perf_counter() - t0}
         try:
-            post = load_posterior(store, teacher)
-            plan = Plan.from_json(post.structure, plan_rec.ops)
-            with threadpool_limits(blas_threads(post)):
-                aligned = plan.apply(post)
-            infos = {}
-            for name, arr in aligned.to_arrays().items():
-                sha, size = store.storage.put_npy(f"{location}/{name}.npy", arr)
-                info = {"shape": list(arr.shape), "dtype": "float64", "bytes": size, "sha256": sha}
-                infos[name] = info
-            done = store.complete(
-                prior_id,
-                token,
-                status="done",
-                cost=plan_rec.cost,  # computed when the plan was made
-                arrays=infos,
-                location=location,
-                problem=None,
+            status = work(store, rec, token, lease)
+        except (PlannerError, Problem) as exc:
+            problem = (
+                exc if isinstance(exc, Problem) else problem_from_planner_error(exc, field or "")
             )
-            status = "done" if done else "lost"
-        except PlannerError as exc:
-            problem = problem_from_planner_error(exc, "plan").to_json()
-            status = (
-                "failed"
-                if store.complete(prior_id, token, status="failed", problem=problem)
-                else "lost"
-            )
+            failed = store.complete(job_id, token, status="failed", problem=problem.to_json())
+            status = "failed" if failed else "lost"
         except Exception:
-            log.exception("prior %s failed", prior_id)
-            problem = Problem(
-                500, "internal", "Internal server error", "computing the prior failed (a bug)"
-            ).to_json()
-            status = (
-                "failed"
-                if store.complete(prior_id, token, status="failed", problem=problem)
-                else "lost"
-            )
-        if status == "lost":  # another claim took over: our arrays are nobody's
-            store.storage.delete(location)
+            log.exception("job %s failed", job_id)
+            problem = Problem(500, "internal", "Internal server error", bug).to_json()
+            failed = store.complete(job_id, token, status="failed", problem=problem)
+            status = "failed" if failed else "lost"
+        if status == "lost" and lost is not None:  # another claim took over
+            lost(store, token)
         return {"status": status, "seconds": time.perf_counter() - t0}
     finally:
         lease.stop()
+
+
+def run_prior(config: Config, prior_id: str) -> dict:
+    """Compute one prior if it can be claimed; the row records the outcome.
+
+    Returns ``{"status", "seconds"}`` (``skipped`` when another claim holds it,
+    ``gone`` when it was deleted); never raises for a failure of the computation
+    itself, which is recorded on the prior as a problem.
+    """
+
+    def work(store: Store, rec, token: str, lease: _Lease) -> str:
+        location = f"priors/{prior_id}/{token}"
+        plan_rec = store.plan_for_job(rec.plan_id)
+        teacher = store.teacher_for_job(plan_rec.teacher_id) if plan_rec else None
+        if plan_rec is None or teacher is None:  # deleted meanwhile: nothing to record
+            return "gone"
+        post = load_posterior(store, teacher)
+        plan = Plan.from_json(post.structure, plan_rec.ops)
+        with threadpool_limits(blas_threads(post)):
+            aligned = plan.apply(post)
+        infos = {}
+        for name, arr in aligned.to_arrays().items():
+            sha, size = store.storage.put_npy(f"{location}/{name}.npy", arr)
+            infos[name] = {
+                "shape": list(arr.shape),
+                "dtype": "float64",
+                "bytes": size,
+                "sha256": sha,
+            }
+        done = store.complete(
+            prior_id,
+            token,
+            status="done",
+            cost=plan_rec.cost,  # computed when the plan was made
+            arrays=infos,
+            location=location,
+            problem=None,
+        )
+        return "done" if done else "lost"
+
+    def lost(store: Store, token: str) -> None:  # our arrays are nobody's
+        store.storage.delete(f"priors/{prior_id}/{token}")
+
+    return _claimed(config, prior_id, work, "computing the prior failed (a bug)", "plan", lost)

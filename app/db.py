@@ -71,7 +71,21 @@ class PlanRow(Base):
     created: Mapped[float] = mapped_column(Float)
 
 
-class PriorRow(Base):
+class _JobColumns:
+    """What every job's row holds besides its own data: when it ran, and its bookkeeping
+    (who holds it, until when, how many times it was claimed, when it was last handed
+    to the executor)."""
+
+    created: Mapped[float] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float)
+    claim: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    submitted: Mapped[float | None] = mapped_column(Float)
+
+
+class PriorRow(_JobColumns, Base):
     __tablename__ = "priors"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -85,20 +99,11 @@ class PriorRow(Base):
     arrays: Mapped[dict[str, Any]]
     #: where its arrays are: ``priors/<id>/<claim>/``, written by the claim that completed it
     location: Mapped[str | None] = mapped_column(String(128))
-    created: Mapped[float] = mapped_column(Float)
-    started: Mapped[float | None] = mapped_column(Float)
-    finished: Mapped[float | None] = mapped_column(Float)
-    #: job bookkeeping: who holds it, until when, how many times it was claimed,
-    #: when it was last handed to the executor
-    claim: Mapped[str | None] = mapped_column(String(32))
-    lease_until: Mapped[float | None] = mapped_column(Float)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    submitted: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("priors_status", "status"),)
 
 
-class PlanJobRow(Base):
+class PlanJobRow(_JobColumns, Base):
     """A plan computed as a job (``Prefer: respond-async``): the request, its state and,
     once done, the plan it made."""
 
@@ -113,13 +118,6 @@ class PlanJobRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     plan_id: Mapped[str | None] = mapped_column(String(32))
     problem: Mapped[dict[str, Any] | None]
-    created: Mapped[float] = mapped_column(Float)
-    started: Mapped[float | None] = mapped_column(Float)
-    finished: Mapped[float | None] = mapped_column(Float)
-    claim: Mapped[str | None] = mapped_column(String(32))
-    lease_until: Mapped[float | None] = mapped_column(Float)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    submitted: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (Index("plan_jobs_status", "status"),)
 

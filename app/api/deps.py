@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -13,7 +15,16 @@ from ..problems import Problem
 from ..settings import Settings
 from ..store import ID, Store
 
-__all__ = ["PUBLIC", "JobsDep", "OwnerDep", "SettingsDep", "StoreDep", "check_id", "owned"]
+__all__ = [
+    "PUBLIC",
+    "JobsDep",
+    "OwnerDep",
+    "SettingsDep",
+    "StoreDep",
+    "check_id",
+    "long_poll",
+    "owned",
+]
 
 _ID = re.compile(ID)
 
@@ -59,6 +70,21 @@ def owned(store: Store, owner: str, kind: str, id: str):
     rec = getattr(store, reader)(owner, check_id(id, kind, what))
     if rec is None:
         raise Problem.not_found(what, id)
+    return rec
+
+
+async def long_poll(fetch, rec, wait: float, what: str, id: str):
+    """Re-read a job's record (``fetch(id)``) until it leaves ``queued``/``running`` or
+    ``wait`` seconds pass: at 20 Hz at first, then less often (4 Hz at most after a
+    second), so many waiting clients cost the database little; 404 if it is deleted
+    meanwhile (with its teacher)."""
+    deadline, pause = time.monotonic() + wait, 0.05
+    while rec.status in ("queued", "running") and time.monotonic() < deadline:
+        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(1.5 * pause, 0.25)
+        rec = await asyncio.to_thread(fetch, rec.id)
+        if rec is None:
+            raise Problem.not_found(what, id)
     return rec
 
 

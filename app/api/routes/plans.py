@@ -17,7 +17,7 @@ from ...compute import plan_record, run_plan, run_steps, structure_from_json
 from ...problems import Problem, problem_from_planner_error
 from ...schemas import PlanCreate, PlanJobPublic, PlanPublic, PlanSteps, structure_json
 from ...store import PlanJobRecord, PlanRecord, new_id
-from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
+from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, long_poll, owned
 
 router = APIRouter(tags=["plans"])
 
@@ -181,13 +181,7 @@ async def get_plan_job(
     ``failed`` (``problem`` says why) or ``cancelled``; ``wait`` answers as soon as it
     finishes."""
     job = await asyncio.to_thread(owned, store, owner, "j", id)
-    deadline, pause = time.monotonic() + wait, 0.05
-    while job.status in ("queued", "running") and time.monotonic() < deadline:
-        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(1.5 * pause, 0.25)
-        job = await asyncio.to_thread(store.plan_job, owner, job.id)
-        if job is None:  # deleted with its teacher while the client waited
-            raise Problem.not_found("plan job", id)
+    job = await long_poll(lambda i: store.plan_job(owner, i), job, wait, "plan job", id)
     return plan_job_json(job)
 
 

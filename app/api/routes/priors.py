@@ -9,7 +9,6 @@ once per key, under a lock per key, and kept in storage beside the arrays.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Literal
 from weakref import WeakValueDictionary
 
@@ -24,7 +23,7 @@ from ...problems import Problem
 from ...schemas import PriorPublic
 from ...serving import BinaryResponse, serve
 from ...store import PriorRecord, Store
-from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, owned
+from ..deps import JobsDep, OwnerDep, SettingsDep, StoreDep, long_poll, owned
 
 #: A file, whole or a byte range of it (``Range: bytes=a-b``, so downloads resume).
 BINARY: dict = {
@@ -137,15 +136,7 @@ async def get_prior(
 ):
     """The prior's status; with ``wait``, answers as soon as it is done or failed."""
     rec = await asyncio.to_thread(owned, store, owner, "r", id)
-    deadline, pause = time.monotonic() + wait, 0.05
-    while rec.status in ("queued", "running") and time.monotonic() < deadline:
-        # the row is read at 20 Hz at first, then less often (4 Hz at most after a
-        # second): many waiting clients cost the database little
-        await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(1.5 * pause, 0.25)
-        rec = await asyncio.to_thread(store.prior, owner, rec.id)
-        if rec is None:  # deleted (with its teacher) while the client waited
-            raise Problem.not_found("prior", id)
+    rec = await long_poll(lambda i: store.prior(owner, i), rec, wait, "prior", id)
     return await asyncio.to_thread(prior_json, store, rec)
 
 

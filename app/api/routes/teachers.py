@@ -126,39 +126,38 @@ def delete_teacher(id: str, store: StoreDep, owner: OwnerDep):  # rows, then arr
 PAGE_MAX = 100
 
 
-def _next(path: str, items: list, limit: int) -> str | None:
-    return f"{path}?limit={limit}&after={items[-1].id}" if len(items) == limit else None
+def _page(store, owner: str, id: str, what: str, limit: int, after: str | None) -> dict:
+    """One page of a teacher's plans or priors (``what``), oldest first, and the next
+    page's URL when this one is full."""
+    t = owned(store, owner, "t", id)
+    if what == "plans":
+        items = store.plans_page(owner, t.id, limit, after)
+        out = [plan_json(p) for p in items]
+    else:
+        items = store.priors_page(owner, t.id, limit, after)
+        out = [prior_json(store, r) for r in items]
+    full = len(items) == limit
+    return {
+        "items": out,
+        "next": f"/v1/teachers/{t.id}/{what}?limit={limit}&after={items[-1].id}" if full else None,
+    }
+
+
+Limit = Query(50, ge=1, le=PAGE_MAX, description="items per page")
+After = Query(None, max_length=64, description="the last item of the page before")
 
 
 @router.get("/{id}/plans", response_model=PlanPage)
 def list_plans(
-    id: str,
-    store: StoreDep,
-    owner: OwnerDep,
-    limit: int = Query(50, ge=1, le=PAGE_MAX, description="plans per page"),
-    after: str | None = Query(None, max_length=64, description="the last plan of the page before"),
+    id: str, store: StoreDep, owner: OwnerDep, limit: int = Limit, after: str | None = After
 ):
     """The teacher's plans, oldest first, a page at a time (``next`` links the next page)."""
-    t = owned(store, owner, "t", id)
-    items = store.plans_page(owner, t.id, limit, after)
-    return {
-        "items": [plan_json(p) for p in items],
-        "next": _next(f"/v1/teachers/{t.id}/plans", items, limit),
-    }
+    return _page(store, owner, id, "plans", limit, after)
 
 
 @router.get("/{id}/priors", response_model=PriorPage)
 def list_priors(
-    id: str,
-    store: StoreDep,
-    owner: OwnerDep,
-    limit: int = Query(50, ge=1, le=PAGE_MAX, description="priors per page"),
-    after: str | None = Query(None, max_length=64, description="the last prior of the page before"),
+    id: str, store: StoreDep, owner: OwnerDep, limit: int = Limit, after: str | None = After
 ):
     """The priors requested for the teacher's plans, oldest first, a page at a time."""
-    t = owned(store, owner, "t", id)
-    items = store.priors_page(owner, t.id, limit, after)
-    return {
-        "items": [prior_json(store, r) for r in items],
-        "next": _next(f"/v1/teachers/{t.id}/priors", items, limit),
-    }
+    return _page(store, owner, id, "priors", limit, after)
