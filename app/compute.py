@@ -188,6 +188,18 @@ def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
     return cls.from_validated(structure, arrays)
 
 
+def _teacher_posterior(store: Store, teacher_id: str, what: str, ident: str):
+    """(record, posterior) of a teacher for a job; 404 (as ``what`` ``ident``) when it was
+    deleted, before or while its arrays were opened."""
+    rec = store.teacher_for_job(teacher_id)
+    if rec is None:
+        raise Problem.not_found(what, ident)
+    try:
+        return rec, load_posterior(store, rec)
+    except FileNotFoundError:  # deleted while the request was on its way
+        raise Problem.not_found(what, ident) from None
+
+
 #: Dense problems from this many parameters on gain from threaded BLAS.
 _THREADED_FROM = 1500
 
@@ -227,13 +239,7 @@ def run_plan(
     ``memory`` what its improvement may hold, ``max_ops`` the longest plan answered,
     ``stop`` a callable that cancels the search once it returns True."""
     store = store_for(config)
-    rec = store.teacher_for_job(teacher_id)
-    if rec is None:
-        raise Problem.not_found("teacher", teacher_id)
-    try:
-        post = load_posterior(store, rec)
-    except FileNotFoundError:  # deleted while the request was on its way
-        raise Problem.not_found("teacher", teacher_id) from None
+    rec, post = _teacher_posterior(store, teacher_id, "teacher", teacher_id)
     with threadpool_limits(blas_threads(post)):
         out = _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory, stop)
     if max_ops is not None and len(out["ops"]) > max_ops:
@@ -348,13 +354,9 @@ def run_steps(config: Config, plan_id: str) -> list[dict] | None:
     costs."""
     store = store_for(config)
     plan_rec = store.plan_for_job(plan_id)
-    rec = store.teacher_for_job(plan_rec.teacher_id) if plan_rec is not None else None
-    if rec is None:
+    if plan_rec is None:
         raise Problem.not_found("plan", plan_id)
-    try:
-        post = load_posterior(store, rec)
-    except FileNotFoundError:  # deleted while the request was on its way
-        raise Problem.not_found("plan", plan_id) from None
+    _, post = _teacher_posterior(store, plan_rec.teacher_id, "plan", plan_id)
     plan = Plan.from_json(post.structure, plan_rec.ops)
     with threadpool_limits(blas_threads(post)):
         steps = step_costs(plan, post)
