@@ -248,9 +248,9 @@ def test_from_laplace_refuses_partial_and_unfitted():
     la = laplace.Laplace(model, "regression", subset_of_weights="all", hessian_structure="full")
     with pytest.raises(ValueError, match="not fitted"):
         from_laplace(la)
-    with pytest.raises(ValueError, match="subset_of_weights"):
-        la = laplace.Laplace(model, "regression", subset_of_weights="last_layer")
-        la.fit(loader((3, 5, 4, 2)))
+    la = laplace.Laplace(model, "regression", subset_of_weights="last_layer")
+    la.fit(loader((3, 5, 4, 2)))
+    with pytest.raises(ValueError, match="covers only its 'last_layer' weights: pass rest="):
         from_laplace(la)
 
 
@@ -367,3 +367,97 @@ def test_a_student_laplace_fit_takes_laplace_prior():
     lml = la.log_marginal_likelihood().item()
     la.prior_mean = torch.zeros_like(la.prior_mean)
     assert la.log_marginal_likelihood().item() != lml
+
+
+# -- the posteriors people fit: undamped K-FAC, last layer ---------------------------------------
+def _kron_precision(model, arrays) -> np.ndarray:
+    from planner import Structure
+    from planner.posterior import KronPosterior
+
+    s = structure_of(model)
+    post = KronPosterior.from_arrays(
+        Structure.build(s["widths"], s["activation"], s["output_activation"], s["bias"], "mlp"),
+        arrays,
+    )
+    return np.linalg.inv(post.dense_covariance())
+
+
+def test_undamped_kfac_converts_to_its_damped_form_with_the_exact_kl():
+    model, la = fitted("kron", damping=False)
+    with pytest.raises(ValueError, match="kron='damped'"):
+        from_laplace(la)
+    fmt, arrays = got = from_laplace(la, kron="damped")
+    assert fmt == "kron" and got.meta["kron"] == "damped"
+    _, damped_la = fitted("kron", damping=True)  # the same model and data, damped by laplace
+    _, expect = from_laplace(damped_la)
+    for name, a in expect.items():
+        close(arrays[name], a)
+    # KL(N(m, Λu⁻¹) ‖ N(m, Λd⁻¹)) written out densely
+    Lu = _sym_np(la.posterior_precision.to_matrix())
+    Ld = _kron_precision(model, arrays)
+    p = Lu.shape[0]
+    kl = 0.5 * (
+        np.trace(Ld @ np.linalg.inv(Lu)) - p + np.linalg.slogdet(Lu)[1] - np.linalg.slogdet(Ld)[1]
+    )
+    assert got.meta["kl"] == pytest.approx(kl, rel=1e-8, abs=1e-10)
+    assert got.meta["kl"] > 0
+    assert from_laplace(damped_la).meta == {}  # exact: nothing to report
+
+
+def _sym_np(t) -> np.ndarray:
+    a = t.detach().double().numpy()
+    return 0.5 * (a + a.T)
+
+
+def _last_layer(structure: str, **kw):
+    widths = (3, 5, 4, 2)
+    model = mlp(widths)
+    la = laplace.Laplace(
+        model, "regression", subset_of_weights="last_layer", hessian_structure=structure,
+        prior_precision=0.7, **kw,
+    )  # fmt: skip
+    la.fit(loader(widths))
+    return model, la
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag", "full"])
+def test_a_last_layer_posterior_is_completed_over_every_parameter(structure):
+    model, la = _last_layer(structure)
+    with pytest.raises(ValueError, match="rest="):
+        from_laplace(la)
+    rest = 0.25
+    got = from_laplace(la, rest=rest, kron="damped" if structure == "kron" else None)
+    fmt, arrays = got
+    theta = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+    close(arrays["mean"], theta)
+    p, k = theta.size, la.n_params  # the last layer is the tail of the layout
+    cov = dense_cov(fmt, arrays) if fmt != "kron" else np.linalg.inv(_kron_precision(model, arrays))
+    close(cov[: p - k, : p - k], rest * np.eye(p - k))
+    assert np.abs(cov[: p - k, p - k :]).max() == 0.0
+    if structure == "diag":
+        close(np.diag(cov)[p - k :], 1.0 / la.posterior_precision.detach().numpy())
+    elif structure == "full":
+        close(np.linalg.inv(cov[p - k :, p - k :]), _sym_np(la.posterior_precision))
+    else:
+        P = la.posterior_precision
+        damped = type(P)(P.eigenvectors, P.eigenvalues, P.deltas, damping=True)
+        close(np.linalg.inv(cov[p - k :, p - k :]), _sym_np(damped.to_matrix()), rel=1e-8)
+    assert got.meta["rest"]["variance"] == rest and got.meta["rest"]["fitted"] == k
+    prior = from_laplace(la, rest="prior", kron="damped" if structure == "kron" else None)
+    assert prior.meta["rest"]["variance"] == pytest.approx(1 / 0.7)
+
+
+def test_the_penalty_temperature_scales_the_covariance():
+    model = mlp(seed=3)
+    p = sum(q.numel() for q in model.parameters())
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(p, p))
+    prior = {"mean": rng.normal(size=p), "covariance": A @ A.T / p + 0.5 * np.eye(p)}
+    base = PriorPenalty(model, "full", prior)()
+    for tau in (0.25, 3.0):
+        scaled = {**prior, "covariance": tau * prior["covariance"]}
+        close(PriorPenalty(model, "full", prior, temperature=tau)().detach(),
+              PriorPenalty(model, "full", scaled)().detach())  # fmt: skip
+        close(PriorPenalty(model, "full", prior, temperature=tau)().detach(), base.detach() / tau)
+    with pytest.raises(ValueError, match="temperature"):
+        PriorPenalty(model, "full", prior, temperature=0.0)
