@@ -65,6 +65,18 @@ def test_the_client_wheel_holds_planner_client_alone(tmp_path):
     ours = {p.name for p in (ROOT / "planner_client").glob("*.py")}
     assert ours <= {n.split("/")[-1] for n in names if n.startswith("planner_client/")}
     assert "alignment-planner = planner_client.cli:main" in scripts
+    # installed in a clean virtual environment: one new top-level package on its path
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    before = {p.name for p in site.iterdir()}
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
+         "--target", str(site), str(wheel)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    added = {p.name for p in site.iterdir()} - before
+    assert {n for n in added if not n.endswith(".dist-info") and n != "bin"} == {"planner_client"}
 
 
 def test_serve_without_the_service_says_what_to_install():
