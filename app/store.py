@@ -135,8 +135,48 @@ def _jobs(id: str):
     return _JOBS[id[0]]
 
 
+def pack_ops(ops: list[dict]) -> list:
+    """A plan's ops as the database keeps them: ``[t, i]`` for φ(t, i), ``[t]`` or
+    ``[t, [π…]]`` for ψ: about a sixth of the JSON of the ops' public form."""
+    out: list = []
+    for o in ops:
+        if o["op"] == "phi":
+            out.append([o["layer"], o["neuron"]])
+        elif o.get("pairing") is None:
+            out.append([o["layer"]])
+        else:
+            out.append([o["layer"], list(o["pairing"])])
+    return out
+
+
+def unpack_ops(raw: list) -> list[dict]:
+    """The public form of stored ops (rows written before packing hold it already)."""
+    out: list[dict] = []
+    for o in raw:
+        if isinstance(o, dict):
+            out.append(o)
+        elif len(o) == 2 and isinstance(o[1], int):
+            out.append({"op": "phi", "layer": o[0], "neuron": o[1]})
+        elif len(o) == 1:
+            out.append({"op": "psi", "layer": o[0]})
+        else:
+            out.append({"op": "psi", "layer": o[0], "pairing": o[1]})
+    return out
+
+
+def _values(rec) -> dict:
+    """A record's fields as its row's columns (a plan's ops packed)."""
+    values = {f.name: getattr(rec, f.name) for f in fields(rec)}
+    if isinstance(rec, PlanRecord):
+        values["ops"] = pack_ops(rec.ops)
+    return values
+
+
 def _record(cls, row):
-    return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+    values = {f.name: getattr(row, f.name) for f in fields(cls)}
+    if cls is PlanRecord:
+        values["ops"] = unpack_ops(values["ops"])
+    return cls(**values)
 
 
 class Store:
@@ -189,7 +229,7 @@ class Store:
             return None if row is None else _record(cls, row)
 
     def _insert(self, rec) -> None:
-        row = _ROWS[type(rec)](**{f.name: getattr(rec, f.name) for f in fields(rec)})
+        row = _ROWS[type(rec)](**_values(rec))
         with self.session.begin() as s:
             s.add(row)
 
@@ -470,7 +510,7 @@ class Store:
         """Record the job's plan and mark the job done, in one transaction, if ``token``
         still holds the job (False: it was cancelled or another claim took it; nothing
         is recorded)."""
-        row = PlanRow(**{f.name: getattr(plan, f.name) for f in fields(plan)})
+        row = PlanRow(**_values(plan))
         with self.session.begin() as s:
             won = s.execute(
                 update(PlanJobRow)
