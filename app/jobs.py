@@ -320,11 +320,12 @@ class LocalRunner(JobRunner):
             log.error("worker for prior %s failed: %r (its lease will expire)", prior_id, exc)
             return
         why = self._replace(ex)
-        # the pool's workers are all gone: the prior's claim is nobody's
-        if self.store.release(prior_id, self.settings.max_attempts):
+        # the pool's workers are all gone: the job's claim, if it was claimed, is nobody's
+        status = self.store.release(prior_id, self.settings.max_attempts)
+        if status == "queued":  # put back, or never claimed: hand it over again
             log.warning("job %s lost its worker (%s): queued again", prior_id, why)
             self.submit(prior_id)
-        else:
+        elif status == "failed":
             log.error("job %s lost its worker (%s) too often: failed", prior_id, why)
 
     async def run(self, fn, *args, seconds: float | None = None):

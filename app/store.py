@@ -454,14 +454,16 @@ class Store:
                 )
             )
 
-    def release(self, id: str, max_attempts: int = 3) -> bool:
-        """A running job whose worker is known to be dead goes back to the queue (True),
-        or is failed once it was claimed ``max_attempts`` times (False)."""
+    def release(self, id: str, max_attempts: int = 3) -> str | None:
+        """A job whose worker is known to be dead: if it was running, back to the queue, or
+        failed once it was claimed ``max_attempts`` times. Returns its status now
+        (``queued``: hand it to the executor again; it may never have been claimed), or
+        None when it is gone."""
         row = _jobs(id)
         with self.session.begin() as s:
             rows = s.execute(select(row.id, row.attempts).filter_by(id=id, status="running")).all()
             self._put_back(s, row, rows, max_attempts, time.time())
-        return bool(rows) and rows[0][1] < max_attempts
+            return s.scalar(select(row.status).filter_by(id=id))
 
     def queued(self) -> list[str]:
         """Every queued job (priors and plan jobs)."""
