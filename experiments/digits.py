@@ -28,7 +28,14 @@ Students (64, 32, 16, 10) (neurons removed) and (64, 32, 10) (a layer removed by
   *diagonal* posterior (criterion ``random``): selection, its mean and variances;
 * ``aligned[T fmt]``: this project, the searched plan (``posterior_ratio``) on
   T's posterior in format fmt, the aligned prior's exact energy
-  (``PriorPenalty``).
+  (``PriorPenalty``);
+* ``mean-only[T fmt]``: the same aligned mean with an isotropic covariance
+  ``λ⁻¹ I`` (``λ`` chosen on the validation set): separates what the conditioned
+  mean buys from what the covariance adds;
+* ``aligned+hinton[T fmt]``: the aligned prior together with Hinton's loss
+  (``τ`` chosen on the validation set): the method is distillation, so both.
+
+The two ablations run for B's full posterior and A's kron one.
 
 Students with a teacher-derived prior start from its mean. Reported: test NLL,
 accuracy and expected calibration error (15 bins), each as the paired
@@ -228,7 +235,43 @@ def _students(seed, n, sw, X, y, val, test, priors, teacher_models, cfg) -> list
         train(model, X, y, lambda _m, pen=penalty: pen(), cfg["steps"], cfg["lr"])
         method = f"shortcut[{tname}]" if kind == "shortcut" else f"aligned[{tname} {kind[8:]}]"
         record(method, model, plan_cost=cost)
+        if kind == "shortcut" or fmt != cfg["ablation_format"].get(tname):
+            continue
+        label = f"{tname} {kind[8:]}"
+        # the aligned mean with an isotropic covariance (λ chosen on validation): does
+        # the covariance matter, or only the conditioned mean?
+        best = None
+        for lam_m in cfg["isotropic_grid"]:
+            m = load_mean(fresh(), arrays)
+            mu = torch.nn.utils.parameters_to_vector(m.parameters()).detach().clone()
+            train(m, X, y, _around(mu, lam_m), cfg["steps"], cfg["lr"])
+            v = metrics(m, *val)["nll"]
+            if best is None or v < best[0]:
+                best = (v, lam_m, m)
+        record(f"mean-only[{label}]", best[2], prior_precision=best[1], plan_cost=cost)
+        # the aligned prior with Hinton's loss (the method is distillation: both at once)
+        with torch.no_grad():
+            t_logits = teacher_models[tname](X)
+        best = None
+        for tau in cfg["tau_grid"]:
+            m = load_mean(fresh(), arrays)
+            pen = PriorPenalty(m, fmt, arrays)
+            train(m, X, y, lambda _m, p=pen: p(), cfg["steps"], cfg["lr"], t_logits, tau)
+            v = metrics(m, *val)["nll"]
+            if best is None or v < best[0]:
+                best = (v, tau, m)
+        record(f"aligned+hinton[{label}]", best[2], tau=best[1], plan_cost=cost)
     return out
+
+
+def _around(mu: torch.Tensor, lam: float):
+    """The energy of ``N(μ, λ⁻¹ I)``: the aligned mean with an isotropic covariance."""
+
+    def energy(model):
+        theta = torch.nn.utils.parameters_to_vector(model.parameters())
+        return 0.5 * lam * ((theta - mu) ** 2).sum()
+
+    return energy
 
 
 def _jsonable(cfg: dict) -> dict:
@@ -250,6 +293,7 @@ def config(quick: bool, seeds: int | None) -> dict:
             "lr": 1e-2,
             "isotropic_grid": [0.1, 10.0],
             "tau_grid": [2.0],
+            "ablation_format": {"B": "precision"},
         }
     return {
         "seeds": list(range(seeds or 10)),
@@ -263,6 +307,10 @@ def config(quick: bool, seeds: int | None) -> dict:
         "lr": 1e-2,
         "isotropic_grid": [0.01, 0.1, 1.0, 10.0, 100.0],
         "tau_grid": [1.0, 2.0, 4.0],
+        # the aligned prior whose mean-only and +Hinton variants are run too (by the
+        # format it is uploaded in): B's full posterior (uploaded as its precision) and A's
+        # kron
+        "ablation_format": {"B": "precision", "A": "kron"},
     }
 
 
@@ -314,25 +362,34 @@ def _comparisons(results: dict, methods: list[str]) -> list[str]:
     cfg = results["config"]
     lines = [
         "",
-        "## The aligned prior against the shortcut and Hinton's distillation (test NLL)",
+        "## The aligned prior against the shortcut, Hinton's distillation and its own mean "
+        "(test NLL)",
         "",
         "Paired by seed, each aligned prior minus the same teacher's baseline: negative "
-        "means the aligned prior is better.",
+        "means the aligned prior is better. `aligned − mean-only` is what the aligned "
+        "covariance adds to the aligned mean; `aligned+hinton − hinton` what the prior adds "
+        "to distillation.",
     ]
     for sw in cfg["students"]:
         lines += ["", f"### student {tuple(sw)}", ""]
         lines.append("| comparison | " + " | ".join(f"n = {n}" for n in cfg["sizes"]) + " |")
         lines.append("| --- |" + " --- |" * len(cfg["sizes"]))
-        for a in (m for m in methods if m.startswith("aligned")):
-            teacher = a[len("aligned[") :].split()[0]
-            for b in (f"shortcut[{teacher}]", f"hinton[{teacher}]"):
+        for a in (m for m in methods if m.startswith("aligned[")):
+            label = a[len("aligned[") : -1]
+            teacher = label.split()[0]
+            pairs = [(a, f"shortcut[{teacher}]"), (a, f"hinton[{teacher}]")]
+            if f"mean-only[{label}]" in methods:  # what the covariance adds to the mean
+                pairs.append((a, f"mean-only[{label}]"))
+            if f"aligned+hinton[{label}]" in methods:  # what the prior adds to distillation
+                pairs.append((f"aligned+hinton[{label}]", f"hinton[{teacher}]"))
+            for a2, b in pairs:
                 cells = []
                 for n in cfg["sizes"]:
-                    c = paired(results, a, b, sw, n, "nll")
+                    c = paired(results, a2, b, sw, n, "nll")
                     cells.append(
                         "" if c is None else f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]"
                     )
-                lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+                lines.append(f"| {a2} − {b} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -388,7 +445,9 @@ def write(results: dict, out: Path) -> None:
 
 def _order(method: str) -> tuple:
     return (
-        ["isotropic", "hinton", "shortcut", "aligned"].index(method.split("[")[0]),
+        ["isotropic", "hinton", "shortcut", "mean-only", "aligned", "aligned+hinton"].index(
+            method.split("[")[0]
+        ),
         method,
     )
 

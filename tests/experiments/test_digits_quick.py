@@ -14,8 +14,11 @@ def test_quick_mode_runs_every_method_through_the_service(tmp_path):
     methods = {r["method"] for r in results["runs"]}
     assert methods == {
         "isotropic", "hinton[B]", "shortcut[B]", "aligned[B full]", "aligned[B diag]",
-        "aligned[B kron]",
+        "aligned[B kron]", "mean-only[B full]", "aligned+hinton[B full]",
     }  # fmt: skip
+    md = (tmp_path / "digits.md").read_text()
+    assert "aligned[B full] − mean-only[B full]" in md
+    assert "aligned+hinton[B full] − hinton[B]" in md
     for r in results["runs"]:
         assert all(math.isfinite(r[m]) for m in digits.METRICS)
         assert 0.0 <= r["accuracy"] <= 1.0 and r["nll"] > 0
