@@ -84,15 +84,10 @@ class PlanRecord:
     created: float
 
 
-@dataclass(frozen=True)
-class PlanJobRecord:
-    id: str
-    owner: str
-    teacher_id: str
-    request: dict  # the plan request: student, criterion, seed, ops, seconds, effort
-    status: str  # queued | running | done | failed | cancelled
-    plan_id: str | None = None
-    problem: dict | None = None
+@dataclass(frozen=True, kw_only=True)
+class _JobFields:
+    """What every job's record holds besides its own data (the rows' ``_JobColumns``)."""
+
     created: float = 0.0
     started: float | None = None
     finished: float | None = None
@@ -103,7 +98,18 @@ class PlanJobRecord:
 
 
 @dataclass(frozen=True)
-class PriorRecord:
+class PlanJobRecord(_JobFields):
+    id: str
+    owner: str
+    teacher_id: str
+    request: dict  # the plan request: student, criterion, seed, ops, seconds, effort
+    status: str  # queued | running | done | failed | cancelled
+    plan_id: str | None = None
+    problem: dict | None = None
+
+
+@dataclass(frozen=True)
+class PriorRecord(_JobFields):
     id: str
     owner: str
     plan_id: str
@@ -112,13 +118,6 @@ class PriorRecord:
     problem: dict | None
     arrays: dict[str, dict] = field(default_factory=dict)
     location: str | None = None
-    created: float = 0.0
-    started: float | None = None
-    finished: float | None = None
-    claim: str | None = None
-    lease_until: float | None = None
-    attempts: int = 0
-    submitted: float | None = None
 
 
 _ROWS = {
