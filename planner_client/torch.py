@@ -10,7 +10,7 @@
 
 Every number is float64 inside, whatever the module's dtype; what goes back into
 the module (the mean, the penalty's value) is cast to the parameters' dtype.
-This module needs the ``torch`` extra (``pip install 'alignment-planner[torch]'``);
+This module needs the client's ``torch`` extra (``pip install './client[torch]'``);
 :func:`from_laplace` also needs laplace-torch, which that extra installs.
 """
 
@@ -29,7 +29,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by the client-only install check
     raise ImportError(
         "planner_client.torch needs PyTorch; install the torch extra: "
-        "pip install 'alignment-planner[torch]' (torch and laplace-torch)"
+        "pip install './client[torch]' (torch and laplace-torch)"
     ) from exc
 
 __all__ = [
