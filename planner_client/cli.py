@@ -80,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--ops", help="a JSON file of explicit ops to validate and score")
     plan.add_argument("--effort", choices=("fast", "thorough"), default="fast")
     plan.add_argument("--seconds", type=float, default=None, help="the search's deadline")
+    plan.add_argument(
+        "--async",
+        dest="later",
+        action="store_true",
+        help="run the search as a job (Prefer: respond-async): print the job and return",
+    )
+
+    job = sub.add_parser("plan-job", help="plans run as jobs").add_subparsers(
+        dest="action", required=True
+    )
+    wait = job.add_parser("wait", help="wait for a plan job; print its plan")
+    wait.add_argument("job_id")
+    wait.add_argument("--timeout", type=float, default=3600.0)
+    show = job.add_parser("get", help="a plan job's status")
+    show.add_argument("job_id")
+    stop = job.add_parser("cancel", help="cancel a queued or running plan job")
+    stop.add_argument("job_id")
 
     prior = sub.add_parser("prior", help="priors").add_subparsers(dest="action", required=True)
     get = prior.add_parser("get", help="compute (or reuse) a plan's prior and download it")
@@ -128,7 +145,8 @@ def run(args, client: PlannerClient) -> object:
         )
     if args.command == "plan":
         ops = json.loads(Path(args.ops).read_text()) if args.ops else None
-        return client.plan(
+        ask = client.submit_plan if args.later else client.plan
+        return ask(
             args.teacher_id,
             _structure(args, "student"),
             args.criterion,
@@ -137,6 +155,13 @@ def run(args, client: PlannerClient) -> object:
             effort=args.effort,
             seconds=args.seconds,
         )
+    if args.command == "plan-job":
+        if args.action == "wait":
+            return client.wait_plan(args.job_id, timeout=args.timeout)
+        if args.action == "cancel":
+            client.cancel_plan(args.job_id)
+            return client.plan_job(args.job_id)
+        return client.plan_job(args.job_id)
     if args.command == "prior":
         rec = client.request_prior(args.plan_id)
         rec = client.wait_prior(rec["id"], timeout=args.timeout)

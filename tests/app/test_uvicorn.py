@@ -109,6 +109,17 @@ def test_the_cli(server, tmp_path, capsys):
     assert load_file(str(out))["mean"].shape == (15,)
     assert cli([*base, "plan", t["id"], "--student", "3,9,2"]) == 1
     assert "width 9" in capsys.readouterr().err
+    # a plan as a job: submitted, waited for, the same plan as a synchronous one
+    assert cli([*base, "plan", t["id"], "--student", "3,3,2", "--criterion", "obd", "--async"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["id"].startswith("j_") and job["status"] in ("queued", "running", "done")
+    assert cli([*base, "plan-job", "wait", job["id"]]) == 0
+    waited = json.loads(capsys.readouterr().out)
+    assert waited["ops"] == plan["ops"] and waited["cost"] == plan["cost"]
+    assert cli([*base, "plan-job", "get", job["id"]]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "done"
+    assert cli([*base, "plan-job", "cancel", job["id"]]) == 1  # finished: a 409
+    assert "already" in capsys.readouterr().err
     assert cli([*base, "teacher", "list"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 1
 
