@@ -82,7 +82,8 @@ class SearchResult:
     exhaustive: bool
     #: whether a safety net (the wall-clock deadline, the memory bound) cut the search
     cut: bool
-    #: which one cut it: ``"deadline"`` or ``"memory"`` (None when not cut)
+    #: which one cut it: ``"deadline"``, ``"cancelled"`` (``stop``) or ``"memory"`` (None
+    #: when not cut)
     cut_by: str | None = None
 
     @property
@@ -208,7 +209,6 @@ def search(
         else:
             built = [local_search(posterior, b, budget) for b in built]
             built.sort(key=lambda b: b.cost)
-
     best = built[0]
     return SearchResult(
         best.plan,

@@ -67,11 +67,14 @@ class Budget:
     stop: Callable[[], bool] | None = field(default=None, repr=False)
     spent: float = 0.0
     evaluations: int = 0
-    #: whether a safety net (the deadline, the memory bound) cut the search
-    cut: bool = False
-    #: which one: ``"deadline"`` or ``"memory"``
+    #: which safety net cut the search: ``"deadline"``, ``"cancelled"`` or ``"memory"``
     cut_by: str | None = None
     _deadline: float | None = field(default=None, repr=False)
+
+    @property
+    def cut(self) -> bool:
+        """Whether a safety net (the deadline, a stop, the memory bound) cut the search."""
+        return self.cut_by is not None
 
     def __post_init__(self) -> None:
         if self.seconds is not None:
@@ -82,9 +85,9 @@ class Budget:
         therefore cut)."""
         if self.cut_by not in ("deadline", "cancelled"):
             if self._late():
-                self.cut, self.cut_by = True, "deadline"
+                self.cut_by = "deadline"
             elif self.stop is not None and self.stop():
-                self.cut, self.cut_by = True, "cancelled"
+                self.cut_by = "cancelled"
         return self.cut_by in ("deadline", "cancelled")
 
     def _late(self) -> bool:
@@ -106,7 +109,6 @@ class Budget:
         search is marked cut by memory and the phase is skipped)."""
         if self.memory is None or nbytes <= self.memory:
             return True
-        self.cut = True
         if self.cut_by is None:
             self.cut_by = "memory"
         return False

@@ -24,6 +24,8 @@ choice space fits the budget, and then the result is the exhaustive optimum.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from itertools import pairwise
 from math import comb, perm
 
@@ -343,7 +345,7 @@ def branch_and_bound(
     walk = _Walk(budget, best_cost * (1 - 1e-12) - 1e-15)
 
     def go(k: int, b: _Builder, sc) -> None:
-        if sc.cost >= walk.bound():
+        if sc.cost >= walk.best:
             return
         if k == len(steps):
             walk.best, walk.choices = sc.cost, b.choices.copy()
@@ -386,9 +388,6 @@ class _Walk:
         self.budget, self.best, self.choices = budget, bound, None
         self.held = 0
 
-    def bound(self) -> float:
-        return self.best
-
     def enter(self, sc) -> int:
         """Charge one node that copies ``sc``; raises :class:`Cut` when it does not fit."""
         size = _footprint(sc)
@@ -398,12 +397,14 @@ class _Walk:
         self.held += size
         return size
 
-    def fork(self, b: _Builder, sc):
+    @contextmanager
+    def node(self, sc) -> Iterator[None]:
+        """One node that copies ``sc``, charged on entry; its copy is held until exit."""
         size = self.enter(sc)
-        return (*_fork(b, sc), size)
-
-    def leave(self, size: int) -> None:
-        self.held -= size
+        try:
+            yield
+        finally:
+            self.held -= size
 
 
 def _fork(b: _Builder, sc):
@@ -439,17 +440,15 @@ def _shrinks(walk: _Walk, b: _Builder, sc, p: int, w: int, then) -> None:
         for k, a in enumerate(ids):
             if not rnn and (a <= last or len(ids) - 1 - k < after):
                 continue
-            nb, nsc, size = walk.fork(b, sc)
-            try:
+            with walk.node(sc):
+                nb, nsc = _fork(b, sc)
                 eff = nb.remove(p, [a])
                 try:
                     nsc.commit(eff.conditioned, eff.targets)
                 except SingularConstraint:  # not a valid plan
                     continue
-                if nsc.cost < walk.bound():
+                if nsc.cost < walk.best:
                     level(nb, nsc, a)
-            finally:
-                walk.leave(size)
 
     level(b, sc, -1)
 
@@ -472,22 +471,19 @@ def _merges(walk: _Walk, b: _Builder, sc, p: int, then) -> None:
 
     def row(k: int, used: tuple, bb: _Builder, s2) -> None:
         if k == R:
-            nb, nsc, size = walk.fork(bb, s2)
-            try:
+            with walk.node(s2):
+                nb, nsc = _fork(bb, s2)
                 nb.choices.pairs[p] = (
                     tuple(int(a) for a in rows),
                     tuple(int(cols[c]) for c in used),
                 )
                 gone = [int(cols[i]) for i in sorted(set(range(L)) - set(used), reverse=True)]
                 _remove_all(walk, nb, nsc, p - 1, gone, P, then)
-            finally:
-                walk.leave(size)
             return
         for c in range(L):
             if c in used:
                 continue
-            size = walk.enter(s2)
-            try:
+            with walk.node(s2):
                 nsc = s2.copy()
                 idx = np.concatenate([U[k], extra[k]])
                 tg = np.zeros(idx.size)
@@ -496,10 +492,8 @@ def _merges(walk: _Walk, b: _Builder, sc, p: int, then) -> None:
                     nsc.commit(idx, tg)
                 except SingularConstraint:
                     continue
-                if nsc.cost < walk.bound():
+                if nsc.cost < walk.best:
                     row(k + 1, (*used, c), bb, nsc)
-            finally:
-                walk.leave(size)
 
     row(0, (), b, sc)
 
@@ -513,17 +507,15 @@ def _remove_all(
         then(b, sc)
         return
     firsts = gone if b.teacher.kind == "rnn" else gone[:1]
+    forked = len(firsts) > 1  # one order only: the walk goes on with b and sc themselves
     for a in firsts:
-        forked = len(firsts) > 1
-        nb, nsc, size = walk.fork(b, sc) if forked else (b, sc, 0)
-        try:
+        with walk.node(sc) if forked else nullcontext():
+            nb, nsc = _fork(b, sc) if forked else (b, sc)
             eff = nb.remove(p, [a])
             keep = ~np.isin(eff.conditioned, skip)
             try:
                 nsc.commit(eff.conditioned[keep], eff.targets[keep])
             except SingularConstraint:
                 continue
-            if nsc.cost < walk.bound():
+            if nsc.cost < walk.best:
                 _remove_all(walk, nb, nsc, p, [x for x in gone if x != a], skip, then)
-        finally:
-            walk.leave(size)
