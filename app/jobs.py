@@ -220,7 +220,6 @@ class LocalRunner(JobRunner):
         super().__init__(settings, store, observe)
         self.executor: Executor | None = None
         self._lock = threading.Lock()
-        self.replaced = 0  # pools replaced since the start
         self.last_death: str | None = None
 
     @property
@@ -261,13 +260,11 @@ class LocalRunner(JobRunner):
         with self._lock:
             if self.executor is not broken:
                 return self.last_death or "a worker died"
-            procs = list(getattr(broken, "_processes", None) or {})
-            codes = [p.exitcode for p in getattr(broken, "_processes", {}).values()]
-            dead = [c for c in codes if c is not None and c != 0]
+            procs = dict(getattr(broken, "_processes", None) or {})  # ProcessPoolExecutor's
+            dead = [p.exitcode for p in procs.values() if p.exitcode not in (None, 0)]
             why = _death(dead[0]) if dead else "a worker died"
             log.error("a pool worker died (%s; %d workers): replacing the pool", why, len(procs))
             self.executor = self._new_pool()
-            self.replaced += 1
             self.last_death = why
         broken.shutdown(wait=False, cancel_futures=True)
         return why
@@ -283,16 +280,17 @@ class LocalRunner(JobRunner):
     def _limit(self, seconds: float | None) -> float | None:
         return seconds if self._processes else None
 
-    def _call(self, seconds: float | None, fn, *args) -> Future:
-        """Submit to the current pool, replacing it first if it is already broken."""
+    def _call(self, seconds: float | None, fn, *args) -> tuple[Future, Executor]:
+        """Submit to the current pool, replacing it first if it is already broken; the
+        future and the pool it runs in."""
         for _ in range(2):
             ex = self.executor
             if ex is None:
                 raise RuntimeError("the job runner is not started")
             try:
                 if self._processes:
-                    return ex.submit(guarded, seconds, fn, *args)
-                return ex.submit(fn, *args)
+                    return ex.submit(guarded, seconds, fn, *args), ex
+                return ex.submit(fn, *args), ex
             except BrokenProcessPool:
                 self._replace(ex)
         raise _worker_lost("the process pool could not be restarted")
@@ -300,16 +298,15 @@ class LocalRunner(JobRunner):
     def _submit(self, job_id: str) -> bool:
         if self.executor is None:
             return False
-        ex = self.executor
-        fut = self._call(
+        fut, ex = self._call(
             self._limit(self.settings.job_seconds), job_of(job_id), self.config, job_id
         )
         fut.add_done_callback(lambda f: self._done(job_id, f, ex))
         return True
 
-    def _done(self, prior_id: str, fut: Future, ex: Executor) -> None:
+    def _done(self, job_id: str, fut: Future, ex: Executor) -> None:
         if fut.cancelled():
-            return  # shutting down: the prior stays as it is, found again at the next start
+            return  # shutting down: the job stays as it is, found again at the next start
         exc = fut.exception()
         if exc is None:
             out = fut.result()
@@ -317,20 +314,19 @@ class LocalRunner(JobRunner):
             return
         self.observe("failed", 0.0)
         if not isinstance(exc, BrokenProcessPool) or self.executor is None:
-            log.error("worker for prior %s failed: %r (its lease will expire)", prior_id, exc)
+            log.error("worker for job %s failed: %r (its lease will expire)", job_id, exc)
             return
         why = self._replace(ex)
         # the pool's workers are all gone: the job's claim, if it was claimed, is nobody's
-        status = self.store.release(prior_id, self.settings.max_attempts)
+        status = self.store.release(job_id, self.settings.max_attempts)
         if status == "queued":  # put back, or never claimed: hand it over again
-            log.warning("job %s lost its worker (%s): queued again", prior_id, why)
-            self.submit(prior_id)
+            log.warning("job %s lost its worker (%s): queued again", job_id, why)
+            self.submit(job_id)
         elif status == "failed":
-            log.error("job %s lost its worker (%s) too often: failed", prior_id, why)
+            log.error("job %s lost its worker (%s) too often: failed", job_id, why)
 
     async def run(self, fn, *args, seconds: float | None = None):
-        fut = self._call(self._limit(seconds), fn, *args)
-        ex = self.executor
+        fut, ex = self._call(self._limit(seconds), fn, *args)
         try:
             return await asyncio.wrap_future(fut)
         except BrokenProcessPool:
