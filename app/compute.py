@@ -124,13 +124,13 @@ def sweep_scratch(directory: str | os.PathLike, grace: float) -> int:
             continue
         m = _WORKSPACE.match(entry.name)
         try:
-            stale = now - entry.stat(follow_symlinks=False).st_mtime > grace
+            age = now - entry.stat(follow_symlinks=False).st_mtime
         except FileNotFoundError:
             continue
         if m is not None:  # a job's: once its process is gone (or a day old: pids recur)
-            doomed = not _alive(int(m.group(1))) or now - entry.stat().st_mtime > 86400
+            doomed = not _alive(int(m.group(1))) or age > 86400
         else:  # a temporary folder of an older version
-            doomed = stale and entry.name.startswith("tmp")
+            doomed = age > grace and entry.name.startswith("tmp")
         if doomed:
             shutil.rmtree(entry.path, ignore_errors=True)
             removed += 1
@@ -150,12 +150,7 @@ def _alive(pid: int) -> bool:
 def use_device(config: Config) -> None:
     """Select this process's backend for dense kernels: the worker's own
     ``PLANNER_DEVICE`` if set, else the service's."""
-    device = os.environ.get("PLANNER_DEVICE") or config.device
-    if backend.current().name != _BACKEND_NAMES.get(device, f"torch-{device}"):
-        backend.select(device)
-
-
-_BACKEND_NAMES = {None: "numpy", "": "numpy"}
+    backend.select(os.environ.get("PLANNER_DEVICE") or config.device)
 
 
 def store_for(config: Config) -> Store:

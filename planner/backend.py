@@ -158,9 +158,12 @@ def current() -> Backend:
 
 def select(device: str | None) -> Backend:
     """Make ``device`` (None: numpy; ``"cpu"``, ``"cuda"``: torch there) the backend in
-    force for this process; returns it."""
+    force for this process (kept when it already is); returns it."""
     global _current
-    _current = _NUMPY if device in (None, "", "numpy") else TorchBackend(device)
+    if device in (None, "", "numpy"):
+        _current = _NUMPY
+    elif _current.name != f"torch-{device}":
+        _current = TorchBackend(device)
     return _current
 
 
