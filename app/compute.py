@@ -216,27 +216,17 @@ def blas_threads(post: Posterior) -> int:
     return cores() if dense and post.n >= _THREADED_FROM else 1
 
 
-def run_plan(
-    config: Config,
-    teacher_id: str,
-    student: dict,
-    criterion: str,
-    seed: int,
-    ops: list[dict] | None,
-    seconds: float | None = None,
-    effort: str = "fast",
-    memory: float | None = None,
-    max_ops: int | None = None,
-    stop=None,
-) -> dict:
-    """Search (or validate and score ``ops``); raises ``PlannerError`` for bad requests.
-    ``seconds`` is the search's wall-clock safety net (``PLANNER_PLAN_SECONDS``),
-    ``memory`` what its improvement may hold, ``max_ops`` the longest plan answered,
-    ``stop`` a callable that cancels the search once it returns True."""
+def run_plan(config: Config, teacher_id: str, request: dict, stop=None) -> dict:
+    """Search (or validate and score ``ops``) for a plan ``request``, as ``POST …/plans``
+    builds it: ``student`` (its JSON), ``criterion``, ``seed``, ``ops``, ``seconds`` (the
+    search's wall-clock safety net), ``effort``, ``memory`` (what its improvement may
+    hold) and ``max_ops`` (the longest plan answered).  ``stop`` cancels the search once
+    it returns True.  Raises ``PlannerError`` for bad requests."""
     store = store_for(config)
     rec, post = _teacher_posterior(store, teacher_id, "teacher", teacher_id)
     with threadpool_limits(blas_threads(post)):
-        out = _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory, stop)
+        out = _plan(post, store, rec, request, stop)
+    max_ops = request.get("max_ops")
     if max_ops is not None and len(out["ops"]) > max_ops:
         raise Problem(
             413,
@@ -249,8 +239,9 @@ def run_plan(
     return out
 
 
-def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memory, stop) -> dict:
-    target = structure_from_json(student)
+def _plan(post, store, rec, request: dict, stop) -> dict:
+    ops, seconds, effort = request["ops"], request["seconds"], request["effort"]
+    target = structure_from_json(request["student"])
     if ops is not None:
         plan = Plan.from_json(post.structure, ops)
         if plan.student != target:
@@ -260,7 +251,7 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memo
             )
         cost, stats = plan.cost(post), None
     else:
-        crit = criterion_function(criterion)
+        crit = criterion_function(request["criterion"])
         grads = (
             store.load_teacher_array(rec, "gradients")
             if crit.needs_gradients and "gradients" in rec.arrays
@@ -270,11 +261,11 @@ def _plan(post, store, rec, student, criterion, seed, ops, seconds, effort, memo
             post,
             target,
             crit,
-            seed=seed,
+            seed=request["seed"],
             gradients=grads,
             seconds=seconds,
             effort=effort,
-            memory=memory,
+            memory=request.get("memory"),
             stop=stop,
         )
         plan, cost = found.plan, found.cost
@@ -328,14 +319,7 @@ def run_plan_job(config: Config, job_id: str) -> dict:
 
     def work(store: Store, job, token: str, lease: _Lease) -> str:
         req = job.request
-        out = run_plan(
-            config,
-            job.teacher_id,
-            *(req[k] for k in ("student", "criterion", "seed", "ops", "seconds", "effort")),
-            req["memory"],
-            req["max_ops"],
-            stop=lease.lost.is_set,
-        )
+        out = run_plan(config, job.teacher_id, req, stop=lease.lost.is_set)
         plan = plan_record(job.owner, job.teacher_id, req, out)
         return "done" if store.complete_plan_job(job_id, token, plan) else "lost"
 

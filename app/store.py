@@ -270,7 +270,7 @@ class Store:
         with self.session.begin() as s:
             row = s.get(PlanRow, id)
             if row is not None:
-                row.info = {**row.info, "steps": steps, "steps_computed": True}
+                row.info = {**row.info, "steps": steps}
 
     def plan(self, owner: str, id: str) -> PlanRecord | None:
         return self._get(PlanRecord, id=id, owner=owner)

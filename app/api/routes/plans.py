@@ -114,15 +114,8 @@ async def create_plan(
     if later:
         return await _submit_plan_job(store, jobs, owner, rec.id, request)
     try:
-        out = await jobs.run(
-            run_plan,
-            settings.config,
-            rec.id,
-            *(request[k] for k in ("student", "criterion", "seed", "ops", "seconds", "effort")),
-            request["memory"],
-            request["max_ops"],
-            seconds=request["seconds"] + settings.job_grace,
-        )
+        limit = request["seconds"] + settings.job_grace  # the worker's hard limit
+        out = await jobs.run(run_plan, settings.config, rec.id, request, seconds=limit)
     except PlannerError as exc:
         raise problem_from_planner_error(exc) from None
     plan = plan_record(owner, rec.id, request, out)
@@ -212,8 +205,8 @@ def get_plan(id: str, store: StoreDep, owner: OwnerDep):
 async def steps_of(store, jobs, rec: PlanRecord) -> list[dict] | None:
     """A plan's step costs: kept in its row once computed, else computed now by a job
     (exact prefix differences: about one conditioning per run of steps)."""
-    if rec.info.get("steps_computed") or "steps" in rec.info:
-        return rec.info.get("steps")
+    if "steps" in rec.info:  # computed already (None: too many runs to cost one by one)
+        return rec.info["steps"]
     return await jobs.run(run_steps, jobs.config, rec.id, seconds=jobs.settings.job_seconds)
 
 
