@@ -8,7 +8,7 @@ import hmac
 
 from .problems import Problem
 
-__all__ = ["PUBLIC", "owner_of"]
+__all__ = ["PUBLIC", "bearer_key", "owner_of", "unauthorized"]
 
 PUBLIC = "public"
 
@@ -18,12 +18,25 @@ def owner_of(authorization: str, keys: frozenset[str]) -> str:
     without keys; a 401 problem for a missing or unknown key."""
     if not keys:
         return PUBLIC
+    known = bearer_key(authorization, keys)
+    if known is None:
+        raise unauthorized()
+    return hashlib.sha256(known.encode()).hexdigest()[:24]
+
+
+def bearer_key(authorization: str, keys: frozenset[str]) -> str | None:
+    """The key of ``keys`` an ``Authorization: Bearer`` header presents, if any (compared
+    in constant time)."""
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() == "bearer" and key:
         for known in keys:
             if hmac.compare_digest(key.encode(), known.encode()):
-                return hashlib.sha256(known.encode()).hexdigest()[:24]
-    raise Problem(
+                return known
+    return None
+
+
+def unauthorized() -> Problem:
+    return Problem(
         401,
         "unauthorized",
         "Unauthorized",

@@ -126,6 +126,7 @@ _ROWS = {
     PriorRecord: PriorRow,
     PlanJobRecord: PlanJobRow,
 }
+_RECORDS = {row: rec for rec, row in _ROWS.items()}
 #: The jobs' tables, by the kind letter of their ids: priors (``r_``), plan jobs (``j_``).
 _JOBS = {"r": PriorRow, "j": PlanJobRow}
 
@@ -378,8 +379,7 @@ class Store:
                     attempts=row.attempts + 1,
                 )
             ).rowcount
-        cls = PriorRecord if row is PriorRow else PlanJobRecord
-        return self._get(cls, id=id) if won == 1 else None
+        return self._get(_RECORDS[row], id=id) if won == 1 else None
 
     def renew(self, id: str, token: str, lease: float) -> bool:
         """Extend the lease while the claim is still ``token``'s (False: it was lost, or the

@@ -10,11 +10,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...auth import owner_of
+from ...auth import bearer_key, unauthorized
 
 router = APIRouter(tags=["health"])
-#: A key no request can present (``/metrics`` closed when no metrics key is set).
-_NOBODY = "\x00"
 
 
 @router.get("/healthz")
@@ -56,8 +54,9 @@ def metrics(request: Request):
     """Prometheus metrics.  They are summed over tenants: with API keys on, only the
     operator's ``PLANNER_METRICS_KEY`` reads them."""
     settings = request.app.state.settings
-    if settings.keys:
+    if settings.keys:  # no metrics key set: /metrics is closed
         keys = frozenset({settings.metrics_key} - {""})
-        owner_of(request.headers.get("authorization", ""), keys or frozenset({_NOBODY}))
+        if bearer_key(request.headers.get("authorization", ""), keys) is None:
+            raise unauthorized()
     body = generate_latest(request.app.state.metrics.registry)
     return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)
