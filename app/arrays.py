@@ -214,6 +214,25 @@ def _member_problem(info: zipfile.ZipInfo, where: str) -> Problem | None:
 _COMPRESSIONS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 
 
+def _check_name(where: str, name: str, allowed: set[str] | None) -> None:
+    """An archive member's name must be one of the format's arrays."""
+    if allowed is not None and name not in allowed:
+        raise _bad(where, f"is not an array of this format; expected {sorted(allowed)}")
+
+
+def _check_size(where: str, name: str, shape, max_elements) -> int:
+    """An archive member's declared element count, at most what the structure implies."""
+    n = int(np.prod(shape, dtype=object))
+    limit = max_elements(name) if max_elements is not None else None
+    if limit is not None and n > limit:
+        raise _bad(
+            where,
+            f"declares shape {tuple(shape)} ({n} elements); this structure's {name!r} has "
+            f"at most {limit}",
+        )
+    return n
+
+
 def extract_npz(
     path: Path,
     out_dir: Path,
@@ -252,8 +271,7 @@ def extract_npz(
             if stem is None or not NAME.match(stem):
                 raise _bad(f"{field}.{info.filename[:80]}", "members must be NAME.npy arrays")
             where = f"{field}.{stem}"
-            if allowed is not None and stem not in allowed:
-                raise _bad(where, f"is not an array of this format; expected {sorted(allowed)}")
+            _check_name(where, stem, allowed)
             if (odd := _member_problem(info, where)) is not None:
                 raise odd
             try:
@@ -270,13 +288,7 @@ def extract_npz(
                     f"declares shape {shape} ({n * dtype.itemsize} bytes of data) but holds "
                     f"{info.file_size - header} bytes",
                 )
-            limit = max_elements(stem) if max_elements is not None else None
-            if limit is not None and n > limit:
-                raise _bad(
-                    where,
-                    f"declares shape {shape} ({n} elements); this structure's {stem!r} has "
-                    f"at most {limit}",
-                )
+            _check_size(where, stem, shape, max_elements)
             members.append((info, stem))
         for info, stem in members:
             dst = out_dir / f"{stem}.upload"
@@ -317,22 +329,11 @@ def extract_safetensors(
             for key in keys:  # every header first, nothing extracted before
                 if not NAME.match(key):
                     raise _bad(f"{field}.{key[:80]}", "tensor names must be identifiers")
-                if allowed is not None and key not in allowed:
-                    raise _bad(
-                        f"{field}.{key}",
-                        f"is not an array of this format; expected {sorted(allowed)}",
-                    )
+                _check_name(f"{field}.{key}", key, allowed)
                 sl = f.get_slice(key)
                 if sl.get_dtype() not in _ST_DTYPES:
                     raise _bad(f"{field}.{key}", f"must be F32 or F64; got {sl.get_dtype()}")
-                n = int(np.prod(sl.get_shape(), dtype=object))
-                limit = max_elements(key) if max_elements is not None else None
-                if limit is not None and n > limit:
-                    raise _bad(
-                        f"{field}.{key}",
-                        f"declares shape {tuple(sl.get_shape())} ({n} elements); this "
-                        f"structure's {key!r} has at most {limit}",
-                    )
+                _check_size(f"{field}.{key}", key, sl.get_shape(), max_elements)
             for key in keys:
                 sl = f.get_slice(key)
                 shape = tuple(sl.get_shape())
