@@ -24,9 +24,10 @@ from .errors import (  # noqa: E402 - after the OpenBLAS choice above
     UnknownCriterion,
     Unsupported,
 )
-from .ops import Phi, Psi  # noqa: E402
+from .ops import Phi, PhiSpace, Psi, PsiBlock  # noqa: E402
 from .plan import CompiledPlan, Plan, Provenance, op_from_json, step_costs  # noqa: E402
 from .posterior import FORMATS, DiagPosterior, FullPosterior, Posterior, from_arrays  # noqa: E402
+from .stages import Conv, Flatten, Linear, Network, Pool, Residual  # noqa: E402
 from .structure import ACTIVATIONS, IDEMPOTENT, Structure  # noqa: E402
 
 _settle_openblas()  # numpy came first: no threaded SkylakeX kernels (see planner._openblas)
@@ -36,21 +37,29 @@ __all__ = [
     "FORMATS",
     "IDEMPOTENT",
     "CompiledPlan",
+    "Conv",
     "DeadlineExceeded",
     "DiagPosterior",
+    "Flatten",
     "FullPosterior",
     "InvalidOperation",
     "InvalidPlan",
     "InvalidPosterior",
     "InvalidStructure",
+    "Linear",
     "MissingData",
+    "Network",
     "NotInLattice",
     "Phi",
+    "PhiSpace",
     "Plan",
     "PlannerError",
+    "Pool",
     "Posterior",
     "Provenance",
     "Psi",
+    "PsiBlock",
+    "Residual",
     "SingularConstraint",
     "Structure",
     "TooLarge",

@@ -2,7 +2,8 @@
 
 For training jobs and checks: :func:`unflatten` turns a flat vector in the
 PyTorch layout into per-layer ``(U, V, b)``; :func:`forward` evaluates the MLP
-(or the Elman RNN over a sequence) in numpy.
+(or the Elman RNN over a sequence, or a convolutional or residual network of
+``planner.stages``) in numpy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidStructure
+from .stages import Conv, Flatten, Linear, Network, Pool, Residual
 from .structure import Structure
 
 __all__ = ["ACTIVATION_FUNCTIONS", "LayerParams", "forward", "unflatten"]
@@ -56,8 +58,11 @@ def unflatten(structure: Structure, theta: np.ndarray) -> list[LayerParams]:
     return out
 
 
-def forward(structure: Structure, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """Outputs for inputs ``X``: ``(batch, n_1)`` for an MLP, ``(steps, batch, n_1)`` for an RNN."""
+def forward(structure: Structure | Network, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Outputs for inputs ``X``: ``(batch, n_1)`` for an MLP, ``(steps, batch, n_1)`` for an
+    RNN, ``(batch, *input_shape)`` for a network."""
+    if isinstance(structure, Network):
+        return _network_forward(structure, np.asarray(theta, dtype=float), X)
     layers = unflatten(structure, theta)
     if structure.kind == "mlp":
         h = np.asarray(X, dtype=float)
@@ -77,3 +82,63 @@ def forward(structure: Structure, theta: np.ndarray, X: np.ndarray) -> np.ndarra
             out.append(state)
         seq = np.stack(out)
     return seq
+
+
+def _windows(x: np.ndarray, kernel, stride, padding, fill: float) -> np.ndarray:
+    """``(batch, C, H', W', kh, kw)`` views of the padded input's windows."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))
+    return win[:, :, ::sh, ::sw]
+
+
+def _network_forward(net: Network, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+    if theta.shape != (net.n_params,):
+        raise InvalidStructure(
+            f"a vector of {net.n_params} parameters is needed; got shape {theta.shape}",
+            field="theta",
+        )
+    units = iter(net.graph.units)
+
+    def layer(st, h):
+        u = next(units)
+        seg = u.segments[0]
+        W = theta[seg.offset : seg.offset + u.rows * seg.width * seg.group]
+        b = 0.0 if u.bias is None else theta[u.bias : u.bias + u.rows]
+        if isinstance(st, Conv):
+            W = W.reshape(u.rows, seg.width, *st.kernel)
+            win = _windows(h, st.kernel, st.stride, st.padding, 0.0)
+            z = np.einsum("bchwij,ocij->bohw", win, W, optimize=True)
+            z = z + np.reshape(b, (1, -1, 1, 1)) if u.bias is not None else z
+        else:
+            z = h @ W.reshape(u.rows, -1).T + b
+        return z
+
+    def act(name, z):
+        return ACTIVATION_FUNCTIONS[name](z)
+
+    h = np.asarray(X, dtype=float)
+    for st in net.stages:
+        if isinstance(st, Conv | Linear):
+            h = act(st.activation, layer(st, h))
+        elif isinstance(st, Pool):
+            if st.glob:
+                h = h.mean(axis=(2, 3), keepdims=True)
+            elif st.mode == "max":
+                h = _windows(h, st.kernel, st.stride or st.kernel, st.padding, -np.inf).max(
+                    axis=(4, 5)
+                )
+            else:  # PyTorch's default counts the zero padding in the average
+                h = _windows(h, st.kernel, st.stride or st.kernel, st.padding, 0.0).mean(
+                    axis=(4, 5)
+                )
+        elif isinstance(st, Flatten):
+            h = h.reshape(h.shape[0], -1)
+        else:
+            assert isinstance(st, Residual)
+            y = h
+            for b in st.branch:
+                y = act(b.activation, layer(b, y))
+            s = h if st.shortcut is None else layer(st.shortcut, h)
+            h = act(st.activation, s + y)
+    return h

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidOperation
+from .graph import Unit
+from .stages import Conv, Network
 from .structure import IDEMPOTENT, Structure
 
 __all__ = [
@@ -26,7 +28,9 @@ __all__ = [
     "Event",
     "Op",
     "Phi",
+    "PhiSpace",
     "Psi",
+    "PsiBlock",
     "Tracked",
     "merge_reason",
     "psi_activation_reason",
@@ -58,7 +62,29 @@ class Psi:
         return d
 
 
-Op = Phi | Psi
+@dataclass(frozen=True)
+class PhiSpace:
+    """φ(s, c) on a network: remove channel ``c`` (0-based, current order) of space ``s``
+    (teacher numbering, docs/theory.md §13)."""
+
+    space: int
+    channel: int
+
+    def to_json(self) -> dict:
+        return {"op": "phi", "space": self.space, "channel": self.channel}
+
+
+@dataclass(frozen=True)
+class PsiBlock:
+    """ψ on residual block ``block`` (1-based, the teacher's layout order)."""
+
+    block: int
+
+    def to_json(self) -> dict:
+        return {"op": "psi", "block": self.block}
+
+
+Op = Phi | Psi | PhiSpace | PsiBlock
 
 
 def merge_reason(removed: str, kept: str) -> str | None:
@@ -126,72 +152,118 @@ class Effect:
 
 @dataclass
 class _Layer:
-    src: int  # teacher layer (position) this matrix comes from
-    rows: np.ndarray  # teacher neuron ids of its rows (teacher position src)
-    cols: np.ndarray  # teacher neuron ids of its columns (teacher position of its input)
+    """A current layer: its teacher unit, the teacher channel ids of its rows and, per
+    segment, of its column groups (current order), and the current space each segment
+    reads (teacher numbering)."""
+
+    unit: Unit
+    rows: np.ndarray
+    segs: list[np.ndarray]
+    reads: list[int]
+
+    @property
+    def src(self) -> int:
+        """The teacher layer this one is (an MLP's position; a network's layer number)."""
+        return self.unit.layer
+
+    @property
+    def cols(self) -> np.ndarray:
+        """The column ids of its first segment (an MLP's ``U_t``)."""
+        return self.segs[0]
+
+    @cols.setter
+    def cols(self, value: np.ndarray) -> None:
+        self.segs[0] = value
+
+    def copy(self) -> _Layer:
+        return _Layer(self.unit, self.rows.copy(), [a.copy() for a in self.segs], list(self.reads))
+
+    def indices(self) -> np.ndarray:
+        """Teacher indices of its live parameters, in the layout order (segments, bias)."""
+        parts = [
+            seg.indices(self.rows, ids).ravel()
+            for seg, ids in zip(self.unit.segments, self.segs, strict=True)
+        ]
+        if self.unit.bias is not None:
+            parts.append(self.unit.biases(self.rows))
+        return np.concatenate(parts)
 
 
 @dataclass
 class Tracked:
     """The current structure, with the teacher origin of every live parameter.
 
-    Build one with :meth:`Tracked.start`, then :meth:`apply` operations in order.
+    Build one with :meth:`Tracked.start`, then :meth:`apply` operations in order.  The
+    state is the teacher's parameter graph (``planner.graph``) cut down: the live spaces
+    (``positions``, teacher numbers in order) with the teacher ids of their channels
+    (``neurons``), and the live layers in layout order.  For an MLP or RNN, ``layers[t-2]``
+    is current layer t.
     """
 
-    teacher: Structure
-    structure: Structure
-    positions: list[int]  # teacher position of each current position (1-based values)
-    neurons: list[np.ndarray]  # teacher neuron ids of each current position
-    layers: list[_Layer] = field(default_factory=list)  # current layers 2..T
+    teacher: Structure | Network
+    structure: Structure | Network
+    positions: list[int]  # teacher space of each current space (1-based values)
+    neurons: list[np.ndarray]  # teacher channel ids of each current space
+    layers: list[_Layer] = field(default_factory=list)  # current layers, layout order
     #: Whether effects list what they marginalise (costly on big teachers; kept
     #: for replays that need it, e.g. ``CompiledPlan.marginalised``).
     record_marginalised: bool = False
+    gone: set[int] = field(default_factory=set)  # teacher units removed by ψ
 
     @classmethod
-    def start(cls, teacher: Structure, record_marginalised: bool = False) -> Tracked:
-        positions = list(range(1, teacher.T + 1))
-        neurons = [np.arange(n, dtype=np.int64) for n in teacher.widths]
+    def start(cls, teacher: Structure | Network, record_marginalised: bool = False) -> Tracked:
+        g = teacher.graph
+        positions = list(range(1, len(g.widths) + 1))
+        neurons = [np.arange(n, dtype=np.int64) for n in g.widths]
         layers = [
-            _Layer(t, neurons[t - 1].copy(), neurons[t - 2].copy()) for t in range(2, teacher.T + 1)
+            _Layer(
+                u,
+                neurons[u.out - 1].copy(),
+                [neurons[seg.space - 1].copy() for seg in u.segments],
+                [seg.space for seg in u.segments],
+            )
+            for u in g.units
         ]
         return cls(teacher, teacher, positions, neurons, layers, record_marginalised)
 
-    # -- teacher indices of current blocks ------------------------------------------------
+    def copy(self) -> Tracked:
+        return Tracked(
+            self.teacher,
+            self.structure,
+            list(self.positions),
+            [a.copy() for a in self.neurons],
+            [lay.copy() for lay in self.layers],
+            self.record_marginalised,
+            set(self.gone),
+        )
+
+    @property
+    def is_network(self) -> bool:
+        return self.teacher.kind == "network"
+
+    # -- teacher indices of current blocks (MLP and RNN terms) ----------------------------
     def weights(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
         """Teacher indices of ``U_t[rows, cols]`` (current layer t, current indices)."""
         lay = self.layers[t - 2]
-        off = self.teacher.layer_offset(lay.src)
-        n_in = self.teacher.width(lay.src - 1)
-        r, c = np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.cols[cols])
-        return (off + r * n_in)[:, None] + c[None, :]
+        return lay.unit.segments[0].indices(lay.rows[rows], lay.segs[0][cols])
 
     def recurrent(self, t: int, rows=slice(None), cols=slice(None)) -> np.ndarray:
         """Teacher indices of ``V_t[rows, cols]`` (RNN hidden positions)."""
         lay = self.layers[t - 2]
-        n = self.teacher.width(lay.src)
-        off = self.teacher.layer_offset(lay.src) + n * self.teacher.width(lay.src - 1)
-        r, c = np.atleast_1d(lay.rows[rows]), np.atleast_1d(lay.rows[cols])
-        return (off + r * n)[:, None] + c[None, :]
+        return lay.unit.segments[1].indices(lay.rows[rows], lay.segs[1][cols])
 
     def biases(self, t: int, rows=slice(None)) -> np.ndarray:
         """Teacher indices of ``b_t[rows]``."""
         lay = self.layers[t - 2]
-        n = self.teacher.width(lay.src)
-        off = self.teacher.layer_offset(lay.src + 1) - n
-        return off + np.atleast_1d(lay.rows[rows])
+        return lay.unit.biases(lay.rows[rows])
 
     def layer_indices(self, t: int) -> np.ndarray:
         """Teacher indices of current layer t in its layout order (U, V, b)."""
-        parts = [self.weights(t).ravel()]
-        if self.structure.recurrent(t):
-            parts.append(self.recurrent(t).ravel())
-        if self.structure.bias:
-            parts.append(self.biases(t))
-        return np.concatenate(parts)
+        return self.layers[t - 2].indices()
 
     def kept(self) -> np.ndarray:
         """Teacher indices of all live parameters, in the current structure's layout."""
-        return np.concatenate([self.layer_indices(t) for t in range(2, self.structure.T + 1)])
+        return np.concatenate([np.zeros(0, np.int64), *(lay.indices() for lay in self.layers)])
 
     def outgoing(self, t: int, i: int) -> np.ndarray:
         """Teacher indices that φ(t, i) would condition to zero."""
@@ -208,6 +280,19 @@ class Tracked:
     # -- validity -------------------------------------------------------------------------
     def check(self, op: Op) -> None:
         """Raise :class:`InvalidOperation` naming the rule ``op`` breaks here."""
+        if self.is_network:
+            if isinstance(op, PhiSpace):
+                j = self._space(op.space)
+                self._check_channel(op.space, op.channel, self.neurons[j].size)
+            elif isinstance(op, PsiBlock):
+                self._check_block(op.block)
+            elif isinstance(op, Psi):
+                self._check_layer(op)
+            else:
+                raise InvalidOperation(
+                    'a network\'s φ is {"op": "phi", "space": s, "channel": c}', field="op"
+                )
+            return
         s = self.structure
         if isinstance(op, Phi):
             self._check_phi(op.layer, op.neuron, s.width(op.layer) if 1 <= op.layer <= s.T else 0)
@@ -233,15 +318,13 @@ class Tracked:
             reason = psi_activation_reason(s, t)
             if reason:
                 raise InvalidOperation(reason, field="layer")
-            if op.pairing is not None:
-                pi = np.asarray(op.pairing)
-                n = s.width(t)
-                if pi.shape != (n,) or not np.array_equal(np.sort(pi), np.arange(n)):
-                    raise InvalidOperation(
-                        f"pairing must be a permutation of 0..{n - 1}", field="pairing"
-                    )
-        else:  # pragma: no cover - typing guards this
-            raise InvalidOperation(f"unknown operation {op!r}", field="op")
+            _check_pairing(op.pairing, s.width(t))
+        else:
+            raise InvalidOperation(
+                'an MLP\'s or RNN\'s ops are {"op": "phi", "layer", "neuron"} and '
+                '{"op": "psi", "layer"}',
+                field="op",
+            )
 
     def _check_phi(self, t: int, i: int, width: int) -> None:
         s = self.structure
@@ -260,13 +343,123 @@ class Tracked:
                 f"neuron {i} does not exist at position {t} (width {width})", field="neuron"
             )
 
+    def _space(self, space: int) -> int:
+        """Current index of teacher space ``space``; a clear error when it is not alive."""
+        try:
+            return self.positions.index(space)
+        except ValueError:
+            n = len(self.teacher.graph.widths)
+            why = "was removed with its block or layer" if 1 <= space <= n else "does not exist"
+            raise InvalidOperation(
+                f"space {space} {why} (the teacher's spaces are 1..{n})", field="space"
+            ) from None
+
+    def _check_channel(self, space: int, c: int, width: int) -> None:
+        if space in self.teacher.graph.fixed:
+            which = "input" if space == 1 else "output"
+            raise InvalidOperation(
+                f"φ on space {space}: the network's {which} is not removable", field="space"
+            )
+        if width < 2:
+            raise InvalidOperation(
+                f"φ on space {space} would leave it no channel (width {width})", field="space"
+            )
+        if not 0 <= c < width:
+            raise InvalidOperation(
+                f"channel {c} does not exist in space {space} (width {width})", field="channel"
+            )
+
+    def _check_block(self, number: int) -> None:
+        blocks = self.teacher.graph.blocks
+        if not 1 <= number <= len(blocks):
+            raise InvalidOperation(
+                f"block {number} does not exist (the teacher has {len(blocks)} residual blocks)",
+                field="block",
+            )
+        b = blocks[number - 1]
+        if b.branch[0] in self.gone:
+            raise InvalidOperation(f"block {number} was already removed", field="block")
+        if b.projection is not None:
+            raise InvalidOperation(
+                f"ψ on block {number}: its shortcut is a projection, so the block is not "
+                "the identity once its branch is 0; only identity-shortcut blocks are removable",
+                field="block",
+            )
+        before = self.teacher.layers[b.branch[0]].input_activation
+        why = _merge_after(b.activation, before)
+        if why:
+            raise InvalidOperation(f"ψ on block {number}: {why}", field="block")
+
+    def _check_layer(self, op: Psi) -> None:
+        lay = self._layer_of(op.layer)
+        info = self.teacher.layers[lay.unit.index]
+        if info.top is None:
+            raise InvalidOperation(
+                f"ψ on layer {op.layer}: it is inside residual block {info.block}; remove the "
+                "block instead",
+                field="layer",
+            )
+        out = lay.unit.out
+        if out in self.teacher.graph.fixed:
+            raise InvalidOperation(
+                f"ψ on layer {op.layer}: it writes the network's output", field="layer"
+            )
+        if sum(1 for other in self.layers if other.unit.out == out) != 1:
+            raise InvalidOperation(
+                f"ψ on layer {op.layer}: its output space {out} is also written by residual "
+                "blocks, which would then write its input",
+                field="layer",
+            )
+        n, m = lay.rows.size, lay.segs[0].size
+        if n != m:
+            raise InvalidOperation(
+                f"ψ on layer {op.layer} needs as many outputs as inputs; it has {n} and {m}",
+                field="layer",
+            )
+        st = info.stage
+        if isinstance(st, Conv):
+            (kh, kw), pad = st.kernel, st.padding
+            if st.stride != (1, 1) or kh % 2 == 0 or kw % 2 == 0 or pad != (kh // 2, kw // 2):
+                raise InvalidOperation(
+                    f"ψ on layer {op.layer}: a conv is the identity only with stride 1 and an "
+                    f"odd kernel padded to keep its size; it has kernel {list(st.kernel)}, "
+                    f"stride {list(st.stride)}, padding {list(pad)}",
+                    field="layer",
+                )
+        elif lay.unit.segments[0].group != 1:
+            raise InvalidOperation(
+                f"ψ on layer {op.layer}: it reads a flattened image ({m} channels of "
+                f"{lay.unit.segments[0].group} features), not {m} features",
+                field="layer",
+            )
+        why = _merge_after(st.activation, info.input_activation)
+        if why:
+            raise InvalidOperation(f"ψ on layer {op.layer}: {why}", field="layer")
+        _check_pairing(op.pairing, n)
+
+    def _layer_of(self, layer: int) -> _Layer:
+        for lay in self.layers:
+            if lay.unit.layer == layer:
+                return lay
+        n = len(self.teacher.graph.units)
+        why = "was removed" if 1 <= layer <= n else "does not exist"
+        raise InvalidOperation(
+            f"layer {layer} {why} (the teacher's layers are 1..{n})", field="layer"
+        )
+
     # -- application ----------------------------------------------------------------------
     def apply(self, op: Op) -> Effect:
         """Apply ``op`` in place; return what it conditions and marginalises."""
         self.check(op)
         if isinstance(op, Phi):
-            return self._phi(op.layer, np.array([op.neuron], dtype=np.int64))
-        return self._psi(op)
+            return self._phi(self.positions[op.layer - 1], np.array([op.neuron], dtype=np.int64))
+        if isinstance(op, PhiSpace):
+            return self._phi(op.space, np.array([op.channel], dtype=np.int64))
+        if isinstance(op, PsiBlock):
+            return self._drop_block(op.block)
+        if self.is_network:
+            return self._merge(self._layer_of(op.layer), op.pairing)
+        return self._merge(self.layers[op.layer - 2], op.pairing)
 
     def apply_phis(self, t: int, neurons: list[int]) -> Effect:
         """Apply φ(t, i) for each i of ``neurons`` in order, as one batched step.
@@ -276,75 +469,169 @@ class Tracked:
         """
         if not neurons:
             return Effect(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+        if self.is_network:
+            raise InvalidOperation(
+                'a network\'s φ is {"op": "phi", "space": s, "channel": c}', field="op"
+            )
         n = self.structure.width(t)
         live = list(range(n))
         start: list[int] = []  # positions at the start of the run
         for i in neurons:
             self._check_phi(t, i, len(live))
             start.append(live.pop(i))
-        return self._phi(t, np.asarray(start, dtype=np.int64))
+        return self._phi(self.positions[t - 1], np.asarray(start, dtype=np.int64))
 
-    def _phi(self, t: int, idx: np.ndarray) -> Effect:
-        """Remove the neurons at current indices ``idx`` (in that order) of position t."""
-        s = self.structure
+    def apply_channels(self, space: int, channels: list[int]) -> Effect:
+        """φ on ``space`` for each channel of ``channels`` in order, as one batched step."""
+        j = self._space(space)
+        live = list(range(self.neurons[j].size))
+        start: list[int] = []
+        for c in channels:
+            self._check_channel(space, c, len(live))
+            start.append(live.pop(c))
+        return self._phi(space, np.asarray(start, dtype=np.int64))
+
+    def _phi(self, sid: int, idx: np.ndarray) -> Effect:
+        """Remove the channels at current indices ``idx`` (in that order) of space ``sid``:
+        every consumer slice conditioned to 0, every producer slice not conditioned
+        marginalised (docs/theory.md §13)."""
+        j = self.positions.index(sid)
         rec = self.record_marginalised
-        cond = [self.weights(t + 1, cols=idx).T.ravel()]
-        marg = [self.weights(t, rows=idx).ravel()] if rec else []
-        if s.recurrent(t):
-            # V_t[a, b] with b removed: conditioned iff a was still live then (or a == b);
-            # V_t[a, b] with a removed: marginalised iff b was still live then (b ≠ a).
-            order = np.full(s.width(t), np.iinfo(np.int64).max)
-            order[idx] = np.arange(idx.size)
-            V = self.recurrent(t)
-            cond.append(V.T[idx][order[None, :] >= order[idx][:, None]])
-            if rec:
-                marg.append(V[idx][order[None, :] > order[idx][:, None]])
-        if s.bias and rec:
-            marg.append(self.biases(t, rows=idx))
-        out_l, in_l = self.layers[t - 1], self.layers[t - 2]
-        events = (
-            Event("columns", out_l.src, out_l.rows.copy(), out_l.cols[idx].copy()),
-            Event("rows", in_l.src, in_l.rows[idx].copy()),
-        )
-        self.neurons[t - 1] = np.delete(self.neurons[t - 1], idx)
-        self.layers[t - 2].rows = np.delete(self.layers[t - 2].rows, idx)
-        self.layers[t - 1].cols = np.delete(self.layers[t - 1].cols, idx)
-        widths = list(s.widths)
-        widths[t - 1] -= idx.size
-        self.structure = s.with_widths(widths)
+        order = np.full(self.neurons[j].size, np.iinfo(np.int64).max)
+        order[idx] = np.arange(idx.size)
+        cond: list[np.ndarray] = []
+        marg: list[np.ndarray] = []
+        columns, rows, recurrent = [], [], []
+        for lay in self.layers:
+            for k, reads in enumerate(lay.reads):
+                if reads == sid:
+                    (recurrent if lay.unit.out == sid else columns).append((lay, k))
+            if lay.unit.out == sid:
+                rows.append(lay)
+        for lay, k in columns:
+            seg = lay.unit.segments[k]
+            cond.append(seg.indices(lay.rows, lay.segs[k][idx]).T.ravel())
+        for lay, k in recurrent:
+            # W[a, b] with b removed: conditioned iff a was still live then (or a == b)
+            W = lay.unit.segments[k].indices(lay.rows, lay.segs[k])
+            cond.append(_grouped(W, idx, lay.unit.segments[k].group, order, cols=True))
+        if rec:
+            for lay in rows:
+                for k, seg in enumerate(lay.unit.segments):
+                    if lay.reads[k] == sid:  # W[a, b] with a removed, b still live then
+                        W = seg.indices(lay.rows, lay.segs[k])
+                        marg.append(_grouped(W, idx, seg.group, order, cols=False))
+                    else:
+                        marg.append(seg.indices(lay.rows[idx], lay.segs[k]).ravel())
+                if lay.unit.bias is not None:
+                    marg.append(lay.unit.biases(lay.rows[idx]))
+        events = tuple(
+            Event("columns", lay.src, lay.rows.copy(), lay.segs[k][idx].copy())
+            for lay, k in columns
+        ) + tuple(Event("rows", lay.src, lay.rows[idx].copy()) for lay in rows)
+        self.neurons[j] = np.delete(self.neurons[j], idx)
+        for lay in rows:
+            lay.rows = np.delete(lay.rows, idx)
+        for lay, k in columns + recurrent:
+            lay.segs[k] = np.delete(lay.segs[k], idx)
+        self._restructure()
         c = np.concatenate(cond)
         marg_all = np.concatenate([np.zeros(0, np.int64), *marg])
         return Effect(c, np.zeros(c.size), marg_all, events)
 
-    def _psi(self, op: Psi) -> Effect:
-        s, t = self.structure, op.layer
-        n = s.width(t)
-        pi = np.arange(n) if op.pairing is None else np.asarray(op.pairing, dtype=np.int64)
-        U = self.weights(t)
-        target = np.zeros((n, n))
-        target[np.arange(n), pi] = 1.0
-        lay = self.layers[t - 2]
-        event = Event("layer", lay.src, lay.rows.copy(), lay.cols.copy(), target)
+    def _restructure(self) -> None:
+        self.structure = self.teacher.reduced(
+            self.positions, [a.size for a in self.neurons], frozenset(self.gone)
+        )
+
+    def _merge(self, lay: _Layer, pairing: tuple[int, ...] | None) -> Effect:
+        """ψ on a plain layer: its weight conditioned to the identity kernel ``W[k, π(k),
+        centre] = 1`` (every other entry, recurrent weight and bias 0); its output space is
+        gone and its readers read its input, column k as column π(k)."""
+        n = lay.rows.size
+        pi = np.arange(n) if pairing is None else np.asarray(pairing, dtype=np.int64)
+        seg = lay.unit.segments[0]
+        U = seg.indices(lay.rows, lay.segs[0])
+        g = seg.group
+        target = np.zeros((n, n * g))
+        target[np.arange(n), pi * g + g // 2] = 1.0  # the centre of an odd kernel
+        event = Event("layer", lay.src, lay.rows.copy(), lay.segs[0].copy(), target)
         cond, targets = [U.ravel()], [target.ravel()]
-        if s.recurrent(t):
-            V = self.recurrent(t).ravel()
+        for k in range(1, len(lay.segs)):
+            V = lay.unit.segments[k].indices(lay.rows, lay.segs[k]).ravel()
             cond.append(V)
             targets.append(np.zeros(V.size))
-        if s.bias:
-            b = self.biases(t)
+        if lay.unit.bias is not None:
+            b = lay.unit.biases(lay.rows)
             cond.append(b)
             targets.append(np.zeros(b.size))
-        if t < s.T:  # the next layer now reads position t-1: column k becomes column π(k)
-            nxt = self.layers[t - 1]
-            cols = np.empty_like(nxt.cols)
-            cols[pi] = nxt.cols
-            nxt.cols = cols
-        del self.positions[t - 1], self.neurons[t - 1], self.layers[t - 2]
-        widths = list(s.widths)
-        del widths[t - 1]
-        acts = list(s.activations)
-        del acts[t - 2]  # position t-1 keeps σ_{t-1}, also when it becomes the output
-        self.structure = type(s)(tuple(widths), tuple(acts), s.bias, s.kind)
+        out, src = lay.unit.out, lay.reads[0]
+        for other in self.layers:
+            for k, reads in enumerate(other.reads):
+                if reads == out and other is not lay:
+                    cols = np.empty_like(other.segs[k])
+                    cols[pi] = other.segs[k]
+                    other.segs[k] = cols
+                    other.reads[k] = src
+        j = self.positions.index(out)
+        del self.positions[j], self.neurons[j]
+        self.layers.remove(lay)
+        self.gone.add(lay.unit.index)
+        self._restructure()
         return Effect(
             np.concatenate(cond), np.concatenate(targets), np.zeros(0, np.int64), (event,)
         )
+
+    def _drop_block(self, number: int) -> Effect:
+        """ψ on a residual block: its branch's last layer conditioned to 0, the rest of the
+        branch marginalised, its inner spaces gone."""
+        b = self.teacher.graph.blocks[number - 1]
+        branch = [lay for lay in self.layers if lay.unit.index in b.branch]
+        last = branch[-1]
+        B = last.indices()
+        events = [Event("layer", last.src, last.rows.copy(), last.segs[0].copy(), None)]
+        marg = [lay.indices() for lay in branch[:-1]] if self.record_marginalised else []
+        events += [Event("rows", lay.src, lay.rows.copy()) for lay in branch[:-1]]
+        for lay in branch:
+            self.layers.remove(lay)
+            self.gone.add(lay.unit.index)
+        for sid in b.inner:
+            j = self.positions.index(sid)
+            del self.positions[j], self.neurons[j]
+        self._restructure()
+        return Effect(
+            B, np.zeros(B.size), np.concatenate([np.zeros(0, np.int64), *marg]), tuple(events)
+        )
+
+
+def _grouped(W: np.ndarray, idx: np.ndarray, g: int, order: np.ndarray, cols: bool):
+    """Entries of a weight ``W`` (rows × channels·g) over a space it both reads and writes
+    (an RNN's ``V_t``), for removed channels ``idx``, each in turn: with ``cols``, their
+    column groups at rows removed no earlier (conditioned, ``a == b`` included); else
+    their rows at column groups removed later (marginalised)."""
+    Wg = W.reshape(W.shape[0], -1, g)
+    if cols:
+        blk = Wg[:, idx, :].transpose(1, 0, 2)  # removed channel, row, g
+        ok = order[None, :] >= order[idx][:, None]
+    else:
+        blk = Wg[idx]  # removed row, column channel, g
+        ok = order[None, :] > order[idx][:, None]
+    return blk[ok].ravel()
+
+
+def _check_pairing(pairing, n: int) -> None:
+    if pairing is not None:
+        pi = np.asarray(pairing)
+        if pi.shape != (n,) or not np.array_equal(np.sort(pi), np.arange(n)):
+            raise InvalidOperation(f"pairing must be a permutation of 0..{n - 1}", field="pairing")
+
+
+def _merge_after(sigma: str, before: str | None) -> str | None:
+    """The activation rule for a network's ψ: why ``σ`` applied after values that already
+    passed ``before`` (``None``: the input, or nothing known) is not the identity."""
+    if sigma == "identity":
+        return None
+    if before is None:
+        return f"its activation {sigma} would have to be the identity (its input has passed none)"
+    why = merge_reason(sigma, before)
+    return None if why is None else f"its activation {sigma} {why}"

@@ -27,8 +27,9 @@ from functools import cached_property
 import numpy as np
 
 from .errors import InvalidOperation, InvalidPlan
-from .ops import Effect, Event, Op, Phi, Psi, Tracked
+from .ops import Effect, Event, Op, Phi, PhiSpace, Psi, PsiBlock, Tracked
 from .posterior import Posterior
+from .stages import Network
 from .structure import Structure
 
 __all__ = ["CompiledPlan", "Plan", "Provenance", "op_from_json", "step_costs"]
@@ -41,8 +42,15 @@ class Provenance:
     position: int  # student position (1-based)
     teacher_position: int
     teacher_neurons: tuple[int, ...]
+    network: bool = False  # a network's spaces and channels (docs/theory.md §13)
 
     def to_json(self) -> dict:
+        if self.network:
+            return {
+                "space": self.position,
+                "teacher_space": self.teacher_position,
+                "teacher_channels": list(self.teacher_neurons),
+            }
         return {
             "position": self.position,
             "teacher_position": self.teacher_position,
@@ -61,7 +69,7 @@ class CompiledPlan:
 
     def __init__(
         self,
-        teacher: Structure,
+        teacher: Structure | Network,
         ops: Sequence[Op],
         applied: tuple[Tracked, Sequence[Effect]] | None = None,
     ) -> None:
@@ -107,9 +115,18 @@ class CompiledPlan:
     def provenance(self) -> tuple[Provenance, ...]:
         tr = self._state
         return tuple(
-            Provenance(j + 1, tr.positions[j], tuple(int(x) for x in tr.neurons[j]))
-            for j in range(tr.structure.T)
+            Provenance(j + 1, tr.positions[j], tuple(int(x) for x in tr.neurons[j]), tr.is_network)
+            for j in range(len(tr.positions))
         )
+
+    @cached_property
+    def surviving(self) -> dict:
+        """A network's teacher layers and residual blocks that survive (docs/theory.md §13)."""
+        g, gone = self.teacher.graph, self._state.gone
+        return {
+            "layers": [u.layer for u in g.units if u.index not in gone],
+            "blocks": [b.number for b in g.blocks if b.branch[0] not in gone],
+        }
 
     @cached_property
     def marginalised(self) -> np.ndarray:
@@ -128,6 +145,8 @@ def _effects(tr: Tracked, ops: tuple[Op, ...]):
         try:
             if isinstance(op, Phi):
                 eff = tr.apply_phis(op.layer, [o.neuron for o in run])
+            elif isinstance(op, PhiSpace):
+                eff = tr.apply_channels(op.space, [o.channel for o in run])
             else:
                 eff = tr.apply(op)
         except InvalidOperation as exc:
@@ -148,11 +167,17 @@ def _index(d: Mapping, key: str) -> int:
 
 
 def op_from_json(d: Mapping) -> Op:
-    """``{"op": "phi", "layer", "neuron"}`` or ``{"op": "psi", "layer", "pairing"?}``."""
+    """``{"op": "phi", "layer", "neuron"}`` or ``{"op": "psi", "layer", "pairing"?}`` (MLP,
+    RNN); for a network ``{"op": "phi", "space", "channel"}``, ``{"op": "psi", "block"}``
+    and ``{"op": "psi", "layer", "pairing"?}`` (docs/theory.md §13)."""
     kind = d.get("op") if isinstance(d, Mapping) else None
     try:
+        if kind == "phi" and "space" in d:
+            return PhiSpace(_index(d, "space"), _index(d, "channel"))
         if kind == "phi":
             return Phi(_index(d, "layer"), _index(d, "neuron"))
+        if kind == "psi" and "block" in d:
+            return PsiBlock(_index(d, "block"))
         if kind == "psi":
             pairing = d.get("pairing")
             if pairing is None:
@@ -177,7 +202,7 @@ class Plan:
         If a step breaks a rule of docs/theory.md §3; ``field`` names the step (``ops[k]``).
     """
 
-    teacher: Structure
+    teacher: Structure | Network
     ops: tuple[Op, ...]
 
     def __post_init__(self) -> None:
@@ -194,7 +219,7 @@ class Plan:
         return plan
 
     @classmethod
-    def from_json(cls, teacher: Structure, ops: Iterable[Mapping]) -> Plan:
+    def from_json(cls, teacher: Structure | Network, ops: Iterable[Mapping]) -> Plan:
         parsed = []
         for k, d in enumerate(ops):
             try:
@@ -244,11 +269,14 @@ def _runs(ops: Sequence[Op]):
         if isinstance(op, Phi):
             while end < len(ops) and isinstance(ops[end], Phi) and ops[end].layer == op.layer:
                 end += 1
+        elif isinstance(op, PhiSpace):
+            while end < len(ops) and isinstance(ops[end], PhiSpace) and ops[end].space == op.space:
+                end += 1
         yield k, ops[k:end]
         k = end
 
 
-def _failing_step(teacher: Structure, ops: Sequence[Op], first: int, length: int) -> int:
+def _failing_step(teacher: Structure | Network, ops: Sequence[Op], first: int, length: int) -> int:
     """Offset, inside a failing run, of the step that breaks a rule (replayed one by one)."""
     tr = Tracked.start(teacher)
     for op in ops[:first]:
@@ -264,6 +292,10 @@ def _failing_step(teacher: Structure, ops: Sequence[Op], first: int, length: int
 def _label(op: Op) -> str:
     if isinstance(op, Phi):
         return f"φ({op.layer}, {op.neuron})"
+    if isinstance(op, PhiSpace):
+        return f"φ(space {op.space}, {op.channel})"
+    if isinstance(op, PsiBlock):
+        return f"ψ(block {op.block})"
     return f"ψ({op.layer})" if op.pairing is None else f"ψ({op.layer}, π)"
 
 
@@ -285,24 +317,24 @@ def step_costs(plan: Plan, posterior: Posterior) -> list[dict] | None:
     runs = list(_runs(plan.ops))
     if len(runs) > MAX_COST_RUNS:
         return None
-    alive = list(range(1, plan.teacher.T + 1))  # teacher position of each current one
+    network = plan.teacher.kind == "network"
+    alive = [] if network else list(range(1, plan.teacher.T + 1))  # teacher positions
     out, before = [], 0.0
     for k, run in runs:
         op = run[0]
-        position = alive[op.layer - 1]
         prefix = Plan.from_compiled(CompiledPlan(plan.teacher, plan.ops[: k + len(run)]))
         total = posterior.plan_cost(prefix.compiled)
-        out.append(
-            {
-                "first": k,
-                "count": len(run),
-                "op": "phi" if isinstance(op, Phi) else "psi",
-                "layer": op.layer,
-                "teacher_position": position,
-                "cost": float(total - before),
-            }
-        )
+        entry = {"first": k, "count": len(run), "op": op.to_json()["op"]}
+        if network:  # a network's ops name teacher spaces, blocks and layers already
+            entry.update({key: v for key, v in op.to_json().items() if key in _WHERE})
+        else:
+            entry.update(layer=op.layer, teacher_position=alive[op.layer - 1])
+            if isinstance(op, Psi):
+                alive.pop(op.layer - 1)
+        entry["cost"] = float(total - before)
+        out.append(entry)
         before = total
-        if isinstance(op, Psi):
-            alive.pop(op.layer - 1)
     return out
+
+
+_WHERE = ("space", "block", "layer")

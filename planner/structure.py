@@ -24,6 +24,7 @@ from functools import cached_property
 import numpy as np
 
 from .errors import InvalidStructure
+from .graph import Graph, Segment, Unit
 
 __all__ = ["ACTIVATIONS", "IDEMPOTENT", "KINDS", "LayerIndex", "Structure"]
 
@@ -282,6 +283,29 @@ class Structure:
                     k -= n * n
                 return f"b_{t}[{k}] (layer {t})"
         return f"index {index} (past the last parameter)"
+
+    # -- the parameter graph (docs/theory.md §13) -----------------------------------------
+    @cached_property
+    def graph(self) -> Graph:
+        """Spaces 1..T (position t), unit t-1 = layer t reading position t-1 (and itself, for
+        an RNN's ``V_t``)."""
+        units = []
+        for t in range(2, self.T + 1):
+            n, m, off = self.width(t), self.width(t - 1), self.layer_offset(t)
+            segs = [Segment(t - 1, m, 1, off)]
+            if self.recurrent(t):
+                segs.append(Segment(t, n, 1, off + n * m))
+            bias = self.layer_offset(t + 1) - n if self.bias else None
+            units.append(Unit(t - 2, t, t, n, tuple(segs), bias, f"layer {t}"))
+        return Graph(self.widths, tuple(units), (), frozenset({1, self.T}))
+
+    def reduced(
+        self, spaces: Sequence[int], widths: Sequence[int], gone: frozenset[int] = frozenset()
+    ) -> Structure:
+        """The structure left when only positions ``spaces`` (teacher numbers, in order) are
+        alive, with ``widths``: a position removed by ψ takes its activation with it."""
+        acts = tuple(self.activation(p) for p in spaces[1:])
+        return Structure(tuple(widths), acts, self.bias, self.kind)
 
     # -- relations ----------------------------------------------------------------------
     def with_widths(self, widths: Sequence[int]) -> Structure:

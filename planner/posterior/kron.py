@@ -112,6 +112,13 @@ class KronPosterior(Posterior):
     def from_arrays(
         cls, structure: Structure, arrays: Mapping[str, np.ndarray], workspace=None
     ) -> KronPosterior:
+        if structure.kind == "network":
+            raise Unsupported(
+                "the kron format for convolutional and residual networks (laplace-torch's "
+                "K-FAC of Conv2d) is not implemented yet; upload full, precision, lowrank or "
+                "diag",
+                field="posterior.format",
+            )
         if structure.kind != "mlp":
             raise InvalidPosterior(
                 "the kron format is for MLP teachers; an RNN's recurrent weights are not "

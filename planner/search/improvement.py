@@ -33,7 +33,6 @@ import numpy as np
 
 from ..errors import SingularConstraint
 from ..lattice import Route
-from ..ops import Tracked
 from ..posterior import DiagPosterior, Posterior
 from ..posterior.scoring import batched_cholesky, solve_lower
 from ..structure import Structure
@@ -410,14 +409,7 @@ class _Walk:
 def _fork(b: _Builder, sc):
     nb = _Builder.__new__(_Builder)
     nb.teacher, nb.route = b.teacher, b.route
-    tr = b.tr
-    nb.tr = Tracked(
-        tr.teacher,
-        tr.structure,
-        list(tr.positions),
-        [a.copy() for a in tr.neurons],
-        [type(lay)(lay.src, lay.rows.copy(), lay.cols.copy()) for lay in tr.layers],
-    )
+    nb.tr = b.tr.copy()
     nb.ops, nb.effects = list(b.ops), list(b.effects)
     nb.choices = b.choices.copy()
     return nb, sc.copy()

@@ -1,0 +1,333 @@
+"""A slow, obviously correct reference for convolutional and residual networks
+(docs/theory.md §13), written from the definitions alone.
+
+It reads the structure JSON itself (not ``planner.stages``), names every
+parameter by a key ``("W", layer, row, channel, q)`` (``q`` the place inside
+the channel's group of columns: kernel offset, flattened pixel, or 0) or
+``("b", layer, row)``, numbers spaces by their first producer, and applies each
+φ/ψ as a dense Gaussian step on a dict of keys (conditioning with
+``numpy.linalg.solve``, marginalising by dropping keys).  For tests only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+IDEMPOTENT = {"identity", "relu", "relu6", "hardtanh", "step"}
+
+
+def _pair(v, default):
+    v = default if v is None else v
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@dataclass
+class RLayer:
+    number: int
+    kind: str  # conv | linear
+    out: int  # width
+    inp: int  # channels read
+    group: int  # columns per channel
+    bias: bool
+    reads: int  # space
+    writes: int  # space
+    top: bool
+    block: int | None
+    conv: dict = field(default_factory=dict)
+    act: str = "identity"
+    act_in: str | None = None
+
+
+@dataclass
+class RBlock:
+    number: int
+    layers: list[int]  # branch layer numbers
+    projection: int | None
+    inner: list[int]
+    act: str
+    act_in: str | None
+
+
+class RefNetwork:
+    """Layers in module order, spaces by first producer, blocks, keys in layout order."""
+
+    def __init__(self, d: dict) -> None:
+        self.input = list(d["input"])
+        self.layers: list[RLayer] = []
+        self.blocks: list[RBlock] = []
+        self.widths = {1: self.input[0]}
+        shape = list(self.input)
+        space, act = 1, None
+        for st in d["stages"]:
+            t = st["type"]
+            if t in ("conv", "linear"):
+                new = self._space(st["out"])
+                shape = self._layer(st, shape, space, new, True, None, act)
+                space, act = new, st.get("activation", "identity")
+            elif t == "pool":
+                if st.get("global"):
+                    shape = [shape[0], 1, 1]
+                else:
+                    k = _pair(st.get("kernel"), 2)
+                    s = _pair(st.get("stride"), k[0]) if st.get("stride") is not None else k
+                    p = _pair(st.get("padding"), 0)
+                    shape = [
+                        shape[0],
+                        (shape[1] + 2 * p[0] - k[0]) // s[0] + 1,
+                        (shape[2] + 2 * p[1] - k[1]) // s[1] + 1,
+                    ]
+                if st.get("mode", "avg" if st.get("global") else "max") == "avg" and act == "step":
+                    act = None
+            elif t == "flatten":
+                shape = [int(np.prod(shape))]
+            else:  # residual
+                number = len(self.blocks) + 1
+                names, inner = [], []
+                cur, cur_shape, cur_act = space, shape, act
+                proj = st.get("shortcut")
+                branch = st["branch"]
+                out_space = space
+                for j, b in enumerate(branch):
+                    if j < len(branch) - 1:
+                        new = self._space(b["out"])
+                        inner.append(new)
+                    else:
+                        new = space if proj is None else self._space(b["out"])
+                        out_space = new
+                    cur_shape = self._layer(b, cur_shape, cur, new, False, number, cur_act)
+                    names.append(self.layers[-1].number)
+                    cur, cur_act = new, b.get("activation", "identity")
+                pnum = None
+                if proj is not None:
+                    self._layer(proj, shape, space, out_space, False, number, act)
+                    pnum = self.layers[-1].number
+                self.blocks.append(
+                    RBlock(number, names, pnum, inner, st.get("activation", "identity"), act)
+                )
+                shape, space, act = cur_shape, out_space, st.get("activation", "identity")
+        self.output = space
+
+    def _space(self, width: int) -> int:
+        n = len(self.widths) + 1
+        self.widths[n] = width
+        return n
+
+    def _layer(self, st, shape, reads, writes, top, block, act_in):
+        number = len(self.layers) + 1
+        if st["type"] == "conv":
+            k = _pair(st.get("kernel"), 3)
+            s = _pair(st.get("stride"), 1)
+            p = _pair(st.get("padding"), 0)
+            group = k[0] * k[1]
+            out_shape = [
+                st["out"],
+                (shape[1] + 2 * p[0] - k[0]) // s[0] + 1,
+                (shape[2] + 2 * p[1] - k[1]) // s[1] + 1,
+            ]
+            conv = {"kernel": k, "stride": s, "padding": p}
+        else:
+            group = shape[0] // self.widths[reads]
+            out_shape = [st["out"]]
+            conv = {}
+        self.layers.append(
+            RLayer(
+                number,
+                st["type"],
+                st["out"],
+                self.widths[reads],
+                group,
+                st.get("bias", True),
+                reads,
+                writes,
+                top,
+                block,
+                conv,
+                st.get("activation", "identity"),
+                act_in,
+            )
+        )
+        return out_shape
+
+    def keys(self) -> list[tuple]:
+        """Every parameter, in the torch module's order."""
+        out = []
+        for L in self.layers:
+            out += [
+                ("W", L.number, o, i, q)
+                for o in range(L.out)
+                for i in range(L.inp)
+                for q in range(L.group)
+            ]
+            if L.bias:
+                out += [("b", L.number, o) for o in range(L.out)]
+        return out
+
+
+@dataclass
+class RefState:
+    """Live layers with their row ids and column-channel ids (current order), live spaces
+    with their widths, and the Gaussian over the live keys."""
+
+    net: RefNetwork
+    rows: dict[int, list[int]]
+    cols: dict[int, list[int]]
+    reads: dict[int, int]
+    writes: dict[int, int]
+    spaces: dict[int, int]  # live space -> current width
+    keys: list[tuple]
+    mean: np.ndarray
+    cov: np.ndarray
+    cost: float = 0.0
+
+    @classmethod
+    def start(cls, net: RefNetwork, mean, cov) -> RefState:
+        cov = (np.asarray(cov) + np.asarray(cov).T) / 2  # a matrix is read as its symmetric part
+        return cls(
+            net,
+            {L.number: list(range(L.out)) for L in net.layers},
+            {L.number: list(range(L.inp)) for L in net.layers},
+            {L.number: L.reads for L in net.layers},
+            {L.number: L.writes for L in net.layers},
+            dict(net.widths),
+            net.keys(),
+            np.asarray(mean, float).copy(),
+            cov.copy(),
+        )
+
+    # -- Gaussian steps ----------------------------------------------------------------
+    def condition(self, targets: dict[tuple, float]) -> None:
+        pos = {k: q for q, k in enumerate(self.keys)}
+        B = [pos[k] for k in targets]
+        v = np.array(list(targets.values()))
+        rest = [q for q in range(len(self.keys)) if q not in set(B)]
+        S_BB = self.cov[np.ix_(B, B)]
+        d = v - self.mean[B]
+        self.cost += 0.5 * float(d @ np.linalg.solve(S_BB, d))
+        K = np.linalg.solve(S_BB, self.cov[np.ix_(B, rest)]).T
+        self.mean = self.mean[rest] + K @ d
+        self.cov = self.cov[np.ix_(rest, rest)] - K @ self.cov[np.ix_(B, rest)]
+        self.keys = [self.keys[q] for q in rest]
+
+    def drop(self, gone: set[tuple]) -> None:
+        keep = [q for q, k in enumerate(self.keys) if k not in gone]
+        self.mean = self.mean[keep]
+        self.cov = self.cov[np.ix_(keep, keep)]
+        self.keys = [self.keys[q] for q in keep]
+
+    def layer_keys(self, n: int) -> list[tuple]:
+        L = self.net.layers[n - 1]
+        out = [
+            ("W", n, o, i, q) for o in self.rows[n] for i in self.cols[n] for q in range(L.group)
+        ]
+        if L.bias:
+            out += [("b", n, o) for o in self.rows[n]]
+        return out
+
+    # -- φ and ψ (docs/theory.md §13) ----------------------------------------------------
+    def phi(self, space: int, c: int) -> None:
+        live = set(self.keys)
+        targets = {}
+        for n in self.rows:
+            if self.reads[n] == space:
+                ch = self.cols[n][c]
+                L = self.net.layers[n - 1]
+                for o in self.rows[n]:
+                    for q in range(L.group):
+                        targets[("W", n, o, ch, q)] = 0.0
+        self.condition(targets)
+        gone = set()
+        for n in self.rows:
+            if self.writes[n] == space:
+                r = self.rows[n][c]
+                gone |= {k for k in live if k[1] == n and k[2] == r and k not in targets}
+        self.drop(gone)
+        for n in self.rows:
+            if self.writes[n] == space:
+                del self.rows[n][c]
+            if self.reads[n] == space:
+                del self.cols[n][c]
+        self.spaces[space] -= 1
+
+    def psi_block(self, b: int) -> None:
+        blk = self.net.blocks[b - 1]
+        last = blk.layers[-1]
+        self.condition(dict.fromkeys(self.layer_keys(last), 0.0))
+        gone = set()
+        for n in blk.layers[:-1]:
+            gone |= set(self.layer_keys(n))
+        self.drop(gone)
+        for n in blk.layers:
+            for d in (self.rows, self.cols, self.reads, self.writes):
+                del d[n]
+        for s in blk.inner:
+            del self.spaces[s]
+
+    def psi_layer(self, n: int, pairing: list[int]) -> None:
+        L = self.net.layers[n - 1]
+        centre = L.group // 2
+        targets = {}
+        for k, o in enumerate(self.rows[n]):
+            for j, i in enumerate(self.cols[n]):
+                for q in range(L.group):
+                    targets[("W", n, o, i, q)] = 1.0 if (j == pairing[k] and q == centre) else 0.0
+        if L.bias:
+            for o in self.rows[n]:
+                targets[("b", n, o)] = 0.0
+        self.condition(targets)
+        out, src = self.writes[n], self.reads[n]
+        for m in self.rows:
+            if m != n and self.reads[m] == out:
+                new = [None] * len(self.cols[m])
+                for k, ch in enumerate(self.cols[m]):
+                    new[pairing[k]] = ch
+                self.cols[m] = new
+                self.reads[m] = src
+        for d in (self.rows, self.cols, self.reads, self.writes):
+            del d[n]
+        del self.spaces[out]
+
+    # -- what is left ----------------------------------------------------------------------
+    def student_order(self) -> list[tuple]:
+        out = []
+        for n in sorted(self.rows):
+            out += self.layer_keys(n)
+        return out
+
+    def result(self):
+        """(mean, covariance) of the live keys in the student's layout order, and the cost."""
+        pos = {k: q for q, k in enumerate(self.keys)}
+        order = [pos[k] for k in self.student_order()]
+        assert len(order) == len(self.keys)
+        return self.mean[order], self.cov[np.ix_(order, order)], self.cost
+
+    # -- which steps are valid ------------------------------------------------------------
+    def valid(self) -> list[tuple]:
+        net = self.net
+        out = []
+        for s, w in self.spaces.items():
+            if s not in (1, net.output) and w >= 2:
+                out.append(("phi", s))
+        for blk in net.blocks:
+            if blk.layers[0] not in self.rows or blk.projection is not None:
+                continue
+            if blk.act == "identity" or (blk.act in IDEMPOTENT and blk.act == blk.act_in):
+                out.append(("block", blk.number))
+        for n in self.rows:
+            L = net.layers[n - 1]
+            if not L.top or L.writes == net.output:
+                continue
+            if sum(1 for m in self.rows if self.writes[m] == L.writes) != 1:
+                continue
+            if len(self.rows[n]) != len(self.cols[n]):
+                continue
+            if L.kind == "conv":
+                k, s, p = L.conv["kernel"], L.conv["stride"], L.conv["padding"]
+                if s != (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0 or p != (k[0] // 2, k[1] // 2):
+                    continue
+            elif L.group != 1:
+                continue
+            if L.act == "identity" or (L.act in IDEMPOTENT and L.act == L.act_in):
+                out.append(("layer", n))
+        return out
