@@ -277,6 +277,27 @@ class Tracked:
             return U
         return np.hstack([U, self.recurrent(t).T])
 
+    # -- what a network's steps would condition ----------------------------------------
+    def consumer_groups(self, space: int) -> np.ndarray:
+        """Row c: the teacher indices φ on channel c (current order) of ``space`` would
+        condition, every consumer slice over its current rows (a network's spaces)."""
+        parts = []
+        for lay in self.layers:
+            for k, reads in enumerate(lay.reads):
+                if reads == space:
+                    seg = lay.unit.segments[k]
+                    W = seg.indices(lay.rows, lay.segs[k])  # rows × channels·g
+                    W = W.reshape(lay.rows.size, -1, seg.group).transpose(1, 0, 2)
+                    parts.append(W.reshape(W.shape[0], -1))
+        width = self.neurons[self.positions.index(space)].size
+        return np.hstack(parts) if parts else np.zeros((width, 0), np.int64)
+
+    def block_indices(self, number: int) -> np.ndarray:
+        """The teacher indices ψ on block ``number`` would condition (its branch's last
+        layer, as it is now)."""
+        last = self.teacher.graph.blocks[number - 1].branch[-1]
+        return next(lay for lay in self.layers if lay.unit.index == last).indices()
+
     # -- validity -------------------------------------------------------------------------
     def check(self, op: Op) -> None:
         """Raise :class:`InvalidOperation` naming the rule ``op`` breaks here."""

@@ -331,3 +331,119 @@ class RefState:
             if L.act == "identity" or (L.act in IDEMPOTENT and L.act == L.act_in):
                 out.append(("layer", n))
         return out
+
+
+# -- the search's references (docs/theory.md §6, §13) ---------------------------------------
+def _skeleton(stages: list[dict]) -> list:
+    """The stages without their widths."""
+
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "out"}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    return strip(stages)
+
+
+def ref_routes(teacher: dict, student: dict) -> list[tuple[tuple[int, ...], dict[int, int]]]:
+    """Every (removed blocks, target width of every surviving teacher space): subsets of
+    the removable blocks whose removal leaves the student's stages up to widths."""
+    import itertools
+
+    net = RefNetwork(teacher)
+    p = len(net.keys())
+    removable = [
+        b for kind, b in RefState.start(net, np.zeros(p), np.eye(p)).valid() if kind == "block"
+    ]
+    stage_of, n = {}, 0
+    for i, st in enumerate(teacher["stages"]):
+        if st["type"] == "residual":
+            n += 1
+            stage_of[n] = i
+    out = []
+    snet = RefNetwork(student)
+    for k in range(len(removable) + 1):
+        for R in itertools.combinations(removable, k):
+            kept = [
+                st for i, st in enumerate(teacher["stages"]) if i not in {stage_of[b] for b in R}
+            ]
+            if _skeleton(kept) != _skeleton(student["stages"]):
+                continue
+            gone = {n for b in R for n in net.blocks[b - 1].layers}
+            layers = [L for L in net.layers if L.number not in gone]
+            widths = {1: net.widths[1]}
+            for L, S in zip(layers, snet.layers, strict=True):
+                widths[L.writes] = S.out
+            if all(w <= net.widths[s] for s, w in widths.items()):
+                out.append((R, widths))
+    return out
+
+
+def _steps(state: RefState, pending: list[int], target: dict[int, int]) -> list[tuple]:
+    """The next steps, in the tie order: φ by space then channel, then ψ by block."""
+    out = [
+        ("phi", s, c)
+        for s in sorted(target)
+        if s in state.spaces and state.spaces[s] > target[s]
+        for c in range(state.spaces[s])
+    ]
+    return out + [("block", b) for b in sorted(pending)]
+
+
+def _do(state: RefState, step: tuple) -> RefState:
+    import copy
+
+    nxt = copy.deepcopy(state)
+    if step[0] == "phi":
+        nxt.phi(step[1], step[2])
+    else:
+        nxt.psi_block(step[1])
+    return nxt
+
+
+def _targets(net: RefNetwork, R, widths: dict[int, int]) -> dict[int, int]:
+    inner = {s for b in R for s in net.blocks[b - 1].inner}
+    return {s: w for s, w in widths.items() if s not in inner}
+
+
+def ref_greedy(teacher: dict, student: dict, mean, cov) -> float:
+    """The global greedy of exact increments (docs/theory.md §13): per route, at every step
+    the step of least exact increment among φ on every channel of every space that must
+    shrink and ψ on every block the route removes (ties within 1e-9: the first in the
+    tie order); the cheapest route's cost."""
+    net = RefNetwork(teacher)
+    best = np.inf
+    for R, widths in ref_routes(teacher, student):
+        state, pending, target = RefState.start(net, mean, cov), list(R), _targets(net, R, widths)
+        while True:
+            steps = _steps(state, pending, target)
+            if not steps:
+                break
+            nexts = [_do(state, s) for s in steps]
+            inc = np.array([n.cost - state.cost for n in nexts])
+            m = inc.min()
+            k = int(np.flatnonzero(inc <= m + 1e-9 * max(1.0, abs(state.cost) + abs(m)))[0])
+            state = nexts[k]
+            if steps[k][0] == "block":
+                pending.remove(steps[k][1])
+        best = min(best, state.cost)
+    return best
+
+
+def ref_brute_force(teacher: dict, student: dict, mean, cov) -> float:
+    """The least cost over every route and every sequence of its steps."""
+    net = RefNetwork(teacher)
+    best = [np.inf]
+
+    def walk(state: RefState, pending: list[int], target) -> None:
+        steps = _steps(state, pending, target)
+        if not steps:
+            best[0] = min(best[0], state.cost)
+        for s in steps:
+            walk(_do(state, s), [b for b in pending if s != ("block", b)], target)
+
+    for R, widths in ref_routes(teacher, student):
+        walk(RefState.start(net, mean, cov), list(R), _targets(net, R, widths))
+    return best[0]

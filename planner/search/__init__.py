@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..criteria import Criterion, criterion_function
-from ..errors import DeadlineExceeded, InvalidPlan, MissingData
+from ..errors import DeadlineExceeded, InvalidPlan, MissingData, NotInLattice, Unsupported
 from ..lattice import Route, random_route, require_member
 from ..ops import Phi, Psi, Tracked
 from ..plan import Plan
@@ -42,6 +42,7 @@ from ..structure import Structure
 from .budget import NODE_WORK, Budget, dense_work
 from .construction import Built, construct, replay
 from .improvement import branch_and_bound, choice_space, local_search
+from .networks import network_search
 from .routes import candidate_routes
 
 __all__ = ["Budget", "SearchResult", "random_plan", "search"]
@@ -156,6 +157,30 @@ def search(
             f"effort must be one of {sorted(EFFORTS)}; got {effort!r}", field="effort"
         )
     teacher = posterior.structure
+    if teacher.kind == "network":
+        if criterion not in ("posterior_ratio",):
+            raise Unsupported(
+                f"criterion {getattr(criterion, 'name', criterion)!r} is for MLP and RNN "
+                "teachers; a network's plan is searched by exact increments "
+                "(posterior_ratio)",
+                field="criterion",
+            )
+        one_shots, floor, enumerate_floor = EFFORTS[effort]
+        return network_search(
+            posterior,
+            student,
+            budget=Budget(np.inf, seconds, memory, stop),
+            work=work,
+            effort_floor=floor,
+            enumerate_floor=enumerate_floor,
+            one_shots=one_shots,
+            max_routes=max_routes,
+        )
+    if student.kind == "network":
+        raise NotInLattice(
+            "the student is a network but the teacher is not: upload the teacher as a network too",
+            field="student",
+        )
     require_member(teacher, student)
     crit = criterion_function(criterion)
     if crit.needs_gradients and gradients is None:

@@ -1,0 +1,206 @@
+"""Which students a network reaches, and by which residual blocks (docs/theory.md §13).
+
+A student of a :class:`~planner.stages.Network` teacher has the teacher's stages, less
+residual blocks that ψ can remove (identity shortcut, the activation rule), with every
+layer's width between 1 and the teacher's; kernels, strides, paddings, pools, the
+input and the output are the teacher's.  Which blocks of a run of such blocks go is
+the planner's choice: each way of matching the student's stages to the teacher's is
+a :class:`NetRoute`, scored by exact costs like an MLP's routes.
+
+Examples
+--------
+>>> from planner.stages import Network
+>>> block = {"type": "residual", "activation": "relu", "branch": [
+...     {"type": "conv", "out": 4, "kernel": 3, "padding": 1, "activation": "relu"},
+...     {"type": "conv", "out": 4, "kernel": 3, "padding": 1}]}
+>>> head = [{"type": "pool", "mode": "avg", "global": True}, {"type": "flatten"},
+...         {"type": "linear", "out": 2}]
+>>> stem = {"type": "conv", "out": 4, "kernel": 3, "padding": 1, "activation": "relu"}
+>>> teacher = Network.from_json({"input": [1, 6, 6], "stages": [stem, block, block, *head]})
+>>> small = dict(stem, out=3)
+>>> student = Network.from_json({"input": [1, 6, 6], "stages": [
+...     small, dict(block, branch=[dict(block["branch"][0], out=2),
+...                                 dict(block["branch"][1], out=3)]), *head]})
+>>> [r.removed_blocks for r in network_routes(teacher, student)]
+[(1,), (2,)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import NotInLattice
+from .stages import Conv, Flatten, Linear, Network, Pool, Residual
+from .structure import IDEMPOTENT as _IDEMPOTENT
+
+__all__ = ["MAX_ALIGNMENTS", "NetRoute", "network_routes"]
+
+#: Ways of matching a student's stages at most (a teacher with many removable blocks).
+MAX_ALIGNMENTS = 4096
+
+
+@dataclass(frozen=True)
+class NetRoute:
+    """The teacher blocks a student leaves out, and the width of every teacher space that
+    survives (``widths``: (teacher space, student width) pairs, in space order)."""
+
+    removed_blocks: tuple[int, ...]
+    widths: tuple[tuple[int, int], ...]
+
+    @property
+    def blocks(self) -> tuple[int, ...]:  # what a search result reports as its route
+        return self.removed_blocks
+
+
+def _kind(st) -> str:
+    return {Conv: "conv", Linear: "linear", Pool: "pool", Flatten: "flatten"}.get(
+        type(st), "residual"
+    )
+
+
+def _layer_reason(t, s, where: str) -> str | None:
+    if type(t) is not type(s):
+        return f"{where} is a {_kind(s)} layer where the teacher has a {_kind(t)} layer"
+    fields = ["bias", "activation"] + (
+        ["kernel", "stride", "padding"] if isinstance(t, Conv) else []
+    )
+    for f in fields:
+        if getattr(t, f) != getattr(s, f):
+            return f"{where}.{f} is {getattr(s, f)!r}; the teacher's is {getattr(t, f)!r}"
+    if s.out > t.out:
+        return f"{where}.out is {s.out}, wider than the teacher's {t.out}"
+    return None
+
+
+def _stage_reason(t, s, where: str) -> str | None:
+    """Why student stage ``s`` cannot be teacher stage ``t`` with fewer channels."""
+    if _kind(t) != _kind(s):
+        return f"{where} is a {_kind(s)} stage where the teacher has a {_kind(t)} stage"
+    if isinstance(t, Conv | Linear):
+        return _layer_reason(t, s, where)
+    if isinstance(t, Pool | Flatten):
+        return None if t == s else f"{where} differs from the teacher's {t.to_json()}"
+    if len(t.branch) != len(s.branch):
+        return f"{where} has {len(s.branch)} branch layers; the teacher's block has {len(t.branch)}"
+    for k, (a, b) in enumerate(zip(t.branch, s.branch, strict=True)):
+        why = _layer_reason(a, b, f"{where}.branch[{k}]")
+        if why:
+            return why
+    if (t.shortcut is None) != (s.shortcut is None):
+        return f"{where}.shortcut must be {'none' if t.shortcut is None else 'a projection'}"
+    if t.shortcut is not None:
+        why = _layer_reason(t.shortcut, s.shortcut, f"{where}.shortcut")
+        if why:
+            return why
+    if t.activation != s.activation:
+        return f"{where}.activation is {s.activation!r}; the teacher's is {t.activation!r}"
+    return None
+
+
+def _removable(teacher: Network, number: int) -> str | None:
+    b = teacher.graph.blocks[number - 1]
+    if b.projection is not None:
+        return "its shortcut is a projection"
+    before = teacher.layers[b.branch[0]].input_activation
+    if b.activation == "identity" or (b.activation == before and b.activation in _IDEMPOTENT):
+        return None
+    return (
+        f"its activation {b.activation} is neither the identity nor the idempotent activation "
+        f"its input already passed ({before or 'none'})"
+    )
+
+
+def network_routes(teacher: Network, student: Network) -> list[NetRoute]:
+    """Every way ``student`` comes from ``teacher`` (teacher blocks left out, widths).
+
+    Raises
+    ------
+    NotInLattice
+        Naming the student's stage and field, or the teacher block that cannot go.
+    """
+    if not isinstance(student, Network):
+        raise NotInLattice(
+            "the teacher is a network: give the student as a network too "
+            '({"input": [...], "stages": [...]})',
+            field="student",
+        )
+    if student.input_shape != teacher.input_shape:
+        raise NotInLattice(
+            f"the student's input {list(student.input_shape)} is not the teacher's "
+            f"{list(teacher.input_shape)}",
+            field="student.input",
+        )
+    ts, ss = teacher.stages, student.stages
+    block_of = {}  # teacher stage index -> block number
+    n = 0
+    for i, st in enumerate(ts):
+        if isinstance(st, Residual):
+            n += 1
+            block_of[i] = n
+    removable = {i: _removable(teacher, block_of[i]) for i in block_of}
+    found: list[tuple[int, ...]] = []
+    deepest: list = [(-1, -1, "")]  # the furthest failure: (student stage, teacher stage, why)
+
+    def walk(i: int, j: int, removed: tuple[int, ...]) -> None:
+        if len(found) >= MAX_ALIGNMENTS:
+            return
+        if j == len(ss) and i == len(ts):
+            found.append(removed)
+            return
+        if i < len(ts) and i in block_of and removable[i] is None:
+            walk(i + 1, j, (*removed, block_of[i]))
+        if i == len(ts) or j == len(ss):
+            if j < len(ss):
+                _fail(deepest, j, i, f"student stages[{j}] is past the teacher's last stage")
+            elif i in block_of:
+                _fail(
+                    deepest,
+                    j,
+                    i,
+                    f"teacher block {block_of[i]} (stages[{i}]) cannot be removed: {removable[i]}",
+                )
+            else:
+                _fail(
+                    deepest,
+                    j,
+                    i,
+                    f"the student stops where the teacher has stages[{i}] "
+                    f"({_kind(ts[i])}), which cannot be removed",
+                )
+            return
+        why = _stage_reason(ts[i], ss[j], f"student stages[{j}]")
+        if why is None:
+            walk(i + 1, j + 1, removed)
+        else:
+            if i in block_of and removable[i] is not None:
+                why += f" (and teacher block {block_of[i]} cannot be removed: {removable[i]})"
+            _fail(deepest, j, i, why)
+
+    walk(0, 0, ())
+    if not found:
+        raise NotInLattice(deepest[0][2], field="student")
+    out = []
+    t_units, s_units = teacher.graph.units, student.graph.units
+    for removed in found:
+        gone = {u for b in removed for u in teacher.graph.blocks[b - 1].branch}
+        kept = [u for u in t_units if u.index not in gone]
+        widths = {}
+        for tu, su in zip(kept, s_units, strict=True):
+            widths[tu.out] = su.rows
+        widths[1] = teacher.graph.width(1)
+        out_space = max(teacher.graph.fixed)
+        if widths[out_space] != teacher.graph.width(out_space):
+            raise NotInLattice(
+                f"the student's output width {widths[out_space]} is not the teacher's "
+                f"{teacher.graph.width(out_space)}: the output is not removable",
+                field="student",
+            )
+        out.append(NetRoute(tuple(removed), tuple(sorted(widths.items()))))
+    return out
+
+
+def _fail(deepest: list, j: int, i: int, why: str) -> None:
+    """Keep the failure that got furthest into the student, with the fewest teacher blocks
+    skipped to get there (the match a user means)."""
+    if deepest[0][0] < 0 or (j, -i) > (deepest[0][0], -deepest[0][1]):
+        deepest[0] = (j, i, why)

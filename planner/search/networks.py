@@ -1,0 +1,225 @@
+"""The search for convolutional and residual teachers (docs/theory.md §13, §6).
+
+Per route (the teacher blocks the student leaves out, :mod:`planner.network_lattice`):
+
+1. **The global greedy of exact increments.**  At every step the candidates are
+   φ on every channel of every space that must still shrink and ψ on every block
+   the route removes and that is still there; the one of least exact increment,
+   given everything conditioned so far, is taken (ties, within ``TIE``: φ before
+   ψ, then the lowest space or block, then the lowest channel).  Every space is
+   ranked against every other, as the LLM Surgeon ranks the rows and columns of
+   all layers together, so the order of φ between adjacent spaces and of φ on a
+   stream against ψ on its blocks is chosen by cost too.
+2. **Exhaustive where it can be enumerated.**  When the budget covers it, a
+   branch and bound over the same steps (removals within one space in a run
+   counted once) proves the optimum of each route.
+
+The cheapest route's plan wins.  The budget and deadline are :mod:`.budget`'s.
+"""
+
+from __future__ import annotations
+
+from math import comb, factorial
+
+import numpy as np
+
+from ..errors import InvalidPlan
+from ..network_lattice import NetRoute, network_routes
+from ..ops import Effect, Op, PhiSpace, PsiBlock, Tracked
+from ..plan import CompiledPlan, Plan
+from ..posterior import Posterior
+from ..stages import Network
+from .budget import NODE_WORK, Budget, Cut, dense_work
+from .construction import least
+
+__all__ = ["ENUMERATE_LEAVES", "network_search"]
+
+#: A branch and bound runs, with the effort's enumeration budget, when the routes have at
+#: most this many step sequences (it proves the optimum when it finishes within it);
+#: beyond, the plan is the global greedy's.
+ENUMERATE_LEAVES = 10_000
+
+
+class _State:
+    """A tracked layout, its scorer and the plan so far."""
+
+    def __init__(self, teacher: Network, scorer, route: NetRoute) -> None:
+        self.tr = Tracked.start(teacher)
+        self.sc = scorer
+        self.ops: list[Op] = []
+        self.effects: list[Effect] = []
+        self.pending = list(route.removed_blocks)
+        self.target = dict(route.widths)
+        gone_inner = {s for b in route.removed_blocks for s in teacher.graph.blocks[b - 1].inner}
+        self.shrinking = [s for s in sorted(self.target) if s not in gone_inner]
+
+    def copy(self) -> _State:
+        out = object.__new__(_State)
+        out.tr, out.sc = self.tr.copy(), self.sc.copy()
+        out.ops, out.effects = list(self.ops), list(self.effects)
+        out.pending, out.target, out.shrinking = list(self.pending), self.target, self.shrinking
+        return out
+
+    def width(self, space: int) -> int:
+        return self.tr.neurons[self.tr.positions.index(space)].size
+
+    def candidates(self) -> tuple[list[Op], np.ndarray]:
+        """Every next step and its exact increment, in the tie order."""
+        ops: list[Op] = []
+        incs: list[np.ndarray] = []
+        for s in self.shrinking:
+            if self.width(s) > self.target[s]:
+                groups = self.tr.consumer_groups(s)
+                incs.append(np.asarray(self.sc.drops(groups).increments(), dtype=float))
+                ops.extend(PhiSpace(s, c) for c in range(groups.shape[0]))
+        for b in self.pending:
+            idx = self.tr.block_indices(b)
+            incs.append(np.asarray(self.sc.drops(idx[None, :]).increments(), dtype=float))
+            ops.append(PsiBlock(b))
+        return ops, np.concatenate(incs) if incs else np.zeros(0)
+
+    def take(self, op: Op) -> None:
+        eff = self.tr.apply(op)
+        self.sc.commit(eff.conditioned, eff.targets)
+        self.ops.append(op)
+        self.effects.append(eff)
+        if isinstance(op, PsiBlock):
+            self.pending.remove(op.block)
+
+    def plan(self) -> Plan:
+        teacher = self.tr.teacher
+        return Plan.from_compiled(CompiledPlan(teacher, self.ops, (self.tr, self.effects)))
+
+
+def _greedy(posterior: Posterior, route: NetRoute, budget: Budget) -> _State:
+    st = _State(posterior.structure, posterior.scorer(), route)
+    while True:
+        budget.check("building the first plan")
+        ops, inc = st.candidates()
+        if not ops:
+            return st
+        st.take(ops[least(inc, st.sc.cost)])
+
+
+def _leaves(teacher: Network, route: NetRoute) -> float:
+    """How many step sequences a branch and bound may visit for ``route`` (runs of φ in one
+    space counted once): an upper bound from the multinomial of the removals."""
+    counts, total = [], 1.0
+    widths = dict(zip(range(1, len(teacher.graph.widths) + 1), teacher.graph.widths, strict=True))
+    gone_inner = {s for b in route.removed_blocks for s in teacher.graph.blocks[b - 1].inner}
+    for s, w in route.widths:
+        if s not in gone_inner and widths[s] > w:
+            k = widths[s] - w
+            counts.append(k)
+            total *= comb(widths[s], k) * factorial(k)
+    counts += [1] * len(route.removed_blocks)
+    n = sum(counts)
+    multinomial = factorial(n)
+    for k in counts:
+        multinomial //= factorial(k)
+    return total * multinomial
+
+
+def _branch_and_bound(posterior: Posterior, route: NetRoute, best: list, budget: Budget) -> None:
+    """Improve ``best`` = [cost, state, route] to the least-cost sequence of ``route``'s steps
+    (:class:`~.budget.Cut` when the budget runs out; ``best`` then holds the best so far).
+    Increments are never negative, so a prefix at least as dear as the best is cut; a run
+    of φ in one space is a set, visited in increasing teacher channel order only (unless
+    a layer both reads and writes the space)."""
+    # spaces a layer both reads and writes (a one-layer branch of an identity block): there
+    # the order of removals matters, as in an RNN (docs/theory.md §3)
+    g = posterior.structure.graph
+    self_reading = {u.out for u in g.units if any(seg.space == u.out for seg in u.segments)}
+
+    def visit(st: _State, last: tuple[int, int] | None) -> None:
+        budget.spend(NODE_WORK)
+        ops, inc = st.candidates()
+        if not ops:
+            if st.sc.cost < best[0] - 1e-12 * max(1.0, abs(best[0])):
+                best[:] = [st.sc.cost, st, route]
+            return
+        for k in np.argsort(inc, kind="stable"):
+            op = ops[int(k)]
+            if st.sc.cost + inc[k] >= best[0]:
+                break
+            here = None
+            if isinstance(op, PhiSpace):
+                here = (op.space, int(st.tr.neurons[st.tr.positions.index(op.space)][op.channel]))
+                if (
+                    last is not None
+                    and last[0] == here[0]
+                    and here[1] < last[1]
+                    and op.space not in self_reading
+                ):
+                    continue
+            nxt = st.copy()
+            nxt.take(op)
+            visit(nxt, here)
+
+    visit(_State(posterior.structure, posterior.scorer(), route), None)
+
+
+def network_search(
+    posterior: Posterior,
+    student: Network,
+    *,
+    budget: Budget,
+    work: float | None,
+    effort_floor: float,
+    enumerate_floor: float,
+    one_shots: float,
+    max_routes: int,
+):
+    """The plan of least exact cost found for a network teacher (see the module)."""
+    from . import SearchResult
+
+    teacher = posterior.structure
+    routes = network_routes(teacher, student)
+    n_routes = len(routes)
+    if len(routes) > max_routes:  # the best by the exact cost of their blocks alone
+        sc = posterior.scorer()
+
+        def block_cost(r: NetRoute) -> float:
+            tr = Tracked.start(teacher)
+            B = np.concatenate([np.zeros(0, np.int64), *(tr.block_indices(b) for b in r.blocks)])
+            return float(sc.drops(B[None, :]).increments()[0]) if B.size else 0.0
+
+        routes = sorted(routes, key=lambda r: (block_cost(r), r.removed_blocks))[:max_routes]
+    built: list[tuple[float, _State, NetRoute]] = []
+    for route in routes:
+        if built and budget.expired():
+            break
+        st = _greedy(posterior, route, budget)
+        built.append((st.sc.cost, st, route))
+    built.sort(key=lambda x: x[0])
+    best = list(built[0])
+    c = best[1].plan().compiled
+    default = one_shots * dense_work(c.n_conditioned, c.student.n_params)
+    budget.work = work if work is not None else max(effort_floor, default)
+    leaves = sum(_leaves(teacher, r) for _, _, r in built)
+    if work is None and leaves <= ENUMERATE_LEAVES:
+        budget.work = max(budget.work, enumerate_floor)
+    exhaustive = False
+    if len(built) == n_routes and leaves <= ENUMERATE_LEAVES and not budget.expired():
+        try:  # bounded by the greedy's cost, so it mostly visits far fewer nodes than leaves
+            for _, _, route in built:
+                _branch_and_bound(posterior, route, best, budget)
+            exhaustive = not budget.cut
+        except Cut:
+            exhaustive = False
+    _, best, best_route = best
+    plan = best.plan()
+    if plan.student.to_json() != student.to_json():  # pragma: no cover - by construction
+        raise InvalidPlan("the search reached another student", field="student")
+    return SearchResult(
+        plan,
+        float(best.sc.cost),
+        best_route,
+        n_routes,
+        len(built),
+        budget.evaluations,
+        float(budget.spent),
+        exhaustive,
+        budget.cut,
+        budget.cut_by,
+    )

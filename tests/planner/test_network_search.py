@@ -1,0 +1,173 @@
+"""The search on convolutional and residual teachers (docs/theory.md §6, §13): never above the
+independent global greedy of exact increments, equal to brute force where it enumerates,
+one Gaussian one plan across formats, and students the lattice refuses with a reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner import FullPosterior, Network, NotInLattice, Plan, Unsupported
+from planner.network_lattice import network_routes
+from planner.ops import Tracked
+from planner.posterior import LowRankPosterior, PrecisionPosterior
+from planner.search import search
+from tests.helpers import close
+from tests.planner.test_networks import network_json
+from tests.reference_networks import ref_brute_force, ref_greedy, ref_routes
+from tests.strategies import spd
+
+
+@st.composite
+def search_cases(draw, max_removals: int = 2):
+    """A teacher, a student it reaches (random blocks out, random narrower spaces, at most
+    ``max_removals`` channels in all), and a seed."""
+    d = draw(network_json())
+    net = Network.from_json(d)
+    tr = Tracked.start(net)
+    blocks = [b.number for b in net.graph.blocks if _valid(tr, b.number) and draw(st.booleans())]
+    gone = {u for b in blocks for u in net.graph.blocks[b - 1].branch}
+    inner = {s for b in blocks for s in net.graph.blocks[b - 1].inner}
+    widths = list(net.graph.widths)
+    budget = max_removals
+    for s in range(2, len(widths) + 1):
+        if s in net.graph.fixed or s in inner or budget == 0:
+            continue
+        k = draw(st.integers(0, min(budget, widths[s - 1] - 1)))
+        widths[s - 1] -= k
+        budget -= k
+    spaces = [s for s in range(1, len(widths) + 1) if s not in inner]
+    student = net.reduced(spaces, [widths[s - 1] for s in spaces], frozenset(gone))
+    return d, student.to_json(), draw(st.integers(0, 2**32 - 1))
+
+
+def _valid(tr: Tracked, number: int) -> bool:
+    from planner import InvalidOperation, PsiBlock
+
+    try:
+        tr.check(PsiBlock(number))
+    except InvalidOperation:
+        return False
+    return True
+
+
+@settings(max_examples=40, deadline=None)
+@given(search_cases())
+def test_the_search_is_never_above_the_global_greedy_and_is_the_optimum_when_exhaustive(case):
+    d, s, seed = case
+    teacher, student = Network.from_json(d), Network.from_json(s)
+    d = teacher.to_json()  # the reference compares stages as written out in full
+    rng = np.random.default_rng(seed)
+    p = teacher.n_params
+    mean, cov = rng.normal(size=p), spd(rng, p)
+    found = search(FullPosterior.from_dense(teacher, mean, cov), student)
+    assert found.plan.student == student
+    close(found.cost, found.plan.cost(FullPosterior.from_dense(teacher, mean, cov)))
+    greedy = ref_greedy(d, s, mean, cov)
+    assert found.cost <= greedy + 1e-9 * max(1.0, greedy)
+    assert found.exhaustive  # small enough to enumerate here
+    close(found.cost, ref_brute_force(d, s, mean, cov))
+
+
+def test_routes_agree_with_the_reference():
+    d = _resnet(blocks=3)
+    s = Network.from_json(_resnet(blocks=1, width=3)).to_json()
+    mine = {
+        (r.removed_blocks, dict(r.widths)[2])
+        for r in network_routes(Network.from_json(d), Network.from_json(s))
+    }
+    ref = {(R, w[2]) for R, w in ref_routes(Network.from_json(d).to_json(), s)}
+    assert mine == ref and len(mine) == 3
+
+
+def _resnet(blocks: int, width: int = 4, inner: int = 3) -> dict:
+    block = {
+        "type": "residual",
+        "activation": "relu",
+        "branch": [
+            {"type": "conv", "out": inner, "kernel": 3, "padding": 1, "activation": "relu"},
+            {"type": "conv", "out": width, "kernel": 3, "padding": 1},
+        ],
+    }
+    return {
+        "input": [2, 4, 4],
+        "stages": [
+            {"type": "conv", "out": width, "kernel": 3, "padding": 1, "activation": "relu"},
+            *[block] * blocks,
+            {"type": "pool", "mode": "avg", "global": True},
+            {"type": "flatten"},
+            {"type": "linear", "out": 2},
+        ],
+    }
+
+
+@pytest.mark.parametrize("fmt", ["precision", "lowrank"])
+def test_one_gaussian_one_plan(fmt):
+    teacher = Network.from_json(_resnet(2))
+    student = Network.from_json(_resnet(1, width=3, inner=2))
+    rng = np.random.default_rng(3)
+    p = teacher.n_params
+    mean = rng.normal(size=p)
+    var = rng.uniform(0.3, 2.0, size=p)
+    F = 0.5 * rng.normal(size=(p, 3))
+    cov = np.diag(var) + F @ F.T
+    full = search(FullPosterior.from_dense(teacher, mean, cov), student)
+    if fmt == "precision":
+        other = PrecisionPosterior.from_arrays(
+            teacher, {"mean": mean, "precision": np.linalg.inv(cov)}
+        )
+    else:
+        other = LowRankPosterior.from_arrays(teacher, {"mean": mean, "variance": var, "factor": F})
+    found = search(other, student)
+    assert found.plan.ops == full.plan.ops
+    close(found.cost, full.cost)
+
+
+def test_plan_costs_and_budgets_are_deterministic():
+    teacher = Network.from_json(_resnet(2, width=5))
+    student = Network.from_json(_resnet(1, width=3))
+    rng = np.random.default_rng(4)
+    post = FullPosterior.from_dense(
+        teacher, rng.normal(size=teacher.n_params), spd(rng, teacher.n_params)
+    )
+    a, b = search(post, student, work=1e9), search(post, student, work=1e9)
+    assert a.plan.ops == b.plan.ops and a.cost == b.cost
+    assert Plan(teacher, a.plan.ops).cost(post) == pytest.approx(a.cost, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda s: s["stages"][1]["branch"][0].update(out=9), "wider than the teacher's 3"),
+        (lambda s: s["stages"][0].update(kernel=1, padding=0), "kernel"),
+        (lambda s: s["stages"].append({"type": "linear", "out": 2}), "past the teacher's last"),
+        (lambda s: s["stages"][-1].update(out=1), "output width"),
+        (lambda s: s.update(input=[2, 5, 5]), "input"),
+    ],
+)
+def test_students_out_of_the_lattice_say_why(change, words):
+    import copy
+
+    teacher = Network.from_json(_resnet(1))
+    s = copy.deepcopy(_resnet(1))
+    change(s)
+    with pytest.raises(NotInLattice) as exc:
+        network_routes(teacher, Network.from_json(s))
+    assert words in exc.value.reason
+
+
+def test_a_block_with_a_projection_cannot_go_and_the_reason_says_so():
+    d = _resnet(1)
+    d["stages"][1] = dict(d["stages"][1], shortcut={"type": "conv", "out": 4, "kernel": 1})
+    s = _resnet(0)
+    with pytest.raises(NotInLattice, match="projection"):
+        network_routes(Network.from_json(d), Network.from_json(s))
+
+
+def test_other_criteria_are_for_mlps():
+    teacher = Network.from_json(_resnet(1))
+    post = FullPosterior.from_dense(teacher, np.zeros(teacher.n_params), np.eye(teacher.n_params))
+    with pytest.raises(Unsupported, match="posterior_ratio"):
+        search(post, teacher, "obd")
