@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 from planner import (
     FORMATS,
     InvalidPlan,
+    Network,
     Plan,
     PlannerError,
     Posterior,
@@ -36,6 +37,7 @@ from planner import (
     step_costs,
 )
 from planner.criteria import criterion_function
+from planner.network_lattice import NetRoute
 from planner.search import search
 
 from .problems import Problem, problem_from_planner_error
@@ -167,7 +169,10 @@ def store_for(config: Config) -> Store:
         return store
 
 
-def structure_from_json(d: dict) -> Structure:
+def structure_from_json(d: dict) -> Structure | Network:
+    """The structure a stored record describes (``schemas.structure_json``'s form)."""
+    if d.get("kind") == "network":
+        return Network.from_json(d)
     return Structure.build(
         d["widths"], d["activation"], d["output_activation"], d["bias"], d["kind"]
     )
@@ -270,7 +275,7 @@ def _plan(post, store, rec, request: dict, stop) -> dict:
         )
         plan, cost = found.plan, found.cost
         stats = {
-            "route": [list(b) for b in found.route.blocks],
+            "route": _route_json(found.route),
             "routes": found.routes_considered,
             "routes_built": found.routes_built,
             "evaluations": found.evaluations,
@@ -289,8 +294,17 @@ def _plan(post, store, rec, request: dict, stop) -> dict:
             "conditioned": int(c.n_conditioned),
             "provenance": [p.to_json() for p in c.provenance],
             "search": stats,
+            **({"surviving": c.surviving} if isinstance(plan.teacher, Network) else {}),
         },
     }
+
+
+def _route_json(route) -> list | dict:
+    """An MLP's route as its blocks of teacher positions; a network's as the teacher blocks
+    it leaves out."""
+    if isinstance(route, NetRoute):
+        return {"removed_blocks": list(route.removed_blocks)}
+    return [list(b) for b in route.blocks]
 
 
 def plan_record(owner: str, teacher_id: str, request: dict, out: dict) -> PlanRecord:

@@ -55,10 +55,17 @@ def _when(ts: float) -> str:
 
 
 def _widths(s: dict) -> str:
+    """A structure in a few words: an MLP's widths, a network's stages."""
+    if s.get("kind") == "network":
+        return structure_from_json(s).describe()
     return "(" + ", ".join(str(w) for w in s["widths"]) + ")"
 
 
 def _op_label(op: dict) -> str:
+    if "space" in op:
+        return f"φ(space {op['space']}, channel {op['channel']})"
+    if "block" in op:
+        return f"ψ(block {op['block']})"
     if op["op"] == "phi":
         return f"φ({op['layer']}, {op['neuron']})"
     if op.get("pairing") is None:
@@ -246,6 +253,8 @@ def plan_page(
     """A plan as a picture: which teacher neurons each student position keeps, which
     layers ψ merged and how π pairs their neurons, the cost each run of steps added and
     the cost by teacher position, with links to the prior."""
+    if teacher.structure.get("kind") == "network":
+        return _network_plan_page(plan, teacher, prior, steps)
     search = plan.info.get("search") or {}
     rows = []
     total = 0.0
@@ -427,3 +436,142 @@ def index_page(
 <h2>Teachers, plans and priors</h2>{table}
 """
     return page("alignment-planner", body)
+
+
+# -- networks (docs/theory.md §13) ------------------------------------------------------------
+def _stage_boxes(net, surviving: dict) -> str:
+    """The teacher's stages in a row, a removed block or layer struck through."""
+    units = iter(net.graph.units)
+    blocks = iter(net.graph.blocks)
+    kept_layers, kept_blocks = set(surviving["layers"]), set(surviving["blocks"])
+    boxes = []
+    for k, st in enumerate(net.stages):
+        d = st.to_json()
+        kind = d["type"]
+        gone = False
+        if kind in ("conv", "linear"):
+            u = next(units)
+            label, gone = f"{kind} {d['out']} (layer {u.layer})", u.layer not in kept_layers
+        elif kind == "residual":
+            b = next(blocks)
+            for _ in range(len(d["branch"]) + (d["shortcut"] is not None)):
+                next(units)
+            inner = "·".join(str(x["out"]) for x in d["branch"])
+            proj = " + projection" if d["shortcut"] else ""
+            label, gone = f"block {b.number}: {inner}{proj}", b.number not in kept_blocks
+        elif kind == "pool":
+            label = "global avg pool" if d.get("global") else f"{d['mode']} pool"
+        else:
+            label = "flatten"
+        cls = "stage removed" if gone else "stage"
+        style = "text-decoration:line-through;color:#999" if gone else ""
+        boxes.append(
+            f"<li class='{cls}' data-stage='{k}' style='{style}'>{html.escape(label)}"
+            + (" (ψ)" if gone else "")
+            + "</li>"
+        )
+    return "<ol id='stages' class='stages'>" + "".join(boxes) + "</ol>"
+
+
+def _network_drawing(plan: PlanRecord, net) -> str:
+    """Every teacher space as a column of channels (bands when wide): coloured by the
+    student space keeping each channel, hollow when removed; a space removed with its
+    block is labelled so."""
+    widths = net.graph.widths
+    prov = {p["teacher_space"]: p for p in plan.info["provenance"]}
+    inner = {s: b.number for b in net.graph.blocks for s in b.inner}
+    W, H, top = 1120, 250, 30
+    xs = [60 + i * (W - 120) / max(len(widths) - 1, 1) for i in range(len(widths))]
+    parts = [
+        f"<svg id='network' xmlns='http://www.w3.org/2000/svg' width='{W}' height='{H + 80}' "
+        "role='img' aria-label='teacher spaces and the channels the student keeps'>"
+    ]
+    for s, (x, w) in enumerate(zip(xs, widths, strict=True), start=1):
+        p = prov.get(s)
+        kept = {c: p["space"] for c in p["teacher_channels"]} if p else {}
+        label = f"{s}: {len(kept)}/{w}" if p else f"{s}: block {inner.get(s, '?')} (ψ)"
+        parts.append(f"<g class='teacher-space' data-space='{s}'>")
+        parts.append(_column(x, top, H, w, kept, label))
+        parts.append("</g>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _space_chart(steps: list[dict], n_spaces: int) -> str:
+    """The cost each teacher space's φ added, and each removed block's ψ."""
+    per: dict[str, float] = {}
+    for s in steps:
+        key = f"space {s['space']}" if s.get("space") else f"block {s.get('block')}"
+        if s.get("layer") and not s.get("space"):
+            key = f"layer {s['layer']}"
+        per[key] = per.get(key, 0.0) + s["cost"]
+    if not per:
+        return ""
+    top = max(per.values()) or 1.0
+    W, H = 640, 180
+    bw = (W - 60) / len(per)
+    bars = []
+    for k, (name, c) in enumerate(per.items()):
+        h = (H - 30) * c / top
+        x = 50 + k * bw
+        bars.append(
+            f"<rect class='cost-bar' data-what='{name}' x='{x + 2:.1f}' y='{H - 20 - h:.1f}' "
+            f"width='{bw - 4:.1f}' height='{h:.1f}' fill='#1f77b4'><title>{name}: {c:.6g}"
+            f"</title></rect><text x='{x + bw / 2:.1f}' y='{H - 5}' text-anchor='middle'>"
+            f"{name}</text>"
+        )
+    return (
+        f"<svg id='cost-chart' width='{W}' height='{H}' role='img' aria-label='cost by "
+        f"space and block'><text x='4' y='14'>max {top:.4g}</text>{''.join(bars)}</svg>"
+    )
+
+
+def _network_plan_page(plan, teacher, prior, steps) -> HTMLResponse:
+    net = structure_from_json(teacher.structure)
+    search = plan.info.get("search") or {}
+    surviving = plan.info.get("surviving") or {"layers": [], "blocks": []}
+    rows, total = [], 0.0
+    for s in steps or []:
+        total += s["cost"]
+        first = plan.ops[s["first"]]
+        what = f"φ × {s['count']} on space {s['space']}" if s.get("space") else _op_label(first)
+        rows.append(
+            f"<tr class='step'><td class='num'>{s['first']}</td><td>{html.escape(what)}</td>"
+            f"<td class='num'>{s['cost']:.6g}</td><td class='num'>{total:.6g}</td></tr>"
+        )
+    steps_html = (
+        "<table id='steps'><tr><th>first op</th><th>run</th><th>cost added</th>"
+        "<th>cumulative</th></tr>" + "".join(rows) + "</table>"
+        if steps is not None
+        else "<p>The plan has too many runs of steps to cost each one; its total is above.</p>"
+    )
+    listed = "".join(f"<li>{html.escape(_op_label(op))}</li>" for op in plan.ops[:MAX_OPS_LISTED])
+    more = len(plan.ops) - MAX_OPS_LISTED
+    body = f"""
+<h1>Plan <code>{plan.id}</code></h1>
+<p>Teacher <a href='/ui/teachers/{teacher.id}'>{html.escape(teacher.name)}</a>
+{html.escape(_widths(teacher.structure))}, <code>{teacher.format}</code> → student
+{html.escape(_widths(plan.student))}; created {_when(plan.created)}.</p>
+<p><b>cost <span id='cost'>{plan.cost:.6g}</span></b> · {len(plan.ops)} operations ·
+|B| = {plan.info["conditioned"]} conditioned parameters
+{_cut(search)}
+· <a href='/v1/plans/{plan.id}'>JSON</a></p>
+<p id='cost-words' class='muted'>{_cost_words(plan)}</p>
+{_prior_links(prior, plan)}
+<h2>Stages</h2>
+<p class='muted'>The teacher's stages; a residual block or layer the plan removes (ψ) is struck
+through.</p>
+{_stage_boxes(net, surviving)}
+<h2>Spaces and channels</h2>
+<p class='muted'>Each teacher space (the channels between layers: a residual stream is one space)
+as a column; a coloured channel is kept by the student space of its colour, a hollow one
+removed. Spaces wider than {MAX_CELLS} are drawn as bands, shaded by the fraction kept.</p>
+{_network_drawing(plan, net)}
+<h2>Cost by step</h2>{steps_html}
+<h2>Cost by space and block</h2>
+{_space_chart(steps, len(net.graph.widths)) if steps else ""}
+<h2>Operations</h2>
+<details><summary>{len(plan.ops)} operations{f" (the first {MAX_OPS_LISTED})" if more > 0 else ""}
+</summary><ol start='0'>{listed}</ol></details>
+"""
+    return page(f"plan {plan.id}", body)

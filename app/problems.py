@@ -96,10 +96,14 @@ def problem_from_planner_error(exc: core.PlannerError, field_prefix: str = "") -
     return Problem(status, slug, title, exc.reason, field=field)
 
 
+#: Tags of the discriminated unions (an op's kind, a stage's type, a structure's kind):
+#: branches, not fields.
+_OP_TAGS = ("phi", "psi", "channel", "block")
+_STAGE_TAGS = ("conv", "linear", "pool", "flatten", "residual")
 _BRANCH = re.compile(r".*\[.*|str|int|float|bool|none|list|dict|function-\w+")
 
 
-def _loc(loc: tuple) -> str:
+def field_name(loc: tuple) -> str:
     """pydantic's location as the service names fields: ``ops[0].layer``, ``student.widths``.
 
     Unions put the branch in the location (``ops, 0, phi, layer`` for an op's tag,
@@ -112,7 +116,12 @@ def _loc(loc: tuple) -> str:
             continue
         if isinstance(p, int):
             out += f"[{p}]"
-        elif (isinstance(prev, int) and p in ("phi", "psi")) or _BRANCH.fullmatch(str(p)):
+        elif (
+            (isinstance(prev, int) and p in _OP_TAGS)
+            or ((isinstance(prev, int) or prev == "shortcut") and p in _STAGE_TAGS)
+            or p in ("mlp", "network")
+            or _BRANCH.fullmatch(str(p))
+        ):
             pass
         else:
             out += f".{p}" if out else str(p)
@@ -142,7 +151,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errors = [{"field": _loc(tuple(e["loc"])), "reason": e["msg"]} for e in exc.errors()]
+        errors = [{"field": field_name(tuple(e["loc"])), "reason": e["msg"]} for e in exc.errors()]
         first = errors[0] if errors else {"field": "body", "reason": "invalid request"}
         return Problem(
             422,

@@ -5,13 +5,24 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    Tag,
+    field_validator,
+)
 
-from planner import FORMATS, Structure
+from planner import FORMATS, InvalidStructure, Network, Structure
 from planner.criteria import CRITERIA
 from planner.structure import ACTIVATIONS
 
 __all__ = [
+    "NetworkIn",
+    "NetworkPublic",
     "PlanCreate",
     "PlanJobPublic",
     "PlanPage",
@@ -31,6 +42,8 @@ __all__ = [
 
 MAX_POSITIONS = 256
 MAX_WIDTH = 1 << 20
+MAX_STAGES = 512
+MAX_KERNEL = 1024
 #: The largest integer every JSON parser reads exactly (seeds are at most this).
 JSON_INT = 2**53 - 1
 
@@ -66,8 +79,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class StructureIn(_Strict):
-    """A structure; fields left out are inherited (a student) or defaulted (a teacher)."""
+class MlpIn(_Strict):
+    """An MLP or Elman RNN; fields left out are inherited (a student) or defaulted (a
+    teacher)."""
 
     widths: list[Width] = Field(min_length=3, max_length=MAX_POSITIONS)
     activation: Activation | list[Activation] | None = None
@@ -75,14 +89,18 @@ class StructureIn(_Strict):
     bias: bool | None = None
     kind: Literal["mlp", "rnn"] | None = None
 
-    def build(self, parent: Structure | None = None) -> Structure:
+    def build(self, parent: Structure | Network | None = None) -> Structure:
         """The structure, inheriting unset fields from ``parent`` or the defaults
         (``docs/service.md``)."""
         for w in self.widths:
             if w > MAX_WIDTH:
-                from planner import InvalidStructure
-
                 raise InvalidStructure(f"widths above {MAX_WIDTH} are not served", field="widths")
+        if parent is not None and parent.kind == "network":
+            raise InvalidStructure(
+                'the teacher is a network: give the student as {"input": [...], "stages": '
+                "[...]} (docs/service.md)",
+                field="stages",
+            )
         if parent is None:
             return Structure.build(
                 self.widths,
@@ -102,8 +120,94 @@ class StructureIn(_Strict):
         return s
 
 
+# -- convolutional and residual networks (docs/theory.md §13) --------------------------------
+Size = Annotated[StrictInt, Field(ge=1, le=MAX_KERNEL), BeforeValidator(_integral)]
+Pad = Annotated[StrictInt, Field(ge=0, le=MAX_KERNEL), BeforeValidator(_integral)]
+SizePair = Size | Annotated[list[Size], Field(min_length=2, max_length=2)]
+PadPair = Pad | Annotated[list[Pad], Field(min_length=2, max_length=2)]
+
+
+class ConvIn(_Strict):
+    """A ``Conv2d`` (groups 1, dilation 1) and its activation; ``in`` is the channels it
+    reads."""
+
+    type: Literal["conv"]
+    out: Width
+    kernel: SizePair = 3
+    stride: SizePair = 1
+    padding: PadPair = 0
+    bias: bool = True
+    activation: Activation = "identity"
+
+
+class LinearIn(_Strict):
+    """A ``Linear`` layer and its activation."""
+
+    type: Literal["linear"]
+    out: Width
+    bias: bool = True
+    activation: Activation = "identity"
+
+
+class PoolIn(_Strict):
+    """Max or average pooling; ``global: true`` is the global average (``AdaptiveAvgPool2d(1)``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    type: Literal["pool"]
+    mode: Literal["max", "avg"] | None = None
+    kernel: SizePair | None = None
+    stride: SizePair | None = None
+    padding: PadPair | None = None
+    glob: bool | None = Field(None, alias="global")
+
+
+class FlattenIn(_Strict):
+    """``(C, H, W)`` to ``C·H·W`` features, channel-major."""
+
+    type: Literal["flatten"]
+
+
+LayerIn = Annotated[ConvIn | LinearIn, Field(discriminator="type")]
+
+
+class ResidualIn(_Strict):
+    """``y = activation(shortcut(x) + branch(x))``; no ``shortcut``: the identity."""
+
+    type: Literal["residual"]
+    branch: list[LayerIn] = Field(min_length=1, max_length=64)
+    shortcut: LayerIn | None = None
+    activation: Activation = "identity"
+
+
+StageIn = Annotated[
+    ConvIn | LinearIn | PoolIn | FlattenIn | ResidualIn, Field(discriminator="type")
+]
+
+
+class NetworkIn(_Strict):
+    """A convolutional or residual network: its input shape and its stages (docs/service.md)."""
+
+    input: list[Width] = Field(min_length=1, max_length=3)
+    stages: list[StageIn] = Field(min_length=1, max_length=MAX_STAGES)
+
+    def build(self, parent: Structure | Network | None = None) -> Network:
+        return Network.from_json(self.model_dump(by_alias=True, exclude_none=True))
+
+
+def _structure_kind(v: Any) -> str:
+    return "network" if isinstance(v, dict) and ("stages" in v or "input" in v) else "mlp"
+
+
+#: A structure: an MLP or RNN (``widths``), or a network (``input`` and ``stages``).
+StructureIn = Annotated[
+    Annotated[MlpIn, Tag("mlp")] | Annotated[NetworkIn, Tag("network")],
+    Discriminator(_structure_kind),
+]
+
+
 class StructurePublic(BaseModel):
-    kind: str
+    kind: Literal["mlp", "rnn"]
     widths: list[int]
     activation: str | list[str]
     output_activation: str
@@ -111,7 +215,22 @@ class StructurePublic(BaseModel):
     n_params: int
 
 
-def structure_json(s: Structure) -> dict[str, Any]:
+class NetworkPublic(BaseModel):
+    kind: Literal["network"]
+    input: list[int]
+    stages: list[dict[str, Any]]
+    n_params: int
+
+
+AnyStructurePublic = StructurePublic | NetworkPublic
+
+
+def structure_json(s: Structure | Network) -> dict[str, Any]:
+    if isinstance(s, Network):
+        d = s.to_json()
+        return NetworkPublic(
+            kind="network", input=d["input"], stages=d["stages"], n_params=s.n_params
+        ).model_dump()
     act = s.hidden_activation
     return StructurePublic(
         kind=s.kind,
@@ -168,7 +287,7 @@ class ArrayInfo(BaseModel):
 class TeacherPublic(BaseModel):
     id: str
     name: str
-    structure: StructurePublic
+    structure: AnyStructurePublic
     posterior: dict[str, Any]
     arrays: dict[str, ArrayInfo]
     created: float
@@ -198,14 +317,47 @@ class PhiOp(_Strict):
 
 
 class PsiOp(_Strict):
-    """ψ(layer, π): remove square layer ``layer``; ``pairing[k] = π(k)``, identity if absent."""
+    """ψ(layer, π): remove square layer ``layer`` (an MLP's position 2.., a network's layer
+    1..); ``pairing[k] = π(k)``, identity if absent."""
 
     op: Literal["psi"]
-    layer: Layer
+    layer: Annotated[StrictInt, Field(ge=1, le=1 << 16), BeforeValidator(_integral)]
     pairing: list[Index] | None = Field(None, max_length=MAX_WIDTH)
 
 
-Op = Annotated[PhiOp | PsiOp, Field(discriminator="op")]
+class ChannelOp(_Strict):
+    """φ(space, channel) on a network: remove channel ``channel`` (0-based, current order)
+    of space ``space`` (the teacher's numbering, docs/theory.md §13)."""
+
+    op: Literal["phi"]
+    space: Annotated[StrictInt, Field(ge=1, le=1 << 16), BeforeValidator(_integral)]
+    channel: Index
+
+
+class BlockOp(_Strict):
+    """ψ(block) on a network: remove residual block ``block`` (1-based, layout order)."""
+
+    op: Literal["psi"]
+    block: Annotated[StrictInt, Field(ge=1, le=1 << 16), BeforeValidator(_integral)]
+
+
+def _op_kind(v: Any) -> str:
+    if not isinstance(v, dict):
+        return "phi"
+    if v.get("op") == "psi":
+        return "block" if "block" in v else "psi"
+    return "channel" if "space" in v or "channel" in v else "phi"
+
+
+#: An MLP's or RNN's φ(layer, neuron) and ψ(layer, π), a network's φ(space, channel) and
+#: ψ(block); a network's ψ(layer, π) is written as an MLP's ψ, its layer numbered 1, 2, …
+Op = Annotated[
+    Annotated[PhiOp, Tag("phi")]
+    | Annotated[PsiOp, Tag("psi")]
+    | Annotated[ChannelOp, Tag("channel")]
+    | Annotated[BlockOp, Tag("block")],
+    Discriminator(_op_kind),
+]
 
 
 class PlanCreate(_Strict):
@@ -233,13 +385,18 @@ class PlanCreate(_Strict):
 class PlanPublic(BaseModel):
     id: str
     teacher: str
-    student: StructurePublic
+    student: AnyStructurePublic
     criterion: str | None
     seed: int | None
     ops: list[dict[str, Any]]
     cost: float
     conditioned: int
+    #: per student position (space): the teacher position (space) and the teacher neurons
+    #: (channels) it keeps, in student order
     provenance: list[dict[str, Any]]
+    #: a network's plan: the teacher layers and residual blocks that survive (docs/theory.md
+    #: §13); absent for MLPs and RNNs
+    surviving: dict[str, list[int]] | None = None
     search: dict[str, Any] | None
     created: float
 
@@ -249,9 +406,12 @@ class StepCost(BaseModel):
     first: int
     count: int
     op: Literal["phi", "psi"]
-    #: its layer in the structure current at that step, and the teacher position
-    layer: int
-    teacher_position: int
+    #: an MLP's or RNN's run: its layer in the structure current at that step, and the
+    #: teacher position; a network's: the teacher space, block or layer it acts on
+    layer: int | None = None
+    teacher_position: int | None = None
+    space: int | None = None
+    block: int | None = None
     #: the exact cost the run adds
     cost: float
 
@@ -277,7 +437,7 @@ class PriorPublic(BaseModel):
     id: str
     plan: str
     status: PriorStatus
-    student: StructurePublic
+    student: AnyStructurePublic
     posterior: dict[str, Any]
     cost: float | None
     arrays: dict[str, ArrayInfo]
@@ -303,7 +463,7 @@ class PlanJobPublic(BaseModel):
     id: str
     teacher: str
     status: PlanJobStatus
-    student: StructurePublic
+    student: AnyStructurePublic
     criterion: str
     seconds: float
     effort: str

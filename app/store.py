@@ -137,10 +137,15 @@ def _jobs(id: str):
 
 def pack_ops(ops: list[dict]) -> list:
     """A plan's ops as the database keeps them: ``[t, i]`` for φ(t, i), ``[t]`` or
-    ``[t, [π…]]`` for ψ: about a sixth of the JSON of the ops' public form."""
+    ``[t, [π…]]`` for ψ: about a sixth of the JSON of the ops' public form; a network's
+    φ(space, channel) and ψ(block) as ``["s", s, c]`` and ``["b", b]``."""
     out: list = []
     for o in ops:
-        if o["op"] == "phi":
+        if "space" in o:  # a network's φ(space, channel), ψ(block): tagged
+            out.append(["s", o["space"], o["channel"]])
+        elif "block" in o:
+            out.append(["b", o["block"]])
+        elif o["op"] == "phi":
             out.append([o["layer"], o["neuron"]])
         elif o.get("pairing") is None:
             out.append([o["layer"]])
@@ -155,6 +160,10 @@ def unpack_ops(raw: list) -> list[dict]:
     for o in raw:
         if isinstance(o, dict):
             out.append(o)
+        elif o[0] == "s":
+            out.append({"op": "phi", "space": o[1], "channel": o[2]})
+        elif o[0] == "b":
+            out.append({"op": "psi", "block": o[1]})
         elif len(o) == 2 and isinstance(o[1], int):
             out.append({"op": "phi", "layer": o[0], "neuron": o[1]})
         elif len(o) == 1:

@@ -28,7 +28,7 @@ from planner import FORMATS, PlannerError
 
 from .arrays import NAME
 from .ingest import DENSE, Staged
-from .problems import Problem, problem_from_planner_error
+from .problems import Problem, field_name, problem_from_planner_error
 from .schemas import TeacherSpec, structure_json
 from .settings import Settings
 from .storage import Storage
@@ -269,7 +269,7 @@ def _spec(up: Upload, storage: Storage) -> TeacherSpec:
         return TeacherSpec.model_validate_json(raw)
     except ValidationError as exc:
         e = exc.errors()[0]
-        loc = ".".join(str(p) for p in ("spec", *e["loc"]))
+        loc = field_name(("spec", *e["loc"]))
         raise Problem(
             422, "invalid-request", "Invalid request", f"{loc}: {e['msg']}", field=loc
         ) from None
@@ -292,6 +292,11 @@ def staged_upload(up: Upload, storage: Storage, settings: Settings, owner: str) 
             f"unknown posterior format {fmt!r}; known: {sorted(FORMATS)}",
             field="spec.posterior.format",
         )
+    if fmt == "kron" and structure.kind == "network":
+        try:
+            FORMATS[fmt].from_arrays(structure, {})
+        except PlannerError as exc:
+            raise problem_from_planner_error(exc, "spec") from None
     p = structure.n_params
     limit = settings.max_dense_params if fmt in DENSE else settings.max_params
     if p > limit:

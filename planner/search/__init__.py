@@ -158,7 +158,7 @@ def search(
         )
     teacher = posterior.structure
     if teacher.kind == "network":
-        if criterion not in ("posterior_ratio",):
+        if getattr(criterion, "name", criterion) != "posterior_ratio":
             raise Unsupported(
                 f"criterion {getattr(criterion, 'name', criterion)!r} is for MLP and RNN "
                 "teachers; a network's plan is searched by exact increments "

@@ -33,6 +33,7 @@ def plan_json(rec: PlanRecord) -> dict:
         "cost": rec.cost,
         "conditioned": rec.info["conditioned"],
         "provenance": rec.info["provenance"],
+        "surviving": rec.info.get("surviving"),
         "search": rec.info.get("search"),
         "created": rec.created,
     }

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from planner import PlannerError, TooLarge
+from planner import NotInLattice, PlannerError, TooLarge
 from planner.lattice import count_sequences, enumerate_sequences, membership
+from planner.network_lattice import network_routes
 
 from ...problems import Problem, problem_from_planner_error
 from ...schemas import SequencesRequest, SequencesResponse
@@ -26,6 +27,8 @@ def sequences(body: SequencesRequest, settings: SettingsDep, owner: OwnerDep):
         student = body.student.build(parent=teacher)
     except PlannerError as exc:
         raise problem_from_planner_error(exc, "student") from None
+    if teacher.kind == "network" or student.kind == "network":
+        return _network_sequences(teacher, student)
     m = membership(teacher, student)
     if not m.member:
         raise Problem(
@@ -52,4 +55,37 @@ def sequences(body: SequencesRequest, settings: SettingsDep, owner: OwnerDep):
         "count": count,
         "count_note": note,
         "sequences": [[{"op": k, "layer": t} for k, t in s] for s in seqs],
+    }
+
+
+def _network_sequences(teacher, student) -> dict:
+    """A network's membership, with its reason when not; its step sequences are not
+    counted (each channel of each space, interleaved with the blocks: far too many to
+    list, and no cheap count is implemented yet), so ``count`` is null and says why."""
+    try:
+        if teacher.kind != "network":
+            raise NotInLattice("the student is a network but the teacher is not", field="student")
+        routes = network_routes(teacher, student)
+    except NotInLattice as exc:
+        raise Problem(
+            422,
+            "not-in-lattice",
+            "Student not in the teacher's lattice",
+            exc.reason,
+            field="student",
+            member=False,
+        ) from None
+    removed = "; ".join(
+        f"blocks {list(r.removed_blocks)} removed" if r.removed_blocks else "no block removed"
+        for r in routes[:8]
+    )
+    return {
+        "member": True,
+        "count": None,
+        "count_note": (
+            f"{len(routes)} way(s) to match the student's stages ({removed}); the sequences "
+            "of φ on channels and ψ on blocks are not counted for networks (one sequence "
+            "per order of every channel removed: too many to list)"
+        ),
+        "sequences": [],
     }

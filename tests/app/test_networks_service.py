@@ -1,0 +1,149 @@
+"""Convolutional and residual teachers through the service (docs/service.md): upload, plan by
+student and by ops, prior, steps, the plan page, sequences, and bad structures answered with
+the stage and field."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+
+from planner import FullPosterior, Network, Plan
+from planner.search import search
+from tests.app.conftest import assert_problem, upload, wait_done
+from tests.strategies import spd
+
+pytestmark = pytest.mark.anyio
+
+BLOCK = {
+    "type": "residual",
+    "activation": "relu",
+    "branch": [
+        {"type": "conv", "out": 3, "kernel": 3, "padding": 1, "activation": "relu"},
+        {"type": "conv", "out": 4, "kernel": 3, "padding": 1},
+    ],
+}
+TEACHER = {
+    "input": [2, 4, 4],
+    "stages": [
+        {"type": "conv", "out": 4, "kernel": 3, "padding": 1, "activation": "relu"},
+        BLOCK,
+        BLOCK,
+        {"type": "pool", "mode": "avg", "global": True},
+        {"type": "flatten"},
+        {"type": "linear", "out": 2},
+    ],
+}
+
+
+def _student() -> dict:
+    s = copy.deepcopy(TEACHER)
+    s["stages"][0]["out"] = 3
+    s["stages"][1]["branch"][0]["out"] = 2
+    s["stages"][1]["branch"][1]["out"] = 3
+    del s["stages"][2]
+    return s
+
+
+async def test_a_residual_cnn_is_uploaded_planned_and_aligned_as_the_core_does(svc):
+    net = Network.from_json(TEACHER)
+    rng = np.random.default_rng(0)
+    p = net.n_params
+    arrays = {"mean": rng.normal(size=p), "covariance": spd(rng, p)}
+    r = await upload(svc.client, TEACHER, "full", arrays, name="resnet")
+    assert r.status_code == 201, r.text
+    t = r.json()
+    assert t["structure"]["kind"] == "network" and t["structure"]["n_params"] == p
+
+    r = await svc.client.post(f"/v1/teachers/{t['id']}/plans", json={"student": _student()})
+    assert r.status_code == 201, r.text
+    plan = r.json()
+    post = FullPosterior.from_dense(net, arrays["mean"], arrays["covariance"])
+    core = search(post, Network.from_json(_student()))
+    assert plan["ops"] == core.plan.to_json()
+    assert plan["cost"] == pytest.approx(core.cost, rel=1e-12)
+    assert plan["surviving"] == core.plan.compiled.surviving
+    assert len(plan["surviving"]["blocks"]) == 1
+    assert [q["teacher_space"] for q in plan["provenance"]] == [
+        q.teacher_position for q in core.plan.compiled.provenance
+    ]
+    assert plan["student"]["kind"] == "network"
+
+    # the same ops, given as ops, score the same
+    r = await svc.client.post(
+        f"/v1/teachers/{t['id']}/plans", json={"student": _student(), "ops": plan["ops"]}
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["cost"] == pytest.approx(plan["cost"], rel=1e-12)
+
+    r = await svc.client.get(f"/v1/plans/{plan['id']}/steps")
+    assert r.status_code == 200, r.text
+    steps = r.json()["steps"]
+    assert sum(s["cost"] for s in steps) == pytest.approx(plan["cost"], rel=1e-9)
+    assert {s.get("space") or ("block", s.get("block")) for s in steps}
+
+    page = await svc.client.get(f"/ui/plans/{plan['id']}")
+    assert page.status_code == 200
+    assert "id='stages'" in page.text and "class='stage removed'" in page.text
+    assert "teacher-space" in page.text
+
+    r = await svc.client.post(f"/v1/plans/{plan['id']}/prior")
+    done = await wait_done(svc.client, r.json()["id"])
+    assert done["status"] == "done", done
+    r = await svc.client.get(f"/v1/priors/{done['id']}/arrays/mean")
+    mean = np.load(io.BytesIO(r.content), allow_pickle=False)
+    np.testing.assert_allclose(mean, Plan(net, core.plan.ops).apply(post).mean, rtol=1e-12)
+
+
+async def test_sequences_say_member_and_why_they_are_not_counted(svc):
+    r = await svc.client.post(
+        "/v1/structures/sequences", json={"teacher": TEACHER, "student": _student()}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["member"] and body["count"] is None and "2 way(s)" in body["count_note"]
+    bad = _student()
+    bad["stages"][0]["kernel"] = 5
+    r = await svc.client.post("/v1/structures/sequences", json={"teacher": TEACHER, "student": bad})
+    assert "kernel" in assert_problem(r, 422, "student")["detail"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda d: d["stages"].pop(4), "spec.structure.stages[4].type"),
+        (lambda d: d["stages"][0].update(kernel=9), "spec.structure.stages[0].kernel"),
+        (
+            lambda d: d["stages"][1]["branch"][1].update(out=5),
+            "spec.structure.stages[1].branch[1].out",
+        ),
+        (lambda d: d["stages"][0].update(groups=2), "spec.structure.stages[0].groups"),
+        (lambda d: d["stages"][0].update(out=0), "spec.structure.stages[0].out"),
+    ],
+)
+async def test_bad_networks_name_the_stage_and_field(svc, change, field):
+    d = copy.deepcopy(TEACHER)
+    change(d)
+    p = 10
+    r = await upload(svc.client, d, "diag", {"mean": np.zeros(p), "variance": np.ones(p)})
+    assert_problem(r, 422, field)
+
+
+async def test_kron_for_a_network_is_refused_before_any_work(svc):
+    r = await upload(svc.client, TEACHER, "kron", {"mean": np.zeros(3)})
+    assert "not implemented yet" in assert_problem(r, 422, "spec.posterior.format")["detail"]
+
+
+async def test_an_mlp_student_for_a_network_teacher_says_how_to_write_it(svc):
+    net = Network.from_json(TEACHER)
+    p = net.n_params
+    r = await upload(svc.client, TEACHER, "diag", {"mean": np.zeros(p), "variance": np.ones(p)})
+    t = r.json()
+    r = await svc.client.post(f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [2, 2]}})
+    assert r.status_code == 422
+    r = await svc.client.post(
+        f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [32, 4, 2]}}
+    )
+    assert "network" in assert_problem(r, 422)["detail"]
