@@ -38,9 +38,11 @@ from planner import (
 )
 from planner.criteria import criterion_function
 from planner.network_lattice import NetRoute
-from planner.search import search
+from planner.search import search, search_budget
+from planner.search.budgets import params_for
 
 from .problems import Problem, problem_from_planner_error
+from .schemas import structure_json
 from .storage import Storage
 from .store import PlanRecord, Store, TeacherRecord, new_id
 
@@ -246,7 +248,8 @@ def run_plan(config: Config, teacher_id: str, request: dict, stop=None) -> dict:
 
 def _plan(post, store, rec, request: dict, stop) -> dict:
     ops, seconds, effort = request["ops"], request["seconds"], request["effort"]
-    target = structure_from_json(request["student"])
+    budget = request.get("budget")
+    target = None if budget is not None else structure_from_json(request["student"])
     if ops is not None:
         plan = Plan.from_json(post.structure, ops)
         if plan.student != target:
@@ -262,17 +265,24 @@ def _plan(post, store, rec, request: dict, stop) -> dict:
             if crit.needs_gradients and "gradients" in rec.arrays
             else None
         )
-        found = search(
-            post,
-            target,
-            crit,
-            seed=request["seed"],
-            gradients=grads,
-            seconds=seconds,
-            effort=effort,
-            memory=request.get("memory"),
-            stop=stop,
-        )
+        options = {
+            "seed": request["seed"],
+            "gradients": grads,
+            "seconds": seconds,
+            "effort": effort,
+            "memory": request.get("memory"),
+            "stop": stop,
+        }
+        if budget is not None:
+            found = search_budget(
+                post,
+                params_for(post.structure, budget["max_params"], budget["keep"]),
+                floors={int(k): v for k, v in budget["floors"].items()},
+                criterion=crit,
+                **options,
+            )
+        else:
+            found = search(post, target, crit, **options)
         plan, cost = found.plan, found.cost
         stats = {
             "route": _route_json(found.route),
@@ -288,6 +298,7 @@ def _plan(post, store, rec, request: dict, stop) -> dict:
         }
     c = plan.compiled
     return {
+        "student": structure_json(plan.student),
         "ops": plan.to_json(),
         "cost": float(cost),
         "info": {
@@ -299,9 +310,11 @@ def _plan(post, store, rec, request: dict, stop) -> dict:
     }
 
 
-def _route_json(route) -> list | dict:
+def _route_json(route) -> list | dict | None:
     """An MLP's route as its blocks of teacher positions; a network's as the teacher blocks
     it leaves out."""
+    if route is None:  # a plan by budget whose search was cut: the greedy's plan
+        return None
     if isinstance(route, NetRoute):
         return {"removed_blocks": list(route.removed_blocks)}
     return [list(b) for b in route.blocks]
@@ -315,7 +328,7 @@ def plan_record(owner: str, teacher_id: str, request: dict, out: dict) -> PlanRe
         new_id("p"),
         owner,
         teacher_id,
-        request["student"],
+        out["student"],
         request["criterion"] if searched else None,
         request["seed"] if searched else None,
         out["ops"],

@@ -14,6 +14,7 @@ from pydantic import (
     StrictInt,
     Tag,
     field_validator,
+    model_validator,
 )
 
 from planner import FORMATS, InvalidStructure, Network, Structure
@@ -360,8 +361,36 @@ Op = Annotated[
 ]
 
 
+class BudgetIn(_Strict):
+    """A student by budget (docs/theory.md §11): at most ``max_params`` parameters, or
+    ``keep`` (a fraction of the teacher's); ``floors`` maps a teacher space (an MLP's
+    position) to the fewest channels it keeps. The planner chooses the widths (and a
+    network's residual blocks) of least exact cost within it."""
+
+    max_params: (
+        Annotated[StrictInt, Field(ge=1, le=JSON_INT), BeforeValidator(_integral)] | None
+    ) = None
+    keep: float | None = Field(None, gt=0, le=1)
+    floors: dict[Annotated[str, Field(pattern="^[1-9][0-9]{0,5}$")], Width] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> BudgetIn:
+        if (self.max_params is None) == (self.keep is None):
+            raise ValueError("give exactly one of max_params and keep")
+        return self
+
+    def request(self) -> dict[str, Any]:
+        return {
+            "max_params": self.max_params,
+            "keep": self.keep,
+            "floors": {int(k): v for k, v in (self.floors or {}).items()},
+        }
+
+
 class PlanCreate(_Strict):
-    student: StructureIn
+    #: the student; or give ``budget`` and the planner chooses it
+    student: StructureIn | None = None
+    budget: BudgetIn | None = None
     criterion: CriterionName = "posterior_ratio"
     seed: Annotated[StrictInt, Field(ge=0, le=JSON_INT), BeforeValidator(_integral)] = 0
     ops: list[Op] | None = Field(None, max_length=10_000_000)
@@ -463,7 +492,9 @@ class PlanJobPublic(BaseModel):
     id: str
     teacher: str
     status: PlanJobStatus
-    student: AnyStructurePublic
+    #: the student asked for (null for a plan by budget: the plan says which it chose)
+    student: AnyStructurePublic | None
+    budget: dict[str, Any] | None = None
     criterion: str
     seconds: float
     effort: str

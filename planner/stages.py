@@ -479,7 +479,9 @@ class _Builder:
                 shape, space, act = self.residual(st, k, shape, space, act)
             self.shapes.append(shape)
         if not self.units:
-            raise InvalidStructure("a network needs at least one conv or linear layer", field="stages")
+            raise InvalidStructure(
+                "a network needs at least one conv or linear layer", field="stages"
+            )
         graph = Graph(
             tuple(self.widths), tuple(self.units), tuple(self.blocks), frozenset({1, space})
         )

@@ -24,9 +24,17 @@ def _widths(text: str) -> list[int]:
     return [int(x) for x in text.replace(" ", "").split(",") if x]
 
 
-def _structure(args, prefix: str) -> dict:
+def _structure(args, prefix: str) -> dict | None:
+    """The structure an option gives: comma-separated widths (an MLP or RNN, with the other
+    ``--{prefix}-…`` options), or a JSON file of any structure (a network's ``input`` and
+    ``stages``), as ``@file.json`` or a path ending in ``.json``."""
+    text = getattr(args, prefix)
+    if text is None:
+        return None
+    if text.startswith("@") or text.endswith(".json"):
+        return json.loads(Path(text.removeprefix("@")).read_text())
     s = structure(
-        _widths(getattr(args, prefix)),
+        _widths(text),
         getattr(args, f"{prefix}_activation", None),
         getattr(args, f"{prefix}_output_activation", None),
         getattr(args, f"{prefix}_bias", None),
@@ -35,8 +43,14 @@ def _structure(args, prefix: str) -> dict:
     return s
 
 
-def _add_structure(p: argparse.ArgumentParser, prefix: str, help: str) -> None:
-    p.add_argument(f"--{prefix}", required=True, help=f"{help}: comma-separated widths")
+def _add_structure(
+    p: argparse.ArgumentParser, prefix: str, help: str, required: bool = True
+) -> None:
+    p.add_argument(
+        f"--{prefix}",
+        required=required,
+        help=f"{help}: comma-separated widths, or @FILE.json (any structure, e.g. a network)",
+    )
     p.add_argument(f"--{prefix}-activation", dest=f"{prefix}_activation")
     p.add_argument(f"--{prefix}-output-activation", dest=f"{prefix}_output_activation")
     p.add_argument(
@@ -74,7 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="plan an alignment to a student")
     plan.add_argument("teacher_id")
-    _add_structure(plan, "student", "the student")
+    _add_structure(plan, "student", "the student (or a budget: --keep, --max-params)", False)
+    plan.add_argument("--keep", type=float, help="a budget: this fraction of the teacher's params")
+    plan.add_argument("--max-params", type=int, help="a budget: at most this many parameters")
+    plan.add_argument(
+        "--floor",
+        action="append",
+        default=[],
+        metavar="SPACE=N",
+        help="with a budget: space (an MLP's position) SPACE keeps at least N channels",
+    )
     plan.add_argument("--criterion", default="posterior_ratio")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--ops", help="a JSON file of explicit ops to validate and score")
@@ -146,6 +169,12 @@ def run(args, client: PlannerClient) -> object:
     if args.command == "plan":
         ops = json.loads(Path(args.ops).read_text()) if args.ops else None
         ask = client.submit_plan if args.later else client.plan
+        budget = None
+        if args.keep is not None or args.max_params is not None:
+            budget = {"keep": args.keep, "max_params": args.max_params}
+            budget = {k: v for k, v in budget.items() if v is not None}
+            if args.floor:
+                budget["floors"] = {k: int(v) for k, v in (f.split("=", 1) for f in args.floor)}
         return ask(
             args.teacher_id,
             _structure(args, "student"),
@@ -154,6 +183,7 @@ def run(args, client: PlannerClient) -> object:
             ops,
             effort=args.effort,
             seconds=args.seconds,
+            budget=budget,
         )
     if args.command == "plan-job":
         if args.action == "wait":

@@ -46,13 +46,12 @@ def structure(
     return d
 
 
-def _plan_body(student, criterion, seed, ops, effort, seconds) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "student": _as_structure(student),
-        "criterion": criterion,
-        "seed": seed,
-        "effort": effort,
-    }
+def _plan_body(student, criterion, seed, ops, effort, seconds, budget=None) -> dict[str, Any]:
+    body: dict[str, Any] = {"criterion": criterion, "seed": seed, "effort": effort}
+    if student is not None:
+        body["student"] = _as_structure(student)
+    if budget is not None:
+        body["budget"] = dict(budget)
     if seconds is not None:
         body["seconds"] = seconds
     if ops is not None:
@@ -230,33 +229,37 @@ class PlannerClient:
     def plan(
         self,
         teacher_id: str,
-        student: Mapping[str, Any] | Sequence[int],
+        student: Mapping[str, Any] | Sequence[int] | None,
         criterion: str = "posterior_ratio",
         seed: int = 0,
         ops: Sequence[Mapping[str, Any]] | None = None,
         *,
         effort: str = "fast",
         seconds: float | None = None,
+        budget: Mapping[str, Any] | None = None,
     ) -> dict:
         """Search a plan (``effort``: ``fast``, the default, or ``thorough``; ``seconds``: a
-        deadline), or validate and score ``ops``."""
-        body = _plan_body(student, criterion, seed, ops, effort, seconds)
+        deadline), or validate and score ``ops``.  ``student`` may be ``None`` with
+        ``budget`` (``{"keep": 0.5}`` or ``{"max_params": N}``, optional ``floors``): the
+        planner then chooses the student within it."""
+        body = _plan_body(student, criterion, seed, ops, effort, seconds, budget)
         return self._json("POST", f"/v1/teachers/{teacher_id}/plans", json=body)
 
     def submit_plan(
         self,
         teacher_id: str,
-        student: Mapping[str, Any] | Sequence[int],
+        student: Mapping[str, Any] | Sequence[int] | None,
         criterion: str = "posterior_ratio",
         seed: int = 0,
         ops: Sequence[Mapping[str, Any]] | None = None,
         *,
         effort: str = "fast",
         seconds: float | None = None,
+        budget: Mapping[str, Any] | None = None,
     ) -> dict:
         """Ask for a plan as a job (``Prefer: respond-async``): the job at once, to poll with
         :meth:`wait_plan` (or cancel with :meth:`cancel_plan`); for long searches."""
-        body = _plan_body(student, criterion, seed, ops, effort, seconds)
+        body = _plan_body(student, criterion, seed, ops, effort, seconds, budget)
         return self._json(
             "POST",
             f"/v1/teachers/{teacher_id}/plans",
@@ -329,13 +332,17 @@ class PlannerClient:
     def align(
         self,
         teacher_id: str,
-        student: Mapping[str, Any] | Sequence[int],
+        student: Mapping[str, Any] | Sequence[int] | None,
         criterion: str = "posterior_ratio",
         seed: int = 0,
         timeout: float = 3600.0,
+        *,
+        budget: Mapping[str, Any] | None = None,
     ) -> tuple[dict, dict[str, np.ndarray]]:
-        """Plan, compute and fetch the aligned prior: (plan, arrays)."""
-        plan = self.plan(teacher_id, student, criterion, seed)
+        """Plan, compute and fetch the aligned prior: (plan, arrays).  ``student`` is any
+        structure JSON (widths, or a network's ``input`` and ``stages``, e.g. from
+        ``planner_client.torch.structure_of``), or ``None`` with a ``budget``."""
+        plan = self.plan(teacher_id, student, criterion, seed, budget=budget)
         prior = self.wait_prior(self.request_prior(plan["id"])["id"], timeout)
         return plan, self.arrays(prior["id"])
 

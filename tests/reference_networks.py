@@ -447,3 +447,27 @@ def ref_brute_force(teacher: dict, student: dict, mean, cov) -> float:
     for R, widths in ref_routes(teacher, student):
         walk(RefState.start(net, mean, cov), list(R), _targets(net, R, widths))
     return best[0]
+
+
+def ref_budget_greedy(teacher: dict, max_params: int, mean, cov, floors=None) -> tuple:
+    """The greedy of exact increments that stops at a parameter budget: φ on every channel
+    of every space but the input and output (down to its floor, default 1) and ψ on every
+    removable block compete; (cost, parameters left)."""
+    floors = floors or {}
+    net = RefNetwork(teacher)
+    state = RefState.start(net, mean, cov)
+    while len(state.keys) > max_params:
+        steps = [
+            ("phi", s, c)
+            for s in sorted(state.spaces)
+            if s not in (1, net.output) and state.spaces[s] > max(1, floors.get(s, 1))
+            for c in range(state.spaces[s])
+        ]
+        steps += [v for v in state.valid() if v[0] == "block"]
+        if not steps:
+            break
+        nexts = [_do(state, s) for s in steps]
+        inc = np.array([n.cost - state.cost for n in nexts])
+        m = inc.min()
+        state = nexts[int(np.flatnonzero(inc <= m + 1e-9 * max(1.0, abs(state.cost) + abs(m)))[0])]
+    return state.cost, len(state.keys)

@@ -45,7 +45,7 @@ from .improvement import branch_and_bound, choice_space, local_search
 from .networks import network_search
 from .routes import candidate_routes
 
-__all__ = ["Budget", "SearchResult", "random_plan", "search"]
+__all__ = ["Budget", "SearchResult", "random_plan", "search", "search_budget"]
 
 #: Routes finished at most (the best by exact block costs when there are more).
 MAX_ROUTES = 8
@@ -286,3 +286,6 @@ def random_plan(teacher: Structure, student: Structure, rng: np.random.Generator
         tr.apply(op)
         ops.append(op)
     return Plan(teacher, tuple(ops))
+
+
+from .budgets import search_budget  # noqa: E402 - it calls search

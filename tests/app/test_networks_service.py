@@ -147,3 +147,48 @@ async def test_an_mlp_student_for_a_network_teacher_says_how_to_write_it(svc):
         f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [32, 4, 2]}}
     )
     assert "network" in assert_problem(r, 422)["detail"]
+
+
+async def test_a_student_by_budget_fits_and_matches_the_core(svc):
+    from planner.search import search_budget
+
+    net = Network.from_json(TEACHER)
+    rng = np.random.default_rng(2)
+    p = net.n_params
+    arrays = {"mean": rng.normal(size=p), "covariance": spd(rng, p)}
+    t = (await upload(svc.client, TEACHER, "full", arrays)).json()
+    body = {"budget": {"keep": 0.5, "floors": {"2": 3}}}
+    r = await svc.client.post(f"/v1/teachers/{t['id']}/plans", json=body)
+    assert r.status_code == 201, r.text
+    plan = r.json()
+    post = FullPosterior.from_dense(net, arrays["mean"], arrays["covariance"])
+    core = search_budget(post, p // 2, floors={2: 3})
+    assert plan["ops"] == core.plan.to_json()
+    assert plan["student"]["n_params"] == core.plan.student.n_params <= p // 2
+    assert plan["student"]["kind"] == "network"
+    # as a job too
+    r = await svc.client.post(
+        f"/v1/teachers/{t['id']}/plans", json=body, headers={"Prefer": "respond-async"}
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["student"] is None and r.json()["budget"]["keep"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "student"),
+        ({"student": _student(), "budget": {"keep": 0.5}}, "budget"),
+        ({"budget": {"keep": 0.5, "max_params": 3}}, "budget"),
+        ({"budget": {"keep": 1.5}}, "budget.keep"),
+        ({"budget": {"keep": 0.5, "floors": {"1": 2}}}, "budget.floors"),
+        ({"budget": {"max_params": 3}}, "budget"),
+    ],
+)
+async def test_bad_budgets_name_the_field(svc, body, field):
+    p = Network.from_json(TEACHER).n_params
+    t = (
+        await upload(svc.client, TEACHER, "diag", {"mean": np.zeros(p), "variance": np.ones(p)})
+    ).json()
+    r = await svc.client.post(f"/v1/teachers/{t['id']}/plans", json=body)
+    assert_problem(r, 422, field)

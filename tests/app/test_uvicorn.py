@@ -120,8 +120,36 @@ def test_the_cli(server, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["status"] == "done"
     assert cli([*base, "plan-job", "cancel", job["id"]]) == 1  # finished: a 409
     assert "already" in capsys.readouterr().err
+    # a student by budget: the planner chooses the widths
+    assert cli([*base, "plan", t["id"], "--keep", "0.6", "--floor", "2=2"]) == 0
+    by_budget = json.loads(capsys.readouterr().out)
+    assert by_budget["student"]["n_params"] <= 0.6 * t["structure"]["n_params"]
+    assert by_budget["student"]["widths"][1] >= 2
     assert cli([*base, "teacher", "list"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 1
+    # a network, its structures as JSON files
+    net = {
+        "input": [1, 3, 3],
+        "stages": [
+            {"type": "conv", "out": 3, "kernel": 3, "padding": 1, "activation": "relu"},
+            {"type": "flatten"},
+            {"type": "linear", "out": 2},
+        ],
+    }
+    small = json.loads(json.dumps(net))
+    small["stages"][0]["out"] = 2
+    (tmp_path / "net.json").write_text(json.dumps(net))
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    p = 3 * 9 + 3 + 2 * 27 + 2
+    np.save(tmp_path / "nm.npy", np.linspace(-1, 1, p))
+    np.save(tmp_path / "nv.npy", np.ones(p))
+    up = [*base, "teacher", "upload", "--name", "n", "--structure", f"@{tmp_path / 'net.json'}"]
+    up += ["--format", "diag", "--array", f"mean={tmp_path / 'nm.npy'}"]
+    assert cli([*up, "--array", f"variance={tmp_path / 'nv.npy'}"]) == 0
+    nt = json.loads(capsys.readouterr().out)
+    assert nt["structure"]["kind"] == "network"
+    assert cli([*base, "plan", nt["id"], "--student", str(tmp_path / "small.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["ops"][0]["space"] == 2
 
 
 def test_a_killed_upload_leaves_nothing(server):

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from planner import PlannerError
 from planner.criteria import criterion_function
 from planner.plan import MAX_COST_RUNS
+from planner.search.budgets import floors_ok, params_for
 
 from ...compute import plan_record, run_plan, run_steps, structure_from_json
 from ...problems import Problem, problem_from_planner_error
@@ -82,10 +83,35 @@ async def create_plan(
     """
     rec = owned(store, owner, "t", id)
     teacher = structure_from_json(rec.structure)
-    try:
-        student = body.student.build(parent=teacher)
-    except PlannerError as exc:
-        raise problem_from_planner_error(exc, "student") from None
+    if (body.student is None) == (body.budget is None):
+        raise Problem(
+            422,
+            "invalid-request",
+            "Invalid request",
+            "give exactly one of 'student' (the structure) and 'budget' (max_params or keep: "
+            "the planner chooses the student)",
+            field="student" if body.student is None else "budget",
+        )
+    if body.budget is not None and body.ops is not None:
+        raise Problem(
+            422,
+            "invalid-request",
+            "Invalid request",
+            "ops are scored against a student: give 'student' with 'ops', not 'budget'",
+            field="budget",
+        )
+    student = None
+    if body.student is not None:
+        try:
+            student = body.student.build(parent=teacher)
+        except PlannerError as exc:
+            raise problem_from_planner_error(exc, "student") from None
+    else:
+        try:
+            params_for(teacher, body.budget.max_params, body.budget.keep)
+            floors_ok(teacher, body.budget.request()["floors"])
+        except PlannerError as exc:
+            raise problem_from_planner_error(exc) from None
     if body.ops is not None and len(body.ops) > settings.max_plan_ops:
         raise Problem(
             413,
@@ -103,7 +129,8 @@ async def create_plan(
     later = _async(prefer)
     most = settings.plan_job_seconds if later else settings.plan_seconds
     request = {
-        "student": structure_json(student),
+        "student": None if student is None else structure_json(student),
+        "budget": None if body.budget is None else body.budget.request(),
         "criterion": body.criterion,
         "seed": body.seed,
         "ops": body.ops_json(),
@@ -150,6 +177,7 @@ def plan_job_json(job: PlanJobRecord) -> dict:
         "teacher": job.teacher_id,
         "status": job.status,
         "student": req["student"],
+        "budget": req.get("budget"),
         "criterion": req["criterion"],
         "seconds": req["seconds"],
         "effort": req["effort"],
