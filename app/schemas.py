@@ -22,6 +22,7 @@ from planner.criteria import CRITERIA
 from planner.structure import ACTIVATIONS
 
 __all__ = [
+    "AnyStructureIn",
     "NetworkIn",
     "NetworkPublic",
     "PlanCreate",
@@ -80,7 +81,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class MlpIn(_Strict):
+class StructureIn(_Strict):
     """An MLP or Elman RNN; fields left out are inherited (a student) or defaulted (a
     teacher)."""
 
@@ -201,8 +202,8 @@ def _structure_kind(v: Any) -> str:
 
 
 #: A structure: an MLP or RNN (``widths``), or a network (``input`` and ``stages``).
-StructureIn = Annotated[
-    Annotated[MlpIn, Tag("mlp")] | Annotated[NetworkIn, Tag("network")],
+AnyStructureIn = Annotated[
+    Annotated[StructureIn, Tag("mlp")] | Annotated[NetworkIn, Tag("network")],
     Discriminator(_structure_kind),
 ]
 
@@ -261,7 +262,7 @@ class TeacherSpec(_Strict):
         description="a label for people: printable text, no control characters",
         json_schema_extra={"pattern": _PRINTABLE},
     )
-    structure: StructureIn
+    structure: AnyStructureIn
     posterior: PosteriorSpec
 
     @field_validator("name")
@@ -295,8 +296,8 @@ class TeacherPublic(BaseModel):
 
 
 class SequencesRequest(_Strict):
-    teacher: StructureIn
-    student: StructureIn
+    teacher: AnyStructureIn
+    student: AnyStructureIn
     limit: Annotated[StrictInt, Field(ge=0, le=1_000), BeforeValidator(_integral)] = 100
 
 
@@ -342,10 +343,12 @@ class BlockOp(_Strict):
     block: Annotated[StrictInt, Field(ge=1, le=1 << 16), BeforeValidator(_integral)]
 
 
-def _op_kind(v: Any) -> str:
-    if not isinstance(v, dict):
-        return "phi"
-    if v.get("op") == "psi":
+def _op_kind(v: Any) -> str | None:
+    """The op's branch: by ``op``, then by its fields (a network's ``space``/``channel`` φ,
+    its ``block`` ψ); ``None`` (refused at the op itself) for an unknown ``op``."""
+    if not isinstance(v, dict) or v.get("op") not in ("phi", "psi"):
+        return None
+    if v["op"] == "psi":
         return "block" if "block" in v else "psi"
     return "channel" if "space" in v or "channel" in v else "phi"
 
@@ -357,7 +360,11 @@ Op = Annotated[
     | Annotated[PsiOp, Tag("psi")]
     | Annotated[ChannelOp, Tag("channel")]
     | Annotated[BlockOp, Tag("block")],
-    Discriminator(_op_kind),
+    Discriminator(
+        _op_kind,
+        custom_error_type="invalid_op",
+        custom_error_message="op must be 'phi' or 'psi'",
+    ),
 ]
 
 
@@ -389,7 +396,7 @@ class BudgetIn(_Strict):
 
 class PlanCreate(_Strict):
     #: the student; or give ``budget`` and the planner chooses it
-    student: StructureIn | None = None
+    student: AnyStructureIn | None = None
     budget: BudgetIn | None = None
     criterion: CriterionName = "posterior_ratio"
     seed: Annotated[StrictInt, Field(ge=0, le=JSON_INT), BeforeValidator(_integral)] = 0

@@ -248,4 +248,9 @@ async def get_plan_steps(id: str, store: StoreDep, jobs: JobsDep, owner: OwnerDe
     rec = await asyncio.to_thread(owned, store, owner, "p", id)
     steps = await steps_of(store, jobs, rec)
     note = None if steps is not None else f"more than {MAX_COST_RUNS} runs: only the total"
-    return {"plan": rec.id, "cost": rec.cost, "steps": steps, "note": note}
+    # a run holds the fields it has (an MLP's layer and teacher position, a network's space,
+    # block or layer): what the plan keeps, as it keeps it
+    body = PlanSteps(plan=rec.id, cost=rec.cost, steps=steps, note=note).model_dump()
+    if body["steps"] is not None:
+        body["steps"] = [{k: v for k, v in s.items() if v is not None} for s in body["steps"]]
+    return JSONResponse(body)

@@ -1,0 +1,176 @@
+"""Torch adapters for convolutional and residual networks (docs/torch.md): structures from and
+to modules against the core's layout and forward pass, BatchNorm folded exactly, clear errors,
+laplace-torch posteriors of conv models in every dense format, and a prior on a conv student."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from planner import FullPosterior, Network
+from planner.network import forward
+from planner.posterior import DiagPosterior, PrecisionPosterior
+from planner.search import search_budget
+from planner_client.torch import (
+    PriorPenalty,
+    Residual,
+    fold_batchnorm,
+    from_laplace,
+    load_mean,
+    module_of,
+    structure_of,
+    student_module,
+)
+
+F64 = torch.float64
+
+
+def resnet(bn: bool = False, width: int = 4) -> nn.Sequential:
+    def block():
+        branch = [nn.Conv2d(width, 3, 3, padding=1)]
+        branch += [nn.BatchNorm2d(3)] if bn else []
+        branch += [nn.ReLU(), nn.Conv2d(3, width, 3, padding=1, bias=not bn)]
+        branch += [nn.BatchNorm2d(width)] if bn else []
+        return Residual(nn.Sequential(*branch), activation=nn.ReLU())
+
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1),
+        *([nn.BatchNorm2d(width)] if bn else []),
+        nn.ReLU(),
+        block(),
+        nn.MaxPool2d(2),
+        block(),
+        Residual(nn.Conv2d(width, 6, 1, stride=2), nn.Conv2d(width, 6, 1, stride=2, bias=False)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(6, 3),
+    ).double()
+
+
+def test_structure_of_and_module_of_agree_with_the_core_and_each_other():
+    torch.manual_seed(0)
+    model = resnet().eval()
+    s = structure_of(model, input_shape=[1, 6, 6])
+    net = Network.from_json(s)
+    theta = nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+    assert net.n_params == theta.size
+    X = torch.randn(5, 1, 6, 6, dtype=F64)
+    with torch.no_grad():
+        want = model(X).numpy()
+    np.testing.assert_allclose(forward(net, theta, X.numpy()), want, rtol=1e-10, atol=1e-12)
+    rebuilt = module_of(s, F64).eval()
+    assert structure_of(rebuilt, input_shape=[1, 6, 6]) == s
+    load_mean(rebuilt, {"mean": theta})
+    with torch.no_grad():
+        np.testing.assert_allclose(rebuilt(X).numpy(), want, rtol=1e-12, atol=1e-12)
+    assert Network.from_json(module_json := structure_of(rebuilt, input_shape=[1, 6, 6])) == net
+    assert module_json["stages"][4]["shortcut"]["stride"] == [2, 2]
+
+
+def test_fold_batchnorm_is_exact_in_evaluation_mode():
+    torch.manual_seed(1)
+    model = resnet(bn=True)
+    model.train()
+    for _ in range(3):  # running statistics away from their defaults
+        model(torch.randn(8, 1, 6, 6, dtype=F64))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    model.eval()
+    folded = fold_batchnorm(model).eval()
+    X = torch.randn(4, 1, 6, 6, dtype=F64)
+    with torch.no_grad():
+        np.testing.assert_allclose(folded(X).numpy(), model(X).numpy(), rtol=1e-10, atol=1e-12)
+    s = structure_of(folded, input_shape=[1, 6, 6])
+    assert all(st.get("bias", True) for st in s["stages"][3]["branch"])  # folded: a bias
+    with pytest.raises(ValueError, match="fold_batchnorm"):
+        structure_of(model, input_shape=[1, 6, 6])
+
+
+@pytest.mark.parametrize(
+    ("module", "words"),
+    [
+        (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)), "grouped"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3, dilation=2), nn.Flatten(), nn.Linear(4, 2)), "dilated"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3), nn.MultiheadAttention(4, 1)), "MultiheadAttention"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(5, 2)), "does not run"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.ReLU()), "must follow"),
+    ],
+)
+def test_what_the_lattice_cannot_describe_is_named(module, words):
+    with pytest.raises(ValueError, match=words):
+        structure_of(module, input_shape=[2, 3, 3])
+
+
+def test_a_conv_network_needs_its_input_shape():
+    with pytest.raises(ValueError, match="input_shape"):
+        structure_of(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)))
+
+
+def _fitted(kind: str, subset: str = "all"):
+    from laplace import Laplace
+
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        Residual(nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 3, 1))),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 2),
+    ).double()
+    X, y = torch.randn(20, 1, 4, 4, dtype=F64), torch.randint(0, 2, (20,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=10)
+    la = Laplace(model, "classification", subset_of_weights=subset, hessian_structure=kind)
+    la.fit(loader)
+    return model, la
+
+
+@pytest.mark.parametrize(
+    ("kind", "fmt"), [("full", "precision"), ("full", "full"), ("diag", "diag")]
+)
+def test_laplace_posteriors_of_conv_models_are_read_in_the_core(kind, fmt):
+    model, la = _fitted(kind)
+    got_fmt, arrays = from_laplace(la, fmt)
+    assert got_fmt == fmt
+    net = Network.from_json(structure_of(model, input_shape=[1, 4, 4]))
+    cls = {"precision": PrecisionPosterior, "full": FullPosterior, "diag": DiagPosterior}[fmt]
+    post = cls.from_arrays(net, arrays)
+    P = la.posterior_precision
+    P = np.diag(P.numpy()) if kind == "diag" else P.numpy()
+    np.testing.assert_allclose(
+        np.linalg.inv(post.dense_covariance()), (P + P.T) / 2, rtol=1e-8, atol=1e-8
+    )
+    # a student by budget, and a prior on it whose penalty is the dense energy
+    found = search_budget(post, int(0.6 * net.n_params))
+    aligned = found.plan.apply(post)
+    plan = {"student": found.plan.student.to_json()}
+    prior = {"mean": aligned.mean}
+    if fmt == "diag":
+        prior["variance"] = aligned.var
+    else:
+        prior["covariance"] = aligned.dense_covariance()
+    student = student_module(plan, prior, F64)
+    theta = nn.utils.parameters_to_vector(student.parameters()).detach().numpy()
+    np.testing.assert_array_equal(theta, aligned.mean)
+    pen_fmt = "diag" if fmt == "diag" else "full"
+    penalty = PriorPenalty(student, pen_fmt, prior)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1)
+    theta = nn.utils.parameters_to_vector(student.parameters()).detach().numpy()
+    d = theta - aligned.mean
+    want = 0.5 * d @ np.linalg.solve(aligned.dense_covariance(), d)
+    assert float(penalty()) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_last_layer_laplace_of_a_conv_model_is_completed():
+    model, la = _fitted("full", "last_layer")
+    got = from_laplace(la, "precision", rest="prior")
+    net = Network.from_json(structure_of(model, input_shape=[1, 4, 4]))
+    post = PrecisionPosterior.from_arrays(net, got[1])
+    assert post.n == net.n_params and got.meta["rest"]
