@@ -163,10 +163,17 @@ _FORWARD_MAX = 64
 def solve_lower(L: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``L⁻¹ b`` for a batch of lower-triangular ``L`` (``..., k, k``) and vectors ``b``
     (``..., k``).  Small orders by forward substitution vectorised over the batch
-    (LAPACK's batched ``solve`` would factorise each L again: 5–8× slower at k = 32)."""
+    (LAPACK's batched ``solve`` would factorise each L again: 5–8× slower at k = 32);
+    larger ones by a triangular solve each."""
     k = L.shape[-1]
-    if k > _FORWARD_MAX:
-        return np.linalg.solve(L, b[..., None])[..., 0]
+    if k > _FORWARD_MAX:  # one triangular solve each, O(k²), not a new factorisation
+        shape = np.broadcast_shapes(L.shape[:-1], b.shape)
+        Ls = np.broadcast_to(L, (*shape, k)).reshape(-1, k, k)
+        bs = np.broadcast_to(b, shape).reshape(-1, k)
+        out = np.empty(bs.shape)
+        for i in range(bs.shape[0]):
+            out[i] = sla.solve_triangular(Ls[i], bs[i], lower=True, check_finite=False)
+        return out.reshape(shape)
     y = np.empty(np.broadcast_shapes(L.shape[:-1], b.shape))
     for i in range(k):
         acc = np.einsum("...j,...j->...", L[..., i, :i], y[..., :i]) if i else 0.0
@@ -442,11 +449,61 @@ class _DenseDrops:
             Yq = Yt.T[self.pos[at]]  # n × k × k_g
             self.S[at] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
             k, w = q.size, self.G.size
+            self._room(k)
             self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
             self.m += k
             self.dead += k
             if self.dead > 0.3 * self.G.size:
                 self._compact()
+
+    # -- several stages at once (a network's global greedy, docs/theory.md §10) -----------
+    def absorb(self, k: int) -> None:
+        """Take in the scorer's last commit of ``k`` entries, made by another stage: the
+        candidates' blocks and conditional means become those given it too, at
+        ``O(|B| k |G|)`` instead of a new stage's ``O(|B|² |G|)``.  Every commit since this
+        stage began must be taken in (by :meth:`take` or here), in order: ``W``'s rows then
+        mirror the scorer's factor past the stage's start."""
+        sc = self.sc
+        n = sc.n
+        idx = sc.B[n - k : n]
+        X = sc._L[n - k : n, : n - k]  # (L⁻¹ Σ_{B_prev, e})ᵀ, rows: the new entries
+        Lk = sc._L[n - k : n, n - k : n]
+        u = sc.z[n - k : n]
+        n0 = self.X0.shape[0]
+        if n - k != n0 + self.m:
+            raise ValueError("a commit was not taken in by this stage")
+        G = self.G
+        C = self.sc.post.cov_cross(idx, G)  # Σ_{e, G}
+        C -= _matmul(X[:, :n0], self.X0.take(self.cols, axis=1))
+        if self.m:
+            C -= _matmul(X[:, n0:], self._W)
+        Yt = sla.solve_triangular(Lk, C, lower=True, check_finite=False)  # Lk⁻¹ Cov(e, G | B)
+        self.c += Yt.T @ u
+        at = np.flatnonzero(self.live)
+        Yq = Yt.T[self.pos[at]]
+        self.S[at] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+        w = G.size
+        self._room(k)
+        self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
+        self.m += k
+
+    def _room(self, k: int) -> None:
+        """Room in ``W``'s buffer for ``k`` more rows (a stage reserves one row per column;
+        the commits it takes in from other stages may need more)."""
+        w = self.G.size
+        if (self.m + k) * w > self._buf.size:
+            grown = np.zeros(max((self.m + k) * w, 2 * self._buf.size))
+            grown[: self.m * w] = self._buf[: self.m * w]
+            self._buf = grown
+
+    def restrict(self, keep: np.ndarray) -> None:
+        """Keep only the within-group entries ``keep`` (a mask over a candidate's ``k``
+        entries, the same for every candidate): a space's consumer slices lose the rows its
+        readers lost to φ elsewhere (marginalised, so no longer conditioned)."""
+        keep = np.asarray(keep, dtype=bool)
+        self.pos = self.pos[:, keep]
+        self.S = self.S[:, keep][:, :, keep]
+        self._ahead.clear()  # rows computed ahead were for the old groups
 
     def _compact(self) -> None:
         """Drop the columns of taken candidates (never read again): every later commit

@@ -91,14 +91,95 @@ class _State:
         return Plan.from_compiled(CompiledPlan(teacher, self.ops, (self.tr, self.effects)))
 
 
-def _greedy(posterior: Posterior, route: NetRoute, budget: Budget) -> _State:
+def _greedy(
+    posterior: Posterior, route: NetRoute, budget: Budget, incremental: bool = True
+) -> _State:
+    """The global greedy of ``route``; ``incremental``: with stages kept current where the
+    scorer can (else, or when False, every candidate rescored by a new stage each step)."""
     st = _State(posterior.structure, posterior.scorer(), route)
+    able = hasattr(st.sc.drops(np.zeros((0, 0), np.int64)), "absorb")
+    stages = _Stages(st) if incremental and able else None
     while True:
         budget.check("building the first plan")
-        ops, inc = st.candidates()
+        if stages is None:  # scorers whose stages cannot take in each other's commits
+            ops, inc = st.candidates()
+            if not ops:
+                return st
+            st.take(ops[least(inc, st.sc.cost)])
+            continue
+        ops, inc, where = stages.candidates()
         if not ops:
             return st
-        st.take(ops[least(inc, st.sc.cost)])
+        k = least(inc, st.sc.cost)
+        stages.take(ops[k], *where[k])
+
+
+class _Stages:
+    """The global greedy's candidates kept current between steps (dense scorers): one
+    scorer stage per shrinking space and per block still to remove, each taking in every
+    other stage's commits (``absorb``, ``O(|B| k |G|)``) and losing the entries its
+    consumers' rows lost (``restrict``), instead of a new stage per space per step
+    (``O(|B|² |G|)``). The numbers are those of new stages: exact."""
+
+    def __init__(self, st: _State) -> None:
+        self.st = st
+        self.drops: dict[tuple[str, int], object] = {}
+
+    def _groups(self, key: tuple[str, int]) -> np.ndarray:
+        tr = self.st.tr
+        return tr.consumer_groups(key[1]) if key[0] == "space" else tr.block_indices(key[1])[None]
+
+    def _synced(self, key: tuple[str, int]):
+        """The stage of ``key``, its candidates' groups as they are now."""
+        new = self._groups(key)
+        d = self.drops.get(key)
+        if d is None:
+            d = self.drops[key] = self.st.sc.drops(new)
+            return d
+        live = np.flatnonzero(d.live)
+        old = d.G[d.pos[live]]
+        if old.shape != new.shape:
+            keep = np.isin(old[0], new[0])
+            d.restrict(keep)
+            old = d.G[d.pos[live]]
+        if not np.array_equal(old, new):  # pragma: no cover - the slices only ever shrink
+            d = self.drops[key] = self.st.sc.drops(new)
+        return d
+
+    def candidates(self):
+        st = self.st
+        ops: list[Op] = []
+        incs: list[np.ndarray] = []
+        where: list[tuple[tuple[str, int], int]] = []
+        keys = [("space", s) for s in st.shrinking if st.width(s) > st.target[s]]
+        keys += [("block", b) for b in st.pending]
+        for key in list(self.drops):
+            if key not in keys:
+                del self.drops[key]
+        for key in keys:
+            d = self._synced(key)
+            live = np.flatnonzero(d.live)
+            incs.append(np.asarray(d.increments(), dtype=float)[live])
+            if key[0] == "space":
+                ops.extend(PhiSpace(key[1], c) for c in range(live.size))
+            else:
+                ops.append(PsiBlock(key[1]))
+            where.extend((key, int(j)) for j in live)
+        return ops, np.concatenate(incs) if incs else np.zeros(0), where
+
+    def take(self, op: Op, key: tuple[str, int], j: int) -> None:
+        st = self.st
+        n0 = st.sc.n
+        self.drops[key].take(j)
+        k = st.sc.n - n0
+        for other, d in self.drops.items():
+            if other != key:
+                d.absorb(k)
+        eff = st.tr.apply(op)
+        st.ops.append(op)
+        st.effects.append(eff)
+        if isinstance(op, PsiBlock):
+            st.pending.remove(op.block)
 
 
 def _leaves(teacher: Network, route: NetRoute) -> float:

@@ -171,3 +171,24 @@ def test_other_criteria_are_for_mlps():
     post = FullPosterior.from_dense(teacher, np.zeros(teacher.n_params), np.eye(teacher.n_params))
     with pytest.raises(Unsupported, match="posterior_ratio"):
         search(post, teacher, "obd")
+
+
+@settings(max_examples=30, deadline=None)
+@given(search_cases(max_removals=4))
+def test_the_greedy_with_stages_kept_current_is_the_greedy_of_new_stages(case):
+    """absorb and restrict (every commit taken in by every stage, slices that shrink) give
+    the numbers a new stage per step gives: the same steps, the same cost."""
+    from planner.network_lattice import network_routes
+    from planner.search.budget import Budget
+    from planner.search.networks import _greedy
+
+    d, s, seed = case
+    teacher, student = Network.from_json(d), Network.from_json(s)
+    rng = np.random.default_rng(seed)
+    p = teacher.n_params
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), spd(rng, p))
+    for route in network_routes(teacher, student):
+        a = _greedy(post, route, Budget(np.inf), incremental=True)
+        b = _greedy(post, route, Budget(np.inf), incremental=False)
+        assert a.ops == b.ops
+        close(a.sc.cost, b.sc.cost)
