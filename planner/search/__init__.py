@@ -40,12 +40,12 @@ from ..plan import Plan
 from ..posterior import Posterior
 from ..structure import Structure
 from .budget import NODE_WORK, Budget, dense_work
-from .construction import Built, construct, replay
+from .construction import Built, Choices, construct, replay
 from .improvement import branch_and_bound, choice_space, local_search
-from .networks import network_search
+from .networks import global_greedy_sets, network_search
 from .routes import candidate_routes
 
-__all__ = ["Budget", "SearchResult", "random_plan", "search", "search_budget"]
+__all__ = ["Budget", "SearchResult", "global_greedy_sets", "random_plan", "search", "search_budget"]
 
 #: Routes finished at most (the best by exact block costs when there are more).
 MAX_ROUTES = 8
@@ -211,6 +211,8 @@ def search(
                 raise
             break
         built.append(plan)
+    if teacher.kind == "mlp" and crit.name == "posterior_ratio":
+        built = _with_global_greedy(posterior, student, built, budget)
     built.sort(key=lambda b: b.cost)
     exhaustive = False
     if crit.polished and not budget.expired():
@@ -247,6 +249,29 @@ def search(
         budget.cut,
         budget.cut_by,
     )
+
+
+def _with_global_greedy(posterior, student, built: list[Built], budget: Budget) -> list[Built]:
+    """Each φ-only route's construction, or the global greedy's sets (every shrinking
+    position ranked together, docs/theory.md §10) replayed deeper first where that is
+    cheaper: the search is then never above the global greedy of exact increments."""
+    out = []
+    for b in built:
+        route = b.choices.route
+        if route.removed_layers or budget.expired():
+            out.append(b)
+            continue
+        widths = {s: student.width(j) for j, (s, _) in enumerate(route.blocks, start=1)}
+        try:
+            drops, _ = global_greedy_sets(posterior, widths, budget)
+        except DeadlineExceeded:
+            out.append(b)
+            continue
+        choices = Choices(route, {p: tuple(v) for p, v in drops.items()})
+        plan = replay(posterior.structure, choices)
+        g = Built(plan, plan.cost(posterior), choices)
+        out.append(g if g.cost < b.cost else b)
+    return out
 
 
 def _reach(teacher: Structure, student: Structure, cands: list[Route]) -> tuple[int, int]:

@@ -25,14 +25,14 @@ import numpy as np
 
 from ..errors import InvalidPlan
 from ..network_lattice import NetRoute, network_routes
-from ..ops import Effect, Op, PhiSpace, PsiBlock, Tracked
+from ..ops import Effect, Op, Phi, PhiSpace, PsiBlock, Tracked
 from ..plan import CompiledPlan, Plan
 from ..posterior import Posterior
 from ..stages import Network
 from .budget import NODE_WORK, Budget, Cut, dense_work
 from .construction import least
 
-__all__ = ["ENUMERATE_LEAVES", "network_search"]
+__all__ = ["ENUMERATE_LEAVES", "global_greedy_sets", "network_search"]
 
 #: A branch and bound runs, with the effort's enumeration budget, when the routes have at
 #: most this many step sequences (it proves the optimum when it finishes within it);
@@ -63,6 +63,13 @@ class _State:
     def width(self, space: int) -> int:
         return self.tr.neurons[self.tr.positions.index(space)].size
 
+    def phi(self, space: int, channel: int) -> Op:
+        """φ on channel ``channel`` (current order) of teacher space ``space``, in the
+        teacher's vocabulary: a network's φ(space, channel), an MLP's φ(position, neuron)."""
+        if self.tr.is_network:
+            return PhiSpace(space, channel)
+        return Phi(self.tr.positions.index(space) + 1, channel)
+
     def candidates(self) -> tuple[list[Op], np.ndarray]:
         """Every next step and its exact increment, in the tie order."""
         ops: list[Op] = []
@@ -71,7 +78,7 @@ class _State:
             if self.width(s) > self.target[s]:
                 groups = self.tr.consumer_groups(s)
                 incs.append(np.asarray(self.sc.drops(groups).increments(), dtype=float))
-                ops.extend(PhiSpace(s, c) for c in range(groups.shape[0]))
+                ops.extend(self.phi(s, c) for c in range(groups.shape[0]))
         for b in self.pending:
             idx = self.tr.block_indices(b)
             incs.append(np.asarray(self.sc.drops(idx[None, :]).increments(), dtype=float))
@@ -161,7 +168,7 @@ class _Stages:
             live = np.flatnonzero(d.live)
             incs.append(np.asarray(d.increments(), dtype=float)[live])
             if key[0] == "space":
-                ops.extend(PhiSpace(key[1], c) for c in range(live.size))
+                ops.extend(st.phi(key[1], c) for c in range(live.size))
             else:
                 ops.append(PsiBlock(key[1]))
             where.extend((key, int(j)) for j in live)
@@ -304,3 +311,21 @@ def network_search(
         budget.cut,
         budget.cut_by,
     )
+
+
+def global_greedy_sets(
+    posterior: Posterior, widths: dict[int, int], budget: Budget
+) -> tuple[dict[int, list[int]], float]:
+    """The global greedy of exact increments on an MLP: the teacher neurons each shrinking
+    position (teacher numbering) loses, in the greedy's order, and the greedy's cost.  A
+    φ-only route of the MLP search builds its plan from these sets, deeper first, which
+    never costs more (docs/theory.md §6): so the search is never above this greedy."""
+    route = NetRoute((), tuple(sorted(widths.items())))
+    st = _greedy(posterior, route, budget)
+    drops: dict[int, list[int]] = {}
+    tr = Tracked.start(posterior.structure)
+    for op in st.ops:
+        p = tr.positions[op.layer - 1]
+        drops.setdefault(p, []).append(int(tr.neurons[op.layer - 1][op.neuron]))
+        tr.apply(op)
+    return drops, float(st.sc.cost)

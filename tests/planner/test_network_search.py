@@ -192,3 +192,57 @@ def test_the_greedy_with_stages_kept_current_is_the_greedy_of_new_stages(case):
         b = _greedy(post, route, Budget(np.inf), incremental=False)
         assert a.ops == b.ops
         close(a.sc.cost, b.sc.cost)
+
+
+def _as_stages(widths, bias: bool) -> dict:
+    return {
+        "input": [widths[0]],
+        "stages": [
+            {"type": "linear", "out": w, "bias": bias, "activation": "relu"} for w in widths[1:-1]
+        ]
+        + [{"type": "linear", "out": widths[-1], "bias": bias, "activation": "identity"}],
+    }
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(2, 5), min_size=4, max_size=5),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+    st.data(),
+)
+def test_an_mlp_search_is_never_above_the_global_greedy(widths, bias, seed, data):
+    """The same MLP written as linear stages: the independent global greedy ranks every
+    hidden position together; the MLP search (its own constructions, the global greedy's
+    sets replayed deeper first, branch and bound, exchange moves) never costs more."""
+    from planner import Structure
+
+    small = [widths[0]] + [data.draw(st.integers(1, w)) for w in widths[1:-1]] + [widths[-1]]
+    s = Structure.mlp(widths, bias=bias)
+    rng = np.random.default_rng(seed)
+    p = s.n_params
+    mean, cov = rng.normal(size=p), spd(rng, p)
+    found = search(FullPosterior.from_dense(s, mean, cov), s.inherit(small))
+    d, sd = _as_stages(widths, bias), _as_stages(small, bias)
+    d = Network.from_json(d).to_json()
+    sd = Network.from_json(sd).to_json()
+    greedy = ref_greedy(d, sd, mean, cov)
+    assert found.cost <= greedy + 1e-9 * max(1.0, greedy)
+
+
+def test_without_improvement_work_the_mlp_search_is_never_above_the_global_greedy():
+    """(6,30,20,8) → (6,18,12,8) on a random posterior (the issue's teacher: shrinking one
+    position at a time was measured 3 % dearer than ranking them together): with no
+    improvement work at all, the plan is already no dearer than the global greedy."""
+    from planner import Structure
+    from planner.search import global_greedy_sets
+
+    s = Structure.mlp((6, 30, 20, 8))
+    rng = np.random.default_rng(0)
+    p = s.n_params
+    post = FullPosterior.from_dense(s, rng.normal(size=p), spd(rng, p))
+    found = search(post, s.inherit((6, 18, 12, 8)), work=0)
+    from planner.search.budget import Budget
+
+    _, greedy = global_greedy_sets(post, {1: 6, 2: 18, 3: 12, 4: 8}, Budget(np.inf))
+    assert found.cost <= greedy * (1 + 1e-9)
