@@ -97,6 +97,52 @@ def test_the_plan_page_draws_the_plan(browser, service):
         ctx.close()
 
 
+def test_a_network_plan_page_draws_stages_spaces_and_removed_blocks(browser, service):
+    block = {
+        "type": "residual",
+        "activation": "relu",
+        "branch": [
+            {"type": "conv", "out": 3, "kernel": 3, "padding": 1, "activation": "relu"},
+            {"type": "conv", "out": 4, "kernel": 3, "padding": 1},
+        ],
+    }
+    teacher = {
+        "input": [1, 4, 4],
+        "stages": [
+            {"type": "conv", "out": 4, "kernel": 3, "padding": 1, "activation": "relu"},
+            block,
+            block,
+            {"type": "pool", "mode": "avg", "global": True},
+            {"type": "flatten"},
+            {"type": "linear", "out": 2},
+        ],
+    }
+    p = 4 * 9 + 4 + 2 * (3 * 4 * 9 + 3 + 4 * 3 * 9 + 4) + 4 * 2 + 2
+    rng = np.random.default_rng(5)
+    arrays = {"mean": rng.normal(size=p), "variance": rng.uniform(0.5, 2, size=p)}
+    with PlannerClient(service.url, api_key=KEY) as c:
+        t = c.upload_teacher("cnn", teacher, "diag", arrays)
+        student = {**teacher, "stages": [teacher["stages"][0], *teacher["stages"][2:]]}
+        plan = c.plan(t["id"], student)  # one block fewer: which one is the planner's choice
+    ctx, page = _page(browser, KEY)
+    try:
+        assert page.goto(f"{service.url}/ui/plans/{plan['id']}").status == 200
+        assert page.locator("#stages li").count() == 6
+        assert len(plan["surviving"]["blocks"]) == 1
+        assert page.locator("#stages li.removed").count() == 1
+        assert page.locator(".teacher-space").count() == 5  # input, stem, two inner, output
+        kept = sum(len(q["teacher_channels"]) for q in plan["provenance"])
+        assert page.locator(".teacher-space circle.neuron:not([fill='#fff'])").count() == kept
+        assert page.locator("#cost-chart rect.cost-bar").count() >= 1
+        assert float(page.locator("#cost").inner_text()) == pytest.approx(plan["cost"], rel=1e-5)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "network-plan-page.png"), full_page=True)
+        assert page.goto(f"{service.url}/ui/teachers/{t['id']}").status == 200
+        assert "network[1, 4, 4]" in page.locator("body").inner_text()
+    finally:
+        ctx.close()
+
+
 def test_the_api_docs_are_served_without_internet(browser, service):
     """/docs and /redoc load their scripts and styles from the service itself (a packaged
     Swagger UI and Redoc), so they render on a closed network; Chromium here has no
