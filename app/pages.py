@@ -299,19 +299,8 @@ def plan_page(
         if merges
         else "<p>No layer is removed.</p>"
     )
-    listed = "".join(f"<li>{html.escape(_op_label(op))}</li>" for op in plan.ops[:MAX_OPS_LISTED])
-    more = len(plan.ops) - MAX_OPS_LISTED
     body = f"""
-<h1>Plan <code>{plan.id}</code></h1>
-<p>Teacher <a href='/ui/teachers/{teacher.id}'>{html.escape(teacher.name)}</a>
-{_widths(teacher.structure)}, <code>{teacher.format}</code> → student {_widths(plan.student)};
-criterion <code>{html.escape(str(plan.criterion))}</code>; created {_when(plan.created)}.</p>
-<p><b>cost <span id='cost'>{plan.cost:.6g}</span></b> · {len(plan.ops)} operations ·
-|B| = {plan.info["conditioned"]} conditioned parameters
-{_cut(search)}
-· <a href='/v1/plans/{plan.id}'>JSON</a></p>
-<p id='cost-words' class='muted'>{_cost_words(plan)}</p>
-{_prior_links(prior, plan)}
+{_plan_head(plan, teacher, prior, search)}
 <h2>Teacher and student</h2>
 <p class='muted'>Each student position comes from the teacher position above it; a coloured
 neuron is kept (by the student position of its colour), a hollow one removed. (ψ) marks a
@@ -323,11 +312,32 @@ Positions wider than {MAX_CELLS} are drawn as bands, shaded by the fraction kept
 <h2>Cost by step</h2>{steps_html}
 <h2>Cost by teacher position</h2>
 {_cost_chart(steps, len(teacher.structure["widths"])) if steps else ""}
-<h2>Operations</h2>
-<details><summary>{len(plan.ops)} operations{f" (the first {MAX_OPS_LISTED})" if more > 0 else ""}
-</summary><ol start='0'>{listed}</ol></details>
+{_operations(plan)}
 """
     return page(f"plan {plan.id}", body)
+
+
+def _plan_head(plan: PlanRecord, teacher: TeacherRecord, prior, search: dict) -> str:
+    """A plan page's head: teacher → student, the cost and what it means, the prior."""
+    return f"""<h1>Plan <code>{plan.id}</code></h1>
+<p>Teacher <a href='/ui/teachers/{teacher.id}'>{html.escape(teacher.name)}</a>
+{html.escape(_widths(teacher.structure))}, <code>{teacher.format}</code> → student
+{html.escape(_widths(plan.student))};
+criterion <code>{html.escape(str(plan.criterion))}</code>; created {_when(plan.created)}.</p>
+<p><b>cost <span id='cost'>{plan.cost:.6g}</span></b> · {len(plan.ops)} operations ·
+|B| = {plan.info["conditioned"]} conditioned parameters
+{_cut(search)}
+· <a href='/v1/plans/{plan.id}'>JSON</a></p>
+<p id='cost-words' class='muted'>{_cost_words(plan)}</p>
+{_prior_links(prior, plan)}"""
+
+
+def _operations(plan: PlanRecord) -> str:
+    listed = "".join(f"<li>{html.escape(_op_label(op))}</li>" for op in plan.ops[:MAX_OPS_LISTED])
+    more = len(plan.ops) - MAX_OPS_LISTED
+    return f"""<h2>Operations</h2>
+<details><summary>{len(plan.ops)} operations{f" (the first {MAX_OPS_LISTED})" if more > 0 else ""}
+</summary><ol start='0'>{listed}</ol></details>"""
 
 
 def teacher_page(t: TeacherRecord, plans: list[tuple[PlanRecord, PriorRecord | None]]):
@@ -545,19 +555,8 @@ def _network_plan_page(plan, teacher, prior, steps) -> HTMLResponse:
         if steps is not None
         else "<p>The plan has too many runs of steps to cost each one; its total is above.</p>"
     )
-    listed = "".join(f"<li>{html.escape(_op_label(op))}</li>" for op in plan.ops[:MAX_OPS_LISTED])
-    more = len(plan.ops) - MAX_OPS_LISTED
     body = f"""
-<h1>Plan <code>{plan.id}</code></h1>
-<p>Teacher <a href='/ui/teachers/{teacher.id}'>{html.escape(teacher.name)}</a>
-{html.escape(_widths(teacher.structure))}, <code>{teacher.format}</code> → student
-{html.escape(_widths(plan.student))}; created {_when(plan.created)}.</p>
-<p><b>cost <span id='cost'>{plan.cost:.6g}</span></b> · {len(plan.ops)} operations ·
-|B| = {plan.info["conditioned"]} conditioned parameters
-{_cut(search)}
-· <a href='/v1/plans/{plan.id}'>JSON</a></p>
-<p id='cost-words' class='muted'>{_cost_words(plan)}</p>
-{_prior_links(prior, plan)}
+{_plan_head(plan, teacher, prior, search)}
 <h2>Stages</h2>
 <p class='muted'>The teacher's stages; a residual block or layer the plan removes (ψ) is struck
 through.</p>
@@ -570,8 +569,6 @@ removed. Spaces wider than {MAX_CELLS} are drawn as bands, shaded by the fractio
 <h2>Cost by step</h2>{steps_html}
 <h2>Cost by space and block</h2>
 {_space_chart(steps, len(net.graph.widths)) if steps else ""}
-<h2>Operations</h2>
-<details><summary>{len(plan.ops)} operations{f" (the first {MAX_OPS_LISTED})" if more > 0 else ""}
-</summary><ol start='0'>{listed}</ol></details>
+{_operations(plan)}
 """
     return page(f"plan {plan.id}", body)

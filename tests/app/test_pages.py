@@ -98,26 +98,11 @@ def test_the_plan_page_draws_the_plan(browser, service):
 
 
 def test_a_network_plan_page_draws_stages_spaces_and_removed_blocks(browser, service):
-    block = {
-        "type": "residual",
-        "activation": "relu",
-        "branch": [
-            {"type": "conv", "out": 3, "kernel": 3, "padding": 1, "activation": "relu"},
-            {"type": "conv", "out": 4, "kernel": 3, "padding": 1},
-        ],
-    }
-    teacher = {
-        "input": [1, 4, 4],
-        "stages": [
-            {"type": "conv", "out": 4, "kernel": 3, "padding": 1, "activation": "relu"},
-            block,
-            block,
-            {"type": "pool", "mode": "avg", "global": True},
-            {"type": "flatten"},
-            {"type": "linear", "out": 2},
-        ],
-    }
-    p = 4 * 9 + 4 + 2 * (3 * 4 * 9 + 3 + 4 * 3 * 9 + 4) + 4 * 2 + 2
+    from planner import Network
+    from tests.app.test_networks_service import TEACHER
+
+    teacher = TEACHER
+    p = Network.from_json(teacher).n_params
     rng = np.random.default_rng(5)
     arrays = {"mean": rng.normal(size=p), "variance": rng.uniform(0.5, 2, size=p)}
     with PlannerClient(service.url, api_key=KEY) as c:
@@ -138,7 +123,7 @@ def test_a_network_plan_page_draws_stages_spaces_and_removed_blocks(browser, ser
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "network-plan-page.png"), full_page=True)
         assert page.goto(f"{service.url}/ui/teachers/{t['id']}").status == 200
-        assert "network[1, 4, 4]" in page.locator("body").inner_text()
+        assert "network[2, 4, 4]" in page.locator("body").inner_text()
     finally:
         ctx.close()
 
