@@ -28,6 +28,7 @@ from ..network_lattice import NetRoute, network_routes
 from ..ops import Effect, Op, Phi, PhiSpace, PsiBlock, Tracked
 from ..plan import CompiledPlan, Plan
 from ..posterior import Posterior
+from ..posterior.scoring import DenseScorer
 from ..stages import Network
 from .budget import NODE_WORK, Budget, Cut, dense_work
 from .construction import least
@@ -104,8 +105,7 @@ def _greedy(
     """The global greedy of ``route``; ``incremental``: with stages kept current where the
     scorer can (else, or when False, every candidate rescored by a new stage each step)."""
     st = _State(posterior.structure, posterior.scorer(), route)
-    able = hasattr(st.sc.drops(np.zeros((0, 0), np.int64)), "absorb")
-    stages = _Stages(st) if incremental and able else None
+    stages = _Stages(st) if incremental and isinstance(st.sc, DenseScorer) else None
     while True:
         budget.check("building the first plan")
         if stages is None:  # scorers whose stages cannot take in each other's commits
