@@ -42,3 +42,12 @@ def test_gpu_benchmark_runs_quick_on_the_cpu(capsys):
     gpu.main(["--quick", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "numpy/device" in out and "device/one_shot" in out
+
+
+def test_network_benchmarks_run_quick(capsys):
+    from bench import networks
+
+    networks.main(["--quick"])
+    out = capsys.readouterr().out
+    for word in ("plan/one_shot", "cost/space_by_space", "diag", "peak_over_posterior"):
+        assert word in out
