@@ -118,7 +118,7 @@ def space_by_space(post, student: Network) -> float:
 
 
 def dense_rows(quick: bool) -> list[dict]:
-    d = resnet(8, 8, 2, 8) if quick else resnet(16, 16, 2, 16)
+    d = resnet(6, 6, 2, 6) if quick else resnet(16, 16, 2, 16)
     teacher = Network.from_json(d)
     student = Network.from_json(student_of(d, 1))
     p = teacher.n_params
