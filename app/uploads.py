@@ -292,11 +292,6 @@ def staged_upload(up: Upload, storage: Storage, settings: Settings, owner: str) 
             f"unknown posterior format {fmt!r}; known: {sorted(FORMATS)}",
             field="spec.posterior.format",
         )
-    if fmt == "kron" and structure.kind == "network":
-        try:
-            FORMATS[fmt].from_arrays(structure, {})
-        except PlannerError as exc:
-            raise problem_from_planner_error(exc, "spec") from None
     p = structure.n_params
     limit = settings.max_dense_params if fmt in DENSE else settings.max_params
     if p > limit:

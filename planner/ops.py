@@ -549,7 +549,19 @@ class Tracked:
         events = tuple(
             Event("columns", lay.src, lay.rows.copy(), lay.segs[k][idx].copy())
             for lay, k in columns
-        ) + tuple(Event("rows", lay.src, lay.rows[idx].copy()) for lay in rows)
+        )
+        selfread = {id(lay) for lay, _ in recurrent}
+        events += tuple(
+            Event("rows", lay.src, lay.rows[idx].copy()) for lay in rows if id(lay) not in selfread
+        )
+        for lay, k in recurrent:  # each channel in turn: its columns over the rows still
+            live = np.ones(lay.rows.size, dtype=bool)  # there, then its row marginalised
+            for i in idx:
+                events += (
+                    Event("columns", lay.src, lay.rows[live].copy(), lay.segs[k][[i]].copy()),
+                    Event("rows", lay.src, lay.rows[[i]].copy()),
+                )
+                live[i] = False
         self.neurons[j] = np.delete(self.neurons[j], idx)
         for lay in rows:
             lay.rows = np.delete(lay.rows, idx)

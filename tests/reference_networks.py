@@ -164,6 +164,25 @@ class RefNetwork:
                 out += [("b", L.number, o) for o in range(L.out)]
         return out
 
+    def kron_covariance(self, G: dict, A: dict, bias: dict) -> np.ndarray:
+        """The dense covariance of a K-FAC posterior, from its definition on the keys:
+        ``Cov(W[o, i, q], W[o', i', q']) = G[o, o'] A[i·group + q, i'·group + q']`` within a
+        layer, bias variances (or covariances) on their own, layers independent."""
+        keys = self.keys()
+        out = np.zeros((len(keys), len(keys)))
+        for a, ka in enumerate(keys):
+            for b, kb in enumerate(keys):
+                if ka[0] != kb[0] or ka[1] != kb[1]:
+                    continue
+                n = ka[1]
+                if ka[0] == "W":
+                    g = self.layers[n - 1].group
+                    out[a, b] = G[n][ka[2], kb[2]] * A[n][ka[3] * g + ka[4], kb[3] * g + kb[4]]
+                else:
+                    v = np.asarray(bias[n])
+                    out[a, b] = v[ka[2], kb[2]] if v.ndim == 2 else float(ka[2] == kb[2]) * v[ka[2]]
+        return out
+
 
 @dataclass
 class RefState:

@@ -1,9 +1,14 @@
-"""The ``kron`` format: per layer ``Cov(U[i,j], U[k,l]) = G[i,k] A[j,l]`` (docs/theory.md §7).
+"""The ``kron`` format: per layer ``Cov(W[i,j], W[k,l]) = G[i,k] A[j,l]`` (docs/theory.md §7,
+§13).
 
-Layers are independent (and biases independent of weights).  Arrays: ``mean``
-and, for each layer t = 2..T, ``row{t}`` (G, out × out), ``col{t}`` (A,
-in × in) and, with biases, ``bias{t}``: variances ``(n_t,)`` or a covariance
-``(n_t, n_t)``.  MLP teachers only.
+Layers are independent (and biases independent of weights).  A layer's columns
+are its flattened input: one per input neuron of a linear layer, ``in·kh·kw``
+for a conv (laplace-torch's K-FAC factors of ``Conv2d``), a channel owning a
+group of ``kh·kw`` adjacent columns.  Arrays: ``mean`` and, per layer, ``row{l}``
+(G, out × out), ``col{l}`` (A, columns × columns) and, with biases, ``bias{l}``:
+variances ``(out,)`` or a covariance ``(out, out)``.  Layers are numbered as their
+structure numbers them: an MLP's positions t = 2..T, a network's layers 1, 2, ….
+RNN teachers are not ``kron``.
 
 Every step of a plan keeps each layer matrix-normal, so a plan is replayed in
 the layers' own terms (``CompiledPlan.events``), never densified:
@@ -12,7 +17,8 @@ the layers' own terms (``CompiledPlan.events``), never densified:
   replaces A by its Schur complement ``A_kk − A_kC A_CC⁻¹ A_Ck``, the mean by
   ``M_k − M_C A_CC⁻¹ A_Ck``; cost ``½ tr(G⁻¹ D A_CC⁻¹ Dᵀ)``, ``D = −M_C``;
 * marginalising rows drops them from G (and from the bias);
-* ψ conditions a whole layer block to its target: cost ``½ tr(G⁻¹ D A⁻¹ Dᵀ)``
+* ψ conditions a whole layer block to its target (the identity kernel for a
+  merged layer, 0 for a residual block's last layer): cost ``½ tr(G⁻¹ D A⁻¹ Dᵀ)``
   plus the bias's own.
 """
 
@@ -30,7 +36,6 @@ from scipy.linalg import blas
 from .._threads import all_threads
 from ..errors import InvalidPosterior, SingularConstraint, Unsupported
 from ..linalg import inverse_diagonal, pivots_ok, symmetrise
-from ..structure import Structure
 from . import _validate as v
 from .base import Posterior
 from .scoring import Columns, indices
@@ -56,6 +61,43 @@ def _chol(S: np.ndarray, what: str) -> np.ndarray:
             field="ops",
         )
     return L
+
+
+@dataclass(frozen=True)
+class Factored:
+    """One Kronecker-factored layer of a structure: its number, where its weight
+    (``rows × cols``, row-major) and bias lie in the flat vector, and how many adjacent
+    columns each input channel owns (``group``: 1, or ``kh·kw`` for a conv)."""
+
+    layer: int
+    start: int
+    rows: int
+    cols: int
+    group: int
+    bias: int | None
+
+    def columns(self, channels: np.ndarray) -> np.ndarray:
+        """The column ids of input channels ``channels`` (teacher ids), in that order."""
+        c = np.asarray(channels, dtype=np.int64)
+        if self.group == 1:
+            return c
+        return (c[:, None] * self.group + np.arange(self.group)[None, :]).ravel()
+
+
+def factored_layers(structure) -> tuple[Factored, ...]:
+    """The Kronecker-factored layers of ``structure`` in layout order; an RNN has none (its
+    recurrent weights read the space they write, which no Kronecker factor holds)."""
+    if getattr(structure, "kind", None) == "rnn":
+        raise InvalidPosterior(
+            "the kron format is for MLP and network teachers; an RNN's recurrent weights are "
+            "not Kronecker-factored",
+            field="posterior.format",
+        )
+    out = []
+    for u in structure.graph.units:
+        (seg,) = u.segments
+        out.append(Factored(u.layer, seg.offset, u.rows, seg.width * seg.group, seg.group, u.bias))
+    return tuple(out)
 
 
 @dataclass
@@ -84,6 +126,11 @@ def _bias_cost(bm: np.ndarray, bS: np.ndarray) -> float:
     return 0.5 * float(z @ z)
 
 
+def _sub(bS: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Rows ``r`` of a bias's variances or covariance."""
+    return bS[r] if bS.ndim == 1 else bS[np.ix_(r, r)]
+
+
 class KronPosterior(Posterior):
     """Layer-wise Kronecker-factored Gaussian (K-FAC Laplace)."""
 
@@ -92,7 +139,7 @@ class KronPosterior(Posterior):
 
     def __init__(
         self,
-        structure: Structure,
+        structure,
         mean: np.ndarray,
         G: dict[int, np.ndarray],
         A: dict[int, np.ndarray],
@@ -100,77 +147,66 @@ class KronPosterior(Posterior):
     ) -> None:
         super().__init__(structure, mean)
         self.G, self.A, self.bias = G, A, bias
+        self.factored = {f.layer: f for f in factored_layers(structure)}
 
     @classmethod
-    def names(cls, structure: Structure) -> tuple[str, ...]:
+    def names(cls, structure) -> tuple[str, ...]:
         out = ["mean"]
-        for t in range(2, structure.T + 1):
-            out += [f"row{t}", f"col{t}"] + ([f"bias{t}"] if structure.bias else [])
+        for f in factored_layers(structure):
+            out += [f"row{f.layer}", f"col{f.layer}"] + ([f"bias{f.layer}"] if f.bias else [])
         return tuple(out)
 
     @classmethod
-    def from_arrays(
-        cls, structure: Structure, arrays: Mapping[str, np.ndarray], workspace=None
-    ) -> KronPosterior:
-        if structure.kind == "network":
-            raise Unsupported(
-                "the kron format for convolutional and residual networks (laplace-torch's "
-                "K-FAC of Conv2d) is not implemented yet; upload full, precision, lowrank or "
-                "diag",
-                field="posterior.format",
-            )
-        if structure.kind != "mlp":
-            raise InvalidPosterior(
-                "the kron format is for MLP teachers; an RNN's recurrent weights are not "
-                "Kronecker-factored",
-                field="posterior.format",
-            )
+    def from_arrays(cls, structure, arrays: Mapping[str, np.ndarray], workspace=None):
+        layers = factored_layers(structure)
         v.require(arrays, cls.names(structure), cls.format)
         mean = v.vector(arrays["mean"], "mean", structure.n_params, structure.size_hint)
         G, A, bias = {}, {}, {}
-        for t in range(2, structure.T + 1):
-            G[t] = v.spd_matrix(arrays[f"row{t}"], f"row{t}", structure.width(t))[0]
-            A[t] = v.spd_matrix(arrays[f"col{t}"], f"col{t}", structure.width(t - 1))[0]
-            if structure.bias:
+        for f in layers:
+            t = f.layer
+            G[t] = v.spd_matrix(arrays[f"row{t}"], f"row{t}", f.rows)[0]
+            A[t] = v.spd_matrix(arrays[f"col{t}"], f"col{t}", f.cols)[0]
+            if f.bias is not None:
                 b = np.asarray(arrays[f"bias{t}"])
-                n = structure.width(t)
                 bias[t] = (
-                    v.positive_vector(b, f"bias{t}", n)
+                    v.positive_vector(b, f"bias{t}", f.rows)
                     if b.ndim == 1
-                    else v.spd_matrix(b, f"bias{t}", n)[0]
+                    else v.spd_matrix(b, f"bias{t}", f.rows)[0]
                 )
         return cls(structure, mean, G, A, bias)
 
     @classmethod
-    def from_validated(cls, structure: Structure, arrays: Mapping[str, np.ndarray]):
-        T = structure.T
+    def from_validated(cls, structure, arrays: Mapping[str, np.ndarray]):
+        layers = factored_layers(structure)
         return cls(
             structure,
             arrays["mean"],
-            {t: arrays[f"row{t}"] for t in range(2, T + 1)},
-            {t: arrays[f"col{t}"] for t in range(2, T + 1)},
-            {t: arrays[f"bias{t}"] for t in range(2, T + 1)} if structure.bias else {},
+            {f.layer: arrays[f"row{f.layer}"] for f in layers},
+            {f.layer: arrays[f"col{f.layer}"] for f in layers},
+            {f.layer: arrays[f"bias{f.layer}"] for f in layers if f.bias is not None},
         )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.mean}
-        for t in range(2, self.structure.T + 1):
+        for t, f in self.factored.items():
             out[f"row{t}"], out[f"col{t}"] = self.G[t], self.A[t]
-            if self.structure.bias:
+            if f.bias is not None:
                 out[f"bias{t}"] = self.bias[t]
         return out
 
     # -- the replay -----------------------------------------------------------------------------
+    def _weight(self, f: Factored) -> np.ndarray:
+        return self.mean[f.start : f.start + f.rows * f.cols].reshape(f.rows, f.cols)
+
     def _layers(self) -> dict[int, _Layer]:
         """Each layer's state as views of the posterior's arrays: updates make new arrays."""
-        s = self.structure
         out = {}
-        for t in range(2, s.T + 1):
-            n, m, start = s.width(t), s.width(t - 1), s.layer_offset(t)
-            M = self.mean[start : start + n * m].reshape(n, m)
-            bm = self.mean[start + n * m : start + n * m + n] if s.bias else None
-            bS = self.bias[t] if s.bias else None
-            out[t] = _Layer(np.arange(n), np.arange(m), M, self.G[t], self.A[t], bm, bS)
+        for t, f in self.factored.items():
+            bm = self.mean[f.bias : f.bias + f.rows] if f.bias is not None else None
+            bS = self.bias[t] if f.bias is not None else None
+            out[t] = _Layer(
+                np.arange(f.rows), np.arange(f.cols), self._weight(f), self.G[t], self.A[t], bm, bS
+            )
         return out
 
     def _replay(self, plan) -> tuple[dict[int, _Layer], float]:
@@ -191,10 +227,9 @@ class KronPosterior(Posterior):
                 keep = np.setdiff1d(np.arange(L.rows.size), L.pos(ev.rows, L.rows))
                 L.rows, L.M, L.G = L.rows[keep], L.M[keep], L.G[np.ix_(keep, keep)]
                 if L.bm is not None:
-                    L.bm = L.bm[keep]
-                    L.bS = L.bS[keep] if L.bS.ndim == 1 else L.bS[np.ix_(keep, keep)]
+                    L.bm, L.bS = L.bm[keep], _sub(L.bS, keep)
             elif ev.kind == "columns":
-                C = L.pos(ev.cols, L.cols)
+                C = L.pos(self.factored[ev.layer].columns(ev.cols), L.cols)
                 k = np.setdiff1d(np.arange(L.cols.size), C)
                 LA = _chol(L.A[np.ix_(C, C)], f"col{ev.layer}")
                 Zt = sla.solve_triangular(LA, -L.M[:, C].T, lower=True, check_finite=False)
@@ -206,17 +241,18 @@ class KronPosterior(Posterior):
                 L.A = L.A[np.ix_(k, k)] - W.T @ W
                 L.A = symmetrise(L.A)
                 L.cols = L.cols[k]
-            else:  # a whole layer conditioned (ψ)
-                r, c = L.pos(ev.rows, L.rows), L.pos(ev.cols, L.cols)
-                D = ev.target - L.M[np.ix_(r, c)]
+            else:  # a whole layer conditioned (ψ): to the identity kernel, or to 0
+                r = L.pos(ev.rows, L.rows)
+                c = L.pos(self.factored[ev.layer].columns(ev.cols), L.cols)
+                target = 0.0 if ev.target is None else ev.target
+                D = target - L.M[np.ix_(r, c)]
                 LA = _chol(L.A[np.ix_(c, c)], f"col{ev.layer}")
                 LG = _chol(L.G[np.ix_(r, r)], f"row{ev.layer}")
                 Y = sla.solve_triangular(LA, D.T, lower=True, check_finite=False)
                 X = sla.solve_triangular(LG, Y.T, lower=True, check_finite=False)
                 cost += 0.5 * float(np.sum(X * X))
                 if L.bm is not None:
-                    bS = L.bS[r] if L.bS.ndim == 1 else L.bS[np.ix_(r, r)]
-                    cost += _bias_cost(-L.bm[r], bS)
+                    cost += _bias_cost(-L.bm[r], _sub(L.bS, r))
                 L.gone = True
         return layers, cost
 
@@ -225,24 +261,21 @@ class KronPosterior(Posterior):
         s = plan.student
         mean = np.empty(s.n_params)
         G, A, bias = {}, {}, {}
-        for t, (src, rows, cols) in enumerate(plan.student_layers, start=2):
+        for f, (src, rows, cols) in zip(factored_layers(s), plan.student_layers, strict=True):
             L = layers[src]
-            r, c = L.pos(rows, L.rows), L.pos(cols, L.cols)
-            ix = s.layer(t)
-            mean[ix.U] = L.M[np.ix_(r, c)]
+            t = f.layer
+            r = L.pos(rows, L.rows)
+            c = L.pos(self.factored[src].columns(cols), L.cols)
+            mean[f.start : f.start + f.rows * f.cols] = L.M[np.ix_(r, c)].ravel()
             G[t], A[t] = L.G[np.ix_(r, r)], L.A[np.ix_(c, c)]
-            if s.bias:
-                mean[ix.b] = L.bm[r]
-                bias[t] = L.bS[r] if L.bS.ndim == 1 else L.bS[np.ix_(r, r)]
+            if f.bias is not None:
+                mean[f.bias : f.bias + f.rows] = L.bm[r]
+                bias[t] = _sub(L.bS, r)
         return KronPosterior(s, mean, G, A, bias)
 
     @classmethod
     def align_bytes_of(cls, structure, shapes, conditioned: int, kept: int) -> int:
-        s = structure
-        per = [
-            s.width(t) ** 2 + s.width(t - 1) ** 2 + s.width(t) * s.width(t - 1)
-            for t in range(2, s.T + 1)
-        ]
+        per = [f.rows**2 + f.cols**2 + f.rows * f.cols for f in factored_layers(structure)]
         return 8 * (3 * sum(per) + 2 * kept)
 
     def plan_cost(self, plan) -> float:
@@ -266,17 +299,18 @@ class KronPosterior(Posterior):
 
     # -- small blocks -------------------------------------------------------------------------
     def _locate(self, idx: np.ndarray):
-        """For flat indices: (layer t, is_bias, row, col)."""
-        s = self.structure
-        starts = np.array([s.layer_offset(t) for t in range(2, s.T + 2)])
-        t = np.searchsorted(starts, idx, side="right") + 1
-        off = idx - starts[t - 2]
-        n_in = np.array([0, 0] + [s.width(u - 1) for u in range(2, s.T + 1)])[t]
-        n_out = np.array([0, 0] + [s.width(u) for u in range(2, s.T + 1)])[t]
-        is_b = off >= n_out * n_in
-        row = np.where(is_b, off - n_out * n_in, off // np.maximum(n_in, 1))
-        col = np.where(is_b, 0, off % np.maximum(n_in, 1))
-        return t, is_b, row, col
+        """For flat indices: (layer number, is_bias, row, col)."""
+        fs = list(self.factored.values())
+        starts = np.array([f.start for f in fs])
+        k = np.searchsorted(starts, idx, side="right") - 1
+        numbers = np.array([f.layer for f in fs])
+        cols = np.array([f.cols for f in fs])[k]
+        rows = np.array([f.rows for f in fs])[k]
+        off = idx - starts[k]
+        is_b = off >= rows * cols
+        row = np.where(is_b, off - rows * cols, off // np.maximum(cols, 1))
+        col = np.where(is_b, 0, off % np.maximum(cols, 1))
+        return numbers[k], is_b, row, col
 
     def cov_block(self, idx) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
@@ -319,8 +353,7 @@ class KronPosterior(Posterior):
         return KronScorer(self)
 
     def one_shot_work(self, conditioned: int, kept: int) -> float:
-        s = self.structure
-        return float(sum(s.width(t) ** 3 + s.width(t - 1) ** 3 for t in range(2, s.T + 1)))
+        return float(sum(f.rows**3 + f.cols**3 for f in self.factored.values()))
 
     def _column_groups(self, groups: np.ndarray):
         """(layer, rows, cols) when every group is one column of one layer over the same rows."""
@@ -341,27 +374,29 @@ class KronPosterior(Posterior):
         return 0.5 * np.sum(X * X, axis=0) / np.diag(self.A[t])[cols]
 
     def variance(self) -> np.ndarray:
-        s, out = self.structure, np.empty(self.n)
-        for t in range(2, s.T + 1):
-            ix = s.layer(t)
-            out[ix.U] = np.outer(np.diag(self.G[t]), np.diag(self.A[t]))
-            if s.bias:
+        out = np.empty(self.n)
+        for t, f in self.factored.items():
+            out[f.start : f.start + f.rows * f.cols] = np.outer(
+                np.diag(self.G[t]), np.diag(self.A[t])
+            ).ravel()
+            if f.bias is not None:
                 b = self.bias[t]
-                out[ix.b] = b if b.ndim == 1 else np.diag(b)
+                out[f.bias : f.bias + f.rows] = b if b.ndim == 1 else np.diag(b)
         return out
 
     def precision_diagonal(self) -> np.ndarray:
-        s, out = self.structure, np.empty(self.n)
+        out = np.empty(self.n)
 
         def inv_diag(S):
             return inverse_diagonal(_chol(S, "factor"))
 
-        for t in range(2, s.T + 1):
-            ix = s.layer(t)
-            out[ix.U] = np.outer(inv_diag(self.G[t]), inv_diag(self.A[t]))
-            if s.bias:
+        for t, f in self.factored.items():
+            out[f.start : f.start + f.rows * f.cols] = np.outer(
+                inv_diag(self.G[t]), inv_diag(self.A[t])
+            ).ravel()
+            if f.bias is not None:
                 b = self.bias[t]
-                out[ix.b] = 1.0 / b if b.ndim == 1 else inv_diag(b)
+                out[f.bias : f.bias + f.rows] = 1.0 / b if b.ndim == 1 else inv_diag(b)
         return out
 
     def dense_covariance(self) -> np.ndarray:
@@ -375,6 +410,13 @@ def _lower_columns(A: np.ndarray, C: np.ndarray) -> np.ndarray:
     upper = np.arange(A.shape[0])[:, None] < C[None, :]
     out[upper] = A[C, :].T[upper]
     return out
+
+
+def _lower_blocks(A: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """``A[Q_i, Q_i]`` for each row ``Q_i`` of ``Q`` (sorted), from the lower triangle."""
+    hi = np.maximum(Q[:, :, None], Q[:, None, :])
+    lo = np.minimum(Q[:, :, None], Q[:, None, :])
+    return A[hi, lo]
 
 
 #: A layer's Schur complement is compacted (its dead columns dropped) once fewer than
@@ -410,16 +452,29 @@ class _LayerState:
         )
 
 
+@dataclass(frozen=True)
+class _Part:
+    """Where a batch of candidate groups lies in one layer: whole columns (``Q``: each
+    candidate's column ids, sorted) over ``rows``, or (``Q`` None) the whole layer."""
+
+    layer: int
+    rows: np.ndarray
+    Q: np.ndarray | None
+
+
 class KronScorer:
     """Exact incremental conditioning of a layer-wise Kronecker posterior (docs/theory.md §6, §7).
 
     Layers are independent, so each keeps its own matrix-normal state.  The
     search's candidates are whole columns of a layer over its current rows (a
-    neuron's outgoing weights): conditioning columns C to zero keeps G and
-    Schur-complements A, and the increment of column c is
-    ``½ ‖z_c‖² / A'_cc`` with ``z = L_G⁻¹ M'``: every candidate scored at once,
-    a batch of commits one rank-|C| update.  A merged layer's block (all its live
-    columns over its current rows) has precision ``G⁻¹ ⊗ A'⁻¹``.
+    neuron's outgoing weights, a channel's ``kh·kw`` columns of a conv, in every
+    layer that reads it): conditioning columns C to zero keeps G and
+    Schur-complements A, and the increment of C is ``½ tr(Z_C A'_CC⁻¹ Z_Cᵀ)`` with
+    ``z = L_G⁻¹ M'`` (``½ ‖z_c‖² / A'_cc`` for one column): every candidate scored at
+    once, a batch of commits one rank-|C| update.  Rows marginalised since a layer was
+    scored leave its state by ``M' = L_G Z`` on the rows left.  A whole layer's block
+    (all its live columns over its current rows, and its biases) has precision
+    ``G⁻¹ ⊗ A'⁻¹``.
     """
 
     def __init__(self, posterior: KronPosterior) -> None:
@@ -440,52 +495,205 @@ class KronScorer:
         return float(n * k + 100 * n * n)
 
     def _state(self, t: int, rows: np.ndarray) -> _LayerState:
-        """Layer t's state over ``rows`` (its other rows marginalised).  Rows are fixed the
-        first time a layer is scored: a search reduces the positions above it first."""
+        """Layer t's state over ``rows`` (sorted; its other rows marginalised)."""
         st = self.layers.get(t)
         if st is None:
-            s = self.post.structure
-            n, m, start = s.width(t), s.width(t - 1), s.layer_offset(t)
-            M = np.asarray(self.post.mean[start : start + n * m]).reshape(n, m)[rows]
-            LG = _chol(self.post.G[t][np.ix_(rows, rows)], f"row{t}")
+            post = self.post
+            M = post._weight(post.factored[t])[rows]
+            LG = _chol(post.G[t][np.ix_(rows, rows)], f"row{t}")
             Z = sla.solve_triangular(LG, M, lower=True, check_finite=False)
-            A = np.array(self.post.A[t], order="F")
+            A = np.array(post.A[t], order="F")
+            m = A.shape[0]
             st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), LG, Z, A)
             self.layers[t] = st
         elif not np.array_equal(st.rows, rows):
-            raise InvalidPosterior(
-                f"a kron search changed the rows of layer {t} after scoring it", field="ops"
-            )
+            keep = np.searchsorted(st.rows, rows)
+            if keep.size and (keep[-1] >= st.rows.size or not np.array_equal(st.rows[keep], rows)):
+                raise InvalidPosterior(
+                    f"a kron search met rows of layer {t} it had marginalised", field="ops"
+                )
+            # marginalising rows: the residual mean M' = L_G Z and G on the rows left
+            M = (st.LG @ st.Z)[keep]
+            st.LG = _chol(self.post.G[t][np.ix_(rows, rows)], f"row{t}")
+            st.Z = sla.solve_triangular(st.LG, M, lower=True, check_finite=False)
+            st.rows = rows
+        if st.gone:
+            raise InvalidPosterior(f"a kron search scored layer {t} after removing it", field="ops")
         return st
 
-    def _columns(self, groups: np.ndarray):
+    def _parts(self, groups: np.ndarray) -> list[_Part]:
+        """Where candidate groups (one per row, the same layers in every row) lie."""
+        n = groups.shape[0]
         t, is_b, r, c = self.post._locate(groups.ravel())
         t, is_b, r, c = (a.reshape(groups.shape) for a in (t, is_b, r, c))
-        if is_b.any() or (t != t[0, 0]).any() or (c != c[:, :1]).any() or (r != r[:1]).any():
-            raise InvalidPosterior(
-                "a kron search scores whole columns of one layer over its current rows",
-                field="ops",
-            )
-        return int(t[0, 0]), r[0], c[:, 0]
+        bad = InvalidPosterior(
+            "a kron search scores whole columns of layers over their current rows, or whole layers",
+            field="ops",
+        )
+        if (t != t[:1]).any() or (is_b != is_b[:1]).any():
+            raise bad
+        parts = []
+        for u in np.unique(t[0]):
+            P = np.flatnonzero(t[0] == u)
+            w = P[~is_b[0, P]]
+            rows = np.unique(r[0, w]) if w.size else np.unique(r[0, P])
+            if is_b[0, P].any():  # a whole layer, its biases included
+                if n != 1:
+                    raise bad
+                parts.append(_Part(int(u), rows, None))
+                continue
+            R = rows.size
+            if w.size % R:
+                raise bad
+            Cs = np.sort(c[:, w], axis=1)
+            Q = Cs[:, ::R]
+            if not (
+                np.array_equal(Cs, np.repeat(Q, R, axis=1))
+                and np.array_equal(
+                    np.sort(r[:, w], axis=1), np.tile(np.repeat(rows, Q.shape[1]), (n, 1))
+                )
+            ):
+                raise bad
+            parts.append(_Part(int(u), rows, Q))
+        return parts
 
-    def drops(self, groups) -> _KronDrops:
+    def _increments(self, part: _Part) -> np.ndarray:
+        st = self._state(part.layer, part.rows)
+        if part.Q is None:
+            f = self.post.factored[part.layer]
+            rb = st.rows
+            bias = None if f.bias is None else (rb, -self.post.mean[f.bias + rb])
+            return np.array([self._layer_cost(part.layer, st, None, bias)])
+        Q = part.Q
+        n, g = Q.shape
+        q = np.minimum(np.searchsorted(st.cols, Q), st.cols.size - 1)
+        ok = (st.cols[q] == Q).all(axis=1) & st.live[q].all(axis=1)
+        out = np.full(n, np.inf)
+        if not ok.any():
+            return out
+        if g == 1:
+            a = np.diagonal(st.A)[q[ok, 0]]
+            z = st.Z[:, q[ok, 0]]
+            inc = np.full(a.size, np.inf)
+            pos = a > 0
+            inc[pos] = 0.5 * np.einsum("ij,ij->j", z[:, pos], z[:, pos]) / a[pos]
+            out[ok] = inc
+            return out
+        sel = q[ok]
+        Acc = _lower_blocks(st.A, sel)  # (k, g, g)
+        ZC = np.ascontiguousarray(st.Z[:, sel].transpose(1, 2, 0))  # (k, g, rows)
+        try:
+            L = np.linalg.cholesky(Acc)
+            Y = np.linalg.solve(L, ZC)
+            out[ok] = 0.5 * np.einsum("kgr,kgr->k", Y, Y)
+        except np.linalg.LinAlgError:  # some block is not positive definite: that one is
+            inc = np.full(sel.shape[0], np.inf)  # no candidate
+            for i in range(sel.shape[0]):
+                try:
+                    Y = np.linalg.solve(np.linalg.cholesky(Acc[i]), ZC[i])
+                except np.linalg.LinAlgError:
+                    continue
+                inc[i] = 0.5 * float(np.sum(Y * Y))
+            out[ok] = inc
+        return out
+
+    def _layer_cost(self, t: int, st: _LayerState, D, bias) -> float:
+        """Layer t's whole live block conditioned: to ``M' + D`` (rows × live columns;
+        ``None``: to 0); ``bias`` is ``(rows, d)``, its biases of ``rows`` conditioned to
+        their means plus ``d``, or ``None`` (biases not conditioned)."""
+        live = np.flatnonzero(st.live)
+        out = 0.0
+        if live.size and st.rows.size:
+            LA = _chol(_lower_blocks(st.A, live[None])[0], f"col{t}")
+            X = (
+                st.Z[:, live]
+                if D is None
+                else sla.solve_triangular(st.LG, D, lower=True, check_finite=False)
+            )
+            Y = sla.solve_triangular(LA, X.T, lower=True, check_finite=False)
+            out += 0.5 * float(np.sum(Y * Y))
+        if bias is not None:
+            rb, db = bias
+            out += _bias_cost(db, _sub(self.post.bias[t], rb))
+        return out
+
+    def _condition_columns(self, t: int, st: _LayerState, C: np.ndarray) -> None:
+        """Condition live columns at positions ``C`` (sorted) of layer t's state to zero: a
+        rank-|C| Schur update of ``A'`` in place (its conditioned rows and columns fall to
+        zero and are dead), compacted once most of it is dead (the work falls as the
+        greedy goes)."""
+        LC = _chol(_lower_blocks(st.A, C[None])[0], f"col{t}")
+        Y = sla.solve_triangular(LC, st.Z[:, C].T, lower=True, check_finite=False)
+        self.cost += 0.5 * float(np.sum(Y * Y))
+        W = sla.solve_triangular(LC, _lower_columns(st.A, C).T, lower=True, check_finite=False)
+        st.Z -= Y.T @ W
+        # A' is symmetric: its lower triangle alone is kept (a rank-|C| syrk, half a gemm)
+        with all_threads() if st.A.shape[0] >= 1024 else contextlib.nullcontext():
+            st.A = blas.dsyrk(-1.0, W, beta=1.0, c=st.A, trans=1, lower=1, overwrite_c=True)
+        st.live[C] = False
+        if st.live.mean() < _COMPACT_BELOW:
+            keep = np.flatnonzero(st.live)
+            st.A = np.asfortranarray(st.A[np.ix_(keep, keep)])
+            st.Z = np.ascontiguousarray(st.Z[:, keep])
+            st.cols, st.live = st.cols[keep], st.live[keep]
+
+    def drops(self, groups) -> _KronDrops | _GroupDrops:
         if isinstance(groups, Columns):
             t, rows, cols = groups.layer, groups.rows, groups.cols
-        else:
-            t, rows, cols = self._columns(np.asarray(groups, dtype=np.int64))
-        return _KronDrops(self, t, self._state(t, np.sort(rows)), np.asarray(cols))
+            return _KronDrops(self, t, self._state(t, np.sort(rows)), np.asarray(cols))
+        return _GroupDrops(self, np.asarray(groups, dtype=np.int64))
 
     def block(self, idx) -> _KronBlock:
         return _KronBlock(self, indices(idx))
 
     def commit(self, idx: np.ndarray, targets: np.ndarray) -> None:
-        if np.asarray(idx).size:
-            raise InvalidPosterior(
-                "a kron posterior conditions whole columns or layers only", field="ops"
-            )
+        """Condition ``idx`` to ``targets``: in each layer, whole columns over its current
+        rows to zero, or its whole live block (and biases) to any target."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if not idx.size:
+            return
+        targets = np.asarray(targets, dtype=np.float64)
+        t, is_b, r, c = self.post._locate(idx)
+        for u in np.unique(t):
+            P = np.flatnonzero(t == u)
+            w, b = P[~is_b[P]], P[is_b[P]]
+            rows = np.unique(r[w]) if w.size else np.unique(r[b])
+            st = self._state(int(u), rows)
+            C = np.unique(c[w])
+            if w.size != rows.size * C.size:
+                raise InvalidPosterior(
+                    f"a kron posterior conditions whole columns of layer {u} over its current rows",
+                    field="ops",
+                )
+            q = np.minimum(np.searchsorted(st.cols, C), st.cols.size - 1)
+            if C.size and not (np.array_equal(st.cols[q], C) and st.live[q].all()):
+                raise InvalidPosterior(
+                    f"a kron posterior conditions columns of layer {u} once", field="ops"
+                )
+            live = np.flatnonzero(st.live)
+            if not (b.size or np.any(targets[w])):
+                self._condition_columns(int(u), st, q)
+                continue
+            if not np.array_equal(q, live):
+                raise InvalidPosterior(
+                    f"a kron posterior conditions columns of layer {u} to zero, or the whole "
+                    "layer to any target",
+                    field="ops",
+                )
+            D = np.zeros((rows.size, live.size))
+            D[np.searchsorted(rows, r[w]), np.searchsorted(C, c[w])] = targets[w]
+            D -= st.LG @ st.Z[:, live]
+            bias = None
+            if b.size:
+                rb = r[b]
+                bias = (rb, targets[b] - self.post.mean[self.post.factored[int(u)].bias + rb])
+            self.cost += self._layer_cost(int(u), st, D, bias)
+            st.gone = True
 
 
 class _KronDrops:
+    """Whole columns of one layer over its current rows (an MLP position's neurons)."""
+
     def __init__(self, sc: KronScorer, t: int, st: _LayerState, cols: np.ndarray) -> None:
         self.sc, self.t, self.st = sc, t, st
         self.cand = np.asarray(cols)  # the candidates' teacher column ids
@@ -504,28 +712,39 @@ class _KronDrops:
         return out
 
     def take(self, which) -> None:
-        """Condition the columns ``which`` at once: a rank-|C| Schur update of ``A'`` in
-        place (its conditioned rows and columns fall to zero and are dead), compacted
-        once most of it is dead (the work falls as the greedy goes)."""
+        """Condition the columns ``which`` at once (one rank-|C| update)."""
         which = np.atleast_1d(which)
         if not self.live[which].all():
             raise ValueError("a candidate was taken already")
         st = self.st
-        C = np.sort(np.searchsorted(st.cols, self.cand[which]))  # sorted: A[C, C]'s lower
-        LC = _chol(st.A[np.ix_(C, C)], f"col{self.t}")  # triangle is A's
-        Y = sla.solve_triangular(LC, st.Z[:, C].T, lower=True, check_finite=False)
-        self.sc.cost += 0.5 * float(np.sum(Y * Y))
-        W = sla.solve_triangular(LC, _lower_columns(st.A, C).T, lower=True, check_finite=False)
-        st.Z -= Y.T @ W
-        # A' is symmetric: its lower triangle alone is kept (a rank-|C| syrk, half a gemm)
-        with all_threads() if st.A.shape[0] >= 1024 else contextlib.nullcontext():
-            st.A = blas.dsyrk(-1.0, W, beta=1.0, c=st.A, trans=1, lower=1, overwrite_c=True)
-        st.live[C] = False
-        if st.live.mean() < _COMPACT_BELOW:
-            keep = np.flatnonzero(st.live)
-            st.A = np.asfortranarray(st.A[np.ix_(keep, keep)])
-            st.Z = np.ascontiguousarray(st.Z[:, keep])
-            st.cols, st.live = st.cols[keep], st.live[keep]
+        C = np.sort(np.searchsorted(st.cols, self.cand[which]))
+        self.sc._condition_columns(self.t, st, C)
+        self.live[which] = False
+
+
+class _GroupDrops:
+    """Candidate groups spanning one or more layers (a network channel's consumer slices
+    in every layer that reads it, or a residual block's last layer whole): increments
+    summed over the layers, which are independent."""
+
+    def __init__(self, sc: KronScorer, groups: np.ndarray) -> None:
+        self.sc, self.groups = sc, groups
+        self.parts = sc._parts(groups) if groups.size else []
+        self.live = np.ones(groups.shape[0], dtype=bool)
+
+    def increments(self) -> np.ndarray:
+        out = np.zeros(self.groups.shape[0])
+        for part in self.parts:
+            out += self.sc._increments(part)
+        out[~self.live] = np.inf
+        return out
+
+    def take(self, which) -> None:
+        which = np.atleast_1d(which)
+        if not self.live[which].all():
+            raise ValueError("a candidate was taken already")
+        idx = self.groups[which].ravel()
+        self.sc.commit(idx, np.zeros(idx.size))
         self.live[which] = False
 
 
@@ -554,7 +773,7 @@ class _KronBlock:
         self.Z = st.Z[:, live]
         # Q = G⁻¹ ⊗ A'⁻¹ and c = M': linear = ½ diag(G⁻¹)_k diag(A'⁻¹)_l − (G⁻¹ M' A'⁻¹)_kl;
         # the diagonals from the inverse factors, G⁻¹ M' A⁻¹ by solves (never A⁻¹ whole)
-        if live.size == st.cols.size and st.cols.size == post.structure.width(u - 1):
+        if live.size == st.cols.size and st.cols.size == post.factored[u].cols:
             self.LA, ai = post.column_factor(u)  # untouched: the layer's own, cached
         else:
             self.LA = _chol(st.A[np.ix_(live, live)], f"col{u}")

@@ -131,9 +131,51 @@ async def test_bad_networks_name_the_stage_and_field(svc, change, field):
     assert_problem(r, 422, field)
 
 
-async def test_kron_for_a_network_is_refused_before_any_work(svc):
-    r = await upload(svc.client, TEACHER, "kron", {"mean": np.zeros(3)})
-    assert "not implemented yet" in assert_problem(r, 422, "spec.posterior.format")["detail"]
+def _kron_arrays(net: Network, rng) -> dict[str, np.ndarray]:
+    """K-FAC arrays as laplace-torch's Conv2d factors have them: per layer l, ``row{l}``
+    (out × out) and ``col{l}`` ((in·kh·kw) × (in·kh·kw)), ``bias{l}`` its own block."""
+    arrays = {"mean": rng.normal(size=net.n_params)}
+    for u in net.graph.units:
+        (seg,) = u.segments
+        arrays[f"row{u.layer}"] = spd(rng, u.rows)
+        arrays[f"col{u.layer}"] = spd(rng, seg.width * seg.group)
+        if u.bias is not None:
+            arrays[f"bias{u.layer}"] = spd(rng, u.rows)
+    return arrays
+
+
+async def test_a_kron_residual_cnn_is_uploaded_planned_and_aligned_as_the_core_does(svc):
+    from planner.posterior import KronPosterior
+
+    net = Network.from_json(TEACHER)
+    arrays = _kron_arrays(net, np.random.default_rng(3))
+    r = await upload(svc.client, TEACHER, "kron", arrays, name="resnet-kfac")
+    assert r.status_code == 201, r.text
+    t = r.json()
+    r = await svc.client.post(f"/v1/teachers/{t['id']}/plans", json={"student": _student()})
+    assert r.status_code == 201, r.text
+    plan = r.json()
+    post = KronPosterior.from_arrays(net, arrays)
+    core = search(post, Network.from_json(_student()))
+    assert plan["ops"] == core.plan.to_json()
+    assert plan["cost"] == pytest.approx(core.cost, rel=1e-12)
+    r = await svc.client.post(f"/v1/plans/{plan['id']}/prior")
+    done = await wait_done(svc.client, r.json()["id"])
+    assert done["status"] == "done", done
+    want = Plan(net, core.plan.ops).apply(post).to_arrays()
+    assert set(done["arrays"]) == set(want)
+    for name in ("mean", "col1", "row2"):
+        r = await svc.client.get(f"/v1/priors/{done['id']}/arrays/{name}")
+        got = np.load(io.BytesIO(r.content), allow_pickle=False)
+        np.testing.assert_allclose(got, want[name], rtol=1e-12)
+
+
+async def test_a_kron_network_upload_missing_a_factor_names_it(svc):
+    net = Network.from_json(TEACHER)
+    arrays = _kron_arrays(net, np.random.default_rng(4))
+    del arrays["col3"]
+    r = await upload(svc.client, TEACHER, "kron", arrays)
+    assert "col3" in assert_problem(r, 422)["detail"]
 
 
 async def test_an_mlp_student_for_a_network_teacher_says_how_to_write_it(svc):

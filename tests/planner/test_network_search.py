@@ -71,6 +71,33 @@ def test_the_search_is_never_above_the_global_greedy_and_is_the_optimum_when_exh
     close(found.cost, ref_brute_force(d, s, mean, cov))
 
 
+@settings(max_examples=30, deadline=None)
+@given(search_cases())
+def test_a_kron_search_on_its_own_scorer_is_the_dense_search(case):
+    """K-FAC teachers scored in the layers' own terms (the kron scorer, forced here where
+    the posterior is small enough to be scored densely): the same contract, the same plan
+    as the dense scorer on the same Gaussian."""
+    import planner.posterior.kron as kron
+    from tests.planner.test_networks import kron_posterior
+
+    d, s, seed = case
+    teacher, student = Network.from_json(d), Network.from_json(s)
+    d = teacher.to_json()
+    post, mean, cov = kron_posterior(d, teacher, np.random.default_rng(seed))
+    dense = search(FullPosterior.from_dense(teacher, mean, cov), student)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kron, "DENSE_PARAMS", 0)
+        assert isinstance(post.scorer(), kron.KronScorer)
+        found = search(post, student)
+    assert found.plan.student == student
+    close(found.cost, found.plan.cost(post))
+    close(found.cost, dense.cost)
+    greedy = ref_greedy(d, s, mean, cov)
+    assert found.cost <= greedy + 1e-9 * max(1.0, greedy)
+    if found.exhaustive:
+        close(found.cost, ref_brute_force(d, s, mean, cov))
+
+
 def test_routes_agree_with_the_reference():
     d = _resnet(blocks=3)
     s = Network.from_json(_resnet(blocks=1, width=3)).to_json()

@@ -20,7 +20,6 @@ from planner import (
     Plan,
     Psi,
     PsiBlock,
-    Unsupported,
     op_from_json,
 )
 from planner.network import forward
@@ -492,10 +491,78 @@ def test_bad_networks_name_the_stage_and_field(change, field, words):
     assert words in exc.value.reason
 
 
-def test_kron_for_networks_is_refused_as_not_implemented():
-    net = Network.from_json(_RULES)
-    with pytest.raises(Unsupported, match="not implemented yet"):
-        KronPosterior.from_arrays(net, {"mean": np.zeros(net.n_params)})
+def kron_posterior(d: dict, net: Network, rng: np.random.Generator):
+    """(a kron posterior over ``net``, its mean and the reference's dense covariance)."""
+    ref = RefNetwork(d)
+    arrays, G, A, bias = {"mean": rng.normal(size=net.n_params)}, {}, {}, {}
+    for L in ref.layers:
+        n = L.number
+        G[n] = arrays[f"row{n}"] = spd(rng, L.out)
+        A[n] = arrays[f"col{n}"] = spd(rng, L.inp * L.group)
+        if L.bias:
+            b = rng.uniform(0.3, 2.0, L.out) if rng.random() < 0.5 else spd(rng, L.out)
+            bias[n] = arrays[f"bias{n}"] = b
+    post = KronPosterior.from_arrays(net, arrays)
+    return post, arrays["mean"], ref.kron_covariance(G, A, bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_kron_equals_the_dense_reference(case):
+    """laplace-torch's K-FAC of Conv2d: a channel's consumer slice is a group of kh·kw
+    columns; every plan replayed in the layers' own terms equals the dense reference."""
+    d, ops, seed = case
+    net = Network.from_json(d)
+    post, mean, cov = kron_posterior(d, net, np.random.default_rng(seed))
+    close(post.dense_covariance(), cov)
+    plan = Plan(net, planner_ops(ops))
+    want_mean, want_cov, want_cost = reference(d, ops, mean, cov)
+    got = plan.apply(post)
+    assert isinstance(got, KronPosterior)
+    close(got.mean, want_mean)
+    close(got.dense_covariance(), want_cov)
+    close(plan.cost(post), want_cost)
+    again = KronPosterior.from_arrays(plan.student, got.to_arrays())
+    close(again.dense_covariance(), want_cov)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_the_kron_scorer_equals_the_dense_scorer_step_by_step(case):
+    """The kron scorer's increments of every channel of every space (its consumer slices
+    in every layer that reads it) and of every block, after each step of a random plan
+    (rows marginalised, columns conditioned, blocks and layers removed), equal the dense
+    scorer's on the same Gaussian."""
+    from planner.ops import Tracked
+    from planner.posterior.kron import KronScorer
+
+    d, ops, seed = case
+    net = Network.from_json(d)
+    post, mean, cov = kron_posterior(d, net, np.random.default_rng(seed))
+    dense = FullPosterior.from_dense(net, mean, cov).scorer()
+    kron = KronScorer(post)
+    tr = Tracked.start(net)
+
+    def compare():
+        for s in tr.positions:
+            if s in net.graph.fixed:
+                continue
+            groups = tr.consumer_groups(s)
+            if groups.size:
+                close(kron.drops(groups).increments(), dense.drops(groups).increments())
+        for b in net.graph.blocks:
+            if b.branch[-1] not in tr.gone:
+                idx = tr.block_indices(b.number)[None, :]
+                close(kron.drops(idx).increments(), dense.drops(idx).increments())
+
+    compare()
+    for op in planner_ops(ops):
+        eff = tr.apply(op)
+        kron.commit(eff.conditioned, eff.targets)
+        dense.commit(eff.conditioned, eff.targets)
+        close(kron.cost, dense.cost)
+        compare()
+    close(kron.cost, reference(d, ops, mean, cov)[2])
 
 
 def test_ops_json_round_trips():
