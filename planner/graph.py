@@ -29,7 +29,7 @@ from functools import cached_property
 
 import numpy as np
 
-__all__ = ["Block", "Graph", "Segment", "Unit"]
+__all__ = ["Block", "Consumers", "Graph", "Segment", "Slice", "Unit", "Whole"]
 
 
 @dataclass(frozen=True)
@@ -166,3 +166,59 @@ class Graph:
                         return f"weight{at} of {u.name}"
                 return f"bias[{index - u.bias}] of {u.name}"
         return f"index {index} (past the last parameter)"
+
+
+# -- slices of the current graph: how a search describes its candidates --------------------
+@dataclass(frozen=True)
+class Slice:
+    """The current weight block ``rows × channels`` of one segment of a teacher layer
+    (``planner.graph.Segment``): layer number, segment, teacher row ids, teacher ids of the
+    channels read (current order), each channel owning ``segment.group`` adjacent
+    columns."""
+
+    layer: int
+    segment: Segment
+    rows: np.ndarray
+    channels: np.ndarray
+
+    def indices(self) -> np.ndarray:
+        """Flat indices, rows × (channels · group)."""
+        return self.segment.indices(self.rows, self.channels)
+
+
+@dataclass(frozen=True)
+class Consumers:
+    """Candidate groups that are a space's consumer slices (docs/theory.md §13): group c is
+    channel c's columns in every layer that reads the space (``slices``), over each one's
+    current rows.  Structured kernels read the layers directly; others ask for
+    :meth:`indices`."""
+
+    slices: tuple[Slice, ...]
+    width: int
+
+    def indices(self) -> np.ndarray:
+        parts = []
+        for sl in self.slices:
+            W = sl.indices().reshape(sl.rows.size, -1, sl.segment.group).transpose(1, 0, 2)
+            parts.append(W.reshape(W.shape[0], -1))
+        return np.hstack(parts) if parts else np.zeros((self.width, 0), np.int64)
+
+
+@dataclass(frozen=True)
+class Whole:
+    """One candidate: a layer's whole current block (its slice, then the biases of its
+    rows, ``bias`` the flat index of ``b[0]`` or ``None``), as a residual block's last
+    layer is conditioned to 0 (docs/theory.md §13)."""
+
+    slice: Slice
+    bias: int | None
+
+    @property
+    def width(self) -> int:
+        return 1
+
+    def indices(self) -> np.ndarray:
+        parts = [self.slice.indices().ravel()]
+        if self.bias is not None:
+            parts.append(self.bias + self.slice.rows)
+        return np.concatenate(parts)[None, :]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InvalidOperation
-from .graph import Unit
+from .graph import Consumers, Slice, Unit, Whole
 from .stages import Conv, Network
 from .structure import IDEMPOTENT, Structure
 
@@ -278,25 +278,34 @@ class Tracked:
         return np.hstack([U, self.recurrent(t).T])
 
     # -- what a network's steps would condition ----------------------------------------
+    def consumers(self, space: int) -> Consumers:
+        """The candidate groups of φ on ``space``: channel c's consumer slices (current
+        order) in every layer that reads it, over their current rows."""
+        slices = tuple(
+            Slice(lay.src, lay.unit.segments[k], lay.rows, lay.segs[k])
+            for lay in self.layers
+            for k, reads in enumerate(lay.reads)
+            if reads == space
+        )
+        return Consumers(slices, self.neurons[self.positions.index(space)].size)
+
     def consumer_groups(self, space: int) -> np.ndarray:
         """Row c: the teacher indices φ on channel c (current order) of ``space`` would
         condition, every consumer slice over its current rows (a network's spaces)."""
-        parts = []
-        for lay in self.layers:
-            for k, reads in enumerate(lay.reads):
-                if reads == space:
-                    seg = lay.unit.segments[k]
-                    W = seg.indices(lay.rows, lay.segs[k])  # rows × channels·g
-                    W = W.reshape(lay.rows.size, -1, seg.group).transpose(1, 0, 2)
-                    parts.append(W.reshape(W.shape[0], -1))
-        width = self.neurons[self.positions.index(space)].size
-        return np.hstack(parts) if parts else np.zeros((width, 0), np.int64)
+        return self.consumers(space).indices()
+
+    def block_whole(self, number: int) -> Whole:
+        """What ψ on block ``number`` would condition: its branch's last layer, whole, as it
+        is now."""
+        last = self.teacher.graph.blocks[number - 1].branch[-1]
+        lay = next(lay for lay in self.layers if lay.unit.index == last)
+        (seg,) = lay.unit.segments
+        return Whole(Slice(lay.src, seg, lay.rows, lay.segs[0]), lay.unit.bias)
 
     def block_indices(self, number: int) -> np.ndarray:
         """The teacher indices ψ on block ``number`` would condition (its branch's last
         layer, as it is now)."""
-        last = self.teacher.graph.blocks[number - 1].branch[-1]
-        return next(lay for lay in self.layers if lay.unit.index == last).indices()
+        return self.block_whole(number).indices()[0]
 
     # -- validity -------------------------------------------------------------------------
     def check(self, op: Op) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg as sla
@@ -35,7 +35,8 @@ from scipy.linalg import blas
 
 from .._threads import all_threads
 from ..errors import InvalidPosterior, SingularConstraint, Unsupported
-from ..linalg import inverse_diagonal, pivots_ok, symmetrise
+from ..graph import Consumers, Whole
+from ..linalg import inverse_diagonal, pivots_ok
 from . import _validate as v
 from .base import Posterior
 from .scoring import Columns, indices
@@ -98,24 +99,6 @@ def factored_layers(structure) -> tuple[Factored, ...]:
         (seg,) = u.segments
         out.append(Factored(u.layer, seg.offset, u.rows, seg.width * seg.group, seg.group, u.bias))
     return tuple(out)
-
-
-@dataclass
-class _Layer:
-    """One teacher layer during a replay: current rows/cols (teacher ids) and factors."""
-
-    rows: np.ndarray
-    cols: np.ndarray
-    M: np.ndarray  # mean, rows × cols
-    G: np.ndarray
-    A: np.ndarray
-    bm: np.ndarray | None  # bias mean (rows)
-    bS: np.ndarray | None  # bias covariance (rows × rows), or variances (rows,)
-    gone: bool = False
-
-    def pos(self, ids: np.ndarray, of: np.ndarray) -> np.ndarray:
-        index = {int(x): k for k, x in enumerate(of)}
-        return np.array([index[int(x)] for x in ids], dtype=np.int64)
 
 
 def _bias_cost(bm: np.ndarray, bS: np.ndarray) -> float:
@@ -198,79 +181,66 @@ class KronPosterior(Posterior):
     def _weight(self, f: Factored) -> np.ndarray:
         return self.mean[f.start : f.start + f.rows * f.cols].reshape(f.rows, f.cols)
 
-    def _layers(self) -> dict[int, _Layer]:
-        """Each layer's state as views of the posterior's arrays: updates make new arrays."""
-        out = {}
-        for t, f in self.factored.items():
-            bm = self.mean[f.bias : f.bias + f.rows] if f.bias is not None else None
-            bS = self.bias[t] if f.bias is not None else None
-            out[t] = _Layer(
-                np.arange(f.rows), np.arange(f.cols), self._weight(f), self.G[t], self.A[t], bm, bS
-            )
-        return out
-
-    def _replay(self, plan) -> tuple[dict[int, _Layer], float]:
+    def _replay(self, plan) -> KronScorer:
         """Replay ``plan``'s events; the last replay is kept for an :meth:`align` that
         follows a :meth:`plan_cost` of the same plan (the search's pattern)."""
         last = getattr(self, "_last", None)
         if last is not None and last[0]() is plan:
-            return last[1], last[2]
-        layers, cost = self._replay_events(plan.events)
-        self._last = (weakref.ref(plan), layers, cost)
-        return layers, cost
+            return last[1]
+        sc = self._replay_events(plan.events)
+        self._last = (weakref.ref(plan), sc)
+        return sc
 
-    def _replay_events(self, events) -> tuple[dict[int, _Layer], float]:
-        layers, cost = self._layers(), 0.0
+    def _replay_events(self, events) -> KronScorer:
+        """The events on the search's own per-layer state (:class:`KronScorer`): columns
+        conditioned in place, rows marginalised when a layer is next touched (a run of
+        them at once), whole layers conditioned to their targets."""
+        sc = KronScorer(self)
         for ev in events:
-            L = layers[ev.layer]
-            if ev.kind == "rows":
-                keep = np.setdiff1d(np.arange(L.rows.size), L.pos(ev.rows, L.rows))
-                L.rows, L.M, L.G = L.rows[keep], L.M[keep], L.G[np.ix_(keep, keep)]
-                if L.bm is not None:
-                    L.bm, L.bS = L.bm[keep], _sub(L.bS, keep)
-            elif ev.kind == "columns":
-                C = L.pos(self.factored[ev.layer].columns(ev.cols), L.cols)
-                k = np.setdiff1d(np.arange(L.cols.size), C)
-                LA = _chol(L.A[np.ix_(C, C)], f"col{ev.layer}")
-                Zt = sla.solve_triangular(LA, -L.M[:, C].T, lower=True, check_finite=False)
-                LG = _chol(L.G, f"row{ev.layer}")
-                X = sla.solve_triangular(LG, Zt.T, lower=True, check_finite=False)
-                cost += 0.5 * float(np.sum(X * X))
-                W = sla.solve_triangular(LA, L.A[np.ix_(C, k)], lower=True, check_finite=False)
-                L.M = L.M[:, k] + Zt.T @ W
-                L.A = L.A[np.ix_(k, k)] - W.T @ W
-                L.A = symmetrise(L.A)
-                L.cols = L.cols[k]
-            else:  # a whole layer conditioned (ψ): to the identity kernel, or to 0
-                r = L.pos(ev.rows, L.rows)
-                c = L.pos(self.factored[ev.layer].columns(ev.cols), L.cols)
-                target = 0.0 if ev.target is None else ev.target
-                D = target - L.M[np.ix_(r, c)]
-                LA = _chol(L.A[np.ix_(c, c)], f"col{ev.layer}")
-                LG = _chol(L.G[np.ix_(r, r)], f"row{ev.layer}")
-                Y = sla.solve_triangular(LA, D.T, lower=True, check_finite=False)
-                X = sla.solve_triangular(LG, Y.T, lower=True, check_finite=False)
-                cost += 0.5 * float(np.sum(X * X))
-                if L.bm is not None:
-                    cost += _bias_cost(-L.bm[r], _sub(L.bS, r))
-                L.gone = True
-        return layers, cost
+            if ev.kind == "rows":  # left to the next step on the layer (or to align)
+                continue
+            f = self.factored[ev.layer]
+            st = sc._state(ev.layer, np.sort(ev.rows))
+            cols = f.columns(ev.cols)
+            if ev.kind == "columns":
+                sc._condition_columns(ev.layer, st, np.sort(np.searchsorted(st.cols, cols)))
+                continue
+            live = np.flatnonzero(st.live)
+            D = None
+            if ev.target is not None:
+                D = np.zeros((st.rows.size, live.size))
+                r = np.searchsorted(st.rows, ev.rows)
+                c = np.searchsorted(st.cols[live], cols)
+                D[np.ix_(r, c)] = ev.target
+                D -= st.LG @ st.Z[:, live]
+            bias = None if f.bias is None else (st.rows, -self.mean[f.bias + st.rows])
+            sc.cost += sc._layer_cost(ev.layer, st, D, bias)
+            st.gone, st.cache = True, {}
+        return sc
 
     def align(self, plan) -> KronPosterior:
-        layers, _ = self._replay(plan)
+        sc = self._replay(plan)
         s = plan.student
         mean = np.empty(s.n_params)
         G, A, bias = {}, {}, {}
         for f, (src, rows, cols) in zip(factored_layers(s), plan.student_layers, strict=True):
-            L = layers[src]
             t = f.layer
-            r = L.pos(rows, L.rows)
-            c = L.pos(self.factored[src].columns(cols), L.cols)
-            mean[f.start : f.start + f.rows * f.cols] = L.M[np.ix_(r, c)].ravel()
-            G[t], A[t] = L.G[np.ix_(r, r)], L.A[np.ix_(c, c)]
+            cols = self.factored[src].columns(cols)
+            if src in sc.layers:
+                st = sc._state(src, np.sort(rows))
+                r = np.searchsorted(st.rows, rows)
+                c = np.searchsorted(st.cols, cols)
+                M = (st.LG @ st.Z[:, c])[r]
+                A[t] = _lower_blocks(st.A, c[None])[0]
+            else:
+                M = self._weight(self.factored[src])[np.ix_(rows, cols)]
+                A[t] = np.asarray(self.A[src])[np.ix_(cols, cols)]
+            mean[f.start : f.start + f.rows * f.cols] = M.ravel()
+            G[t] = np.asarray(self.G[src])[np.ix_(rows, rows)]
             if f.bias is not None:
-                mean[f.bias : f.bias + f.rows] = L.bm[r]
-                bias[t] = _sub(L.bS, r)
+                b = self.factored[src].bias
+                mean[f.bias : f.bias + f.rows] = self.mean[b + rows]
+                bias[t] = _sub(np.asarray(self.bias[src]), rows)
         return KronPosterior(s, mean, G, A, bias)
 
     @classmethod
@@ -279,7 +249,7 @@ class KronPosterior(Posterior):
         return 8 * (3 * sum(per) + 2 * kept)
 
     def plan_cost(self, plan) -> float:
-        return self._replay(plan)[1]
+        return self._replay(plan).cost
 
     def constraint_cost(self, B, values) -> float:
         """For arbitrary (small) index sets; plans use the structured :meth:`plan_cost`."""
@@ -439,6 +409,8 @@ class _LayerState:
     Z: np.ndarray
     A: np.ndarray
     gone: bool = False
+    #: increments already scored on this state (dropped whenever the state changes)
+    cache: dict = field(default_factory=dict)
 
     def copy(self) -> _LayerState:
         return _LayerState(
@@ -449,6 +421,7 @@ class _LayerState:
             self.Z.copy(),
             np.asfortranarray(self.A.copy()),
             self.gone,
+            dict(self.cache),
         )
 
 
@@ -460,6 +433,7 @@ class _Part:
     layer: int
     rows: np.ndarray
     Q: np.ndarray | None
+    bias: bool = False  # a whole layer's biases are part of it
 
 
 class KronScorer:
@@ -517,6 +491,7 @@ class KronScorer:
             st.LG = _chol(self.post.G[t][np.ix_(rows, rows)], f"row{t}")
             st.Z = sla.solve_triangular(st.LG, M, lower=True, check_finite=False)
             st.rows = rows
+            st.cache = {}
         if st.gone:
             raise InvalidPosterior(f"a kron search scored layer {t} after removing it", field="ops")
         return st
@@ -540,7 +515,7 @@ class KronScorer:
             if is_b[0, P].any():  # a whole layer, its biases included
                 if n != 1:
                     raise bad
-                parts.append(_Part(int(u), rows, None))
+                parts.append(_Part(int(u), rows, None, True))
                 continue
             R = rows.size
             if w.size % R:
@@ -558,13 +533,34 @@ class KronScorer:
         return parts
 
     def _increments(self, part: _Part) -> np.ndarray:
+        """The part's increment for each candidate; kept on the layer's state until it
+        changes (a step of the global greedy changes the layers of one space only)."""
         st = self._state(part.layer, part.rows)
         if part.Q is None:
-            f = self.post.factored[part.layer]
-            rb = st.rows
-            bias = None if f.bias is None else (rb, -self.post.mean[f.bias + rb])
-            return np.array([self._layer_cost(part.layer, st, None, bias)])
+            key = ("whole", part.bias)
+            if key not in st.cache:
+                f = self.post.factored[part.layer]
+                bias = None
+                if part.bias and f.bias is not None:
+                    bias = (st.rows, -self.post.mean[f.bias + st.rows])
+                st.cache[key] = self._layer_cost(part.layer, st, None, bias)
+            return np.array([st.cache[key]])
         Q = part.Q
+        f = self.post.factored[part.layer]
+        g = f.group
+        if Q.shape[1] != g or (Q[:, 0] % g).any() or (Q[:, -1] - Q[:, 0] != g - 1).any():
+            return self._score_columns(st, Q)  # not whole channels: not kept
+        known = st.cache.get("columns")
+        if known is None:
+            known = st.cache["columns"] = np.full(f.cols // f.group, np.nan)
+        first = Q[:, 0] // f.group
+        need = np.isnan(known[first])
+        if need.any():
+            known[first[need]] = self._score_columns(st, Q[need])
+        return known[first]
+
+    def _score_columns(self, st: _LayerState, Q: np.ndarray) -> np.ndarray:
+        """Increments of conditioning each row of ``Q`` (column ids) to zero."""
         n, g = Q.shape
         q = np.minimum(np.searchsorted(st.cols, Q), st.cols.size - 1)
         ok = (st.cols[q] == Q).all(axis=1) & st.live[q].all(axis=1)
@@ -631,6 +627,7 @@ class KronScorer:
         with all_threads() if st.A.shape[0] >= 1024 else contextlib.nullcontext():
             st.A = blas.dsyrk(-1.0, W, beta=1.0, c=st.A, trans=1, lower=1, overwrite_c=True)
         st.live[C] = False
+        st.cache = {}
         if st.live.mean() < _COMPACT_BELOW:
             keep = np.flatnonzero(st.live)
             st.A = np.asfortranarray(st.A[np.ix_(keep, keep)])
@@ -641,7 +638,7 @@ class KronScorer:
         if isinstance(groups, Columns):
             t, rows, cols = groups.layer, groups.rows, groups.cols
             return _KronDrops(self, t, self._state(t, np.sort(rows)), np.asarray(cols))
-        return _GroupDrops(self, np.asarray(groups, dtype=np.int64))
+        return _GroupDrops(self, groups)
 
     def block(self, idx) -> _KronBlock:
         return _KronBlock(self, indices(idx))
@@ -688,7 +685,7 @@ class KronScorer:
                 rb = r[b]
                 bias = (rb, targets[b] - self.post.mean[self.post.factored[int(u)].bias + rb])
             self.cost += self._layer_cost(int(u), st, D, bias)
-            st.gone = True
+            st.gone, st.cache = True, {}
 
 
 class _KronDrops:
@@ -727,13 +724,28 @@ class _GroupDrops:
     in every layer that reads it, or a residual block's last layer whole): increments
     summed over the layers, which are independent."""
 
-    def __init__(self, sc: KronScorer, groups: np.ndarray) -> None:
-        self.sc, self.groups = sc, groups
-        self.parts = sc._parts(groups) if groups.size else []
-        self.live = np.ones(groups.shape[0], dtype=bool)
+    def __init__(self, sc: KronScorer, groups) -> None:
+        self.sc = sc
+        if isinstance(groups, Consumers):
+            self.parts = [self._slice(sl) for sl in groups.slices]
+            self.n = groups.width
+        elif isinstance(groups, Whole):
+            sl = groups.slice
+            self.parts = [_Part(sl.layer, np.sort(sl.rows), None, groups.bias is not None)]
+            self.n = 1
+        else:
+            groups = np.asarray(groups, dtype=np.int64)
+            self.parts = sc._parts(groups) if groups.size else []
+            self.n = groups.shape[0]
+        self.groups = groups
+        self.live = np.ones(self.n, dtype=bool)
+
+    def _slice(self, sl) -> _Part:
+        f = self.sc.post.factored[sl.layer]
+        return _Part(sl.layer, np.sort(sl.rows), f.columns(sl.channels).reshape(-1, f.group))
 
     def increments(self) -> np.ndarray:
-        out = np.zeros(self.groups.shape[0])
+        out = np.zeros(self.n)
         for part in self.parts:
             out += self.sc._increments(part)
         out[~self.live] = np.inf
@@ -743,7 +755,7 @@ class _GroupDrops:
         which = np.atleast_1d(which)
         if not self.live[which].all():
             raise ValueError("a candidate was taken already")
-        idx = self.groups[which].ravel()
+        idx = indices(self.groups)[which].ravel()
         self.sc.commit(idx, np.zeros(idx.size))
         self.live[which] = False
 

@@ -33,6 +33,7 @@ import scipy.linalg as sla
 from scipy.linalg import lapack
 
 from .._threads import all_threads
+from ..graph import Consumers, Whole
 from ..linalg import pivots_ok
 from ._validate import cholesky_constraint
 
@@ -86,7 +87,9 @@ class LayerBlock:
 
 def indices(x) -> np.ndarray:
     """Teacher indices of candidate groups or a block, whatever their description."""
-    return x.indices() if isinstance(x, Columns | LayerBlock) else np.asarray(x, dtype=np.int64)
+    if isinstance(x, Columns | LayerBlock | Consumers | Whole):
+        return x.indices()
+    return np.asarray(x, dtype=np.int64)
 
 
 class Drops(Protocol):

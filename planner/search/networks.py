@@ -71,19 +71,19 @@ class _State:
             return PhiSpace(space, channel)
         return Phi(self.tr.positions.index(space) + 1, channel)
 
-    def candidates(self) -> tuple[list[Op], np.ndarray]:
+    def candidates(self) -> tuple[_Steps, np.ndarray]:
         """Every next step and its exact increment, in the tie order."""
-        ops: list[Op] = []
+        ops = _Steps(self)
         incs: list[np.ndarray] = []
         for s in self.shrinking:
             if self.width(s) > self.target[s]:
-                groups = self.tr.consumer_groups(s)
+                groups = self.tr.consumers(s)
                 incs.append(np.asarray(self.sc.drops(groups).increments(), dtype=float))
-                ops.extend(self.phi(s, c) for c in range(groups.shape[0]))
+                ops.add(("space", s), groups.width)
         for b in self.pending:
-            idx = self.tr.block_indices(b)
-            incs.append(np.asarray(self.sc.drops(idx[None, :]).increments(), dtype=float))
-            ops.append(PsiBlock(b))
+            whole = self.tr.block_whole(b)
+            incs.append(np.asarray(self.sc.drops(whole).increments(), dtype=float))
+            ops.add(("block", b), 1)
         return ops, np.concatenate(incs) if incs else np.zeros(0)
 
     def take(self, op: Op) -> None:
@@ -97,6 +97,30 @@ class _State:
     def plan(self) -> Plan:
         teacher = self.tr.teacher
         return Plan.from_compiled(CompiledPlan(teacher, self.ops, (self.tr, self.effects)))
+
+
+class _Steps:
+    """The candidate steps of a state in the tie order, each op made when asked for (a
+    wide network has hundreds of thousands of candidates per step, one of them taken)."""
+
+    def __init__(self, st: _State) -> None:
+        self.st = st
+        self.runs: list[tuple[tuple[str, int], int]] = []
+        self.ends: list[int] = []
+
+    def add(self, key: tuple[str, int], n: int) -> None:
+        self.runs.append((key, n))
+        self.ends.append((self.ends[-1] if self.ends else 0) + n)
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def __getitem__(self, k: int) -> Op:
+        j = int(np.searchsorted(self.ends, k, side="right"))
+        (kind, x), _ = self.runs[j]
+        if kind == "block":
+            return PsiBlock(x)
+        return self.st.phi(x, int(k) - (self.ends[j - 1] if j else 0))
 
 
 def _greedy(
@@ -189,10 +213,10 @@ class _Stages:
             st.pending.remove(op.block)
 
 
-def _leaves(teacher: Network, route: NetRoute) -> float:
+def _leaves(teacher: Network, route: NetRoute) -> int:
     """How many step sequences a branch and bound may visit for ``route`` (runs of φ in one
     space counted once): an upper bound from the multinomial of the removals."""
-    counts, total = [], 1.0
+    counts, total = [], 1
     widths = dict(zip(range(1, len(teacher.graph.widths) + 1), teacher.graph.widths, strict=True))
     gone_inner = {s for b in route.removed_blocks for s in teacher.graph.blocks[b - 1].inner}
     for s, w in route.widths:
