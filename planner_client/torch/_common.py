@@ -34,18 +34,30 @@ def _params(module: nn.Module) -> list[nn.Parameter]:
     return list(module.parameters())
 
 
-def _layers(params: list[torch.Tensor]) -> list[tuple[int, slice, tuple[int, int], slice | None]]:
-    """Per layer t: (t, weight slice, weight shape, bias slice) in the flat layout."""
+def _layers(
+    params: list[torch.Tensor], first: int = 2
+) -> list[tuple[int, slice, tuple[int, int], slice | None]]:
+    """Per layer: (its number, weight slice, weight shape as the kron format reads it, bias
+    slice) in the flat layout. A ``Linear`` weight is ``(out, in)``, a ``Conv2d`` weight
+    ``(out, in·kh·kw)`` (laplace-torch's K-FAC factors); layers are numbered from
+    ``first``: 2 for an MLP (positions), 1 for a network (docs/theory.md §13)."""
     layers, at, i = [], 0, 0
     while i < len(params):
         W = params[i]
-        if W.ndim != 2:
-            raise ValueError(f"parameter {i} of shape {tuple(W.shape)} is not a Linear weight")
+        if W.ndim not in (2, 4):
+            raise ValueError(
+                f"parameter {i} of shape {tuple(W.shape)} is not a Linear or Conv2d weight"
+            )
         w = slice(at, at + W.numel())
         at, i = w.stop, i + 1
         b = None
         if i < len(params) and params[i].ndim == 1:
             b = slice(at, at + params[i].numel())
             at, i = b.stop, i + 1
-        layers.append((len(layers) + 2, w, tuple(W.shape), b))
+        layers.append((len(layers) + first, w, (W.shape[0], W[0].numel()), b))
     return layers
+
+
+def _first_layer(prior: Mapping[str, Any]) -> int:
+    """Where a kron prior's layer numbers start: 1 for a network, 2 for an MLP."""
+    return 1 if "row1" in prior else 2

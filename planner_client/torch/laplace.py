@@ -93,7 +93,7 @@ def from_laplace(
     if kind == "diag":
         return Converted("diag", {"mean": mean, "variance": 1.0 / _np(la.posterior_precision)})
     if kind == "kron" and fmt == "kron":
-        arrays, meta = _kron_arrays(la, kron)
+        arrays, meta = _kron_arrays(la, kron, first_t=_first_number(la.model))
         return Converted("kron", {"mean": mean, **arrays}, meta)
     precision = _sym(_dense_precision(la, kind))
     if fmt == "precision":
@@ -163,8 +163,8 @@ def _completed(la, name: str, kind: str, fmt: str, kron: str | None, rest) -> Co
     if kind == "kron" and fmt == "kron":
         if getattr(la, "subnetwork_indices", None) is not None:
             raise ValueError("a subnetwork posterior is not Kronecker-factored by layer")
-        first = _layers(_params(model))
-        last = len(first) + 1  # the last layer's position (t = 2 … T)
+        first = _layers(_params(model), _first_number(model))
+        last = first[-1][0]  # the last layer's number
         if not np.array_equal(idx, np.arange(theta.size - idx.size, theta.size)):
             raise ValueError("the fitted last layer must be the model's last Linear layer")
         fitted, kl = _kron_arrays(la, kron, first_t=last)
@@ -184,6 +184,17 @@ def _completed(la, name: str, kind: str, fmt: str, kron: str | None, rest) -> Co
     return Converted(
         "full", {"mean": theta, "covariance": spd_inverse(P, f"{name} precision")}, meta
     )
+
+
+def _first_number(model: nn.Module) -> int:
+    """How the kron arrays number the model's layers: from 1 for a network (any module an
+    MLP has not: a conv, a pool, a residual block), from 2 for an MLP's positions."""
+    from .structures import _flatten, _mlp_part
+
+    model = getattr(model, "model", model)  # laplace-torch's last-layer wrapper
+    if not isinstance(model, nn.Sequential):
+        return 2
+    return 1 if any(not _mlp_part(m) for _, m in _flatten(model)) else 2
 
 
 def _dense_precision(la, kind: str) -> np.ndarray:
@@ -235,10 +246,10 @@ def _kron_arrays(la, kron: str | None, first_t: int = 2) -> tuple[dict[str, np.n
     params = list(last.parameters()) if last is not None else la.params
     for Qs, ls, delta, param in zip(P.eigenvectors, P.eigenvalues, deltas, params, strict=True):
         Qs, ls = [_np(q) for q in Qs], [_np(v) for v in ls]
-        if param.ndim == 2:
+        if param.ndim in (2, 4):  # Linear (out, in); Conv2d (out, in·kh·kw)
             t += 1
             (Qg, Qa), (lg, la_) = Qs, ls
-            out_f, in_f = param.shape
+            out_f, in_f = param.shape[0], param[0].numel()
             if Qg.shape != (out_f, out_f) or Qa.shape != (in_f, in_f):
                 raise ValueError(f"layer {t}: Kronecker factors do not match weight {param.shape}")
             root = np.sqrt(delta)
@@ -252,6 +263,8 @@ def _kron_arrays(la, kron: str | None, first_t: int = 2) -> tuple[dict[str, np.n
             (Qb,), (lb,) = Qs, ls
             out[f"bias{t}"] = _sym((Qb / (lb + delta)) @ Qb.T)
         else:
-            raise ValueError(f"a {tuple(param.shape)} parameter is not a Linear weight or bias")
+            raise ValueError(
+                f"a {tuple(param.shape)} parameter is not a Linear or Conv2d weight or bias"
+            )
     meta = {} if la.damping else {"kl": kl, "kron": "damped"}
     return out, meta

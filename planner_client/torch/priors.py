@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from ..imports import spd_inverse
-from ._common import FORMATS, Prior, _layers, _params, _sym, nn, torch
+from ._common import FORMATS, Prior, _first_layer, _layers, _params, _sym, nn, torch
 
 
 def _check_kron(prior: Prior, params: list[torch.Tensor]) -> None:
-    for t, _, (n_out, n_in), b in _layers(params):
+    for t, _, (n_out, n_in), b in _layers(params, _first_layer(prior)):
         for key, n in ((f"row{t}", n_out), (f"col{t}", n_in)):
             if key not in prior:
                 raise ValueError(f"kron prior has no {key!r} for layer {t}")
@@ -136,7 +136,7 @@ class PriorPenalty(nn.Module):
     def _init_kron(self, prior: Prior, n: int) -> None:
         _check_kron(prior, self._module_params)
         self._kron = []
-        for t, w, shape, b in _layers(self._module_params):
+        for t, w, shape, b in _layers(self._module_params, _first_layer(prior)):
             Lg = _cholesky(_t(prior[f"row{t}"]), f"row{t}")
             La = _cholesky(_t(prior[f"col{t}"]), f"col{t}")
             self.register_buffer(f"chol_row{t}", Lg)
@@ -210,7 +210,7 @@ def precision_diagonal(format: str, prior: Prior) -> np.ndarray:
         Z = sla.solve_triangular(L, W.T, lower=True)  # L⁻¹ Wᵀ
         return 1.0 / d - (Z * Z).sum(axis=0)
     if format == "kron":
-        parts, t = [], 2
+        parts, t = [], _first_layer(prior)
         while f"row{t}" in prior:
             g = np.diag(spd_inverse(np.asarray(prior[f"row{t}"], dtype=np.float64), f"row{t}"))
             a = np.diag(spd_inverse(np.asarray(prior[f"col{t}"], dtype=np.float64), f"col{t}"))

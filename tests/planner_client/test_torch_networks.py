@@ -111,23 +111,88 @@ def test_a_conv_network_needs_its_input_shape():
         structure_of(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)))
 
 
-def _fitted(kind: str, subset: str = "all"):
+def _fitted(kind: str, subset: str = "all", bias: bool = True, **kwargs):
     from laplace import Laplace
 
     torch.manual_seed(2)
     model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
+        nn.Conv2d(1, 3, 3, padding=1, bias=bias),
         nn.ReLU(),
-        Residual(nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 3, 1))),
+        Residual(
+            nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 3, 1, bias=bias))
+        ),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(3, 2),
     ).double()
     X, y = torch.randn(20, 1, 4, 4, dtype=F64), torch.randint(0, 2, (20,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=10)
-    la = Laplace(model, "classification", subset_of_weights=subset, hessian_structure=kind)
+    la = Laplace(
+        model, "classification", subset_of_weights=subset, hessian_structure=kind, **kwargs
+    )
+    if "damping" in kwargs:  # laplace-torch's last-layer K-FAC drops it from its constructor
+        la.damping = kwargs["damping"]
     la.fit(loader)
     return model, la
+
+
+def _kfac_matrix(la, damping: bool) -> np.ndarray:
+    """laplace-torch's own K-FAC posterior precision, damped or not, densely."""
+    from laplace.utils.matrix import KronDecomposed
+
+    P = la.posterior_precision
+    K = KronDecomposed(P.eigenvectors, P.eigenvalues, P.deltas, damping=damping)
+    M = K.to_matrix().detach().numpy()
+    return (M + M.T) / 2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kfac_of_conv2d_is_read_as_kron_exactly_when_damped(bias):
+    """laplace-torch's K-FAC factors of Conv2d ([out × out, in·kh·kw × in·kh·kw]) are the
+    kron format's rows and columns of layers 1, 2, …; the posterior equals laplace-torch's
+    matrix; a plan by budget and a penalty on the conv student in kron."""
+    from planner.posterior import KronPosterior
+
+    model, la = _fitted("kron", bias=bias, damping=True)
+    got = from_laplace(la)
+    fmt, arrays = got
+    assert fmt == "kron" and got.meta == {}
+    assert arrays["col1"].shape == (9, 9) and arrays["col2"].shape == (27, 27)
+    assert ("bias1" in arrays) == bias and "bias4" in arrays
+    net = Network.from_json(structure_of(model, input_shape=[1, 4, 4]))
+    post = KronPosterior.from_arrays(net, arrays)
+    np.testing.assert_allclose(
+        np.linalg.inv(post.dense_covariance()), _kfac_matrix(la, True), rtol=1e-8, atol=1e-8
+    )
+    found = search_budget(post, int(0.7 * net.n_params))
+    aligned = found.plan.apply(post)
+    prior = aligned.to_arrays()
+    student = student_module({"student": found.plan.student.to_json()}, prior, F64)
+    penalty = PriorPenalty(student, "kron", prior)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05)
+    d = nn.utils.parameters_to_vector(student.parameters()).detach().numpy() - aligned.mean
+    want = 0.5 * d @ np.linalg.solve(aligned.dense_covariance(), d)
+    assert float(penalty()) == pytest.approx(want, rel=1e-9)
+
+
+def test_undamped_kfac_of_a_conv_model_converts_with_the_exact_kl():
+    model, la = _fitted("kron", damping=False)
+    with pytest.raises(ValueError, match="kron='damped'"):
+        from_laplace(la)
+    got = from_laplace(la, kron="damped")
+    from planner.posterior import KronPosterior
+
+    net = Network.from_json(structure_of(model, input_shape=[1, 4, 4]))
+    Ld = np.linalg.inv(KronPosterior.from_arrays(net, got[1]).dense_covariance())
+    np.testing.assert_allclose(Ld, _kfac_matrix(la, True), rtol=1e-8, atol=1e-8)
+    Lu = _kfac_matrix(la, False)
+    p = Lu.shape[0]
+    kl = 0.5 * (
+        np.trace(Ld @ np.linalg.inv(Lu)) - p + np.linalg.slogdet(Lu)[1] - np.linalg.slogdet(Ld)[1]
+    )
+    assert got.meta["kl"] == pytest.approx(kl, rel=1e-8) and got.meta["kl"] > 0
 
 
 @pytest.mark.parametrize(
@@ -174,3 +239,23 @@ def test_a_last_layer_laplace_of_a_conv_model_is_completed():
     net = Network.from_json(structure_of(model, input_shape=[1, 4, 4]))
     post = PrecisionPosterior.from_arrays(net, got[1])
     assert post.n == net.n_params and got.meta["rest"]
+
+
+def test_a_last_layer_kfac_of_a_conv_model_is_completed_in_kron():
+    from planner.posterior import KronPosterior
+
+    model, la = _fitted("kron", "last_layer", damping=True)
+    got = from_laplace(la, rest=0.5)
+    fmt, arrays = got
+    assert fmt == "kron" and got.meta["rest"]["variance"] == 0.5
+    net = Network.from_json(structure_of(model, input_shape=[1, 4, 4]))
+    post = KronPosterior.from_arrays(net, arrays)
+    cov = post.dense_covariance()
+    head = net.graph.units[-1]
+    fitted = np.arange(head.start, net.n_params)
+    np.testing.assert_allclose(
+        np.linalg.inv(cov[np.ix_(fitted, fitted)]), _kfac_matrix(la, True), rtol=1e-8, atol=1e-8
+    )
+    rest = np.arange(head.start)
+    np.testing.assert_allclose(cov[np.ix_(rest, rest)], 0.5 * np.eye(rest.size), atol=1e-12)
+    assert not cov[np.ix_(rest, fitted)].any()
