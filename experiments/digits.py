@@ -314,17 +314,27 @@ def config(quick: bool, seeds: int | None) -> dict:
     }
 
 
+def _sk(student):
+    """A student as a key: its name (a string) or its widths (a tuple)."""
+    return student if isinstance(student, str) else tuple(student)
+
+
+def _label(student) -> str:
+    """A student in summary keys: its name, or its widths as a list."""
+    return student if isinstance(student, str) else str(list(student))
+
+
 def summarise(results: dict) -> dict:
     """Per student, n and method: each metric's mean and its paired difference against
     ``isotropic`` (same seed, n, student) with a 95 % t interval over seeds."""
     base = {
-        (r["seed"], r["n"], tuple(r["student"])): r
+        (r["seed"], r["n"], _sk(r["student"])): r
         for r in results["runs"]
         if r["method"] == "isotropic"
     }
     groups: dict[tuple, list[dict]] = {}
     for r in results["runs"]:
-        groups.setdefault((tuple(r["student"]), r["n"], r["method"]), []).append(r)
+        groups.setdefault((_sk(r["student"]), r["n"], r["method"]), []).append(r)
     out = {}
     for (sw, n, method), rs in sorted(groups.items()):
         row = {"k": len(rs)}
@@ -338,7 +348,8 @@ def summarise(results: dict) -> dict:
             )
             d = float(diffs.mean())
             row[m] = {"mean": float(vals.mean()), "diff": d, "lo": d - half, "hi": d + half}
-        out[f"{list(sw)} n={n} {method}"] = {"student": list(sw), "n": n, "method": method} | row
+        who = sw if isinstance(sw, str) else list(sw)
+        out[f"{_label(sw)} n={n} {method}"] = {"student": who, "n": n, "method": method} | row
     return out
 
 
@@ -347,7 +358,7 @@ def paired(results: dict, a: str, b: str, sw, n: int, metric: str) -> dict | Non
     runs = {
         (r["method"], r["seed"]): r[metric]
         for r in results["runs"]
-        if tuple(r["student"]) == tuple(sw) and r["n"] == n
+        if _sk(r["student"]) == _sk(sw) and r["n"] == n
     }
     seeds = sorted({s for m, s in runs if m == a} & {s for m, s in runs if m == b})
     if len(seeds) < 2:
@@ -463,7 +474,7 @@ def _plot(summary, cfg, methods, path: Path) -> None:
     fig, axes = plt.subplots(1, len(cfg["students"]), figsize=(6 * len(cfg["students"]), 4.5))
     for ax, sw in zip(np.atleast_1d(axes), cfg["students"], strict=True):
         for i, method in enumerate(m for m in methods if m != "isotropic"):
-            rows = [summary.get(f"{list(sw)} n={n} {method}") for n in cfg["sizes"]]
+            rows = [summary.get(f"{_label(sw)} n={n} {method}") for n in cfg["sizes"]]
             ns = [n * (1 + 0.03 * (i - 3)) for n, r in zip(cfg["sizes"], rows, strict=True) if r]
             rows = [r for r in rows if r]
             if not rows:
@@ -476,7 +487,7 @@ def _plot(summary, cfg, methods, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("training images n")
         ax.set_ylabel("test NLL − isotropic (95 % CI)")
-        ax.set_title(f"student {tuple(sw)}")
+        ax.set_title(f"student {sw if isinstance(sw, str) else tuple(sw)}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

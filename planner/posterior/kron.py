@@ -212,7 +212,7 @@ class KronPosterior(Posterior):
                 r = np.searchsorted(st.rows, ev.rows)
                 c = np.searchsorted(st.cols[live], cols)
                 D[np.ix_(r, c)] = ev.target
-                D -= st.LG @ st.Z[:, live]
+                D -= st.M[:, live]
             bias = None if f.bias is None else (st.rows, -self.mean[f.bias + st.rows])
             sc.cost += sc._layer_cost(ev.layer, st, D, bias)
             st.gone, st.cache = True, {}
@@ -230,7 +230,7 @@ class KronPosterior(Posterior):
                 st = sc._state(src, np.sort(rows))
                 r = np.searchsorted(st.rows, rows)
                 c = np.searchsorted(st.cols, cols)
-                M = (st.LG @ st.Z[:, c])[r]
+                M = st.M[np.ix_(r, c)]
                 A[t] = _lower_blocks(st.A, c[None])[0]
             else:
                 M = self._weight(self.factored[src])[np.ix_(rows, cols)]
@@ -397,16 +397,18 @@ _COMPACT_BELOW = 0.5
 @dataclass
 class _LayerState:
     """A layer during a search: its current rows (teacher ids), its columns and which are
-    still live (not conditioned), the row factor's Cholesky on those rows, the whitened
-    residual mean ``Z = L_G⁻¹ M'`` and the column factor's Schur complement ``A'`` (kept
-    full-size, Fortran order, downdated in place in its lower triangle, which alone is
-    current; conditioned columns are dead until a compaction drops them)."""
+    still live (not conditioned), the inverse row factor on those rows ``Gi = G_R⁻¹``, the
+    residual mean ``M'``, ``P = Gi M'``, and the column factor's Schur complement ``A'``
+    (kept full-size, Fortran order, downdated in place in its lower triangle, which alone
+    is current; conditioned columns are dead until a compaction drops them).  Rows
+    leave by a Schur complement of ``Gi`` (``O(rows · cols)`` each), never a refactoring."""
 
     rows: np.ndarray
     cols: np.ndarray
     live: np.ndarray
-    LG: np.ndarray
-    Z: np.ndarray
+    Gi: np.ndarray
+    M: np.ndarray
+    P: np.ndarray
     A: np.ndarray
     gone: bool = False
     #: increments already scored on this state (dropped whenever the state changes)
@@ -417,12 +419,23 @@ class _LayerState:
             self.rows.copy(),
             self.cols.copy(),
             self.live.copy(),
-            self.LG,
-            self.Z.copy(),
+            self.Gi,
+            self.M.copy(),
+            self.P.copy(),
             np.asfortranarray(self.A.copy()),
             self.gone,
             dict(self.cache),
         )
+
+
+def _column_increments(st: _LayerState, q: np.ndarray) -> np.ndarray:
+    """``½ m_cᵀ G⁻¹ m_c / A'_cc`` for state columns ``q`` (inf where ``A'_cc`` is not
+    positive)."""
+    a = np.diagonal(st.A)[q]
+    out = np.full(q.size, np.inf)
+    ok = a > 0
+    out[ok] = 0.5 * np.einsum("ij,ij->j", st.M[:, q[ok]], st.P[:, q[ok]]) / a[ok]
+    return out
 
 
 @dataclass(frozen=True)
@@ -443,10 +456,10 @@ class KronScorer:
     search's candidates are whole columns of a layer over its current rows (a
     neuron's outgoing weights, a channel's ``kh·kw`` columns of a conv, in every
     layer that reads it): conditioning columns C to zero keeps G and
-    Schur-complements A, and the increment of C is ``½ tr(Z_C A'_CC⁻¹ Z_Cᵀ)`` with
-    ``z = L_G⁻¹ M'`` (``½ ‖z_c‖² / A'_cc`` for one column): every candidate scored at
-    once, a batch of commits one rank-|C| update.  Rows marginalised since a layer was
-    scored leave its state by ``M' = L_G Z`` on the rows left.  A whole layer's block
+    Schur-complements A, and the increment of C is ``½ tr(A'_CC⁻¹ M'_Cᵀ G⁻¹ M'_C)``
+    (``½ m_cᵀ G⁻¹ m_c / A'_cc`` for one column): every candidate scored at once, a batch
+    of commits one rank-|C| update.  Rows marginalised since a layer was scored leave
+    its state by a Schur complement of ``G⁻¹``.  A whole layer's block
     (all its live columns over its current rows, and its biases) has precision
     ``G⁻¹ ⊗ A'⁻¹``.
     """
@@ -473,12 +486,13 @@ class KronScorer:
         st = self.layers.get(t)
         if st is None:
             post = self.post
-            M = post._weight(post.factored[t])[rows]
+            M = np.array(post._weight(post.factored[t])[rows])
             LG = _chol(post.G[t][np.ix_(rows, rows)], f"row{t}")
-            Z = sla.solve_triangular(LG, M, lower=True, check_finite=False)
+            Gi = sla.cho_solve((LG, True), np.eye(rows.size), check_finite=False)
+            Gi = 0.5 * (Gi + Gi.T)
             A = np.array(post.A[t], order="F")
             m = A.shape[0]
-            st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), LG, Z, A)
+            st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), Gi, M, Gi @ M, A)
             self.layers[t] = st
         elif not np.array_equal(st.rows, rows):
             keep = np.searchsorted(st.rows, rows)
@@ -486,11 +500,12 @@ class KronScorer:
                 raise InvalidPosterior(
                     f"a kron search met rows of layer {t} it had marginalised", field="ops"
                 )
-            # marginalising rows: the residual mean M' = L_G Z and G on the rows left
-            M = (st.LG @ st.Z)[keep]
-            st.LG = _chol(self.post.G[t][np.ix_(rows, rows)], f"row{t}")
-            st.Z = sla.solve_triangular(st.LG, M, lower=True, check_finite=False)
-            st.rows = rows
+            # marginalising rows D: (G_KK)⁻¹ = Gi_KK − Gi_KD Gi_DD⁻¹ Gi_DK, and P with it
+            drop = np.setdiff1d(np.arange(st.rows.size), keep)
+            K = sla.solve(st.Gi[np.ix_(drop, drop)], st.Gi[drop][:, keep], assume_a="pos")
+            Gi = st.Gi[np.ix_(keep, keep)] - st.Gi[np.ix_(keep, drop)] @ K
+            st.P = st.P[keep] - K.T @ st.P[drop]
+            st.Gi, st.M, st.rows = 0.5 * (Gi + Gi.T), st.M[keep], rows
             st.cache = {}
         if st.gone:
             raise InvalidPosterior(f"a kron search scored layer {t} after removing it", field="ops")
@@ -568,28 +583,22 @@ class KronScorer:
         if not ok.any():
             return out
         if g == 1:
-            a = np.diagonal(st.A)[q[ok, 0]]
-            z = st.Z[:, q[ok, 0]]
-            inc = np.full(a.size, np.inf)
-            pos = a > 0
-            inc[pos] = 0.5 * np.einsum("ij,ij->j", z[:, pos], z[:, pos]) / a[pos]
-            out[ok] = inc
+            out[ok] = _column_increments(st, q[ok, 0])
             return out
         sel = q[ok]
         Acc = _lower_blocks(st.A, sel)  # (k, g, g)
-        ZC = np.ascontiguousarray(st.Z[:, sel].transpose(1, 2, 0))  # (k, g, rows)
+        S = np.einsum("rkg,rkh->kgh", st.M[:, sel], st.P[:, sel])  # M'_Cᵀ G⁻¹ M'_C
         try:
-            L = np.linalg.cholesky(Acc)
-            Y = np.linalg.solve(L, ZC)
-            out[ok] = 0.5 * np.einsum("kgr,kgr->k", Y, Y)
-        except np.linalg.LinAlgError:  # some block is not positive definite: that one is
-            inc = np.full(sel.shape[0], np.inf)  # no candidate
+            np.linalg.cholesky(Acc)  # every block positive definite
+            out[ok] = 0.5 * np.einsum("kgg->k", np.linalg.solve(Acc, S))
+        except np.linalg.LinAlgError:  # some block is not: that one is no candidate
+            inc = np.full(sel.shape[0], np.inf)
             for i in range(sel.shape[0]):
                 try:
-                    Y = np.linalg.solve(np.linalg.cholesky(Acc[i]), ZC[i])
+                    np.linalg.cholesky(Acc[i])
                 except np.linalg.LinAlgError:
                     continue
-                inc[i] = 0.5 * float(np.sum(Y * Y))
+                inc[i] = 0.5 * float(np.trace(np.linalg.solve(Acc[i], S[i])))
             out[ok] = inc
         return out
 
@@ -601,13 +610,12 @@ class KronScorer:
         out = 0.0
         if live.size and st.rows.size:
             LA = _chol(_lower_blocks(st.A, live[None])[0], f"col{t}")
-            X = (
-                st.Z[:, live]
-                if D is None
-                else sla.solve_triangular(st.LG, D, lower=True, check_finite=False)
-            )
-            Y = sla.solve_triangular(LA, X.T, lower=True, check_finite=False)
-            out += 0.5 * float(np.sum(Y * Y))
+            if D is None:  # to 0: D = −M' (its sign cancels)
+                D, GD = st.M[:, live], st.P[:, live]
+            else:
+                GD = st.Gi @ D
+            W = sla.cho_solve((LA, True), D.T, check_finite=False)
+            out += 0.5 * float(np.sum(GD * W.T))
         if bias is not None:
             rb, db = bias
             out += _bias_cost(db, _sub(self.post.bias[t], rb))
@@ -619,10 +627,12 @@ class KronScorer:
         zero and are dead), compacted once most of it is dead (the work falls as the
         greedy goes)."""
         LC = _chol(_lower_blocks(st.A, C[None])[0], f"col{t}")
-        Y = sla.solve_triangular(LC, st.Z[:, C].T, lower=True, check_finite=False)
-        self.cost += 0.5 * float(np.sum(Y * Y))
+        YM = sla.solve_triangular(LC, st.M[:, C].T, lower=True, check_finite=False)
+        YP = sla.solve_triangular(LC, st.P[:, C].T, lower=True, check_finite=False)
+        self.cost += 0.5 * float(np.sum(YM * YP))
         W = sla.solve_triangular(LC, _lower_columns(st.A, C).T, lower=True, check_finite=False)
-        st.Z -= Y.T @ W
+        st.M -= YM.T @ W
+        st.P -= YP.T @ W
         # A' is symmetric: its lower triangle alone is kept (a rank-|C| syrk, half a gemm)
         with all_threads() if st.A.shape[0] >= 1024 else contextlib.nullcontext():
             st.A = blas.dsyrk(-1.0, W, beta=1.0, c=st.A, trans=1, lower=1, overwrite_c=True)
@@ -631,7 +641,8 @@ class KronScorer:
         if st.live.mean() < _COMPACT_BELOW:
             keep = np.flatnonzero(st.live)
             st.A = np.asfortranarray(st.A[np.ix_(keep, keep)])
-            st.Z = np.ascontiguousarray(st.Z[:, keep])
+            st.M = np.ascontiguousarray(st.M[:, keep])
+            st.P = np.ascontiguousarray(st.P[:, keep])
             st.cols, st.live = st.cols[keep], st.live[keep]
 
     def drops(self, groups) -> _KronDrops | _GroupDrops:
@@ -679,7 +690,7 @@ class KronScorer:
                 )
             D = np.zeros((rows.size, live.size))
             D[np.searchsorted(rows, r[w]), np.searchsorted(C, c[w])] = targets[w]
-            D -= st.LG @ st.Z[:, live]
+            D -= st.M[:, live]
             bias = None
             if b.size:
                 rb = r[b]
@@ -699,13 +710,7 @@ class _KronDrops:
     def increments(self) -> np.ndarray:
         out = np.full(self.cand.size, np.inf)
         st = self.st
-        q = np.searchsorted(st.cols, self.cand[self.live])
-        a = np.diagonal(st.A)[q]
-        ok = a > 0
-        inc = np.full(q.size, np.inf)
-        z = st.Z[:, q[ok]]
-        inc[ok] = 0.5 * np.einsum("ij,ij->j", z, z) / a[ok]
-        out[self.live] = inc
+        out[self.live] = _column_increments(st, np.searchsorted(st.cols, self.cand[self.live]))
         return out
 
     def take(self, which) -> None:
@@ -782,7 +787,7 @@ class _KronBlock:
         self.w, self.b = np.flatnonzero(w), np.flatnonzero(is_b)
         self.ri, self.ci = np.searchsorted(rows, r[w]), np.searchsorted(cols, c[w])
         live = np.flatnonzero(st.live)
-        self.Z = st.Z[:, live]
+        self.M, self.P = st.M[:, live], st.P[:, live]
         # Q = G⁻¹ ⊗ A'⁻¹ and c = M': linear = ½ diag(G⁻¹)_k diag(A'⁻¹)_l − (G⁻¹ M' A'⁻¹)_kl;
         # the diagonals from the inverse factors, G⁻¹ M' A⁻¹ by solves (never A⁻¹ whole)
         if live.size == st.cols.size and st.cols.size == post.factored[u].cols:
@@ -790,9 +795,8 @@ class _KronBlock:
         else:
             self.LA = _chol(st.A[np.ix_(live, live)], f"col{u}")
             ai = inverse_diagonal(self.LA)
-        gi = inverse_diagonal(st.LG)
-        GM = sla.solve_triangular(st.LG, self.Z, lower=True, trans="T", check_finite=False)
-        GMA = sla.cho_solve((self.LA, True), GM.T, check_finite=False).T
+        gi = np.diag(st.Gi)
+        GMA = sla.cho_solve((self.LA, True), self.P.T, check_finite=False).T
         lin = np.empty(idx.size)
         lin[self.w] = 0.5 * gi[self.ri] * ai[self.ci] - GMA[self.ri, self.ci]
         self.bias = None
@@ -807,12 +811,11 @@ class _KronBlock:
 
     def cost(self, targets: np.ndarray) -> float:
         st = self.st
-        T = np.zeros(self.Z.shape)
-        T[self.ri, self.ci] = targets[self.w]
-        D = T - st.LG @ self.Z  # the residual mean is M' = L_G Z
-        X = sla.solve_triangular(st.LG, D, lower=True, check_finite=False)
-        Y = sla.solve_triangular(self.LA, X.T, lower=True, check_finite=False)
-        out = 0.5 * float(np.sum(Y * Y))
+        D = np.zeros(self.M.shape)
+        D[self.ri, self.ci] = targets[self.w]
+        D -= self.M
+        W = sla.cho_solve((self.LA, True), D.T, check_finite=False)
+        out = 0.5 * float(np.sum((st.Gi @ D) * W.T))
         if self.bias is not None:
             bm, bS = self.bias
             out += _bias_cost(targets[self.b] - bm, bS)
