@@ -19,12 +19,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..errors import DeadlineExceeded, InvalidOperation, InvalidPlan, NotInLattice
-from ..ops import Op, Phi, PhiSpace, PsiBlock, Tracked
-from ..plan import CompiledPlan, Plan
+from ..errors import DeadlineExceeded, InvalidPlan, NotInLattice
+from ..plan import Plan
 from ..posterior import Posterior
 from .budget import Budget
-from .construction import least
 
 __all__ = ["budget_greedy", "floors_ok", "params_for", "search_budget"]
 
@@ -58,25 +56,6 @@ def floors_ok(teacher, floors: Mapping[int, int] | None) -> dict[int, int]:
     return floors
 
 
-def _removable(tr: Tracked) -> list[int]:
-    """Teacher spaces φ may act on: hidden positions of an MLP or RNN, a network's spaces
-    that are neither its input nor its output."""
-    g = tr.teacher.graph
-    return [s for s in tr.positions if s not in g.fixed]
-
-
-def _groups(tr: Tracked, space: int) -> np.ndarray:
-    if tr.is_network:
-        return tr.consumer_groups(space)
-    return tr.outgoing_all(tr.positions.index(space) + 1)
-
-
-def _phi(tr: Tracked, space: int, channel: int) -> Op:
-    if tr.is_network:
-        return PhiSpace(space, channel)
-    return Phi(tr.positions.index(space) + 1, channel)
-
-
 def budget_greedy(
     posterior: Posterior,
     max_params: int,
@@ -94,44 +73,18 @@ def budget_greedy(
     NotInLattice
         When even the smallest student the floors allow exceeds the budget.
     """
+    from .networks import Fits, _greedy
+
     teacher = posterior.structure
-    floors = floors_ok(teacher, floors)
-    tr, sc = Tracked.start(teacher), posterior.scorer()
-    ops: list[Op] = []
-    effects = []
-    budget = budget or Budget(np.inf)
-    while tr.structure.n_params > max_params:
-        budget.check("choosing the widths within the budget")
-        cands: list[Op] = []
-        incs: list[np.ndarray] = []
-        for s in _removable(tr):
-            width = tr.neurons[tr.positions.index(s)].size
-            if width > max(1, floors.get(s, 1)):
-                groups = _groups(tr, s)
-                incs.append(np.asarray(sc.drops(groups).increments(), dtype=float))
-                cands.extend(_phi(tr, s, c) for c in range(width))
-        if blocks and tr.is_network:
-            for b in teacher.graph.blocks:
-                try:
-                    tr.check(PsiBlock(b.number))
-                except InvalidOperation:
-                    continue
-                idx = tr.block_indices(b.number)
-                incs.append(np.asarray(sc.drops(idx[None, :]).increments(), dtype=float))
-                cands.append(PsiBlock(b.number))
-        if not cands:
-            raise NotInLattice(
-                f"no student within {max_params} parameters: the smallest the floors allow "
-                f"has {tr.structure.n_params}",
-                field="budget",
-            )
-        op = cands[least(np.concatenate(incs), sc.cost)]
-        eff = tr.apply(op)
-        sc.commit(eff.conditioned, eff.targets)
-        ops.append(op)
-        effects.append(eff)
-    plan = Plan.from_compiled(CompiledPlan(teacher, ops, (tr, effects)))
-    return plan, float(sc.cost)
+    fits = Fits(int(max_params), floors_ok(teacher, floors), blocks)
+    st = _greedy(posterior, None, budget or Budget(np.inf), fits=fits)
+    if st.tr.structure.n_params > max_params:
+        raise NotInLattice(
+            f"no student within {max_params} parameters: the smallest the floors allow "
+            f"has {st.tr.structure.n_params}",
+            field="budget",
+        )
+    return st.plan(), float(st.sc.cost)
 
 
 def search_budget(

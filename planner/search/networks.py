@@ -19,11 +19,12 @@ The cheapest route's plan wins.  The budget and deadline are :mod:`.budget`'s.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import comb, factorial
 
 import numpy as np
 
-from ..errors import InvalidPlan
+from ..errors import InvalidOperation, InvalidPlan
 from ..network_lattice import NetRoute, network_routes
 from ..ops import Effect, Op, Phi, PhiSpace, PsiBlock, Tracked
 from ..plan import CompiledPlan, Plan
@@ -41,14 +42,30 @@ __all__ = ["ENUMERATE_LEAVES", "global_greedy_sets", "network_search"]
 ENUMERATE_LEAVES = 10_000
 
 
-class _State:
-    """A tracked layout, its scorer and the plan so far."""
+@dataclass(frozen=True)
+class Fits:
+    """The other stopping rule: remove until the student has at most ``max_params``
+    parameters, every removable space down to no fewer than its floor (default 1),
+    removable residual blocks competing when ``blocks`` (students by budget)."""
 
-    def __init__(self, teacher: Network, scorer, route: NetRoute) -> None:
+    max_params: int
+    floors: dict[int, int]
+    blocks: bool = True
+
+
+class _State:
+    """A tracked layout, its scorer and the plan so far, with what is left to remove:
+    ``route``'s blocks and widths, or (``fits``) whatever fits a budget."""
+
+    def __init__(
+        self, teacher, scorer, route: NetRoute | None = None, fits: Fits | None = None
+    ) -> None:
         self.tr = Tracked.start(teacher)
         self.sc = scorer
         self.ops: list[Op] = []
         self.effects: list[Effect] = []
+        self.fits = fits
+        route = route or NetRoute((), ())
         self.pending = list(route.removed_blocks)
         self.target = dict(route.widths)
         gone_inner = {s for b in route.removed_blocks for s in teacher.graph.blocks[b - 1].inner}
@@ -59,7 +76,31 @@ class _State:
         out.tr, out.sc = self.tr.copy(), self.sc.copy()
         out.ops, out.effects = list(self.ops), list(self.effects)
         out.pending, out.target, out.shrinking = list(self.pending), self.target, self.shrinking
+        out.fits = self.fits
         return out
+
+    def keys(self) -> list[tuple[str, int]]:
+        """The spaces and blocks a next step may act on, in the tie order (none: done)."""
+        tr, fits = self.tr, self.fits
+        if fits is None:
+            keys = [("space", s) for s in self.shrinking if self.width(s) > self.target[s]]
+            return keys + [("block", b) for b in self.pending]
+        if tr.structure.n_params <= fits.max_params:
+            return []
+        fixed = tr.teacher.graph.fixed
+        keys = [
+            ("space", s)
+            for s in tr.positions
+            if s not in fixed and self.width(s) > max(1, fits.floors.get(s, 1))
+        ]
+        if fits.blocks and tr.is_network:
+            for b in tr.teacher.graph.blocks:
+                try:
+                    tr.check(PsiBlock(b.number))
+                except InvalidOperation:
+                    continue
+                keys.append(("block", b.number))
+        return keys
 
     def width(self, space: int) -> int:
         return self.tr.neurons[self.tr.positions.index(space)].size
@@ -75,15 +116,14 @@ class _State:
         """Every next step and its exact increment, in the tie order."""
         ops = _Steps(self)
         incs: list[np.ndarray] = []
-        for s in self.shrinking:
-            if self.width(s) > self.target[s]:
-                groups = self.tr.consumers(s)
-                incs.append(np.asarray(self.sc.drops(groups).increments(), dtype=float))
-                ops.add(("space", s), groups.width)
-        for b in self.pending:
-            whole = self.tr.block_whole(b)
-            incs.append(np.asarray(self.sc.drops(whole).increments(), dtype=float))
-            ops.add(("block", b), 1)
+        for key in self.keys():
+            if key[0] == "space":
+                groups = self.tr.consumers(key[1])
+                ops.add(key, groups.width)
+            else:
+                groups = self.tr.block_whole(key[1])
+                ops.add(key, 1)
+            incs.append(np.asarray(self.sc.drops(groups).increments(), dtype=float))
         return ops, np.concatenate(incs) if incs else np.zeros(0)
 
     def take(self, op: Op) -> None:
@@ -91,7 +131,7 @@ class _State:
         self.sc.commit(eff.conditioned, eff.targets)
         self.ops.append(op)
         self.effects.append(eff)
-        if isinstance(op, PsiBlock):
+        if isinstance(op, PsiBlock) and op.block in self.pending:
             self.pending.remove(op.block)
 
     def plan(self) -> Plan:
@@ -124,14 +164,19 @@ class _Steps:
 
 
 def _greedy(
-    posterior: Posterior, route: NetRoute, budget: Budget, incremental: bool = True
+    posterior: Posterior,
+    route: NetRoute | None,
+    budget: Budget,
+    incremental: bool = True,
+    fits: Fits | None = None,
 ) -> _State:
-    """The global greedy of ``route``; ``incremental``: with stages kept current where the
-    scorer can (else, or when False, every candidate rescored by a new stage each step)."""
-    st = _State(posterior.structure, posterior.scorer(), route)
+    """The global greedy of ``route`` (or until the student ``fits``); ``incremental``:
+    with stages kept current where the scorer can (else, or when False, every candidate
+    rescored by a new stage each step)."""
+    st = _State(posterior.structure, posterior.scorer(), route, fits)
     stages = _Stages(st) if incremental and isinstance(st.sc, DenseScorer) else None
     while True:
-        budget.check("building the first plan")
+        budget.check("choosing the widths within the budget" if fits else "building the first plan")
         if stages is None:  # scorers whose stages cannot take in each other's commits
             ops, inc = st.candidates()
             if not ops:
@@ -182,8 +227,7 @@ class _Stages:
         ops: list[Op] = []
         incs: list[np.ndarray] = []
         where: list[tuple[tuple[str, int], int]] = []
-        keys = [("space", s) for s in st.shrinking if st.width(s) > st.target[s]]
-        keys += [("block", b) for b in st.pending]
+        keys = st.keys()
         for key in list(self.drops):
             if key not in keys:
                 del self.drops[key]
@@ -209,7 +253,7 @@ class _Stages:
         eff = st.tr.apply(op)
         st.ops.append(op)
         st.effects.append(eff)
-        if isinstance(op, PsiBlock):
+        if isinstance(op, PsiBlock) and op.block in st.pending:
             st.pending.remove(op.block)
 
 
