@@ -192,30 +192,52 @@ class KronPosterior(Posterior):
         return sc
 
     def _replay_events(self, events) -> KronScorer:
-        """The events on the search's own per-layer state (:class:`KronScorer`): columns
-        conditioned in place, rows marginalised when a layer is next touched (a run of
-        them at once), whole layers conditioned to their targets."""
+        """The events on the search's own per-layer state (:class:`KronScorer`): a run of
+        column conditionings on a layer over the same rows is one joint conditioning (its
+        cost the sum of theirs, by the chain rule), flushed when the layer's rows change;
+        rows are marginalised when the layer is next touched; whole layers are
+        conditioned to their targets."""
         sc = KronScorer(self)
+        pending: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+
+        def flush(t: int) -> None:
+            if t in pending:
+                rows, cols = pending.pop(t)
+                st = sc._state(t, rows)
+                sc._condition_columns(
+                    t, st, np.sort(np.searchsorted(st.cols, np.concatenate(cols)))
+                )
+
         for ev in events:
-            if ev.kind == "rows":  # left to the next step on the layer (or to align)
-                continue
             f = self.factored[ev.layer]
-            st = sc._state(ev.layer, np.sort(ev.rows))
-            cols = f.columns(ev.cols)
-            if ev.kind == "columns":
-                sc._condition_columns(ev.layer, st, np.sort(np.searchsorted(st.cols, cols)))
+            if ev.kind == "rows":  # the rows themselves go when the layer is next touched
+                flush(ev.layer)
                 continue
+            rows = np.sort(ev.rows)
+            if ev.kind == "columns":
+                run = pending.get(ev.layer)
+                if run is not None and not np.array_equal(run[0], rows):
+                    flush(ev.layer)
+                    run = None
+                if run is None:
+                    run = pending[ev.layer] = (rows, [])
+                run[1].append(f.columns(ev.cols))
+                continue
+            flush(ev.layer)
+            st = sc._state(ev.layer, rows)
             live = np.flatnonzero(st.live)
             D = None
             if ev.target is not None:
                 D = np.zeros((st.rows.size, live.size))
                 r = np.searchsorted(st.rows, ev.rows)
-                c = np.searchsorted(st.cols[live], cols)
+                c = np.searchsorted(st.cols[live], f.columns(ev.cols))
                 D[np.ix_(r, c)] = ev.target
                 D -= st.M[:, live]
             bias = None if f.bias is None else (st.rows, -self.mean[f.bias + st.rows])
             sc.cost += sc._layer_cost(ev.layer, st, D, bias)
             st.gone, st.cache = True, {}
+        for t in list(pending):
+            flush(t)
         return sc
 
     def align(self, plan) -> KronPosterior:
