@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from planner import FullPosterior, Network
@@ -23,6 +25,7 @@ from planner_client.torch import (
     structure_of,
     student_module,
 )
+from tests.planner.test_networks import network_json
 
 F64 = torch.float64
 
@@ -259,3 +262,73 @@ def test_a_last_layer_kfac_of_a_conv_model_is_completed_in_kron():
     rest = np.arange(head.start)
     np.testing.assert_allclose(cov[np.ix_(rest, rest)], 0.5 * np.eye(rest.size), atol=1e-12)
     assert not cov[np.ix_(rest, fitted)].any()
+
+
+# -- priors on conv students in every format --------------------------------------------------
+def _conv_prior(fmt: str, d: dict, rng: np.random.Generator):
+    """(a random prior over the network ``d`` in ``fmt``, its dense covariance, written
+    from the definitions: the kron one by the reference's keys)."""
+    from tests.reference_networks import RefNetwork
+    from tests.strategies import spd
+
+    ref = RefNetwork(d)
+    p = len(ref.keys())
+    mean = rng.standard_normal(p)
+    if fmt in ("full", "precision"):
+        S = spd(rng, p)
+        return {"mean": mean, "covariance": S} if fmt == "full" else {
+            "mean": mean,
+            "precision": np.linalg.inv(S),
+        }, S
+    if fmt == "diag":
+        v = rng.uniform(0.2, 2.0, p)
+        return {"mean": mean, "variance": v}, np.diag(v)
+    if fmt == "lowrank":
+        v, F = rng.uniform(0.2, 2.0, p), rng.standard_normal((p, 2))
+        return {"mean": mean, "variance": v, "factor": F}, np.diag(v) + F @ F.T
+    arrays, G, A, B = {"mean": mean}, {}, {}, {}
+    for L in ref.layers:
+        n = L.number
+        G[n] = arrays[f"row{n}"] = spd(rng, L.out)
+        A[n] = arrays[f"col{n}"] = spd(rng, L.inp * L.group)
+        if L.bias:
+            B[n] = arrays[f"bias{n}"] = (
+                spd(rng, L.out) if rng.random() < 0.5 else rng.uniform(0.2, 2.0, L.out)
+            )
+    return arrays, ref.kron_covariance(G, A, B)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d=network_json(),
+    fmt=st.sampled_from(["full", "precision", "diag", "lowrank", "kron"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_priors_on_conv_students_are_the_dense_formulas(d, fmt, seed):
+    """PriorPenalty (with a temperature), its gradient, laplace_prior and to_distribution
+    on random conv/residual students, against the dense Gaussian (1e-9)."""
+    from planner_client.torch import laplace_prior, to_distribution
+    from tests.helpers import close
+
+    rng = np.random.default_rng(seed)
+    prior, S = _conv_prior(fmt, d, rng)
+    model = module_of(d, F64)
+    tau = float(rng.choice([0.5, 1.0, 3.0]))
+    penalty = PriorPenalty(model, fmt, prior, temperature=tau)
+    theta = nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+    dev = theta - prior["mean"]
+    Sinv_d = np.linalg.solve(S, dev)
+    value = penalty()
+    close(value.item(), 0.5 * dev @ Sinv_d / tau)
+    value.backward()
+    close(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy(), Sinv_d / tau)
+    close(laplace_prior(fmt, prior, F64)["prior_precision"], np.diag(np.linalg.inv(S)))
+    if fmt == "kron":
+        with pytest.raises(ValueError, match="matrix-normal"):
+            to_distribution(fmt, prior)
+        return
+    dist = to_distribution(fmt, prior)
+    other = theta + rng.standard_normal(theta.size)
+    lp = dist.log_prob(torch.from_numpy(theta)) - dist.log_prob(torch.from_numpy(other))
+    d_o = other - prior["mean"]
+    close(lp.item(), 0.5 * d_o @ np.linalg.solve(S, d_o) - 0.5 * dev @ Sinv_d, 1e-8)
