@@ -132,28 +132,34 @@ def isotropic(lam: float):
 
 
 def fit_teacher(name: str, pool, cfg: dict, seed: int):
-    from laplace import Laplace
-
+    """The MAP teacher and its laplace-torch posteriors, converted (``from_laplace``)."""
     torch.manual_seed(seed)
     X, y = pool
     model = mlp(TEACHERS[name])
     train(model, X, y, isotropic(cfg["teacher_prior"]), cfg["teacher_steps"], 3e-3)
-    m = cfg["laplace_examples"]
-    ds = torch.utils.data.TensorDataset(X[:m], y[:m])
-    loader = torch.utils.data.DataLoader(ds, batch_size=200)
     out = {}
     for fmt in POSTERIORS[name]:
-        la = Laplace(
-            model,
-            "classification",
-            subset_of_weights="all",
-            hessian_structure=fmt,
-            prior_precision=cfg["teacher_prior"],
-            **({"damping": True} if fmt == "kron" else {}),
-        )
-        la.fit(loader)
+        la = fitted_laplace(model, X, y, fmt, cfg["teacher_prior"], cfg["laplace_examples"])
         out[fmt] = from_laplace(la)
     return model, out
+
+
+def fitted_laplace(model, X, y, fmt: str, prior: float, examples: int):
+    """laplace-torch's GGN Laplace of ``model`` over all weights in ``fmt`` (K-FAC damped),
+    fitted on the first ``examples`` of ``(X, y)``."""
+    from laplace import Laplace
+
+    ds = torch.utils.data.TensorDataset(X[:examples], y[:examples])
+    la = Laplace(
+        model,
+        "classification",
+        subset_of_weights="all",
+        hessian_structure=fmt,
+        prior_precision=prior,
+        **({"damping": True} if fmt == "kron" else {}),
+    )
+    la.fit(torch.utils.data.DataLoader(ds, batch_size=200))
+    return la
 
 
 def run(url: str, cfg: dict, tmp: Path, log=print) -> dict:
@@ -428,19 +434,25 @@ def write(results: dict, out: Path) -> None:
         )
         + ".",
     ]
-    for metric, label in (
-        ("nll", "test NLL"),
-        ("accuracy", "test accuracy"),
-        ("ece", "test ECE"),
-    ):
-        for sw in cfg["students"]:
-            lines += ["", f"## {label}, student {tuple(sw)}", ""]
-            lines.append("| method | " + " | ".join(f"n = {n}" for n in cfg["sizes"]) + " |")
-            lines.append("| --- |" + " --- |" * len(cfg["sizes"]))
+    lines += metric_tables(summary, cfg["sizes"], cfg["students"], methods)
+    lines += _comparisons(results, methods)
+    (out / "digits.md").write_text("\n".join(lines) + "\n")
+    _plot(summary, cfg, methods, out / "digits.png")
+
+
+def metric_tables(summary: dict, sizes, students, methods) -> list[str]:
+    """Markdown tables, per metric and student: the baseline's mean, every other method's
+    paired difference against it with its 95 % interval."""
+    lines: list[str] = []
+    for metric, label in (("nll", "test NLL"), ("accuracy", "test accuracy"), ("ece", "test ECE")):
+        for sw in students:
+            lines += ["", f"## {label}, student {_sk(sw)}", ""]
+            lines.append("| method | " + " | ".join(f"n = {n}" for n in sizes) + " |")
+            lines.append("| --- |" + " --- |" * len(sizes))
             for method in methods:
                 cells = []
-                for n in cfg["sizes"]:
-                    r = summary.get(f"{list(sw)} n={n} {method}")
+                for n in sizes:
+                    r = summary.get(f"{_label(sw)} n={n} {method}")
                     if r is None:
                         cells.append("")
                     elif method == "isotropic":
@@ -449,9 +461,7 @@ def write(results: dict, out: Path) -> None:
                         c = r[metric]
                         cells.append(f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += _comparisons(results, methods)
-    (out / "digits.md").write_text("\n".join(lines) + "\n")
-    _plot(summary, cfg, methods, out / "digits.png")
+    return lines
 
 
 def _order(method: str) -> tuple:

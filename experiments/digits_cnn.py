@@ -103,28 +103,16 @@ def _images(part):
 
 
 def fit_teacher(pool, cfg: dict, seed: int):
-    from laplace import Laplace
-
+    """The MAP teacher and its laplace-torch posteriors, converted (``from_laplace``)."""
     torch.manual_seed(seed)
     X, y = pool
     model = module_of(teacher_json(cfg["channels"]))
     base.train(
         model, X, y, base.isotropic(cfg["teacher_prior"]), cfg["teacher_steps"], cfg["teacher_lr"]
     )
-    m = cfg["laplace_examples"]
-    ds = torch.utils.data.TensorDataset(X[:m], y[:m])
-    loader = torch.utils.data.DataLoader(ds, batch_size=200)
     posts = {}
     for fmt in ("full", "kron"):
-        la = Laplace(
-            model,
-            "classification",
-            subset_of_weights="all",
-            hessian_structure=fmt,
-            prior_precision=cfg["teacher_prior"],
-            **({"damping": True} if fmt == "kron" else {}),
-        )
-        la.fit(loader)
+        la = base.fitted_laplace(model, X, y, fmt, cfg["teacher_prior"], cfg["laplace_examples"])
         posts[fmt] = tuple(from_laplace(la, "full" if fmt == "full" else None))
         if fmt == "full":
             # laplace-torch's diagonal Laplace is the diagonal of this same GGN precision
@@ -341,23 +329,7 @@ def write(results: dict, out: Path) -> None:
         )
         + ".",
     ]
-    for metric, label in (("nll", "test NLL"), ("accuracy", "test accuracy"), ("ece", "test ECE")):
-        for sw in names:
-            lines += ["", f"## {label}, student {sw}", ""]
-            lines.append("| method | " + " | ".join(f"n = {n}" for n in cfg["sizes"]) + " |")
-            lines.append("| --- |" + " --- |" * len(cfg["sizes"]))
-            for method in methods:
-                cells = []
-                for n in cfg["sizes"]:
-                    r = summary.get(f"{sw} n={n} {method}")
-                    if r is None:
-                        cells.append("")
-                    elif method == "isotropic":
-                        cells.append(f"{r[metric]['mean']:.3f} (baseline)")
-                    else:
-                        c = r[metric]
-                        cells.append(f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]")
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += base.metric_tables(summary, cfg["sizes"], names, methods)
     lines += [
         "",
         "## Paired comparisons (test NLL)",
