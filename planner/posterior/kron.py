@@ -428,10 +428,11 @@ class _LayerState:
     rows: np.ndarray
     cols: np.ndarray
     live: np.ndarray
-    Gi: np.ndarray
+    LG: np.ndarray | None  # Cholesky factor of G_R while no row has left (else None)
     M: np.ndarray
     P: np.ndarray
     A: np.ndarray
+    Gi_: np.ndarray | None = None  # G_R⁻¹, formed when first needed
     gone: bool = False
     #: increments already scored on this state (dropped whenever the state changes)
     cache: dict = field(default_factory=dict)
@@ -441,10 +442,11 @@ class _LayerState:
             self.rows.copy(),
             self.cols.copy(),
             self.live.copy(),
-            self.Gi,
+            self.LG,
             self.M.copy(),
             self.P.copy(),
             np.asfortranarray(self.A.copy()),
+            self.Gi_,
             self.gone,
             dict(self.cache),
         )
@@ -458,6 +460,14 @@ def _column_increments(st: _LayerState, q: np.ndarray) -> np.ndarray:
     ok = a > 0
     out[ok] = 0.5 * np.einsum("ij,ij->j", st.M[:, q[ok]], st.P[:, q[ok]]) / a[ok]
     return out
+
+
+def _gi(st: _LayerState) -> np.ndarray:
+    """``G_R⁻¹`` of a state, formed from its factor the first time it is needed."""
+    if st.Gi_ is None:
+        Gi = sla.cho_solve((st.LG, True), np.eye(st.LG.shape[0]), check_finite=False)
+        st.Gi_ = 0.5 * (Gi + Gi.T)
+    return st.Gi_
 
 
 @dataclass(frozen=True)
@@ -510,11 +520,10 @@ class KronScorer:
             post = self.post
             M = np.array(post._weight(post.factored[t])[rows])
             LG = _chol(post.G[t][np.ix_(rows, rows)], f"row{t}")
-            Gi = sla.cho_solve((LG, True), np.eye(rows.size), check_finite=False)
-            Gi = 0.5 * (Gi + Gi.T)
+            P = sla.cho_solve((LG, True), M, check_finite=False)
             A = np.array(post.A[t], order="F")
             m = A.shape[0]
-            st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), Gi, M, Gi @ M, A)
+            st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), LG, M, P, A)
             self.layers[t] = st
         elif not np.array_equal(st.rows, rows):
             keep = np.searchsorted(st.rows, rows)
@@ -524,10 +533,11 @@ class KronScorer:
                 )
             # marginalising rows D: (G_KK)⁻¹ = Gi_KK − Gi_KD Gi_DD⁻¹ Gi_DK, and P with it
             drop = np.setdiff1d(np.arange(st.rows.size), keep)
-            K = sla.solve(st.Gi[np.ix_(drop, drop)], st.Gi[drop][:, keep], assume_a="pos")
-            Gi = st.Gi[np.ix_(keep, keep)] - st.Gi[np.ix_(keep, drop)] @ K
+            G0 = _gi(st)
+            K = sla.solve(G0[np.ix_(drop, drop)], G0[drop][:, keep], assume_a="pos")
+            Gi = G0[np.ix_(keep, keep)] - G0[np.ix_(keep, drop)] @ K
             st.P = st.P[keep] - K.T @ st.P[drop]
-            st.Gi, st.M, st.rows = 0.5 * (Gi + Gi.T), st.M[keep], rows
+            st.Gi_, st.LG, st.M, st.rows = 0.5 * (Gi + Gi.T), None, st.M[keep], rows
             st.cache = {}
         if st.gone:
             raise InvalidPosterior(f"a kron search scored layer {t} after removing it", field="ops")
@@ -635,7 +645,7 @@ class KronScorer:
             if D is None:  # to 0: D = −M' (its sign cancels)
                 D, GD = st.M[:, live], st.P[:, live]
             else:
-                GD = st.Gi @ D
+                GD = _gi(st) @ D
             W = sla.cho_solve((LA, True), D.T, check_finite=False)
             out += 0.5 * float(np.sum(GD * W.T))
         if bias is not None:
@@ -652,6 +662,19 @@ class KronScorer:
         YM = sla.solve_triangular(LC, st.M[:, C].T, lower=True, check_finite=False)
         YP = sla.solve_triangular(LC, st.P[:, C].T, lower=True, check_finite=False)
         self.cost += 0.5 * float(np.sum(YM * YP))
+        st.cache = {}
+        live = st.live.copy()
+        live[C] = False
+        keep = np.flatnonzero(live)
+        if keep.size < _COMPACT_BELOW * st.live.size:  # most go: update what stays only
+            W = sla.solve_triangular(LC, _lower_columns(st.A, C)[keep].T, lower=True,
+                                     check_finite=False)  # fmt: skip
+            A = _lower_blocks(st.A, keep[None])[0] - W.T @ W
+            st.A = np.asfortranarray(0.5 * (A + A.T))
+            st.M = np.ascontiguousarray(st.M[:, keep] - YM.T @ W)
+            st.P = np.ascontiguousarray(st.P[:, keep] - YP.T @ W)
+            st.cols, st.live = st.cols[keep], np.ones(keep.size, dtype=bool)
+            return
         W = sla.solve_triangular(LC, _lower_columns(st.A, C).T, lower=True, check_finite=False)
         st.M -= YM.T @ W
         st.P -= YP.T @ W
@@ -659,7 +682,6 @@ class KronScorer:
         with all_threads() if st.A.shape[0] >= 1024 else contextlib.nullcontext():
             st.A = blas.dsyrk(-1.0, W, beta=1.0, c=st.A, trans=1, lower=1, overwrite_c=True)
         st.live[C] = False
-        st.cache = {}
         if st.live.mean() < _COMPACT_BELOW:
             keep = np.flatnonzero(st.live)
             st.A = np.asfortranarray(st.A[np.ix_(keep, keep)])
@@ -817,7 +839,7 @@ class _KronBlock:
         else:
             self.LA = _chol(st.A[np.ix_(live, live)], f"col{u}")
             ai = inverse_diagonal(self.LA)
-        gi = np.diag(st.Gi)
+        gi = np.diag(_gi(st))
         GMA = sla.cho_solve((self.LA, True), self.P.T, check_finite=False).T
         lin = np.empty(idx.size)
         lin[self.w] = 0.5 * gi[self.ri] * ai[self.ci] - GMA[self.ri, self.ci]
@@ -837,7 +859,7 @@ class _KronBlock:
         D[self.ri, self.ci] = targets[self.w]
         D -= self.M
         W = sla.cho_solve((self.LA, True), D.T, check_finite=False)
-        out = 0.5 * float(np.sum((st.Gi @ D) * W.T))
+        out = 0.5 * float(np.sum((_gi(st) @ D) * W.T))
         if self.bias is not None:
             bm, bS = self.bias
             out += _bias_cost(targets[self.b] - bm, bS)
