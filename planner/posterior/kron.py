@@ -253,7 +253,7 @@ class KronPosterior(Posterior):
                 r = np.searchsorted(st.rows, rows)
                 c = np.searchsorted(st.cols, cols)
                 M = st.M[np.ix_(r, c)]
-                A[t] = _lower_blocks(st.A, c[None])[0]
+                A[t] = _lower_block(st.A, c)
             else:
                 M = self._weight(self.factored[src])[np.ix_(rows, cols)]
                 A[t] = np.asarray(self.A[src])[np.ix_(cols, cols)]
@@ -404,6 +404,17 @@ def _lower_columns(A: np.ndarray, C: np.ndarray) -> np.ndarray:
     return out
 
 
+def _lower_block(A: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """``A[C, C]`` (``C`` sorted) from the lower triangle, the only current one."""
+    B = A[np.ix_(C, C)]
+    return np.tril(B) + np.tril(B, -1).T
+
+
+def _lower_cross(A: np.ndarray, R: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """``A[R, C]`` of a symmetric matrix of which only the lower triangle is current."""
+    return np.where(R[:, None] >= C[None, :], A[np.ix_(R, C)], A[np.ix_(C, R)].T)
+
+
 def _lower_blocks(A: np.ndarray, Q: np.ndarray) -> np.ndarray:
     """``A[Q_i, Q_i]`` for each row ``Q_i`` of ``Q`` (sorted), from the lower triangle."""
     hi = np.maximum(Q[:, :, None], Q[:, None, :])
@@ -518,10 +529,10 @@ class KronScorer:
         st = self.layers.get(t)
         if st is None:
             post = self.post
-            M = np.array(post._weight(post.factored[t])[rows])
+            M = post._weight(post.factored[t])[rows]
             LG = _chol(post.G[t][np.ix_(rows, rows)], f"row{t}")
             P = sla.cho_solve((LG, True), M, check_finite=False)
-            A = np.array(post.A[t], order="F")
+            A = np.array(np.asarray(post.A[t]).T, order="F")  # symmetric: a plain copy
             m = A.shape[0]
             st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), LG, M, P, A)
             self.layers[t] = st
@@ -641,7 +652,7 @@ class KronScorer:
         live = np.flatnonzero(st.live)
         out = 0.0
         if live.size and st.rows.size:
-            LA = _chol(_lower_blocks(st.A, live[None])[0], f"col{t}")
+            LA = _chol(_lower_block(st.A, live), f"col{t}")
             if D is None:  # to 0: D = −M' (its sign cancels)
                 D, GD = st.M[:, live], st.P[:, live]
             else:
@@ -658,7 +669,7 @@ class KronScorer:
         rank-|C| Schur update of ``A'`` in place (its conditioned rows and columns fall to
         zero and are dead), compacted once most of it is dead (the work falls as the
         greedy goes)."""
-        LC = _chol(_lower_blocks(st.A, C[None])[0], f"col{t}")
+        LC = _chol(_lower_block(st.A, C), f"col{t}")
         YM = sla.solve_triangular(LC, st.M[:, C].T, lower=True, check_finite=False)
         YP = sla.solve_triangular(LC, st.P[:, C].T, lower=True, check_finite=False)
         self.cost += 0.5 * float(np.sum(YM * YP))
@@ -667,9 +678,10 @@ class KronScorer:
         live[C] = False
         keep = np.flatnonzero(live)
         if keep.size < _COMPACT_BELOW * st.live.size:  # most go: update what stays only
-            W = sla.solve_triangular(LC, _lower_columns(st.A, C)[keep].T, lower=True,
-                                     check_finite=False)  # fmt: skip
-            A = _lower_blocks(st.A, keep[None])[0] - W.T @ W
+            W = sla.solve_triangular(
+                LC, _lower_cross(st.A, keep, C).T, lower=True, check_finite=False
+            )
+            A = _lower_block(st.A, keep) - W.T @ W
             st.A = np.asfortranarray(0.5 * (A + A.T))
             st.M = np.ascontiguousarray(st.M[:, keep] - YM.T @ W)
             st.P = np.ascontiguousarray(st.P[:, keep] - YP.T @ W)
