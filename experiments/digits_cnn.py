@@ -250,7 +250,7 @@ def config(quick: bool, seeds: int | None) -> dict:
             "teacher_lr": 1e-2,
             "teacher_prior": 1.0,
             "laplace_examples": 60,
-            "search_seconds": 0.3,
+            "search_seconds": 3.0,
             "steps": 12,
             "lr": 1e-2,
             "isotropic_grid": [1.0],

@@ -405,9 +405,17 @@ def _lower_columns(A: np.ndarray, C: np.ndarray) -> np.ndarray:
 
 
 def _lower_block(A: np.ndarray, C: np.ndarray) -> np.ndarray:
-    """``A[C, C]`` (``C`` sorted) from the lower triangle, the only current one."""
-    B = A[np.ix_(C, C)]
-    return np.tril(B) + np.tril(B, -1).T
+    """``A[C, C]`` from the lower triangle, the only current one (``C`` in any order: a
+    merged layer's pairing permutes its readers' columns)."""
+    order = np.argsort(C, kind="stable")
+    Cs = C[order]
+    B = A[np.ix_(Cs, Cs)]
+    B = np.tril(B) + np.tril(B, -1).T
+    if np.array_equal(order, np.arange(C.size)):
+        return B
+    inv = np.empty_like(order)
+    inv[order] = np.arange(C.size)
+    return B[np.ix_(inv, inv)]
 
 
 def _lower_cross(A: np.ndarray, R: np.ndarray, C: np.ndarray) -> np.ndarray:
