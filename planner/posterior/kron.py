@@ -225,17 +225,13 @@ class KronPosterior(Posterior):
                 continue
             flush(ev.layer)
             st = sc._state(ev.layer, rows)
-            live = np.flatnonzero(st.live)
-            D = None
-            if ev.target is not None:
-                D = np.zeros((st.rows.size, live.size))
+            target = None
+            if ev.target is not None:  # in the state's row and live-column order
+                target = np.zeros((st.rows.size, int(st.live.sum())))
                 r = np.searchsorted(st.rows, ev.rows)
-                c = np.searchsorted(st.cols[live], f.columns(ev.cols))
-                D[np.ix_(r, c)] = ev.target
-                D -= st.M[:, live]
-            bias = None if f.bias is None else (st.rows, -self.mean[f.bias + st.rows])
-            sc.cost += sc._layer_cost(ev.layer, st, D, bias)
-            st.gone, st.cache = True, {}
+                c = np.searchsorted(st.cols[st.live], f.columns(ev.cols))
+                target[np.ix_(r, c)] = ev.target
+            sc._condition_layer(ev.layer, st, target, sc._zero_bias(ev.layer, st))
         for t in list(pending):
             flush(t)
         return sc
@@ -605,10 +601,7 @@ class KronScorer:
         if part.Q is None:
             key = ("whole", part.bias)
             if key not in st.cache:
-                f = self.post.factored[part.layer]
-                bias = None
-                if part.bias and f.bias is not None:
-                    bias = (st.rows, -self.post.mean[f.bias + st.rows])
+                bias = self._zero_bias(part.layer, st) if part.bias else None
                 st.cache[key] = self._layer_cost(part.layer, st, None, bias)
             return np.array([st.cache[key]])
         Q = part.Q
@@ -671,6 +664,19 @@ class KronScorer:
             rb, db = bias
             out += _bias_cost(db, _sub(self.post.bias[t], rb))
         return out
+
+    def _zero_bias(self, t: int, st: _LayerState):
+        """Layer t's biases of its current rows conditioned to 0, as ``_layer_cost`` takes
+        them (``None`` when the layer has none)."""
+        f = self.post.factored[t]
+        return None if f.bias is None else (st.rows, -self.post.mean[f.bias + st.rows])
+
+    def _condition_layer(self, t: int, st: _LayerState, target, bias) -> None:
+        """Layer t's whole live block conditioned to ``target`` (rows × live columns in the
+        state's order; ``None``: 0) and its biases as ``bias`` says; the layer leaves."""
+        D = None if target is None else target - st.M[:, st.live]
+        self.cost += self._layer_cost(t, st, D, bias)
+        st.gone, st.cache = True, {}
 
     def _condition_columns(self, t: int, st: _LayerState, C: np.ndarray) -> None:
         """Condition live columns at positions ``C`` (sorted) of layer t's state to zero: a
@@ -752,15 +758,13 @@ class KronScorer:
                     "layer to any target",
                     field="ops",
                 )
-            D = np.zeros((rows.size, live.size))
-            D[np.searchsorted(rows, r[w]), np.searchsorted(C, c[w])] = targets[w]
-            D -= st.M[:, live]
+            target = np.zeros((rows.size, live.size))
+            target[np.searchsorted(rows, r[w]), np.searchsorted(C, c[w])] = targets[w]
             bias = None
             if b.size:
                 rb = r[b]
                 bias = (rb, targets[b] - self.post.mean[self.post.factored[int(u)].bias + rb])
-            self.cost += self._layer_cost(int(u), st, D, bias)
-            st.gone, st.cache = True, {}
+            self._condition_layer(int(u), st, target, bias)
 
 
 class _KronDrops:

@@ -26,6 +26,7 @@ from planner_client.torch import (
     student_module,
 )
 from tests.planner.test_networks import network_json
+from tests.planner_client.test_torch import _kron_reference
 
 F64 = torch.float64
 
@@ -141,11 +142,7 @@ def _fitted(kind: str, subset: str = "all", bias: bool = True, **kwargs):
 
 def _kfac_matrix(la, damping: bool) -> np.ndarray:
     """laplace-torch's own K-FAC posterior precision, damped or not, densely."""
-    from laplace.utils.matrix import KronDecomposed
-
-    P = la.posterior_precision
-    K = KronDecomposed(P.eigenvectors, P.eigenvalues, P.deltas, damping=damping)
-    M = K.to_matrix().detach().numpy()
+    M = _kron_reference(la, damping, exponent=1)
     return (M + M.T) / 2
 
 
