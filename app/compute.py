@@ -312,11 +312,11 @@ def _plan(post, store, rec, request: dict, stop) -> dict:
 
 def _route_json(route) -> list | dict | None:
     """An MLP's route as its blocks of teacher positions; a network's as the teacher blocks
-    it leaves out."""
+    (and plain layers, when any) it leaves out."""
     if route is None:  # a plan by budget whose search was cut: the greedy's plan
         return None
     if isinstance(route, NetRoute):
-        return {"removed_blocks": list(route.removed_blocks)}
+        return route.to_json()
     return [list(b) for b in route.blocks]
 
 

@@ -486,10 +486,14 @@ def _stage_boxes(net, surviving: dict) -> str:
 def _network_drawing(plan: PlanRecord, net) -> str:
     """Every teacher space as a column of channels (bands when wide): coloured by the
     student space keeping each channel, hollow when removed; a space removed with its
-    block is labelled so."""
+    block, or merged by ψ on the layer writing it, is labelled so."""
     widths = net.graph.widths
     prov = {p["teacher_space"]: p for p in plan.info["provenance"]}
-    inner = {s: b.number for b in net.graph.blocks for s in b.inner}
+    gone = {s: f"block {b.number}" for b in net.graph.blocks for s in b.inner}
+    kept_layers = set((plan.info.get("surviving") or {}).get("layers", []))
+    for u in net.graph.units:
+        if u.layer not in kept_layers and u.out not in gone:
+            gone[u.out] = f"layer {u.layer}"
     W, H, top = 1120, 250, 30
     xs = [60 + i * (W - 120) / max(len(widths) - 1, 1) for i in range(len(widths))]
     parts = [
@@ -499,7 +503,7 @@ def _network_drawing(plan: PlanRecord, net) -> str:
     for s, (x, w) in enumerate(zip(xs, widths, strict=True), start=1):
         p = prov.get(s)
         kept = {c: p["space"] for c in p["teacher_channels"]} if p else {}
-        label = f"{s}: {len(kept)}/{w}" if p else f"{s}: block {inner.get(s, '?')} (ψ)"
+        label = f"{s}: {len(kept)}/{w}" if p else f"{s}: {gone.get(s, '?')} (ψ)"
         parts.append(f"<g class='teacher-space' data-space='{s}'>")
         parts.append(_column(x, top, H, w, kept, label))
         parts.append("</g>")

@@ -1,11 +1,16 @@
 """Which students a network reaches, and by which residual blocks (docs/theory.md §13).
 
 A student of a :class:`~planner.stages.Network` teacher has the teacher's stages, less
-residual blocks that ψ can remove (identity shortcut, the activation rule), with every
-layer's width between 1 and the teacher's; kernels, strides, paddings, pools, the
-input and the output are the teacher's.  Which blocks of a run of such blocks go is
-the planner's choice: each way of matching the student's stages to the teacher's is
-a :class:`NetRoute`, scored by exact costs like an MLP's routes.
+residual blocks that ψ can remove (identity shortcut, the activation rule) and plain
+layers that ψ can remove (a conv of stride 1 with an odd kernel padded to keep its
+size, or a linear layer on features; the activation rule; a space no residual block
+left in the student writes too), with every layer's width between 1 and the
+teacher's; kernels, strides, paddings, pools, the input and the output are the
+teacher's.  A removed plain layer's output space merges into its input space, so
+both are shrunk to the width the student gives that space.  Which blocks and layers
+of a run of alike stages go is the planner's choice: each way of matching the
+student's stages to the teacher's is a :class:`NetRoute`, scored by exact costs like
+an MLP's routes.
 
 Examples
 --------
@@ -30,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import NotInLattice
+from .ops import _merge_after
 from .stages import Conv, Flatten, Linear, Network, Pool, Residual
 from .structure import IDEMPOTENT as _IDEMPOTENT
 
@@ -41,15 +47,29 @@ MAX_ALIGNMENTS = 4096
 
 @dataclass(frozen=True)
 class NetRoute:
-    """The teacher blocks a student leaves out, and the width of every teacher space that
-    survives (``widths``: (teacher space, student width) pairs, in space order)."""
+    """The teacher blocks and plain layers a student leaves out, and the width every
+    teacher space must reach (``widths``: (teacher space, width) pairs, in space order):
+    a surviving space's student width, or, for the output space of a removed layer, the
+    width of the space it merges into."""
 
     removed_blocks: tuple[int, ...]
     widths: tuple[tuple[int, int], ...]
+    removed_layers: tuple[int, ...] = ()  # teacher layer numbers (ψ on a plain layer)
 
     @property
     def blocks(self) -> tuple[int, ...]:  # what a search result reports as its route
         return self.removed_blocks
+
+    def to_json(self) -> dict:
+        out: dict = {"removed_blocks": list(self.removed_blocks)}
+        if self.removed_layers:
+            out["removed_layers"] = list(self.removed_layers)
+        return out
+
+    def describe(self) -> str:
+        parts = [f"blocks {list(self.removed_blocks)}"] if self.removed_blocks else []
+        parts += [f"layers {list(self.removed_layers)}"] if self.removed_layers else []
+        return " and ".join(parts) + " removed" if parts else "nothing removed"
 
 
 def _kind(st) -> str:
@@ -110,8 +130,29 @@ def _removable(teacher: Network, number: int) -> str | None:
     )
 
 
+def _layer_removable(teacher: Network, unit) -> str | None:
+    """Why ψ could never remove plain layer ``unit`` of ``teacher`` (whatever the widths),
+    or ``None``; a residual block writing its output space too is checked per route."""
+    info = teacher.layers[unit.index]
+    st = info.stage
+    if unit.out in teacher.graph.fixed:
+        return "it writes the network's output"
+    if isinstance(st, Conv):
+        (kh, kw), pad = st.kernel, st.padding
+        if st.stride != (1, 1) or kh % 2 == 0 or kw % 2 == 0 or pad != (kh // 2, kw // 2):
+            return (
+                "a conv is the identity only with stride 1 and an odd kernel padded to keep "
+                f"its size; it has kernel {list(st.kernel)}, stride {list(st.stride)}, "
+                f"padding {list(pad)}"
+            )
+    elif unit.segments[0].group != 1:
+        return "it reads a flattened image, not features"
+    return _merge_after(st.activation, info.input_activation)
+
+
 def network_routes(teacher: Network, student: Network) -> list[NetRoute]:
-    """Every way ``student`` comes from ``teacher`` (teacher blocks left out, widths).
+    """Every way ``student`` comes from ``teacher`` (teacher blocks and layers left out,
+    widths).
 
     Raises
     ------
@@ -138,17 +179,22 @@ def network_routes(teacher: Network, student: Network) -> list[NetRoute]:
             n += 1
             block_of[i] = n
     removable = {i: _removable(teacher, block_of[i]) for i in block_of}
-    found: list[tuple[int, ...]] = []
+    unit_of = {teacher.layers[u.index].top: u for u in teacher.graph.units}
+    unit_of = {i: u for i, u in unit_of.items() if i is not None}
+    plain = {i: _layer_removable(teacher, u) for i, u in unit_of.items()}
+    found: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     deepest: list = [(-1, -1, "")]  # the furthest failure: (student stage, teacher stage, why)
 
-    def walk(i: int, j: int, removed: tuple[int, ...]) -> None:
+    def walk(i: int, j: int, removed: tuple[int, ...], layers: tuple[int, ...] = ()) -> None:
         if len(found) >= MAX_ALIGNMENTS:
             return
         if j == len(ss) and i == len(ts):
-            found.append(removed)
+            found.append((removed, layers))
             return
         if i < len(ts) and i in block_of and removable[i] is None:
-            walk(i + 1, j, (*removed, block_of[i]))
+            walk(i + 1, j, (*removed, block_of[i]), layers)
+        if i < len(ts) and plain.get(i, "") is None:
+            walk(i + 1, j, removed, (*layers, unit_of[i].layer))
         if i == len(ts) or j == len(ss):
             if j < len(ss):
                 _fail(deepest, j, i, f"student stages[{j}] is past the teacher's last stage")
@@ -158,6 +204,14 @@ def network_routes(teacher: Network, student: Network) -> list[NetRoute]:
                     j,
                     i,
                     f"teacher block {block_of[i]} (stages[{i}]) cannot be removed: {removable[i]}",
+                )
+            elif i in plain:
+                _fail(
+                    deepest,
+                    j,
+                    i,
+                    f"teacher layer {unit_of[i].layer} (stages[{i}]) cannot be removed by ψ: "
+                    f"{plain[i]}",
                 )
             else:
                 _fail(
@@ -170,32 +224,57 @@ def network_routes(teacher: Network, student: Network) -> list[NetRoute]:
             return
         why = _stage_reason(ts[i], ss[j], f"student stages[{j}]")
         if why is None:
-            walk(i + 1, j + 1, removed)
+            walk(i + 1, j + 1, removed, layers)
         else:
             if i in block_of and removable[i] is not None:
                 why += f" (and teacher block {block_of[i]} cannot be removed: {removable[i]})"
+            if plain.get(i):
+                why += f" (and teacher layer {unit_of[i].layer} cannot be removed: {plain[i]})"
             _fail(deepest, j, i, why)
 
     walk(0, 0, ())
     if not found:
         raise NotInLattice(deepest[0][2], field="student")
     out = []
-    t_units, s_units = teacher.graph.units, student.graph.units
-    for removed in found:
-        gone = {u for b in removed for u in teacher.graph.blocks[b - 1].branch}
-        kept = [u for u in t_units if u.index not in gone]
+    g = teacher.graph
+    t_units, s_units = g.units, student.graph.units
+    why_not = ""
+    for removed, layers in found:
+        gone = {u for b in removed for u in g.blocks[b - 1].branch}
+        merged = {u.index: u for u in t_units if u.layer in layers}
+        kept = [u for u in t_units if u.index not in gone and u.index not in merged]
         widths = {}
         for tu, su in zip(kept, s_units, strict=True):
             widths[tu.out] = su.rows
-        widths[1] = teacher.graph.width(1)
-        out_space = max(teacher.graph.fixed)
-        if widths[out_space] != teacher.graph.width(out_space):
+        widths[1] = g.width(1)
+        out_space = max(g.fixed)
+        if widths[out_space] != g.width(out_space):
             raise NotInLattice(
                 f"the student's output width {widths[out_space]} is not the teacher's "
-                f"{teacher.graph.width(out_space)}: the output is not removable",
+                f"{g.width(out_space)}: the output is not removable",
                 field="student",
             )
-        out.append(NetRoute(tuple(removed), tuple(sorted(widths.items()))))
+        why = None
+        for u in merged.values():  # in layout order: a chain of removed layers merges down
+            src = u.segments[0].space
+            writers = [b.number for b in g.blocks if b.writes == u.out and b.number not in removed]
+            if writers:
+                why = (
+                    f"teacher layer {u.layer} cannot be removed: blocks {writers} write its "
+                    "output too"
+                )
+            elif widths[src] > min(g.width(src), g.width(u.out)):
+                why = (
+                    f"teacher layer {u.layer} cannot be removed: its spaces merge at width "
+                    f"{widths[src]}, wider than the teacher's {min(g.width(src), g.width(u.out))}"
+                )
+            widths[u.out] = widths[src]
+        if why:
+            why_not = why_not or why
+            continue
+        out.append(NetRoute(tuple(removed), tuple(sorted(widths.items())), tuple(layers)))
+    if not out:
+        raise NotInLattice(why_not, field="student")
     return out
 
 

@@ -366,9 +366,23 @@ def _skeleton(stages: list[dict]) -> list:
     return strip(stages)
 
 
-def ref_routes(teacher: dict, student: dict) -> list[tuple[tuple[int, ...], dict[int, int]]]:
-    """Every (removed blocks, target width of every surviving teacher space): subsets of
-    the removable blocks whose removal leaves the student's stages up to widths."""
+def _layer_removable(net: RefNetwork, L: RLayer) -> bool:
+    """Whether ψ may ever remove plain layer L (whatever the widths and the blocks)."""
+    if not L.top or L.writes == net.output:
+        return False
+    if L.kind == "conv":
+        k, s, p = L.conv["kernel"], L.conv["stride"], L.conv["padding"]
+        if s != (1, 1) or k[0] % 2 == 0 or k[1] % 2 == 0 or p != (k[0] // 2, k[1] // 2):
+            return False
+    elif L.group != 1:
+        return False
+    return L.act == "identity" or (L.act in IDEMPOTENT and L.act == L.act_in)
+
+
+def ref_routes(teacher: dict, student: dict) -> list[tuple]:
+    """Every (removed blocks, removed plain layers, target width of every teacher space
+    that survives or merges): subsets of the removable blocks and layers whose removal
+    leaves the student's stages up to widths."""
     import itertools
 
     net = RefNetwork(teacher)
@@ -376,39 +390,67 @@ def ref_routes(teacher: dict, student: dict) -> list[tuple[tuple[int, ...], dict
     removable = [
         b for kind, b in RefState.start(net, np.zeros(p), np.eye(p)).valid() if kind == "block"
     ]
+    plain = [L.number for L in net.layers if _layer_removable(net, L)]
     stage_of, n = {}, 0
     for i, st in enumerate(teacher["stages"]):
         if st["type"] == "residual":
             n += 1
             stage_of[n] = i
+    layer_stage = dict(  # a plain stage is one top-level layer, in order
+        zip(
+            [L.number for L in net.layers if L.top],
+            [i for i, st in enumerate(teacher["stages"]) if st["type"] in ("conv", "linear")],
+            strict=True,
+        )
+    )
     out = []
     snet = RefNetwork(student)
-    for k in range(len(removable) + 1):
-        for R in itertools.combinations(removable, k):
-            kept = [
-                st for i, st in enumerate(teacher["stages"]) if i not in {stage_of[b] for b in R}
-            ]
+    options = [("block", b) for b in removable] + [("layer", m) for m in plain]
+    for k in range(len(options) + 1):
+        for chosen in itertools.combinations(options, k):
+            R = tuple(b for kind, b in chosen if kind == "block")
+            Ls = tuple(m for kind, m in chosen if kind == "layer")
+            dropped = {stage_of[b] for b in R} | {layer_stage[m] for m in Ls}
+            kept = [st for i, st in enumerate(teacher["stages"]) if i not in dropped]
             if _skeleton(kept) != _skeleton(student["stages"]):
                 continue
-            gone = {n for b in R for n in net.blocks[b - 1].layers}
+            gone = {n for b in R for n in net.blocks[b - 1].layers} | set(Ls)
             layers = [L for L in net.layers if L.number not in gone]
             widths = {1: net.widths[1]}
             for L, S in zip(layers, snet.layers, strict=True):
                 widths[L.writes] = S.out
-            if all(w <= net.widths[s] for s, w in widths.items()):
-                out.append((R, widths))
+            ok = True
+            for m in Ls:  # in layer order: a chain merges down
+                L = net.layers[m - 1]
+                writers = [
+                    b.number
+                    for b in net.blocks
+                    if b.number not in R and net.layers[b.layers[-1] - 1].writes == L.writes
+                ]
+                ok = ok and not writers
+                widths[L.writes] = widths[L.reads]
+            if ok and all(w <= net.widths[s] for s, w in widths.items()):
+                out.append((R, Ls, widths))
     return out
 
 
-def _steps(state: RefState, pending: list[int], target: dict[int, int]) -> list[tuple]:
-    """The next steps, in the tie order: φ by space then channel, then ψ by block."""
+def _steps(state: RefState, pending: list, target: dict[int, int]) -> list[tuple]:
+    """The next steps, in the tie order: φ by space then channel, then ψ by block, then ψ
+    on each plain layer still to go whose spaces are square, with every pairing."""
+    import itertools
+
     out = [
         ("phi", s, c)
         for s in sorted(target)
         if s in state.spaces and state.spaces[s] > target[s]
         for c in range(state.spaces[s])
     ]
-    return out + [("block", b) for b in sorted(pending)]
+    out += [("block", b) for kind, b in pending if kind == "block"]
+    valid = set(state.valid())
+    for kind, m in pending:
+        if kind == "layer" and ("layer", m) in valid:
+            out += [("layer", m, pi) for pi in itertools.permutations(range(len(state.rows[m])))]
+    return out
 
 
 def _do(state: RefState, step: tuple) -> RefState:
@@ -417,9 +459,15 @@ def _do(state: RefState, step: tuple) -> RefState:
     nxt = copy.deepcopy(state)
     if step[0] == "phi":
         nxt.phi(step[1], step[2])
-    else:
+    elif step[0] == "block":
         nxt.psi_block(step[1])
+    else:
+        nxt.psi_layer(step[1], list(step[2]))
     return nxt
+
+
+def _left(pending: list, step: tuple) -> list:
+    return [x for x in pending if x != step[:2]]
 
 
 def _targets(net: RefNetwork, R, widths: dict[int, int]) -> dict[int, int]:
@@ -427,15 +475,22 @@ def _targets(net: RefNetwork, R, widths: dict[int, int]) -> dict[int, int]:
     return {s: w for s, w in widths.items() if s not in inner}
 
 
+def _start(net: RefNetwork, route, mean, cov):
+    R, Ls, widths = route
+    pending = [("block", b) for b in R] + [("layer", m) for m in Ls]
+    return RefState.start(net, mean, cov), pending, _targets(net, R, widths)
+
+
 def ref_greedy(teacher: dict, student: dict, mean, cov) -> float:
     """The global greedy of exact increments (docs/theory.md §13): per route, at every step
     the step of least exact increment among φ on every channel of every space that must
-    shrink and ψ on every block the route removes (ties within 1e-9: the first in the
-    tie order); the cheapest route's cost."""
+    shrink, ψ on every block the route removes and ψ with every pairing on every plain
+    layer it removes (ties within 1e-9: the first in the tie order); the cheapest route's
+    cost."""
     net = RefNetwork(teacher)
     best = np.inf
-    for R, widths in ref_routes(teacher, student):
-        state, pending, target = RefState.start(net, mean, cov), list(R), _targets(net, R, widths)
+    for route in ref_routes(teacher, student):
+        state, pending, target = _start(net, route, mean, cov)
         while True:
             steps = _steps(state, pending, target)
             if not steps:
@@ -445,26 +500,25 @@ def ref_greedy(teacher: dict, student: dict, mean, cov) -> float:
             m = inc.min()
             k = int(np.flatnonzero(inc <= m + 1e-9 * max(1.0, abs(state.cost) + abs(m)))[0])
             state = nexts[k]
-            if steps[k][0] == "block":
-                pending.remove(steps[k][1])
+            pending = _left(pending, steps[k])
         best = min(best, state.cost)
     return best
 
 
 def ref_brute_force(teacher: dict, student: dict, mean, cov) -> float:
-    """The least cost over every route and every sequence of its steps."""
+    """The least cost over every route and every sequence of its steps (every pairing)."""
     net = RefNetwork(teacher)
     best = [np.inf]
 
-    def walk(state: RefState, pending: list[int], target) -> None:
+    def walk(state: RefState, pending: list, target) -> None:
         steps = _steps(state, pending, target)
         if not steps:
             best[0] = min(best[0], state.cost)
         for s in steps:
-            walk(_do(state, s), [b for b in pending if s != ("block", b)], target)
+            walk(_do(state, s), _left(pending, s), target)
 
-    for R, widths in ref_routes(teacher, student):
-        walk(RefState.start(net, mean, cov), list(R), _targets(net, R, widths))
+    for route in ref_routes(teacher, student):
+        walk(*_start(net, route, mean, cov))
     return best[0]
 
 

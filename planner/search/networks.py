@@ -3,10 +3,14 @@
 Per route (the teacher blocks the student leaves out, :mod:`planner.network_lattice`):
 
 1. **The global greedy of exact increments.**  At every step the candidates are
-   φ on every channel of every space that must still shrink and ψ on every block
-   the route removes and that is still there; the one of least exact increment,
+   φ on every channel of every space that must still shrink, ψ on every block
+   the route removes and that is still there, and ψ on every plain layer the route
+   removes once its two spaces are down to their common width (its pairing: every
+   permutation when there are at most ``EXACT_PAIRINGS``, else the assignment on
+   the block's linear terms, as an MLP's merge); the one of least exact increment,
    given everything conditioned so far, is taken (ties, within ``TIE``: φ before
-   ψ, then the lowest space or block, then the lowest channel).  Every space is
+   ψ on blocks before ψ on layers, then the lowest space, block or layer, then the
+   lowest channel).  Every space is
    ranked against every other, as the LLM Surgeon ranks the rows and columns of
    all layers together, so the order of φ between adjacent spaces and of φ on a
    stream against ψ on its blocks is chosen by cost too.
@@ -19,14 +23,16 @@ The cheapest route's plan wins.  The budget and deadline are :mod:`.budget`'s.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from math import comb, factorial
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from ..errors import InvalidOperation, InvalidPlan
 from ..network_lattice import NetRoute, network_routes
-from ..ops import Effect, Op, Phi, PhiSpace, PsiBlock, Tracked
+from ..ops import Effect, Op, Phi, PhiSpace, Psi, PsiBlock, Tracked
 from ..plan import CompiledPlan, Plan
 from ..posterior import Posterior
 from ..posterior.scoring import DenseScorer
@@ -34,7 +40,11 @@ from ..stages import Network
 from .budget import NODE_WORK, Budget, Cut, dense_work
 from .construction import least
 
-__all__ = ["ENUMERATE_LEAVES", "global_greedy_sets", "network_search"]
+__all__ = ["ENUMERATE_LEAVES", "EXACT_PAIRINGS", "global_greedy_sets", "network_search"]
+
+#: ψ on a plain layer of at most this many channels tries every pairing (6! = 720 costs
+#: of one block each); wider, the assignment on the block's linear terms chooses it.
+EXACT_PAIRINGS = 6
 
 #: A branch and bound runs, with the effort's enumeration budget, when the routes have at
 #: most this many step sequences (it proves the optimum when it finishes within it);
@@ -67,6 +77,7 @@ class _State:
         self.fits = fits
         route = route or NetRoute((), ())
         self.pending = list(route.removed_blocks)
+        self.layers = list(route.removed_layers)
         self.target = dict(route.widths)
         gone_inner = {s for b in route.removed_blocks for s in teacher.graph.blocks[b - 1].inner}
         self.shrinking = [s for s in sorted(self.target) if s not in gone_inner]
@@ -76,15 +87,27 @@ class _State:
         out.tr, out.sc = self.tr.copy(), self.sc.copy()
         out.ops, out.effects = list(self.ops), list(self.effects)
         out.pending, out.target, out.shrinking = list(self.pending), self.target, self.shrinking
-        out.fits = self.fits
+        out.layers, out.fits = list(self.layers), self.fits
         return out
 
     def keys(self) -> list[tuple[str, int]]:
-        """The spaces and blocks a next step may act on, in the tie order (none: done)."""
+        """The spaces, blocks and layers a next step may act on, in the tie order (none:
+        done).  A plain layer waits until its spaces are at their common width."""
         tr, fits = self.tr, self.fits
         if fits is None:
-            keys = [("space", s) for s in self.shrinking if self.width(s) > self.target[s]]
-            return keys + [("block", b) for b in self.pending]
+            keys = [
+                ("space", s)
+                for s in self.shrinking
+                if s in tr.positions and self.width(s) > self.target[s]
+            ]
+            keys += [("block", b) for b in self.pending]
+            for n in self.layers:
+                try:
+                    tr.check(Psi(n))
+                except InvalidOperation:
+                    continue
+                keys.append(("layer", n))
+            return keys
         if tr.structure.n_params <= fits.max_params:
             return []
         fixed = tr.teacher.graph.fixed
@@ -117,6 +140,11 @@ class _State:
         ops = _Steps(self)
         incs: list[np.ndarray] = []
         for key in self.keys():
+            if key[0] == "layer":
+                op, inc = self.merge(key[1])
+                ops.add(key, 1, op)
+                incs.append(np.array([inc]))
+                continue
             if key[0] == "space":
                 groups = self.tr.consumers(key[1])
                 ops.add(key, groups.width)
@@ -126,13 +154,47 @@ class _State:
             incs.append(np.asarray(self.sc.drops(groups).increments(), dtype=float))
         return ops, np.concatenate(incs) if incs else np.zeros(0)
 
+    def merge(self, layer: int) -> tuple[Psi, float]:
+        """ψ on plain layer ``layer`` with its pairing of least exact cost (every
+        permutation up to ``EXACT_PAIRINGS`` channels; beyond, the assignment on the
+        block's linear terms), and that cost."""
+        probe = self.tr.copy()
+        eff = probe.apply(Psi(layer))
+        idx, base = eff.conditioned, eff.targets
+        lay = self.tr._layer_of(layer)
+        R, g = lay.rows.size, lay.unit.segments[0].group
+        centre = np.arange(R)[:, None] * (R * g) + np.arange(R)[None, :] * g + g // 2
+        block = self.sc.block(idx)
+        if R <= EXACT_PAIRINGS:
+            pairings = list(itertools.permutations(range(R)))
+        else:
+            lin = block.linear[centre]  # [row, channel]: that row's centre on that channel
+            r, c = linear_sum_assignment(lin)
+            pi = np.empty(R, dtype=np.int64)
+            pi[r] = c
+            pairings = [tuple(int(x) for x in pi)]
+        costs = []
+        for pi in pairings:  # the weight's entries lead eff's, row-major (its bias: 0)
+            targets = np.zeros_like(base)
+            targets[np.arange(R) * (R * g) + np.asarray(pi) * g + g // 2] = 1.0
+            costs.append(float(block.cost(targets)))
+        k = least(np.array(costs), 0.0)
+        best, best_cost = pairings[k], costs[k]
+        return Psi(layer, None if best == tuple(range(R)) else tuple(best)), best_cost
+
     def take(self, op: Op) -> None:
         eff = self.tr.apply(op)
         self.sc.commit(eff.conditioned, eff.targets)
         self.ops.append(op)
         self.effects.append(eff)
+        self.forget(op)
+
+    def forget(self, op: Op) -> None:
+        """Strike a ψ step from what the route still has to remove."""
         if isinstance(op, PsiBlock) and op.block in self.pending:
             self.pending.remove(op.block)
+        if isinstance(op, Psi) and op.layer in self.layers:
+            self.layers.remove(op.layer)
 
     def plan(self) -> Plan:
         teacher = self.tr.teacher
@@ -145,11 +207,11 @@ class _Steps:
 
     def __init__(self, st: _State) -> None:
         self.st = st
-        self.runs: list[tuple[tuple[str, int], int]] = []
+        self.runs: list[tuple[tuple[str, int], Op | None]] = []
         self.ends: list[int] = []
 
-    def add(self, key: tuple[str, int], n: int) -> None:
-        self.runs.append((key, n))
+    def add(self, key: tuple[str, int], n: int, op: Op | None = None) -> None:
+        self.runs.append((key, op))
         self.ends.append((self.ends[-1] if self.ends else 0) + n)
 
     def __len__(self) -> int:
@@ -157,7 +219,9 @@ class _Steps:
 
     def __getitem__(self, k: int) -> Op:
         j = int(np.searchsorted(self.ends, k, side="right"))
-        (kind, x), _ = self.runs[j]
+        (kind, x), op = self.runs[j]
+        if op is not None:  # ψ on a layer, its pairing chosen when scored
+            return op
         if kind == "block":
             return PsiBlock(x)
         return self.st.phi(x, int(k) - (self.ends[j - 1] if j else 0))
@@ -218,7 +282,7 @@ class _Stages:
             keep = np.isin(old[0], new[0])
             d.restrict(keep)
             old = d.G[d.pos[live]]
-        if not np.array_equal(old, new):  # pragma: no cover - the slices only ever shrink
+        if not np.array_equal(old, new):  # a merged layer's readers joined: a new stage
             d = self.drops[key] = self.st.sc.drops(new)
         return d
 
@@ -232,6 +296,12 @@ class _Stages:
             if key not in keys:
                 del self.drops[key]
         for key in keys:
+            if key[0] == "layer":
+                op, inc = st.merge(key[1])
+                ops.append(op)
+                incs.append(np.array([inc]))
+                where.append((key, -1))
+                continue
             d = self._synced(key)
             live = np.flatnonzero(d.live)
             incs.append(np.asarray(d.increments(), dtype=float)[live])
@@ -245,16 +315,19 @@ class _Stages:
     def take(self, op: Op, key: tuple[str, int], j: int) -> None:
         st = self.st
         n0 = st.sc.n
-        self.drops[key].take(j)
+        if key[0] == "layer":
+            eff = st.tr.apply(op)
+            st.sc.commit(eff.conditioned, eff.targets)
+        else:
+            self.drops[key].take(j)
+            eff = st.tr.apply(op)
         k = st.sc.n - n0
         for other, d in self.drops.items():
             if other != key:
                 d.absorb(k)
-        eff = st.tr.apply(op)
         st.ops.append(op)
         st.effects.append(eff)
-        if isinstance(op, PsiBlock) and op.block in st.pending:
-            st.pending.remove(op.block)
+        st.forget(op)
 
 
 def _leaves(teacher: Network, route: NetRoute) -> int:
@@ -268,7 +341,7 @@ def _leaves(teacher: Network, route: NetRoute) -> int:
             k = widths[s] - w
             counts.append(k)
             total *= comb(widths[s], k) * factorial(k)
-    counts += [1] * len(route.removed_blocks)
+    counts += [1] * (len(route.removed_blocks) + len(route.removed_layers))
     n = sum(counts)
     multinomial = factorial(n)
     for k in counts:
@@ -340,7 +413,9 @@ def network_search(
             B = np.concatenate([np.zeros(0, np.int64), *(tr.block_indices(b) for b in r.blocks)])
             return float(sc.drops(B[None, :]).increments()[0]) if B.size else 0.0
 
-        routes = sorted(routes, key=lambda r: (block_cost(r), r.removed_blocks))[:max_routes]
+        routes = sorted(routes, key=lambda r: (block_cost(r), r.removed_blocks, r.removed_layers))[
+            :max_routes
+        ]
     built: list[tuple[float, _State, NetRoute]] = []
     for route in routes:
         if built and budget.expired():

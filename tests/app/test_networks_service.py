@@ -97,6 +97,61 @@ async def test_a_residual_cnn_is_uploaded_planned_and_aligned_as_the_core_does(s
     np.testing.assert_allclose(mean, Plan(net, core.plan.ops).apply(post).mean, rtol=1e-12)
 
 
+PLAIN = {
+    "input": [1, 5, 5],
+    "stages": [
+        {"type": "conv", "out": 4, "kernel": 3, "padding": 1, "activation": "relu"},
+        {"type": "conv", "out": 4, "kernel": 3, "padding": 1, "activation": "relu"},
+        {"type": "conv", "out": 3, "kernel": 1, "activation": "relu"},
+        {"type": "pool", "mode": "avg", "global": True},
+        {"type": "flatten"},
+        {"type": "linear", "out": 2},
+    ],
+}
+
+
+async def test_a_plain_conv_layer_is_removed_by_psi_with_its_pairing(svc):
+    """A student with one conv layer fewer: ψ on a plain layer (its two spaces shrunk to
+    their common width, then its kernel conditioned to a δ-kernel pairing) is searched,
+    reported in the route, drawn on the page and aligned as the core does."""
+    net = Network.from_json(PLAIN)
+    student = copy.deepcopy(PLAIN)
+    student["stages"][0]["out"] = 3
+    del student["stages"][1]
+    rng = np.random.default_rng(3)
+    p = net.n_params
+    arrays = {"mean": rng.normal(size=p), "covariance": spd(rng, p)}
+    t = (await upload(svc.client, PLAIN, "full", arrays, name="plain")).json()
+    r = await svc.client.post(f"/v1/teachers/{t['id']}/plans", json={"student": student})
+    assert r.status_code == 201, r.text
+    plan = r.json()
+    post = FullPosterior.from_dense(net, arrays["mean"], arrays["covariance"])
+    core = search(post, Network.from_json(student))
+    assert plan["ops"] == core.plan.to_json()
+    assert plan["cost"] == pytest.approx(core.cost, rel=1e-12)
+    assert next(o for o in plan["ops"] if o["op"] == "psi")["layer"] == 2
+    assert plan["search"]["route"] == {"removed_blocks": [], "removed_layers": [2]}
+    assert plan["surviving"]["layers"] == [1, 3, 4]
+
+    page = await svc.client.get(f"/ui/plans/{plan['id']}")
+    assert "class='stage removed'" in page.text and "layer 2 (ψ)" in page.text
+
+    r = await svc.client.post(
+        "/v1/structures/sequences", json={"teacher": PLAIN, "student": student}
+    )
+    assert r.status_code == 200 and "layers [2] removed" in r.json()["count_note"], r.text
+    first = copy.deepcopy(student)
+    first["stages"][0]["activation"] = "identity"  # the stem reads the input: not ψ-able
+    r = await svc.client.post("/v1/structures/sequences", json={"teacher": PLAIN, "student": first})
+    assert "activation" in assert_problem(r, 422, "student")["detail"]
+
+    r = await svc.client.post(f"/v1/plans/{plan['id']}/prior")
+    done = await wait_done(svc.client, r.json()["id"])
+    r = await svc.client.get(f"/v1/priors/{done['id']}/arrays/mean")
+    mean = np.load(io.BytesIO(r.content), allow_pickle=False)
+    np.testing.assert_allclose(mean, Plan(net, core.plan.ops).apply(post).mean, rtol=1e-12)
+
+
 async def test_sequences_say_member_and_why_they_are_not_counted(svc):
     r = await svc.client.post(
         "/v1/structures/sequences", json={"teacher": TEACHER, "student": _student()}

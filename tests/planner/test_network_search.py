@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner import FullPosterior, Network, NotInLattice, Plan, Unsupported
-from planner.network_lattice import network_routes
+from planner.network_lattice import _layer_removable, network_routes
 from planner.ops import Tracked
 from planner.posterior import LowRankPosterior, PrecisionPosterior
 from planner.search import search
@@ -22,23 +22,40 @@ from tests.strategies import spd
 
 @st.composite
 def search_cases(draw, max_removals: int = 2):
-    """A teacher, a student it reaches (random blocks out, random narrower spaces, at most
-    ``max_removals`` channels in all), and a seed."""
+    """A teacher, a student it reaches (random blocks and plain layers out, random
+    narrower spaces, at most ``max_removals`` channels in all), and a seed."""
     d = draw(network_json())
     net = Network.from_json(d)
+    g = net.graph
     tr = Tracked.start(net)
-    blocks = [b.number for b in net.graph.blocks if _valid(tr, b.number) and draw(st.booleans())]
-    gone = {u for b in blocks for u in net.graph.blocks[b - 1].branch}
-    inner = {s for b in blocks for s in net.graph.blocks[b - 1].inner}
-    widths = list(net.graph.widths)
+    blocks = [b.number for b in g.blocks if _valid(tr, b.number) and draw(st.booleans())]
+    gone = {u for b in blocks for u in g.blocks[b - 1].branch}
+    inner = {s for b in blocks for s in g.blocks[b - 1].inner}
+    widths = list(g.widths)
+    into: dict[int, int] = {}  # a removed plain layer's output space -> the space it joins
+    for u in g.units:
+        if (
+            net.layers[u.index].top is not None
+            and _layer_removable(net, u) is None
+            and widths[u.segments[0].space - 1] == widths[u.out - 1]
+            and all(b.number in blocks for b in g.blocks if b.writes == u.out)
+            and draw(st.booleans())
+        ):
+            gone.add(u.index)
+            into[u.out] = u.segments[0].space
+
+    def root(s: int) -> int:
+        return root(into[s]) if s in into else s
+
     budget = max_removals
     for s in range(2, len(widths) + 1):
-        if s in net.graph.fixed or s in inner or budget == 0:
+        if s in g.fixed or s in inner or s in into or budget == 0:
             continue
-        k = draw(st.integers(0, min(budget, widths[s - 1] - 1)))
+        joined = 1 + sum(1 for b in into if root(b) == s)  # each removal costs one per space
+        k = draw(st.integers(0, min(budget // joined, widths[s - 1] - 1)))
         widths[s - 1] -= k
-        budget -= k
-    spaces = [s for s in range(1, len(widths) + 1) if s not in inner]
+        budget -= k * joined
+    spaces = [s for s in range(1, len(widths) + 1) if s not in inner and s not in into]
     student = net.reduced(spaces, [widths[s - 1] for s in spaces], frozenset(gone))
     return d, student.to_json(), draw(st.integers(0, 2**32 - 1))
 
@@ -105,7 +122,7 @@ def test_routes_agree_with_the_reference():
         (r.removed_blocks, dict(r.widths)[2])
         for r in network_routes(Network.from_json(d), Network.from_json(s))
     }
-    ref = {(R, w[2]) for R, w in ref_routes(Network.from_json(d).to_json(), s)}
+    ref = {(R, w[2]) for R, _, w in ref_routes(Network.from_json(d).to_json(), s)}
     assert mine == ref and len(mine) == 3
 
 
@@ -191,6 +208,43 @@ def test_a_block_with_a_projection_cannot_go_and_the_reason_says_so():
     s = _resnet(0)
     with pytest.raises(NotInLattice, match="projection"):
         network_routes(Network.from_json(d), Network.from_json(s))
+
+
+def _plain(middle: dict, blocks: int = 0) -> dict:
+    """A stem, a plain conv ``middle`` (4 → 4 unless it says), ``blocks`` identity blocks,
+    a head."""
+    d = _resnet(blocks)
+    stem = {"type": "conv", "out": 4, "kernel": 3, "padding": 1, "activation": "relu"}
+    d["stages"][1:1] = [{**stem, **middle}]
+    d["stages"][0] = stem
+    return d
+
+
+@pytest.mark.parametrize(
+    ("middle", "words"),
+    [
+        ({"stride": 2}, "stride 1"),
+        ({"kernel": 2, "padding": 0}, "odd kernel"),
+        ({"activation": "tanh"}, "activation tanh"),
+    ],
+)
+def test_a_plain_layer_psi_cannot_remove_says_why(middle, words):
+    teacher = Network.from_json(_plain(middle))
+    student = Network.from_json(_resnet(0))
+    with pytest.raises(NotInLattice) as exc:
+        network_routes(teacher, student)
+    assert "layer 2" in exc.value.reason and words in exc.value.reason
+
+
+def test_a_plain_layer_goes_only_with_the_blocks_that_write_its_output():
+    """The stem's identity blocks write its output space too: a route that drops the
+    middle conv keeps a single writer of that space only if it drops the blocks too."""
+    teacher = Network.from_json(_plain({}, blocks=1))
+    routes = network_routes(teacher, Network.from_json(_resnet(0)))
+    assert {(r.removed_blocks, r.removed_layers) for r in routes} == {((1,), (2,))}
+    d = _resnet(1)  # the block stays: the stem or the middle conv goes, its output shared
+    with pytest.raises(NotInLattice, match="write its output too"):
+        network_routes(teacher, Network.from_json(d))
 
 
 def test_other_criteria_are_for_mlps():

@@ -75,17 +75,14 @@ def _network_sequences(teacher, student) -> dict:
             field="student",
             member=False,
         ) from None
-    removed = "; ".join(
-        f"blocks {list(r.removed_blocks)} removed" if r.removed_blocks else "no block removed"
-        for r in routes[:8]
-    )
+    removed = "; ".join(r.describe() for r in routes[:8])
     return {
         "member": True,
         "count": None,
         "count_note": (
             f"{len(routes)} way(s) to match the student's stages ({removed}); the sequences "
-            "of φ on channels and ψ on blocks are not counted for networks (one sequence "
-            "per order of every channel removed: too many to list)"
+            "of φ on channels and ψ on blocks and layers are not counted for networks (one "
+            "sequence per order of every channel removed: too many to list)"
         ),
         "sequences": [],
     }
