@@ -34,12 +34,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import NotInLattice
+from .errors import NotInLattice, TooLarge
 from .ops import _merge_after
 from .stages import Conv, Flatten, Linear, Network, Pool, Residual
 from .structure import IDEMPOTENT as _IDEMPOTENT
 
-__all__ = ["MAX_ALIGNMENTS", "NetRoute", "network_routes"]
+__all__ = [
+    "MAX_ALIGNMENTS",
+    "NetRoute",
+    "count_network_sequences",
+    "enumerate_network_sequences",
+    "network_routes",
+]
 
 #: Ways of matching a student's stages at most (a teacher with many removable blocks).
 MAX_ALIGNMENTS = 4096
@@ -283,3 +289,147 @@ def _fail(deepest: list, j: int, i: int, why: str) -> None:
     skipped to get there (the match a user means)."""
     if deepest[0][0] < 0 or (j, -i) > (deepest[0][0], -deepest[0][1]):
         deepest[0] = (j, i, why)
+
+
+# -- structure-level sequences (docs/theory.md §13) ------------------------------------------
+#: A structure-level step in the teacher's terms: ("phi", space), ("block", b), ("layer", l).
+NetStep = tuple[str, int]
+
+
+class _Walk:
+    """The structure-level steps of one route: φ on a space (which channel is not a
+    structure-level choice), ψ on a block the route removes, ψ on a layer it removes once
+    its two spaces are equally wide, each keeping the student reachable.  A state is the
+    width of every teacher space (0: gone) and what the route has removed so far."""
+
+    def __init__(self, teacher: Network, route: NetRoute) -> None:
+        g = teacher.graph
+        self.g, self.route = g, route
+        self.blocks = route.removed_blocks
+        self.layers = route.removed_layers
+        self.units = {u.layer: u for u in g.units if u.layer in self.layers}
+        self.target = dict(route.widths)
+        self.inner = {s: b.number for b in g.blocks if b.number in self.blocks for s in b.inner}
+        self.start = (tuple(g.widths), (), ())
+
+    def _space(self, merged: dict[int, int], s: int) -> int:
+        while s in merged:
+            s = merged[s]
+        return s
+
+    def steps(self, state) -> list[tuple[NetStep, tuple]]:
+        widths, gone_b, gone_l = state
+        merged = {self.units[m].out: self.units[m].segments[0].space for m in gone_l}
+        out = []
+        for s, w in enumerate(widths, start=1):
+            if not w or s in self.g.fixed:
+                continue
+            floor = 1 if s in self.inner else self.target[s]
+            if w > floor:
+                nw = list(widths)
+                nw[s - 1] -= 1
+                out.append((("phi", s), (tuple(nw), gone_b, gone_l)))
+        for b in self.blocks:
+            if b not in gone_b:
+                nw = list(widths)
+                for s in self.g.blocks[b - 1].inner:
+                    nw[s - 1] = 0
+                out.append((("block", b), (tuple(nw), (*gone_b, b), gone_l)))
+        for m in self.layers:
+            if m in gone_l:
+                continue
+            u = self.units[m]
+            src = self._space(merged, u.segments[0].space)
+            writers = [
+                b.number for b in self.g.blocks if b.writes == u.out and b.number not in gone_b
+            ]
+            if writers or widths[src - 1] != widths[u.out - 1]:
+                continue
+            nw = list(widths)
+            nw[u.out - 1] = 0
+            out.append((("layer", m), (tuple(nw), gone_b, (*gone_l, m))))
+        return out
+
+    def done(self, state) -> bool:
+        widths, gone_b, gone_l = state
+        return (
+            len(gone_b) == len(self.blocks)
+            and len(gone_l) == len(self.layers)
+            and all(
+                w == self.target[s] for s, w in enumerate(widths, start=1) if w and s in self.target
+            )
+        )
+
+
+def count_network_sequences(teacher: Network, student: Network, max_states: int) -> int:
+    """The exact number of structure-level sequences from ``teacher`` to ``student``: per
+    route, the paths of :class:`_Walk` (φ on a space, ψ on a block or a layer, in the
+    teacher's numbering), counted over its states (found forwards, then summed backwards:
+    every step lowers the widths left plus the removals left, so no recursion).
+
+    Raises
+    ------
+    NotInLattice
+        If the student is not reachable.
+    TooLarge
+        If counting would visit more than ``max_states`` states.
+    """
+    total = 0
+    seen = 0
+    for route in network_routes(teacher, student):
+        walk = _Walk(teacher, route)
+        nexts: dict = {}
+        todo = [walk.start]
+        while todo:
+            state = todo.pop()
+            if state in nexts:
+                continue
+            seen += 1
+            if seen > max_states:
+                raise TooLarge(
+                    f"counting the sequences would visit more than {max_states} lattice states",
+                    field="student",
+                )
+            nexts[state] = [] if walk.done(state) else [n for _, n in walk.steps(state)]
+            todo.extend(n for n in nexts[state] if n not in nexts)
+
+        def left(state) -> int:
+            widths, gone_b, gone_l = state
+            return sum(widths) - len(gone_b) - len(gone_l)
+
+        paths: dict = {}
+        for state in sorted(nexts, key=left):
+            paths[state] = sum(paths[n] for n in nexts[state]) if nexts[state] else 1
+        total += paths[walk.start]
+    return total
+
+
+def enumerate_network_sequences(
+    teacher: Network, student: Network, limit: int
+) -> list[list[NetStep]]:
+    """Up to ``limit`` structure-level sequences, route by route, steps in the order
+    :class:`_Walk` lists them (every state reaches the student: no dead end)."""
+    out: list[list[NetStep]] = []
+    for route in network_routes(teacher, student):
+        walk = _Walk(teacher, route)
+        path: list[NetStep] = []
+        stack = [iter(walk.steps(walk.start))]
+        if walk.done(walk.start):
+            out.append([])
+        while stack and len(out) < limit:
+            got = next(stack[-1], None)
+            if got is None:
+                stack.pop()
+                if path:
+                    path.pop()
+                continue
+            step, state = got
+            path.append(step)
+            if walk.done(state):
+                out.append(list(path))
+                path.pop()
+            else:
+                stack.append(iter(walk.steps(state)))
+        if len(out) >= limit:
+            break
+    return out[:limit]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from planner import FullPosterior, Network, Plan
+from planner.network_lattice import count_network_sequences
 from planner.search import search
 from tests.app.conftest import assert_problem, upload, wait_done
 from tests.strategies import spd
@@ -152,13 +153,19 @@ async def test_a_plain_conv_layer_is_removed_by_psi_with_its_pairing(svc):
     np.testing.assert_allclose(mean, Plan(net, core.plan.ops).apply(post).mean, rtol=1e-12)
 
 
-async def test_sequences_say_member_and_why_they_are_not_counted(svc):
+async def test_sequences_say_member_count_and_list_them(svc):
     r = await svc.client.post(
         "/v1/structures/sequences", json={"teacher": TEACHER, "student": _student()}
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["member"] and body["count"] is None and "2 way(s)" in body["count_note"]
+    assert body["member"] and "2 way(s)" in body["count_note"]
+    assert body["count"] == count_network_sequences(
+        Network.from_json(TEACHER), Network.from_json(_student()), 10**6
+    )
+    assert body["sequences"] and all(
+        {"op": "psi", "block": 1} in q or {"op": "psi", "block": 2} in q for q in body["sequences"]
+    )
     bad = _student()
     bad["stages"][0]["kernel"] = 5
     r = await svc.client.post("/v1/structures/sequences", json={"teacher": TEACHER, "student": bad})

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner import FullPosterior, Network, NotInLattice, Plan, Unsupported
+from planner import FullPosterior, Network, NotInLattice, Plan, TooLarge, Unsupported
 from planner.network_lattice import _layer_removable, network_routes
 from planner.ops import Tracked
 from planner.posterior import LowRankPosterior, PrecisionPosterior
@@ -245,6 +245,66 @@ def test_a_plain_layer_goes_only_with_the_blocks_that_write_its_output():
     d = _resnet(1)  # the block stays: the stem or the middle conv goes, its output shared
     with pytest.raises(NotInLattice, match="write its output too"):
         network_routes(teacher, Network.from_json(d))
+
+
+def _ref_count(teacher: Network, student: Network) -> int:
+    """Structure-level sequences counted by walking the teacher's own ops (φ on channel 0 of
+    a space, ψ on a block, ψ on a layer with the identity pairing), keeping a step only when
+    the student is still in the lattice of the structure it leaves (membership alone)."""
+    from planner import InvalidOperation, PhiSpace, Psi, PsiBlock
+
+    target = student.to_json()
+
+    def reachable(tr: Tracked) -> bool:
+        try:
+            network_routes(tr.structure, student)
+        except NotInLattice:
+            return False
+        return True
+
+    def walk(tr: Tracked) -> int:
+        if tr.structure.to_json() == target:
+            return 1
+        n = 0
+        steps = [PhiSpace(s, 0) for s in tr.positions]
+        steps += [PsiBlock(b.number) for b in tr.teacher.graph.blocks]
+        steps += [Psi(u.layer) for u in tr.teacher.graph.units]
+        for op in steps:
+            try:
+                tr.check(op)
+            except InvalidOperation:
+                continue
+            nxt = tr.copy()
+            nxt.apply(op)
+            if reachable(nxt):
+                n += walk(nxt)
+        return n
+
+    return walk(Tracked.start(teacher))
+
+
+@settings(max_examples=60, deadline=None)
+@given(search_cases(max_removals=3))
+def test_network_sequences_are_counted_and_listed_as_the_lattice_says(case):
+    from planner.network_lattice import count_network_sequences, enumerate_network_sequences
+
+    d, s, _ = case
+    teacher, student = Network.from_json(d), Network.from_json(s)
+    n = count_network_sequences(teacher, student, 10**6)
+    assert n == _ref_count(teacher, student)
+    seqs = enumerate_network_sequences(teacher, student, 10**6)
+    assert len(seqs) == n == len({tuple(q) for q in seqs})
+    from planner import PhiSpace, Psi, PsiBlock
+
+    make = {"phi": lambda x: PhiSpace(x, 0), "block": PsiBlock, "layer": Psi}
+    for seq in seqs[:20]:  # each one, replayed as ops, reaches the student
+        tr = Tracked.start(teacher)
+        for kind, x in seq:
+            tr.apply(make[kind](x))
+        assert tr.structure == student
+    if n > 1:  # the teacher and at least one more state
+        with pytest.raises(TooLarge):
+            count_network_sequences(teacher, student, 1)
 
 
 def test_other_criteria_are_for_mlps():

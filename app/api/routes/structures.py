@@ -6,7 +6,11 @@ from fastapi import APIRouter
 
 from planner import NotInLattice, PlannerError, TooLarge
 from planner.lattice import count_sequences, enumerate_sequences, membership
-from planner.network_lattice import network_routes
+from planner.network_lattice import (
+    count_network_sequences,
+    enumerate_network_sequences,
+    network_routes,
+)
 
 from ...problems import Problem, problem_from_planner_error
 from ...schemas import SequencesRequest, SequencesResponse
@@ -28,7 +32,7 @@ def sequences(body: SequencesRequest, settings: SettingsDep, owner: OwnerDep):
     except PlannerError as exc:
         raise problem_from_planner_error(exc, "student") from None
     if teacher.kind == "network" or student.kind == "network":
-        return _network_sequences(teacher, student)
+        return _network_sequences(teacher, student, settings, body.limit)
     m = membership(teacher, student)
     if not m.member:
         raise Problem(
@@ -58,10 +62,11 @@ def sequences(body: SequencesRequest, settings: SettingsDep, owner: OwnerDep):
     }
 
 
-def _network_sequences(teacher, student) -> dict:
-    """A network's membership, with its reason when not; its step sequences are not
-    counted (each channel of each space, interleaved with the blocks: far too many to
-    list, and no cheap count is implemented yet), so ``count`` is null and says why."""
+def _network_sequences(teacher, student, settings, limit: int) -> dict:
+    """A network's membership, with its reason when not; its structure-level sequences (φ on
+    a space, ψ on a block or a layer, in the teacher's numbering) counted when at most
+    ``max_count_states`` states must be visited (else ``count`` is null and says why), and
+    up to ``limit`` of them."""
     try:
         if teacher.kind != "network":
             raise NotInLattice("the student is a network but the teacher is not", field="student")
@@ -75,14 +80,25 @@ def _network_sequences(teacher, student) -> dict:
             field="student",
             member=False,
         ) from None
-    removed = "; ".join(r.describe() for r in routes[:8])
+    count, note = None, None
+    try:
+        count = count_network_sequences(teacher, student, settings.max_count_states)
+    except TooLarge as exc:
+        note = exc.reason
+    ways = "; ".join(r.describe() for r in routes[:8])
+    note = f"{len(routes)} way(s) to match the student's stages ({ways})" + (
+        f"; {note}" if note else ""
+    )
+    g = teacher.graph
+    longest = sum(g.widths) + len(g.blocks) + len(g.units)
+    cap = min(limit, settings.max_sequence_steps // max(longest, 1))
+    if cap < limit:
+        note += f"; sequences truncated to {cap} (answer size)"
+    kinds = {"phi": ("phi", "space"), "block": ("psi", "block"), "layer": ("psi", "layer")}
+    seqs = enumerate_network_sequences(teacher, student, cap)
     return {
         "member": True,
-        "count": None,
-        "count_note": (
-            f"{len(routes)} way(s) to match the student's stages ({removed}); the sequences "
-            "of φ on channels and ψ on blocks and layers are not counted for networks (one "
-            "sequence per order of every channel removed: too many to list)"
-        ),
-        "sequences": [],
+        "count": count,
+        "count_note": note,
+        "sequences": [[{"op": kinds[k][0], kinds[k][1]: x} for k, x in seq] for seq in seqs],
     }
