@@ -390,6 +390,11 @@ class _DenseDrops:
         self._inc = np.zeros(len(groups))
         self._ahead: dict[int, tuple[np.ndarray, int]] = {}  # candidate → (rows of C, m then)
         self._queue: list[int] = []  # the candidates a call to take commits after this one
+        #: with ``keep_factors``, each candidate's Cholesky factor at its last exact
+        #: increment, for :meth:`bounds` (``None``: none yet, or its groups changed)
+        self.keep_factors = False
+        self._fac: np.ndarray | None = None
+        self._fac_ok = np.zeros(len(groups), dtype=bool)
 
     @property
     def _W(self) -> np.ndarray:
@@ -399,8 +404,61 @@ class _DenseDrops:
         out = np.full(len(self.pos), np.inf)
         live = self.live
         if live.any():
-            out[live] = _batched_increments(self.S[live], -self.c[self.pos[live]])
+            if self.keep_factors:
+                out[live] = self._factored_increments(live)
+            else:
+                out[live] = _batched_increments(self.S[live], -self.c[self.pos[live]])
         self._inc = out
+        return out
+
+    def _factored_increments(self, live: np.ndarray) -> np.ndarray:
+        """``_batched_increments`` of the live candidates, keeping their factors."""
+        S, r = self.S[live], -self.c[self.pos[live]]
+        n, k = r.shape
+        if self._fac is None or self._fac.shape != self.S.shape:
+            self._fac = np.zeros_like(self.S)
+            self._fac_ok[:] = False
+        if k == 0:
+            self._fac_ok[live] = True
+            return np.zeros(n)
+        if k == 1:
+            s = S[:, 0, 0]
+            ok = s > 0
+            out = np.full(n, np.inf)
+            out[ok] = 0.5 * r[ok, 0] ** 2 / s[ok]
+            self._fac[live, 0, 0] = np.sqrt(np.where(ok, s, 1.0))
+            self._fac_ok[live] = ok
+            return out
+        try:
+            L, ok = np.linalg.cholesky(S), np.ones(n, dtype=bool)
+        except np.linalg.LinAlgError:  # some block is not positive definite: no candidate
+            L, ok = np.zeros_like(S), np.zeros(n, dtype=bool)
+            for i in range(n):
+                try:
+                    L[i], ok[i] = np.linalg.cholesky(S[i]), True
+                except np.linalg.LinAlgError:
+                    L[i] = np.eye(k)
+        y = solve_lower(L, r)
+        out = np.where(ok, 0.5 * np.einsum("nk,nk->n", y, y), np.inf)
+        self._fac[live], self._fac_ok[live] = L, ok
+        return out
+
+    def bounds(self) -> np.ndarray | None:
+        """Lower bounds of the live candidates' increments from the factors of their last
+        exact ones (``None`` when there are none: call :meth:`increments`).  Conditioning
+        only shrinks a block (``S_now ⪯ S_then``, so ``S_now⁻¹ ⪰ S_then⁻¹``): ``½ cᵀ S_then⁻¹
+        c`` with today's mean ``c`` is at most today's increment, at ``O(k²)`` a candidate
+        instead of a factorisation's ``O(k³)``.  A block that was not positive definite
+        bounds at 0 (it is always scored exactly)."""
+        if self._fac is None or not self.keep_factors:
+            return None
+        out = np.full(len(self.pos), np.inf)
+        live = self.live
+        out[live] = 0.0
+        use = live & self._fac_ok
+        if use.any():
+            y = solve_lower(self._fac[use], -self.c[self.pos[use]])
+            out[use] = 0.5 * np.einsum("nk,nk->n", y, y)
         return out
 
     def _product(self, rows: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -507,6 +565,7 @@ class _DenseDrops:
         self.pos = self.pos[:, keep]
         self.S = self.S[:, keep][:, :, keep]
         self._ahead.clear()  # rows computed ahead were for the old groups
+        self._fac = None  # and the factors (a sub-block bounds nothing)
 
     def _compact(self) -> None:
         """Drop the columns of taken candidates (never read again): every later commit

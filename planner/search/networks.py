@@ -38,7 +38,7 @@ from ..posterior import Posterior
 from ..posterior.scoring import DenseScorer
 from ..stages import Network
 from .budget import NODE_WORK, Budget, Cut, dense_work
-from .construction import least
+from .construction import TIE, least
 
 __all__ = ["ENUMERATE_LEAVES", "EXACT_PAIRINGS", "global_greedy_sets", "network_search"]
 
@@ -287,30 +287,48 @@ class _Stages:
         return d
 
     def candidates(self):
+        """Every next step, its increment and its stage, in the tie order.  A stage whose
+        factors are kept offers lower bounds first (:meth:`_DenseDrops.bounds`); stages
+        are scored exactly until every candidate within ``TIE`` of the least value is
+        exact, so the step taken is the one exact increments everywhere would take."""
         st = self.st
         ops: list[Op] = []
-        incs: list[np.ndarray] = []
         where: list[tuple[tuple[str, int], int]] = []
         keys = st.keys()
         for key in list(self.drops):
             if key not in keys:
                 del self.drops[key]
+        parts: list[tuple[tuple[str, int], object, np.ndarray, bool]] = []
         for key in keys:
             if key[0] == "layer":
                 op, inc = st.merge(key[1])
                 ops.append(op)
-                incs.append(np.array([inc]))
+                parts.append((key, None, np.array([inc]), True))
                 where.append((key, -1))
                 continue
             d = self._synced(key)
+            d.keep_factors = True
             live = np.flatnonzero(d.live)
-            incs.append(np.asarray(d.increments(), dtype=float)[live])
+            b = d.bounds()
+            exact = b is None
+            v = (d.increments() if exact else b)[live]
+            parts.append((key, d, v, exact))
             if key[0] == "space":
                 ops.extend(st.phi(key[1], c) for c in range(live.size))
             else:
                 ops.append(PsiBlock(key[1]))
             where.extend((key, int(j)) for j in live)
-        return ops, np.concatenate(incs) if incs else np.zeros(0), where
+        while parts:
+            m = min((float(v.min()) for _, _, v, _ in parts if v.size), default=0.0)
+            tol = TIE * max(1.0, abs(st.sc.cost) + abs(m))
+            redo = [i for i, (_, _, v, ex) in enumerate(parts) if not ex and (v <= m + tol).any()]
+            if not redo:
+                break
+            for i in redo:
+                key, d, _, _ = parts[i]
+                parts[i] = (key, d, d.increments()[np.flatnonzero(d.live)], True)
+        inc = np.concatenate([v for _, _, v, _ in parts]) if parts else np.zeros(0)
+        return ops, inc, where
 
     def take(self, op: Op, key: tuple[str, int], j: int) -> None:
         st = self.st

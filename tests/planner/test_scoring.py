@@ -141,6 +141,38 @@ def test_a_stage_taken_in_any_order_scores_exactly(fmt, seed, n_take):
         close(sc.cost, dense_cost(mean, cov, B, [0.0] * len(B)))
 
 
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3))
+def test_kept_factors_bound_every_later_increment_from_below(seed, n_other):
+    """A stage keeping its factors (a network's global greedy) offers ``½ cᵀ S_then⁻¹ c``:
+    equal to the increments just scored, and never above them after commits elsewhere
+    (taken in by ``absorb``) or by the stage itself."""
+    rng = np.random.default_rng(seed)
+    s = Structure.mlp((3, 4, 6, 3), bias=bool(seed % 2))
+    mean, cov = rng.normal(size=s.n_params), spd(rng, s.n_params)
+    sc = DenseScorer(FullPosterior.from_dense(s, mean, cov))
+    tr = Tracked.start(s)
+    mine, other = sc.drops(tr.outgoing_all(3)), sc.drops(tr.outgoing_all(2))
+    mine.keep_factors = True
+    assert mine.bounds() is None  # nothing scored yet: no bound
+    exact = mine.increments()
+    close(mine.bounds()[mine.live], exact[mine.live])
+    for j in rng.permutation(other.live.size)[:n_other]:
+        n0 = sc.n
+        other.take(int(j))
+        mine.absorb(sc.n - n0)
+        b, now = mine.bounds(), mine.increments()
+        live = mine.live
+        assert np.all(b[live] <= now[live] * (1 + 1e-12) + 1e-12)
+        mine.keep_factors = False  # the same numbers without the factors kept
+        close(mine.increments()[live], now[live])
+        mine.keep_factors = True
+        mine.increments()
+    g = int(np.argmin(mine.increments()))
+    mine.take(g)
+    b, now = mine.bounds(), mine.increments()
+    assert np.all(b[mine.live] <= now[mine.live] * (1 + 1e-12) + 1e-12)
+
+
 @given(st.integers(0, 2**32 - 1), st.booleans())
 def test_the_precision_side_of_a_block_is_exact_by_either_route(seed, with_b):
     """``conditional_precision``'s two routes (the factor of Λ_MM, or the trailing block
