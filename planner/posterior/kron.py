@@ -33,7 +33,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.linalg import blas
 
-from .._threads import all_threads
+from .._threads import all_threads, single_threaded
 from ..errors import InvalidPosterior, SingularConstraint, Unsupported
 from ..graph import Consumers, Whole
 from ..linalg import inverse_diagonal, pivots_ok
@@ -197,6 +197,10 @@ class KronPosterior(Posterior):
         cost the sum of theirs, by the chain rule), flushed when the layer's rows change;
         rows are marginalised when the layer is next touched; whole layers are
         conditioned to their targets."""
+        with single_threaded():  # thin products mostly; the big ones ask for every core
+            return self._replay_in(events)
+
+    def _replay_in(self, events) -> KronScorer:
         sc = KronScorer(self)
         pending: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
 
@@ -426,6 +430,9 @@ def _lower_blocks(A: np.ndarray, Q: np.ndarray) -> np.ndarray:
     return A[hi, lo]
 
 
+#: ``|C|² · cols`` from which a conditioning of C columns runs on every core.
+_THREADED_WORK = 1e9
+
 #: A layer's Schur complement is compacted (its dead columns dropped) once fewer than
 #: this share of its columns are live.
 _COMPACT_BELOW = 0.5
@@ -546,14 +553,21 @@ class KronScorer:
                 raise InvalidPosterior(
                     f"a kron search met rows of layer {t} it had marginalised", field="ops"
                 )
-            # marginalising rows D: (G_KK)⁻¹ = Gi_KK − Gi_KD Gi_DD⁻¹ Gi_DK, and P with it
             drop = np.setdiff1d(np.arange(st.rows.size), keep)
-            G0 = _gi(st)
-            K = sla.solve(G0[np.ix_(drop, drop)], G0[drop][:, keep], assume_a="pos")
-            Gi = G0[np.ix_(keep, keep)] - G0[np.ix_(keep, drop)] @ K
-            st.P = st.P[keep] - K.T @ st.P[drop]
-            st.Gi_, st.LG, st.M, st.rows = 0.5 * (Gi + Gi.T), None, st.M[keep], rows
-            st.cache = {}
+            if drop.size**3 > keep.size**2 * (keep.size + st.M.shape[1]):
+                # most rows go: G_R is the teacher's G on the rows left (column conditioning
+                # never changes it), so factorise that and solve for P afresh
+                LG = _chol(self.post.G[t][np.ix_(rows, rows)], f"row{t}")
+                st.M = np.ascontiguousarray(st.M[keep])
+                st.P = sla.cho_solve((LG, True), st.M, check_finite=False)
+                st.LG, st.Gi_ = LG, None
+            else:  # marginalising rows D: (G_KK)⁻¹ = Gi_KK − Gi_KD Gi_DD⁻¹ Gi_DK, and P
+                G0 = _gi(st)
+                K = sla.solve(G0[np.ix_(drop, drop)], G0[drop][:, keep], assume_a="pos")
+                Gi = G0[np.ix_(keep, keep)] - G0[np.ix_(keep, drop)] @ K
+                st.P = st.P[keep] - K.T @ st.P[drop]
+                st.Gi_, st.LG, st.M = 0.5 * (Gi + Gi.T), None, st.M[keep]
+            st.rows, st.cache = rows, {}
         if st.gone:
             raise InvalidPosterior(f"a kron search scored layer {t} after removing it", field="ops")
         return st
@@ -682,28 +696,34 @@ class KronScorer:
         """Condition live columns at positions ``C`` (sorted) of layer t's state to zero: a
         rank-|C| Schur update of ``A'`` in place (its conditioned rows and columns fall to
         zero and are dead), compacted once most of it is dead (the work falls as the
-        greedy goes)."""
-        LC = _chol(_lower_block(st.A, C), f"col{t}")
-        YM = sla.solve_triangular(LC, st.M[:, C].T, lower=True, check_finite=False)
-        YP = sla.solve_triangular(LC, st.P[:, C].T, lower=True, check_finite=False)
+        greedy goes).  The search and the replay run on one BLAS thread (a channel's
+        ``kh·kw`` columns are thin products, which a thread pool slows several times);
+        a conditioning of many columns takes every core."""
+        big = C.size * C.size * st.A.shape[0] >= _THREADED_WORK
+        with all_threads() if big else contextlib.nullcontext():
+            LC = _chol(_lower_block(st.A, C), f"col{t}")
+            YM = sla.solve_triangular(LC, st.M[:, C].T, lower=True, check_finite=False)
+            YP = sla.solve_triangular(LC, st.P[:, C].T, lower=True, check_finite=False)
         self.cost += 0.5 * float(np.sum(YM * YP))
         st.cache = {}
         live = st.live.copy()
         live[C] = False
         keep = np.flatnonzero(live)
         if keep.size < _COMPACT_BELOW * st.live.size:  # most go: update what stays only
-            W = sla.solve_triangular(
-                LC, _lower_cross(st.A, keep, C).T, lower=True, check_finite=False
-            )
-            A = _lower_block(st.A, keep) - W.T @ W
+            with all_threads() if big else contextlib.nullcontext():
+                W = sla.solve_triangular(
+                    LC, _lower_cross(st.A, keep, C).T, lower=True, check_finite=False
+                )
+                A = _lower_block(st.A, keep) - W.T @ W
+                st.M = np.ascontiguousarray(st.M[:, keep] - YM.T @ W)
+                st.P = np.ascontiguousarray(st.P[:, keep] - YP.T @ W)
             st.A = np.asfortranarray(0.5 * (A + A.T))
-            st.M = np.ascontiguousarray(st.M[:, keep] - YM.T @ W)
-            st.P = np.ascontiguousarray(st.P[:, keep] - YP.T @ W)
             st.cols, st.live = st.cols[keep], np.ones(keep.size, dtype=bool)
             return
-        W = sla.solve_triangular(LC, _lower_columns(st.A, C).T, lower=True, check_finite=False)
-        st.M -= YM.T @ W
-        st.P -= YP.T @ W
+        with all_threads() if big else contextlib.nullcontext():
+            W = sla.solve_triangular(LC, _lower_columns(st.A, C).T, lower=True, check_finite=False)
+            st.M -= YM.T @ W
+            st.P -= YP.T @ W
         # A' is symmetric: its lower triangle alone is kept (a rank-|C| syrk, half a gemm)
         with all_threads() if st.A.shape[0] >= 1024 else contextlib.nullcontext():
             st.A = blas.dsyrk(-1.0, W, beta=1.0, c=st.A, trans=1, lower=1, overwrite_c=True)
@@ -876,14 +896,31 @@ class _KronBlock:
             lin[self.b] = 0.5 * np.diag(Bi) - Bi @ bm
             self.bias = (bm, bS)
         self.linear = lin
+        self.GMA = GMA
+        self.quad0 = float(np.sum(GMA * self.M))  # tr(G⁻¹ M' A'⁻¹ M'ᵀ): the cost of 0
 
     def cost(self, targets: np.ndarray) -> float:
+        """``½ tr(G⁻¹ D A'⁻¹ Dᵀ)`` with ``D = T − M'``.  A pattern with at most one entry a
+        row (a merge's pairing, all zeros) is ``½ (tr(G⁻¹ T A'⁻¹ Tᵀ) − 2 ⟨G⁻¹ M' A'⁻¹, T⟩
+        + tr(G⁻¹ M' A'⁻¹ M'ᵀ))``: ``A'⁻¹`` only at its columns (one triangular solve of
+        that many right-hand sides), the rest known; any other, two solves of all D."""
         st = self.st
-        D = np.zeros(self.M.shape)
-        D[self.ri, self.ci] = targets[self.w]
-        D -= self.M
-        W = sla.cho_solve((self.LA, True), D.T, check_finite=False)
-        out = 0.5 * float(np.sum((_gi(st) @ D) * W.T))
+        tw = targets[self.w]
+        nz = np.flatnonzero(tw)
+        ri, ci = self.ri[nz], self.ci[nz]
+        if nz.size <= self.M.shape[0] and np.unique(ri).size == nz.size:
+            E = np.zeros((self.LA.shape[0], nz.size))
+            E[ci, np.arange(nz.size)] = 1.0
+            Y = sla.solve_triangular(self.LA, E, lower=True, check_finite=False)
+            v = tw[nz]
+            quad = float(v @ ((_gi(st)[np.ix_(ri, ri)] * (Y.T @ Y)) @ v))
+            out = 0.5 * (quad - 2.0 * float(v @ self.GMA[ri, ci]) + self.quad0)
+        else:
+            D = np.zeros(self.M.shape)
+            D[self.ri, self.ci] = tw
+            D -= self.M
+            W = sla.cho_solve((self.LA, True), D.T, check_finite=False)
+            out = 0.5 * float(np.sum((_gi(st) @ D) * W.T))
         if self.bias is not None:
             bm, bS = self.bias
             out += _bias_cost(targets[self.b] - bm, bS)

@@ -38,7 +38,7 @@ from ..posterior import Posterior
 from ..posterior.scoring import DenseScorer
 from ..stages import Network
 from .budget import NODE_WORK, Budget, Cut, dense_work
-from .construction import TIE, least
+from .construction import TIE, least, single_threaded
 
 __all__ = ["ENUMERATE_LEAVES", "EXACT_PAIRINGS", "global_greedy_sets", "network_search"]
 
@@ -237,6 +237,11 @@ def _greedy(
     """The global greedy of ``route`` (or until the student ``fits``); ``incremental``:
     with stages kept current where the scorer can (else, or when False, every candidate
     rescored by a new stage each step)."""
+    with single_threaded():  # thin products; big ones ask for every core themselves
+        return _greedy_in(posterior, route, budget, incremental, fits)
+
+
+def _greedy_in(posterior, route, budget, incremental, fits) -> _State:
     st = _State(posterior.structure, posterior.scorer(), route, fits)
     stages = _Stages(st) if incremental and isinstance(st.sc, DenseScorer) else None
     while True:
@@ -403,7 +408,8 @@ def _branch_and_bound(posterior: Posterior, route: NetRoute, best: list, budget:
             nxt.take(op)
             visit(nxt, here)
 
-    visit(_State(posterior.structure, posterior.scorer(), route), None)
+    with single_threaded():
+        visit(_State(posterior.structure, posterior.scorer(), route), None)
 
 
 def network_search(

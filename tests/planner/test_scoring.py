@@ -141,6 +141,33 @@ def test_a_stage_taken_in_any_order_scores_exactly(fmt, seed, n_take):
         close(sc.cost, dense_cost(mean, cov, B, [0.0] * len(B)))
 
 
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.integers(1, 7))
+def test_kron_rows_leave_by_either_route_exactly(seed, n_cols, n_rows):
+    """Rows a kron layer loses after some of its columns were conditioned leave its state
+    by a Schur complement of ``G⁻¹`` (a few) or by refactorising the teacher's ``G`` on the
+    rows left (most): either way every column's increment is dense conditioning's."""
+    from planner.posterior.scoring import Columns
+
+    rng = np.random.default_rng(seed)
+    s = Structure.mlp((3, 5, 8, 2))
+    post, mean, cov = make("kron", s, rng)
+    sc = KronScorer(post)
+    rows, cols = np.arange(8), np.arange(5)
+    first = sc.drops(Columns(s, 3, rows, cols))
+    taken = rng.permutation(5)[:n_cols]
+    first.take(taken)
+    B = list(Columns(s, 3, rows, cols).indices()[taken].ravel())
+    left = np.sort(rng.permutation(8)[:n_rows])
+    groups = Columns(s, 3, left, cols)
+    inc = sc.drops(groups).increments()
+    base = dense_cost(mean, cov, B, [0.0] * len(B))
+    close(sc.cost, base)
+    for i in np.flatnonzero(np.isfinite(inc)):
+        g = list(groups.indices()[i])
+        close(inc[i], dense_cost(mean, cov, B + g, [0.0] * (len(B) + len(g))) - base)
+    assert np.isinf(inc[taken]).all()
+
+
 @given(st.integers(0, 2**32 - 1), st.integers(1, 3))
 def test_kept_factors_bound_every_later_increment_from_below(seed, n_other):
     """A stage keeping its factors (a network's global greedy) offers ``½ cᵀ S_then⁻¹ c``:
