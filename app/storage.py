@@ -233,8 +233,12 @@ class Storage:
 
     def load_npy(self, key: str) -> np.ndarray:
         """A ``.npy`` object as a read-only memory map: the file itself locally; remotely a
-        copy in this process's cache (objects are immutable: one download per object)."""
-        return np.load(self.local_file(key), mmap_mode="r", allow_pickle=False)
+        copy in this process's cache (objects are immutable: one download per object).
+        Returned as a plain ``ndarray`` view of the map: ``np.memmap``'s subclass hooks
+        run on every slice and gather, which made a small plan's search several times
+        slower; the view still reads the file in place (its ``base`` is the map)."""
+        m = np.load(self.local_file(key), mmap_mode="r", allow_pickle=False)
+        return m.view(np.ndarray)
 
     def _cache_path(self, key: str) -> Path:
         import tempfile

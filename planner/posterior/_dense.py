@@ -21,6 +21,9 @@ def _runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 #: Gather by blocks while there are at most this many of them, else by fancy indexing.
 _MAX_BLOCKS = 8192
+#: ... and while they average at least this many entries (a loop step costs about as
+#: much as fancy indexing this many).
+_MIN_BLOCK = 256
 
 
 def gather(A: np.ndarray, rows: np.ndarray, cols: np.ndarray, copy: bool = True) -> np.ndarray:
@@ -32,7 +35,8 @@ def gather(A: np.ndarray, rows: np.ndarray, cols: np.ndarray, copy: bool = True)
     cs, ce = _runs(cols)
     if not copy and rs.size == 1 and cs.size == 1 and rows.size and cols.size:
         return A[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    if rs.size * cs.size > _MAX_BLOCKS or rows.size == 0 or cols.size == 0:
+    blocks = rs.size * cs.size
+    if blocks > _MAX_BLOCKS or blocks * _MIN_BLOCK > rows.size * cols.size:
         return A[np.ix_(rows, cols)]
     out = np.empty((rows.size, cols.size), dtype=A.dtype)
     for a0, a1 in zip(rs, re, strict=True):

@@ -6,6 +6,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from planner import DiagPosterior, FullPosterior, InvalidPosterior, Structure, from_arrays
 from tests.strategies import spd
@@ -103,3 +105,27 @@ def test_bad_arrays_are_explained_where_and_what_to_do():
             from_arrays(fmt, s, {"mean": np.zeros(p), "covariance" if fmt == "full" else fmt: B})
         assert "[13, 13], U_3[0, 1] (layer 3)" in err.value.reason, err.value.reason
         assert "prior precision" in err.value.reason
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 40), st.integers(0, 40))
+def test_gather_is_fancy_indexing_whatever_the_runs(seed, n_rows, n_cols):
+    """``gather`` copies long runs of consecutive indices block by block and falls back to
+    fancy indexing for short ones: either way it is ``A[np.ix_(rows, cols)]``."""
+    from planner.posterior._dense import gather
+
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(60, 60))
+
+    def indices(n: int) -> np.ndarray:  # a few runs of random lengths, or scattered
+        if rng.random() < 0.3:
+            return rng.choice(60, size=n, replace=False)
+        cuts = np.sort(rng.choice(np.arange(1, 60), size=int(rng.integers(1, 4)), replace=False))
+        runs = [np.arange(a, b) for a, b in zip(np.r_[0, cuts], np.r_[cuts, 60], strict=True)]
+        picked = np.concatenate(
+            [runs[i][: max(1, runs[i].size // 2)] for i in rng.permutation(len(runs))]
+        )
+        return picked[:n]
+
+    rows, cols = indices(n_rows), indices(n_cols)
+    np.testing.assert_array_equal(gather(A, rows, cols), A[np.ix_(rows, cols)])
+    np.testing.assert_array_equal(gather(A, rows, cols, copy=False), A[np.ix_(rows, cols)])
