@@ -136,6 +136,44 @@ def latency_bench(srv: Server, n: int) -> list[dict]:
     return rows
 
 
+def small_plans_bench(srv: Server, seconds: float) -> list[dict]:
+    """Sixteen concurrent clients planning on a small (6,10,10,2) full teacher for
+    ``seconds``, each waiting for its answer before the next (the check of issue 20): how
+    many plans they completed and the latency quantiles."""
+    rng = np.random.default_rng(6)
+    widths = [6, 10, 10, 2]
+    teacher = Structure.mlp(widths)
+    p = teacher.n_params
+    arrays = {"mean": rng.normal(size=p), "covariance": random_spd(rng, p, rank=p)}
+    with PlannerClient(srv.url) as c:
+        t = c.upload_teacher("small", {"widths": widths}, "full", arrays)
+        for i in range(4):  # warm the workers
+            c.plan(t["id"], [6, 5 + i, 6, 2], seed=i)
+    stop = time.perf_counter() + seconds
+
+    def client(k: int) -> list[float]:
+        out = []
+        with PlannerClient(srv.url) as c:
+            i = 0
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                c.plan(t["id"], [6, 5 + (i + k) % 4, 6, 2], seed=i)
+                out.append(time.perf_counter() - t0)
+                i += 1
+        return out
+
+    with ThreadPoolExecutor(16) as pool:
+        lat = np.array([x for r in pool.map(client, range(16)) for x in r])
+    return [
+        {
+            "case": f"16 clients planning (6,10,10,2)→(6,5..8,6,2) full for {seconds:g} s",
+            "plans": len(lat),
+            "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+        }
+    ]
+
+
 def table1_bench(srv: Server, tmp: Path, quick: bool) -> list[dict]:
     """Best of 3 for every phase, on both paths (the first run of each pays warm-ups)."""
     widths, student = ((10, 100, 50, 1), (10, 50, 1)) if not quick else ((4, 12, 6, 1), (4, 6, 1))
@@ -224,15 +262,26 @@ def plan_request_bench(srv: Server, quick: bool) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, nothing saved")
+    ap.add_argument(
+        "--only", nargs="*", default=None, choices=["upload", "latency", "table1", "plan_request"]
+    )
     args = ap.parse_args(argv)
+    want = set(args.only or ["upload", "latency", "table1", "plan_request"])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         srv = Server(tmp / "data", PLANNER_WORKERS="2").start()
         try:
-            report("service_upload", upload_bench(srv, tmp, 60 if args.quick else 1053), args.quick)
-            report("service_latency", latency_bench(srv, 2 if args.quick else 25), args.quick)
-            report("service_table1", table1_bench(srv, tmp, args.quick), args.quick)
-            report("service_plan_request", plan_request_bench(srv, args.quick), args.quick)
+            if "upload" in want:
+                rows = upload_bench(srv, tmp, 60 if args.quick else 1053)
+                report("service_upload", rows, args.quick)
+            if "latency" in want:
+                report("service_latency", latency_bench(srv, 2 if args.quick else 25), args.quick)
+                small = small_plans_bench(srv, 2 if args.quick else 15)
+                report("service_small_plans", small, args.quick)
+            if "table1" in want:
+                report("service_table1", table1_bench(srv, tmp, args.quick), args.quick)
+            if "plan_request" in want:
+                report("service_plan_request", plan_request_bench(srv, args.quick), args.quick)
         finally:
             srv.stop()
 
