@@ -233,18 +233,22 @@ def _greedy(
     budget: Budget,
     incremental: bool = True,
     fits: Fits | None = None,
-) -> _State:
+    bound: float = np.inf,
+) -> _State | None:
     """The global greedy of ``route`` (or until the student ``fits``); ``incremental``:
     with stages kept current where the scorer can (else, or when False, every candidate
-    rescored by a new stage each step)."""
+    rescored by a new stage each step).  ``None`` once its cost reaches ``bound`` (a
+    cheaper route is known: increments are never negative, so this one cannot win)."""
     with single_threaded():  # thin products; big ones ask for every core themselves
-        return _greedy_in(posterior, route, budget, incremental, fits)
+        return _greedy_in(posterior, route, budget, incremental, fits, bound)
 
 
-def _greedy_in(posterior, route, budget, incremental, fits) -> _State:
+def _greedy_in(posterior, route, budget, incremental, fits, bound) -> _State | None:
     st = _State(posterior.structure, posterior.scorer(), route, fits)
     stages = _Stages(st) if incremental and isinstance(st.sc, DenseScorer) else None
     while True:
+        if st.sc.cost >= bound:
+            return None
         budget.check("choosing the widths within the budget" if fits else "building the first plan")
         if stages is None:  # scorers whose stages cannot take in each other's commits
             ops, inc = st.candidates()
@@ -441,23 +445,28 @@ def network_search(
             :max_routes
         ]
     built: list[tuple[float, _State, NetRoute]] = []
+    beaten: list[NetRoute] = []  # routes whose greedy cost reached a finished one's
     for route in routes:
-        if built and budget.expired():
+        if (built or beaten) and budget.expired():
             break
-        st = _greedy(posterior, route, budget)
+        st = _greedy(posterior, route, budget, bound=min((b[0] for b in built), default=np.inf))
+        if st is None:
+            beaten.append(route)
+            continue
         built.append((st.sc.cost, st, route))
     built.sort(key=lambda x: x[0])
     best = list(built[0])
     c = best[1].plan().compiled
     default = one_shots * dense_work(c.n_conditioned, c.student.n_params)
     budget.work = work if work is not None else max(effort_floor, default)
-    leaves = sum(_leaves(teacher, r) for _, _, r in built)
+    tried = [r for _, _, r in built] + beaten
+    leaves = sum(_leaves(teacher, r) for r in tried)
     if work is None and leaves <= ENUMERATE_LEAVES:
         budget.work = max(budget.work, enumerate_floor)
     exhaustive = False
-    if len(built) == n_routes and leaves <= ENUMERATE_LEAVES and not budget.expired():
+    if len(tried) == n_routes and leaves <= ENUMERATE_LEAVES and not budget.expired():
         try:  # bounded by the greedy's cost, so it mostly visits far fewer nodes than leaves
-            for _, _, route in built:
+            for route in tried:
                 _branch_and_bound(posterior, route, best, budget)
             exhaustive = not budget.cut
         except Cut:
