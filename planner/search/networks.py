@@ -453,7 +453,8 @@ def network_search(
         if st is None:
             beaten.append(route)
             continue
-        built.append((st.sc.cost, st, route))
+        cost, st.sc = st.sc.cost, None  # its plan needs the ops only: the scorer's memory goes
+        built.append((cost, st, route))
     built.sort(key=lambda x: x[0])
     best = list(built[0])
     c = best[1].plan().compiled
@@ -471,13 +472,13 @@ def network_search(
             exhaustive = not budget.cut
         except Cut:
             exhaustive = False
-    _, best, best_route = best
+    best_cost, best, best_route = best
     plan = best.plan()
     if plan.student.to_json() != student.to_json():  # pragma: no cover - by construction
         raise InvalidPlan("the search reached another student", field="student")
     return SearchResult(
         plan,
-        float(best.sc.cost),
+        float(best_cost),
         best_route,
         n_routes,
         len(built),
