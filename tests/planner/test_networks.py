@@ -394,6 +394,44 @@ def test_psi_on_a_plain_conv_is_its_delta_kernel_and_keeps_the_function():
     close(forward(plan.student, plan.apply(post).mean, X), forward(net, mean, X))
 
 
+@pytest.mark.parametrize("channels", [3, 8])  # every pairing costed; the assignment's
+def test_the_search_finds_an_identity_conv_and_its_pairing(channels):
+    """A teacher whose middle conv is a permuted δ-kernel (tiny variance): the search for the
+    student without it removes it by ψ at cost ≈ 0 with that very pairing, and the
+    student at the prior mean computes the teacher's function."""
+    from planner.search import search
+
+    c = channels
+    d = {
+        "input": [2, 4, 4],
+        "stages": [
+            {"type": "conv", "out": c, "kernel": 3, "padding": 1, "activation": "relu"},
+            {"type": "conv", "out": c, "kernel": 3, "padding": 1, "activation": "relu"},
+            {"type": "flatten"},
+            {"type": "linear", "out": 2},
+        ],
+    }
+    net = Network.from_json(d)
+    rng = np.random.default_rng(2)
+    mean = rng.normal(size=net.n_params)
+    u = net.graph.units[1]
+    pi = rng.permutation(c)
+    W = np.zeros((c, c, 3, 3))
+    W[np.arange(c), pi, 1, 1] = 1.0
+    mean[u.start : u.start + c * c * 9] = W.ravel()
+    mean[u.bias : u.bias + c] = 0.0
+    var = np.full(net.n_params, 0.3)
+    var[u.start : u.start + u.size] = 1e-12
+    post = DiagPosterior.from_arrays(net, {"mean": mean, "variance": var})
+    student = Network.from_json({**d, "stages": [d["stages"][0], *d["stages"][2:]]})
+    found = search(post, student)
+    (psi,) = found.plan.ops
+    assert psi == Psi(2, None if (pi == np.arange(c)).all() else tuple(int(x) for x in pi))
+    assert found.cost == pytest.approx(0.0, abs=1e-9)
+    X = rng.normal(size=(4, 2, 4, 4))
+    close(forward(found.plan.student, found.plan.apply(post).mean, X), forward(net, mean, X))
+
+
 # -- rules with reasons ---------------------------------------------------------------------
 _RULES = {
     "input": [3, 8, 8],
