@@ -174,11 +174,23 @@ def kron_big(quick: bool) -> dict:
         arrays[f"row{t}"] = _spd_fast(rng, s.width(t))
         arrays[f"col{t}"] = _spd_fast(rng, s.width(t - 1))
     post = KronPosterior.from_validated(s, arrays)
-    t, _out = best_of(lambda: search(post, s.inherit((784, w, w, 10))).plan.apply(post), repeat=2)
+    student = s.inherit((784, w, w, 10))
+    runs = []
+    for _ in range(2):  # the search, then applying its plan (a replay of its events)
+        t0 = time.perf_counter()
+        found = search(post, student)
+        t1 = time.perf_counter()
+        found.plan.apply(KronPosterior.from_validated(s, arrays))  # no replay kept
+        runs.append((t1 - t0, time.perf_counter() - t1))
+    t_search, t_apply = min(runs, key=sum)
     return {
         "case": f"kron p={s.n_params} (784,{n}×3,10)→(784,{w},{w},10)",
-        "search_and_align_s": t,
-        "goal_s": 5.0,
+        "search_s": t_search,
+        "apply_s": t_apply,
+        "search_and_align_s": t_search + t_apply,
+        "search/apply": t_search / t_apply,
+        "cost": found.cost,
+        "goal": "search/apply <= 1",
     }
 
 
