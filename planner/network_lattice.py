@@ -32,9 +32,11 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from .errors import NotInLattice, TooLarge
+from .lattice import _paths
 from .ops import _merge_after
 from .stages import Conv, Flatten, Linear, Network, Pool, Residual
 from .structure import IDEMPOTENT as _IDEMPOTENT
@@ -408,28 +410,17 @@ def enumerate_network_sequences(
     teacher: Network, student: Network, limit: int
 ) -> list[list[NetStep]]:
     """Up to ``limit`` structure-level sequences, route by route, steps in the order
-    :class:`_Walk` lists them (every state reaches the student: no dead end)."""
+    :class:`_Walk` lists them (every state reaches the student: no dead end), walked
+    without recursion by the MLP lattice's own path walker."""
     out: list[list[NetStep]] = []
     for route in network_routes(teacher, student):
         walk = _Walk(teacher, route)
-        path: list[NetStep] = []
-        stack = [iter(walk.steps(walk.start))]
-        if walk.done(walk.start):
-            out.append([])
-        while stack and len(out) < limit:
-            got = next(stack[-1], None)
-            if got is None:
-                stack.pop()
-                if path:
-                    path.pop()
-                continue
-            step, state = got
-            path.append(step)
-            if walk.done(state):
-                out.append(list(path))
-                path.pop()
-            else:
-                stack.append(iter(walk.steps(state)))
+
+        def children(state, walk=walk):
+            return None if walk.done(state) else walk.steps(state)
+
+        for seq in itertools.islice(_paths(walk.start, children), limit - len(out)):
+            out.append(seq)
         if len(out) >= limit:
             break
-    return out[:limit]
+    return out

@@ -366,28 +366,36 @@ def test_a_dead_block_and_dead_channels_are_removed_at_no_cost_and_keep_the_func
     ]
 
 
-def test_psi_on_a_plain_conv_is_its_delta_kernel_and_keeps_the_function():
+def _identity_conv(c: int, channels_in: int, seed: int, pi=None):
+    """A stem, a middle conv that is the δ-kernel of a pairing ``pi`` (random if None)
+    with tiny variance, a flatten and a linear head: (json, network, diag posterior,
+    mean, pi, rng)."""
     d = {
-        "input": [3, 4, 4],
+        "input": [channels_in, 4, 4],
         "stages": [
-            {"type": "conv", "out": 3, "kernel": 3, "padding": 1, "activation": "relu"},
-            {"type": "conv", "out": 3, "kernel": 3, "padding": 1, "activation": "relu"},
+            {"type": "conv", "out": c, "kernel": 3, "padding": 1, "activation": "relu"},
+            {"type": "conv", "out": c, "kernel": 3, "padding": 1, "activation": "relu"},
             {"type": "flatten"},
             {"type": "linear", "out": 2},
         ],
     }
     net = Network.from_json(d)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     mean = rng.normal(size=net.n_params)
     u = net.graph.units[1]
-    pi = np.array([2, 0, 1])
-    W = np.zeros((3, 3, 3, 3))
-    W[np.arange(3), pi, 1, 1] = 1.0
-    mean[u.start : u.start + 81] = W.ravel()
-    mean[u.bias : u.bias + 3] = 0.0
+    pi = rng.permutation(c) if pi is None else np.asarray(pi)
+    W = np.zeros((c, c, 3, 3))
+    W[np.arange(c), pi, 1, 1] = 1.0
+    mean[u.start : u.start + c * c * 9] = W.ravel()
+    mean[u.bias : u.bias + c] = 0.0
     var = np.full(net.n_params, 0.3)
     var[u.start : u.start + u.size] = 1e-12
     post = DiagPosterior.from_arrays(net, {"mean": mean, "variance": var})
+    return d, net, post, mean, pi, rng
+
+
+def test_psi_on_a_plain_conv_is_its_delta_kernel_and_keeps_the_function():
+    _, net, post, mean, pi, rng = _identity_conv(3, 3, 1, pi=[2, 0, 1])
     plan = Plan(net, (Psi(2, tuple(int(x) for x in pi)),))
     assert plan.cost(post) == pytest.approx(0.0, abs=1e-12)
     X = rng.normal(size=(4, 3, 4, 4))
@@ -402,27 +410,7 @@ def test_the_search_finds_an_identity_conv_and_its_pairing(channels):
     from planner.search import search
 
     c = channels
-    d = {
-        "input": [2, 4, 4],
-        "stages": [
-            {"type": "conv", "out": c, "kernel": 3, "padding": 1, "activation": "relu"},
-            {"type": "conv", "out": c, "kernel": 3, "padding": 1, "activation": "relu"},
-            {"type": "flatten"},
-            {"type": "linear", "out": 2},
-        ],
-    }
-    net = Network.from_json(d)
-    rng = np.random.default_rng(2)
-    mean = rng.normal(size=net.n_params)
-    u = net.graph.units[1]
-    pi = rng.permutation(c)
-    W = np.zeros((c, c, 3, 3))
-    W[np.arange(c), pi, 1, 1] = 1.0
-    mean[u.start : u.start + c * c * 9] = W.ravel()
-    mean[u.bias : u.bias + c] = 0.0
-    var = np.full(net.n_params, 0.3)
-    var[u.start : u.start + u.size] = 1e-12
-    post = DiagPosterior.from_arrays(net, {"mean": mean, "variance": var})
+    d, net, post, mean, pi, rng = _identity_conv(c, 2, 2)
     student = Network.from_json({**d, "stages": [d["stages"][0], *d["stages"][2:]]})
     found = search(post, student)
     (psi,) = found.plan.ops
