@@ -42,9 +42,10 @@ from .construction import TIE, least, single_threaded
 
 __all__ = ["ENUMERATE_LEAVES", "EXACT_PAIRINGS", "global_greedy_sets", "network_search"]
 
-#: ψ on a plain layer of at most this many channels tries every pairing (6! = 720 costs
-#: of one block each); wider, the assignment on the block's linear terms chooses it.
-EXACT_PAIRINGS = 6
+#: ψ on a plain layer of at most this many channels tries every pairing (4! = 24 costs
+#: of one block each: a precision's block cost is a constraint cost of its own); wider,
+#: the assignment on the block's linear terms chooses it.
+EXACT_PAIRINGS = 4
 
 #: A branch and bound runs, with the effort's enumeration budget, when the routes have at
 #: most this many step sequences (it proves the optimum when it finishes within it);
@@ -178,7 +179,7 @@ class _State:
             targets = np.zeros_like(base)
             targets[np.arange(R) * (R * g) + np.asarray(pi) * g + g // 2] = 1.0
             costs.append(float(block.cost(targets)))
-        k = least(np.array(costs), 0.0)
+        k = least(np.array(costs), self.sc.cost)
         best, best_cost = pairings[k], costs[k]
         return Psi(layer, None if best == tuple(range(R)) else tuple(best)), best_cost
 
