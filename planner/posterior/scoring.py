@@ -571,7 +571,9 @@ class _DenseDrops:
         """Drop the columns of taken candidates (never read again): every later commit
         then reads and writes less (the stage's work falls as the greedy goes).  ``C0``
         is not copied: the live columns map into it."""
-        keep = np.unique(self.pos[self.live])
+        used = np.zeros(self.G.size, dtype=bool)  # a mask, not np.unique: no sort, no hash
+        used[self.pos[self.live].ravel()] = True
+        keep = np.flatnonzero(used)
         remap = np.full(self.G.size, -1, dtype=np.int64)
         remap[keep] = np.arange(keep.size)
         w, nk, buf = self.G.size, keep.size, self._buf
