@@ -444,8 +444,11 @@ class _LayerState:
     still live (not conditioned), the inverse row factor on those rows ``Gi = G_R⁻¹``, the
     residual mean ``M'``, ``P = Gi M'``, and the column factor's Schur complement ``A'``
     (kept full-size, Fortran order, downdated in place in its lower triangle, which alone
-    is current; conditioned columns are dead until a compaction drops them).  Rows
-    leave by a Schur complement of ``Gi`` (``O(rows · cols)`` each), never a refactoring."""
+    is current; conditioned columns are dead until a compaction drops them).  Until its
+    first downdate ``A'`` is the posterior's own factor, read in place (``own`` False:
+    copied when first written), so layers only scored, never conditioned, cost no copy.
+    A few rows leave by a Schur complement of ``Gi`` (``O(rows · cols)`` each), most by
+    refactorising G on the rows left."""
 
     rows: np.ndarray
     cols: np.ndarray
@@ -458,6 +461,7 @@ class _LayerState:
     gone: bool = False
     #: increments already scored on this state (dropped whenever the state changes)
     cache: dict = field(default_factory=dict)
+    own: bool = True  # A is this state's own copy (else the posterior's, read-only)
 
     def copy(self) -> _LayerState:
         return _LayerState(
@@ -467,10 +471,11 @@ class _LayerState:
             self.LG,
             self.M.copy(),
             self.P.copy(),
-            np.asfortranarray(self.A.copy()),
+            np.asfortranarray(self.A.copy()) if self.own else self.A,  # shared: read-only
             self.Gi_,
             self.gone,
             dict(self.cache),
+            self.own,
         )
 
 
@@ -543,9 +548,9 @@ class KronScorer:
             M = post._weight(post.factored[t])[rows]
             LG = _chol(post.G[t][np.ix_(rows, rows)], f"row{t}")
             P = sla.cho_solve((LG, True), M, check_finite=False)
-            A = np.array(np.asarray(post.A[t]).T, order="F")  # symmetric: a plain copy
+            A = np.asarray(post.A[t]).T  # symmetric: read in place until first written
             m = A.shape[0]
-            st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), LG, M, P, A)
+            st = _LayerState(rows, np.arange(m), np.ones(m, dtype=bool), LG, M, P, A, own=False)
             self.layers[t] = st
         elif not np.array_equal(st.rows, rows):
             keep = np.searchsorted(st.rows, rows)
@@ -717,7 +722,7 @@ class KronScorer:
                 A = _lower_block(st.A, keep) - W.T @ W
                 st.M = np.ascontiguousarray(st.M[:, keep] - YM.T @ W)
                 st.P = np.ascontiguousarray(st.P[:, keep] - YP.T @ W)
-            st.A = np.asfortranarray(0.5 * (A + A.T))
+            st.A, st.own = np.asfortranarray(0.5 * (A + A.T)), True
             st.cols, st.live = st.cols[keep], np.ones(keep.size, dtype=bool)
             return
         with all_threads() if big else contextlib.nullcontext():
@@ -725,6 +730,8 @@ class KronScorer:
             st.M -= YM.T @ W
             st.P -= YP.T @ W
         # A' is symmetric: its lower triangle alone is kept (a rank-|C| syrk, half a gemm)
+        if not st.own:  # the posterior's factor: this state's own copy from here on
+            st.A, st.own = np.array(st.A, order="F"), True
         with all_threads() if st.A.shape[0] >= 1024 else contextlib.nullcontext():
             st.A = blas.dsyrk(-1.0, W, beta=1.0, c=st.A, trans=1, lower=1, overwrite_c=True)
         st.live[C] = False
