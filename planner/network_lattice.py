@@ -302,7 +302,8 @@ class _Walk:
     """The structure-level steps of one route: φ on a space (which channel is not a
     structure-level choice), ψ on a block the route removes, ψ on a layer it removes once
     its two spaces are equally wide, each keeping the student reachable.  A state is the
-    width of every teacher space (0: gone) and what the route has removed so far."""
+    width of every teacher space (0: gone) and what the route has removed so far (sorted:
+    the same removals in another order are the same state)."""
 
     def __init__(self, teacher: Network, route: NetRoute) -> None:
         g = teacher.graph
@@ -336,7 +337,7 @@ class _Walk:
                 nw = list(widths)
                 for s in self.g.blocks[b - 1].inner:
                     nw[s - 1] = 0
-                out.append((("block", b), (tuple(nw), (*gone_b, b), gone_l)))
+                out.append((("block", b), (tuple(nw), tuple(sorted((*gone_b, b))), gone_l)))
         for m in self.layers:
             if m in gone_l:
                 continue
@@ -349,7 +350,7 @@ class _Walk:
                 continue
             nw = list(widths)
             nw[u.out - 1] = 0
-            out.append((("layer", m), (tuple(nw), gone_b, (*gone_l, m))))
+            out.append((("layer", m), (tuple(nw), gone_b, tuple(sorted((*gone_l, m))))))
         return out
 
     def done(self, state) -> bool:
