@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from .errors import NotInLattice, TooLarge
 from .lattice import _paths
-from .ops import _merge_after
+from .ops import identity_reason
 from .stages import Conv, Flatten, Linear, Network, Pool, Residual
 from .structure import IDEMPOTENT as _IDEMPOTENT
 
@@ -141,21 +141,10 @@ def _removable(teacher: Network, number: int) -> str | None:
 def _layer_removable(teacher: Network, unit) -> str | None:
     """Why ψ could never remove plain layer ``unit`` of ``teacher`` (whatever the widths),
     or ``None``; a residual block writing its output space too is checked per route."""
-    info = teacher.layers[unit.index]
-    st = info.stage
     if unit.out in teacher.graph.fixed:
         return "it writes the network's output"
-    if isinstance(st, Conv):
-        (kh, kw), pad = st.kernel, st.padding
-        if st.stride != (1, 1) or kh % 2 == 0 or kw % 2 == 0 or pad != (kh // 2, kw // 2):
-            return (
-                "a conv is the identity only with stride 1 and an odd kernel padded to keep "
-                f"its size; it has kernel {list(st.kernel)}, stride {list(st.stride)}, "
-                f"padding {list(pad)}"
-            )
-    elif unit.segments[0].group != 1:
-        return "it reads a flattened image, not features"
-    return _merge_after(st.activation, info.input_activation)
+    seg = unit.segments[0]
+    return identity_reason(teacher.layers[unit.index], seg.group, teacher.graph.width(seg.space))
 
 
 def network_routes(teacher: Network, student: Network) -> list[NetRoute]:

@@ -32,6 +32,7 @@ __all__ = [
     "Psi",
     "PsiBlock",
     "Tracked",
+    "identity_reason",
     "merge_reason",
     "psi_activation_reason",
 ]
@@ -446,23 +447,7 @@ class Tracked:
                 f"ψ on layer {op.layer} needs as many outputs as inputs; it has {n} and {m}",
                 field="layer",
             )
-        st = info.stage
-        if isinstance(st, Conv):
-            (kh, kw), pad = st.kernel, st.padding
-            if st.stride != (1, 1) or kh % 2 == 0 or kw % 2 == 0 or pad != (kh // 2, kw // 2):
-                raise InvalidOperation(
-                    f"ψ on layer {op.layer}: a conv is the identity only with stride 1 and an "
-                    f"odd kernel padded to keep its size; it has kernel {list(st.kernel)}, "
-                    f"stride {list(st.stride)}, padding {list(pad)}",
-                    field="layer",
-                )
-        elif lay.unit.segments[0].group != 1:
-            raise InvalidOperation(
-                f"ψ on layer {op.layer}: it reads a flattened image ({m} channels of "
-                f"{lay.unit.segments[0].group} features), not {m} features",
-                field="layer",
-            )
-        why = _merge_after(st.activation, info.input_activation)
+        why = identity_reason(info, lay.unit.segments[0].group, m)
         if why:
             raise InvalidOperation(f"ψ on layer {op.layer}: {why}", field="layer")
         _check_pairing(op.pairing, n)
@@ -644,6 +629,29 @@ class Tracked:
         return Effect(
             B, np.zeros(B.size), np.concatenate([np.zeros(0, np.int64), *marg]), tuple(events)
         )
+
+
+def identity_reason(info, group: int, width: int) -> str | None:
+    """Why a plain network layer (its :class:`~planner.stages.LayerInfo`, reading ``width``
+    channels of ``group`` features each) can never be conditioned to the identity, or
+    ``None``: a conv needs stride 1 and an odd kernel padded to keep its size, a linear
+    layer must read features, not a flattened image, and its activation must pass the
+    rule.  The op's check and the lattice's routes ask the same question here."""
+    st = info.stage
+    if isinstance(st, Conv):
+        (kh, kw), pad = st.kernel, st.padding
+        if st.stride != (1, 1) or kh % 2 == 0 or kw % 2 == 0 or pad != (kh // 2, kw // 2):
+            return (
+                "a conv is the identity only with stride 1 and an odd kernel padded to keep "
+                f"its size; it has kernel {list(st.kernel)}, stride {list(st.stride)}, "
+                f"padding {list(pad)}"
+            )
+    elif group != 1:
+        return (
+            f"it reads a flattened image ({width} channels of {group} features), not "
+            f"{width} features"
+        )
+    return _merge_after(st.activation, info.input_activation)
 
 
 def _grouped(W: np.ndarray, idx: np.ndarray, g: int, order: np.ndarray, cols: bool):
