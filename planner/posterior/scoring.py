@@ -191,27 +191,32 @@ def _chol(S: np.ndarray) -> np.ndarray:
 def _batched_increments(S: np.ndarray, r: np.ndarray) -> np.ndarray:
     """``½ rᵀ S⁻¹ r`` for each of n groups (``S``: n × k × k, ``r``: n × k); inf where
     ``S`` is not numerically positive definite."""
+    return _factored_increments(S, r)[0]
+
+
+def _factored_increments(S: np.ndarray, r: np.ndarray):
+    """(``_batched_increments``, each group's lower Cholesky factor (the identity where
+    there is none), whether it has one)."""
     n, k = r.shape
     if k == 0:
-        return np.zeros(n)
+        return np.zeros(n), np.zeros((n, 0, 0)), np.ones(n, dtype=bool)
     if k == 1:
         s = S[:, 0, 0]
-        out = np.full(n, np.inf)
         ok = s > 0
-        out[ok] = 0.5 * r[ok, 0] ** 2 / s[ok]
-        return out
-    try:
-        y = solve_lower(np.linalg.cholesky(S), r)
-        return 0.5 * np.einsum("nk,nk->n", y, y)
-    except np.linalg.LinAlgError:
         out = np.full(n, np.inf)
+        out[ok] = 0.5 * r[ok, 0] ** 2 / s[ok]
+        return out, np.sqrt(np.where(ok, s, 1.0))[:, None, None], ok
+    try:
+        L, ok = np.linalg.cholesky(S), np.ones(n, dtype=bool)
+    except np.linalg.LinAlgError:  # some block is not positive definite: no candidate
+        L, ok = np.zeros_like(S), np.zeros(n, dtype=bool)
         for i in range(n):
             try:
-                y = np.linalg.solve(np.linalg.cholesky(S[i]), r[i])
+                L[i], ok[i] = np.linalg.cholesky(S[i]), True
             except np.linalg.LinAlgError:
-                continue
-            out[i] = 0.5 * float(y @ y)
-        return out
+                L[i] = np.eye(k)
+    y = solve_lower(L, r)
+    return np.where(ok, 0.5 * np.einsum("nk,nk->n", y, y), np.inf), L, ok
 
 
 class DenseScorer:
@@ -404,43 +409,13 @@ class _DenseDrops:
         out = np.full(len(self.pos), np.inf)
         live = self.live
         if live.any():
-            if self.keep_factors:
-                out[live] = self._factored_increments(live)
-            else:
-                out[live] = _batched_increments(self.S[live], -self.c[self.pos[live]])
+            out[live], L, ok = _factored_increments(self.S[live], -self.c[self.pos[live]])
+            if self.keep_factors:  # for bounds() after the next commits
+                if self._fac is None or self._fac.shape != self.S.shape:
+                    self._fac = np.zeros_like(self.S)
+                    self._fac_ok[:] = False
+                self._fac[live], self._fac_ok[live] = L, ok
         self._inc = out
-        return out
-
-    def _factored_increments(self, live: np.ndarray) -> np.ndarray:
-        """``_batched_increments`` of the live candidates, keeping their factors."""
-        S, r = self.S[live], -self.c[self.pos[live]]
-        n, k = r.shape
-        if self._fac is None or self._fac.shape != self.S.shape:
-            self._fac = np.zeros_like(self.S)
-            self._fac_ok[:] = False
-        if k == 0:
-            self._fac_ok[live] = True
-            return np.zeros(n)
-        if k == 1:
-            s = S[:, 0, 0]
-            ok = s > 0
-            out = np.full(n, np.inf)
-            out[ok] = 0.5 * r[ok, 0] ** 2 / s[ok]
-            self._fac[live, 0, 0] = np.sqrt(np.where(ok, s, 1.0))
-            self._fac_ok[live] = ok
-            return out
-        try:
-            L, ok = np.linalg.cholesky(S), np.ones(n, dtype=bool)
-        except np.linalg.LinAlgError:  # some block is not positive definite: no candidate
-            L, ok = np.zeros_like(S), np.zeros(n, dtype=bool)
-            for i in range(n):
-                try:
-                    L[i], ok[i] = np.linalg.cholesky(S[i]), True
-                except np.linalg.LinAlgError:
-                    L[i] = np.eye(k)
-        y = solve_lower(L, r)
-        out = np.where(ok, 0.5 * np.einsum("nk,nk->n", y, y), np.inf)
-        self._fac[live], self._fac_ok[live] = L, ok
         return out
 
     def bounds(self) -> np.ndarray | None:
