@@ -155,10 +155,14 @@ class _Builder:
 TIE = 1e-9
 
 
+def tie_limit(m: float, base: float) -> float:
+    """The largest increment that ties with the least one ``m`` (cost so far ``base``)."""
+    return m + TIE * max(1.0, abs(base) + abs(m))
+
+
 def least(inc: np.ndarray, base: float) -> int:
     """The index of the least increment, the lowest among ties (within ``TIE``)."""
-    m = float(np.min(inc))
-    return int(np.flatnonzero(inc <= m + TIE * max(1.0, abs(base) + abs(m)))[0])
+    return int(np.flatnonzero(inc <= tie_limit(float(np.min(inc)), base))[0])
 
 
 def construct(

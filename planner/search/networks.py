@@ -38,7 +38,7 @@ from ..posterior import Posterior
 from ..posterior.scoring import DenseScorer
 from ..stages import Network
 from .budget import NODE_WORK, Budget, Cut, dense_work
-from .construction import TIE, least, single_threaded
+from .construction import least, single_threaded, tie_limit
 
 __all__ = ["ENUMERATE_LEAVES", "EXACT_PAIRINGS", "global_greedy_sets", "network_search"]
 
@@ -330,8 +330,8 @@ class _Stages:
             where.extend((key, int(j)) for j in live)
         while parts:
             m = min((float(v.min()) for _, _, v, _ in parts if v.size), default=0.0)
-            tol = TIE * max(1.0, abs(st.sc.cost) + abs(m))
-            redo = [i for i, (_, _, v, ex) in enumerate(parts) if not ex and (v <= m + tol).any()]
+            top = tie_limit(m, st.sc.cost)
+            redo = [i for i, (_, _, v, ex) in enumerate(parts) if not ex and (v <= top).any()]
             if not redo:
                 break
             for i in redo:
