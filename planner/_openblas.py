@@ -19,6 +19,15 @@ more: OpenBLAS is then limited to one thread in this process (the defect is in t
 threaded routines), which is correct and slower on large dense problems; the
 ``planner`` logger says so at INFO level, never as a warning.  Set
 ``OPENBLAS_CORETYPE`` yourself to choose otherwise.
+
+:func:`configure` also sets ``OPENBLAS_THREAD_TIMEOUT=16`` when it is unset (any
+machine, numpy not imported yet).  OpenBLAS's idle worker threads otherwise spin for
+2²⁸ cycles (about 0.1 s) after every threaded product, and the search's loops are
+single-threaded between their large products (``planner._threads``): on this
+project's 2-core machines the spinning worker slowed the loop's own thread so much
+that threading a greedy's products made a Table-1 search 1.5× slower instead of
+faster.  With 2¹⁶ cycles the workers sleep between products; large factorisations,
+whose threads stay busy, run at the same speed (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -41,10 +50,16 @@ def _avx512() -> bool:
     return False
 
 
+#: log2 of the cycles an idle OpenBLAS worker spins before it sleeps (OpenBLAS: 28)
+THREAD_TIMEOUT = 16
+
+
 def configure() -> bool:
     """Choose the Haswell kernels where the SkylakeX ones would be used; True if set.
     Too late (numpy loaded first, OpenBLAS on SkylakeX kernels): OpenBLAS is limited to
-    one thread instead."""
+    one thread instead.  Idle workers sleep after ``THREAD_TIMEOUT`` (module doc)."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", str(THREAD_TIMEOUT))
     if "OPENBLAS_CORETYPE" in os.environ:
         return False
     if platform.machine().lower() not in ("x86_64", "amd64") or not _avx512():

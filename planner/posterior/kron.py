@@ -39,7 +39,7 @@ from ..graph import Consumers, Whole
 from ..linalg import inverse_diagonal, pivots_ok
 from . import _validate as v
 from .base import Posterior
-from .scoring import Columns, indices
+from .scoring import Columns, LayerBlock, indices
 
 __all__ = ["KronPosterior", "KronScorer"]
 
@@ -408,14 +408,21 @@ def _lower_block(A: np.ndarray, C: np.ndarray) -> np.ndarray:
     """``A[C, C]`` from the lower triangle, the only current one (``C`` in any order: a
     merged layer's pairing permutes its readers' columns)."""
     order = np.argsort(C, kind="stable")
-    Cs = C[order]
-    B = A[np.ix_(Cs, Cs)]
-    B = np.tril(B) + np.tril(B, -1).T
+    B = np.tril(_lower_part(A, C[order]))
+    B += np.tril(B, -1).T
     if np.array_equal(order, np.arange(C.size)):
         return B
     inv = np.empty_like(order)
     inv[order] = np.arange(C.size)
     return B[np.ix_(inv, inv)]
+
+
+def _lower_part(A: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """``A[C, C]`` (``C`` sorted) with only its lower triangle current, in Fortran order: what
+    a lower Cholesky factorisation reads (half the passes of :func:`_lower_block`)."""
+    if A.flags.f_contiguous:  # gather columns of A as rows of its C-ordered transpose
+        return A.T[np.ix_(C, C)].T
+    return np.asfortranarray(A[np.ix_(C, C)])
 
 
 def _lower_cross(A: np.ndarray, R: np.ndarray, C: np.ndarray) -> np.ndarray:
@@ -672,7 +679,7 @@ class KronScorer:
         live = np.flatnonzero(st.live)
         out = 0.0
         if live.size and st.rows.size:
-            LA = _chol(_lower_block(st.A, live), f"col{t}")
+            LA = _chol(_lower_part(st.A, live), f"col{t}")
             if D is None:  # to 0: D = −M' (its sign cancels)
                 D, GD = st.M[:, live], st.P[:, live]
             else:
@@ -706,7 +713,7 @@ class KronScorer:
         a conditioning of many columns takes every core."""
         big = C.size * C.size * st.A.shape[0] >= _THREADED_WORK
         with all_threads() if big else contextlib.nullcontext():
-            LC = _chol(_lower_block(st.A, C), f"col{t}")
+            LC = _chol(_lower_part(st.A, C), f"col{t}")
             YM = sla.solve_triangular(LC, st.M[:, C].T, lower=True, check_finite=False)
             YP = sla.solve_triangular(LC, st.P[:, C].T, lower=True, check_finite=False)
         self.cost += 0.5 * float(np.sum(YM * YP))
@@ -719,10 +726,13 @@ class KronScorer:
                 W = sla.solve_triangular(
                     LC, _lower_cross(st.A, keep, C).T, lower=True, check_finite=False
                 )
-                A = _lower_block(st.A, keep) - W.T @ W
+                # the lower triangle of what stays (keep is sorted), less a rank-|C| syrk
+                A = _lower_part(st.A, keep)
+                if keep.size:
+                    A = blas.dsyrk(-1.0, W, beta=1.0, c=A, trans=1, lower=1, overwrite_c=True)
                 st.M = np.ascontiguousarray(st.M[:, keep] - YM.T @ W)
                 st.P = np.ascontiguousarray(st.P[:, keep] - YP.T @ W)
-            st.A, st.own = np.asfortranarray(0.5 * (A + A.T)), True
+            st.A, st.own = A, True
             st.cols, st.live = st.cols[keep], np.ones(keep.size, dtype=bool)
             return
         with all_threads() if big else contextlib.nullcontext():
@@ -737,7 +747,7 @@ class KronScorer:
         st.live[C] = False
         if st.live.mean() < _COMPACT_BELOW:
             keep = np.flatnonzero(st.live)
-            st.A = np.asfortranarray(st.A[np.ix_(keep, keep)])
+            st.A = _lower_part(st.A, keep)
             st.M = np.ascontiguousarray(st.M[:, keep])
             st.P = np.ascontiguousarray(st.P[:, keep])
             st.cols, st.live = st.cols[keep], st.live[keep]
@@ -749,7 +759,7 @@ class KronScorer:
         return _GroupDrops(self, groups)
 
     def block(self, idx) -> _KronBlock:
-        return _KronBlock(self, indices(idx))
+        return _KronBlock(self, idx)
 
     def commit(self, idx: np.ndarray, targets: np.ndarray) -> None:
         """Condition ``idx`` to ``targets``: in each layer, whole columns over its current
@@ -863,24 +873,42 @@ class _GroupDrops:
 class _KronBlock:
     """A layer's whole live block (rows × live columns, and its biases) to a pattern."""
 
-    def __init__(self, sc: KronScorer, idx: np.ndarray) -> None:
+    def __init__(self, sc: KronScorer, block) -> None:
         post = sc.post
-        t, is_b, r, c = post._locate(idx)
-        u = int(t[0])
-        if (t != u).any():
-            raise InvalidPosterior("a kron block lies in one layer", field="ops")
-        w = ~is_b
-        rows = np.unique(r[w])
-        st = sc._state(u, rows)
-        cols = st.cols[st.live]
-        R, L = rows.size, cols.size
-        if w.sum() != R * L or not np.array_equal(np.unique(c[w]), cols):
-            raise InvalidPosterior(
-                "a kron block is all live columns of a layer over its rows", field="ops"
-            )
+        idx = indices(block)
+        bad = InvalidPosterior(
+            "a kron block is all live columns of a layer over its rows", field="ops"
+        )
+        if isinstance(block, LayerBlock) and block.structure == post.structure:
+            # rows × cols row-major, then the rows' biases: no flat index to take apart
+            u, R, L = block.layer, block.rows.size, block.cols.size
+            rows = np.unique(block.rows)
+            st = sc._state(u, rows)
+            cols = st.cols[st.live]
+            if rows.size != R or not np.array_equal(np.sort(block.cols), cols):
+                raise bad
+            w = np.zeros(idx.size, dtype=bool)
+            w[: R * L] = True
+            ri = np.repeat(np.searchsorted(rows, block.rows), L)
+            ci = np.tile(np.searchsorted(cols, block.cols), R)
+            r = None
+            in_order = np.array_equal(rows, block.rows) and np.array_equal(cols, block.cols)
+        else:
+            t, is_b, r, c = post._locate(idx)
+            u = int(t[0])
+            if (t != u).any():
+                raise InvalidPosterior("a kron block lies in one layer", field="ops")
+            w = ~is_b
+            rows = np.unique(r[w])
+            st = sc._state(u, rows)
+            cols = st.cols[st.live]
+            R, L = rows.size, cols.size
+            if w.sum() != R * L or not np.array_equal(np.unique(c[w]), cols):
+                raise bad
+            ri, ci, in_order = np.searchsorted(rows, r[w]), np.searchsorted(cols, c[w]), False
         self.sc, self.t, self.st, self.idx = sc, u, st, idx
-        self.w, self.b = np.flatnonzero(w), np.flatnonzero(is_b)
-        self.ri, self.ci = np.searchsorted(rows, r[w]), np.searchsorted(cols, c[w])
+        self.w, self.b = np.flatnonzero(w), np.flatnonzero(~w)
+        self.ri, self.ci = ri, ci
         live = np.flatnonzero(st.live)
         self.M, self.P = st.M[:, live], st.P[:, live]
         # Q = G⁻¹ ⊗ A'⁻¹ and c = M': linear = ½ diag(G⁻¹)_k diag(A'⁻¹)_l − (G⁻¹ M' A'⁻¹)_kl;
@@ -888,15 +916,19 @@ class _KronBlock:
         if live.size == st.cols.size and st.cols.size == post.factored[u].cols:
             self.LA, ai = post.column_factor(u)  # untouched: the layer's own, cached
         else:
-            self.LA = _chol(st.A[np.ix_(live, live)], f"col{u}")
+            self.LA = _chol(_lower_part(st.A, live), f"col{u}")
             ai = inverse_diagonal(self.LA)
         gi = np.diag(_gi(st))
         GMA = sla.cho_solve((self.LA, True), self.P.T, check_finite=False).T
         lin = np.empty(idx.size)
-        lin[self.w] = 0.5 * gi[self.ri] * ai[self.ci] - GMA[self.ri, self.ci]
+        if in_order:  # the block's own order is the state's: no gather
+            lin[: R * L] = (0.5 * np.outer(gi, ai) - GMA).ravel()
+        else:
+            lin[self.w] = 0.5 * gi[self.ri] * ai[self.ci] - GMA[self.ri, self.ci]
         self.bias = None
         if self.b.size:
-            bm, rb = post.mean[idx[self.b]], r[self.b]
+            rb = block.rows if r is None else r[self.b]
+            bm = post.mean[idx[self.b]]
             bS = post.bias[u]
             bS = bS[rb] if bS.ndim == 1 else bS[np.ix_(rb, rb)]
             Bi = np.diag(1.0 / bS) if bS.ndim == 1 else np.linalg.inv(bS)

@@ -35,3 +35,22 @@ def test_numpy_first_runs_skylakex_single_threaded_without_a_warning():
     # -W error: a warning would fail the child; SkylakeX kernels, if loaded, run one thread
     for arch, threads in _run("import numpy, planner"):
         assert arch != "SkylakeX" or threads == 1, (arch, threads)
+
+
+def _env_after(first: str, **env: str) -> str | None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS_")}
+    out = subprocess.run(
+        [sys.executable, "-c", f"{first}; import os, json; "
+         "print(json.dumps(os.environ.get('OPENBLAS_THREAD_TIMEOUT')))"],
+        cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_idle_workers_sleep_soon_unless_the_user_chose():
+    from planner._openblas import THREAD_TIMEOUT
+
+    assert _env_after("import planner") == str(THREAD_TIMEOUT)
+    assert _env_after("import planner", OPENBLAS_THREAD_TIMEOUT="24") == "24"
+    # numpy first: OpenBLAS has read its environment already, so nothing is pretended
+    assert _env_after("import numpy, planner") is None

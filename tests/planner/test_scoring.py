@@ -16,7 +16,7 @@ from planner.ops import Tracked
 from planner.posterior import KronPosterior, LowRankPosterior, PrecisionPosterior, precision
 from planner.posterior.kron import KronScorer
 from planner.posterior.lowrank import LowRankScorer
-from planner.posterior.scoring import DenseScorer, DiagScorer
+from planner.posterior.scoring import DenseScorer, DiagScorer, LayerBlock
 from tests.helpers import close, make
 from tests.strategies import spd
 
@@ -75,6 +75,14 @@ def test_stages_and_blocks_score_exactly(fmt, seed, bias, drop3, drop2):
         P = [U.ravel()] + ([tr.biases(3)] if bias else [])
         P = np.concatenate(P)
         block = sc.block(P)
+        if isinstance(sc, KronScorer):  # a merge's own description: the same numbers
+            lay = tr.layers[3 - 2]
+            assert np.array_equal(LayerBlock(s, lay.src, lay.rows, lay.cols).indices(), P)
+            r, c = rng.permutation(lay.rows), rng.permutation(lay.cols)
+            Q = LayerBlock(s, lay.src, r, c)
+            where = {int(i): k for k, i in enumerate(P)}
+            order = np.array([where[int(i)] for i in Q.indices()])
+            close(sc.block(Q).linear, block.linear[order])
         t = np.zeros(P.size)
         pi = rng.permutation(U.shape[1])[: U.shape[0]]
         t[np.arange(U.shape[0]) * U.shape[1] + pi] = 1.0
