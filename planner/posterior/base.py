@@ -122,6 +122,13 @@ class Posterior(ABC):
         dense by default (Σ_BB, Σ_Ba, Σ_aa)."""
         return 8 * (conditioned**2 + conditioned * kept + 2 * kept**2)
 
+    def adopt(self, plan, scorer) -> None:
+        """A hint from the search: ``scorer`` committed exactly ``plan``'s conditioning
+        (a compiled plan), so a format whose alignment needs what the scorer holds may
+        keep it for :meth:`align` and :meth:`plan_cost` of that plan.  The default keeps
+        nothing."""
+        return None
+
     def plan_cost(self, plan) -> float:
         """The plan's cost ``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)``; see :meth:`align`."""
         return self.constraint_cost(plan.conditioned, plan.targets)

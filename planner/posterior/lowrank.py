@@ -30,6 +30,8 @@ __all__ = ["LowRankPosterior", "LowRankScorer"]
 
 #: Up to this many parameters the search scores on dense blocks of Σ.
 DENSE_PARAMS = 4096
+#: Rows of the factor an alignment reads at a time (8 MB at k = 32).
+_CHUNK_ROWS = 1 << 15
 
 
 def _stacked(post, groups):
@@ -106,16 +108,39 @@ class LowRankPosterior(Posterior):
         return self._condition(plan.conditioned, plan.targets, plan.kept, plan.student, plan)
 
     def _woodbury_of(self, B: np.ndarray, values: np.ndarray):
-        """(C's Cholesky factor, w = F_Bᵀ D_B⁻¹ d, dᵀ D_B⁻¹ d) for the block B."""
-        F_B = np.asarray(self.factor[B])
-        dinv = 1.0 / self.var[B]
-        d = values - self.mean[B]
-        inner = np.eye(self.rank) + (F_B.T * dinv) @ F_B
+        """(C's Cholesky factor, w = F_Bᵀ D_B⁻¹ d, dᵀ D_B⁻¹ d) for the block B: sums over
+        B, read in ascending chunks of rows (a memory-mapped factor streams from disk, and
+        no temporary is as large as F_B)."""
+        B, values = np.asarray(B, dtype=np.int64), np.asarray(values, dtype=np.float64)
+        if B.size > 1 and (np.diff(B) < 0).any():
+            order = np.argsort(B, kind="stable")
+            B, values = B[order], values[order]
+        inner, w, dd = np.eye(self.rank), np.zeros(self.rank), 0.0
+        for i in range(0, B.size, _CHUNK_ROWS):
+            b = B[i : i + _CHUNK_ROWS]
+            s = 1.0 / np.sqrt(self.var[b])
+            G = np.asarray(self.factor[b]) * s[:, None]  # D^-½ F
+            e = (values[i : i + _CHUNK_ROWS] - self.mean[b]) * s  # D^-½ d
+            inner += G.T @ G
+            w += G.T @ e
+            dd += float(e @ e)
+        return self._factor_inner(inner), w, dd
+
+    @staticmethod
+    def _factor_inner(inner: np.ndarray) -> np.ndarray:
         try:
-            L = sla.cholesky(inner, lower=True, check_finite=False)
+            return sla.cholesky(inner, lower=True, check_finite=False)
         except np.linalg.LinAlgError:  # pragma: no cover - I + FᵀD⁻¹F is always PD
             raise InvalidPosterior("factor is numerically degenerate", field="factor") from None
-        return L, F_B.T @ (dinv * d), float(d @ (dinv * d))
+
+    def adopt(self, plan, scorer) -> None:
+        """The search's scorer holds the Woodbury sums of ``plan``'s conditioning (it
+        committed exactly the plan's B, to its targets): its alignment starts from them
+        instead of reading F_B again."""
+        if isinstance(scorer, LowRankScorer) and scorer.post is self:
+            inner = 0.5 * (scorer.inner + scorer.inner.T)
+            sums = (self._factor_inner(inner), scorer.w.copy(), scorer.dd)
+            self._last = (weakref.ref(plan), sums)
 
     def condition(self, B, values, keep, structure) -> LowRankPosterior:
         return self._condition(B, values, keep, structure)
@@ -233,23 +258,30 @@ class LowRankScorer:
     def total(self, M, u, a, k: int = 1):
         """The cost with terms (M, u, a) of ``k`` more parameters added (batched over
         leading axes); inf where the difference is lost to cancellation (singular)."""
+        return self._total(M, u, a, k)[0]
+
+    def _total(self, M, u, a, k: int = 1):
+        """(:meth:`total`, the Cholesky factors of ``inner + M``, whether they exist)."""
         inner, w = self.inner + M, self.w + u
         single = inner.ndim == 2
-        L, ok = batched_cholesky(inner[None] if single else inner)
+        L, pd = batched_cholesky(inner[None] if single else inner)
         y = solve_lower(L, w[None] if single else w)
         whole = self.dd + a
         quad = whole - np.einsum("...r,...r->...", y, y).reshape(np.shape(a))
-        ok = (ok.reshape(np.shape(a)) if single else ok) & ~(
+        ok = (pd.reshape(np.shape(a)) if single else pd) & ~(
             (whole > 0) & (quad <= 10 * (self.count + k) * np.finfo(float).eps * whole)
         )
-        return np.where(ok, 0.5 * np.maximum(quad, 0.0), np.inf)
+        return np.where(ok, 0.5 * np.maximum(quad, 0.0), np.inf), L, pd
 
     def commit(self, idx: np.ndarray, targets: np.ndarray) -> None:
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size == 0:
             return
-        M, u, a = self.terms(idx, np.asarray(targets, dtype=np.float64))
-        total = float(self.total(M, u, a, idx.size))
+        self._add(*self.terms(idx, np.asarray(targets, dtype=np.float64)), idx.size)
+
+    def _add(self, M: np.ndarray, u: np.ndarray, a: float, k: int) -> None:
+        """Commit the terms of ``k`` parameters."""
+        total = float(self.total(M, u, a, k))
         if not np.isfinite(total) or total < self.cost - 1e-9 * max(1.0, abs(self.cost)):
             raise SingularConstraint(
                 "the conditioned parameters' covariance is numerically singular; this plan "
@@ -260,7 +292,7 @@ class LowRankScorer:
         self.w += u
         self.dd += float(a)
         self.cost = total
-        self.count += idx.size
+        self.count += k
 
     def drops(self, groups) -> _LowRankDrops:
         return _LowRankDrops(self, indices(groups))
@@ -270,36 +302,62 @@ class LowRankScorer:
 
 
 class _LowRankDrops:
+    #: :meth:`increments` scores a subset, and :meth:`bounds` bounds the rest (the MLP
+    #: construction then factors only the candidates that could be taken)
+    partial = True
+
     def __init__(self, sc: LowRankScorer, groups: np.ndarray) -> None:
         self.sc, self.groups = sc, groups
         self.M, self.u, self.a = sc.terms(groups, np.zeros(groups.shape))
         self.live = np.ones(len(groups), dtype=bool)
+        #: with ``keep_factors``, each candidate's factor of ``inner + M_g`` at its last
+        #: exact increment, for :meth:`bounds`
+        self.keep_factors = False
+        self._fac: np.ndarray | None = None
+        self._fac_ok = np.zeros(len(groups), dtype=bool)
 
-    def increments(self) -> np.ndarray:
+    def increments(self, which: np.ndarray | None = None) -> np.ndarray:
+        """Exact increments of the live candidates (of those among ``which`` only, inf
+        elsewhere)."""
         out = np.full(len(self.groups), np.inf)
-        lv = self.live
-        if lv.any():
+        sel = self.live.copy()
+        if which is not None:
+            sel &= np.isin(np.arange(sel.size), which)
+        if sel.any():
             k = self.groups.shape[1]
-            out[lv] = self.sc.total(self.M[lv], self.u[lv], self.a[lv], k) - self.sc.cost
+            tot, L, ok = self.sc._total(self.M[sel], self.u[sel], self.a[sel], k)
+            out[sel] = tot - self.sc.cost
+            if self.keep_factors:
+                if self._fac is None:
+                    self._fac = np.zeros((sel.size, *L.shape[1:]))
+                self._fac[sel], self._fac_ok[sel] = L, ok
+        return out
+
+    def bounds(self) -> np.ndarray | None:
+        """Lower bounds of the live candidates' increments (``None`` before any exact
+        ones).  Commits only add to the capacitance (``inner_now ⪰ inner_then``), so
+        ``(inner_then + M_g)⁻¹ ⪰ (inner_now + M_g)⁻¹``: the cost with the factor kept from
+        the candidate's last exact increment and today's ``w`` and ``dd`` is at most
+        today's, at ``O(r²)`` a candidate instead of ``O(r³)`` (docs/theory.md §7)."""
+        if self._fac is None or not self.keep_factors:
+            return None
+        out = np.full(len(self.groups), np.inf)
+        live = self.live
+        out[live] = 0.0
+        use = live & self._fac_ok
+        if use.any():
+            sc = self.sc
+            y = solve_lower(self._fac[use], sc.w + self.u[use])
+            quad = sc.dd + self.a[use] - np.einsum("nr,nr->n", y, y)
+            out[use] = np.maximum(0.5 * quad - sc.cost, 0.0)
         return out
 
     def take(self, which) -> None:
         which = np.atleast_1d(which)
         if not self.live[which].all():
             raise ValueError("a candidate was taken already")
-        sc = self.sc
         M, u, a = self.M[which].sum(axis=0), self.u[which].sum(axis=0), float(self.a[which].sum())
-        k = which.size * self.groups.shape[1]
-        total = float(sc.total(M, u, a, k))
-        if not np.isfinite(total):
-            raise SingularConstraint(
-                "the conditioned parameters' covariance is numerically singular", field="ops"
-            )
-        sc.inner += M
-        sc.w += u
-        sc.dd += a
-        sc.cost = total
-        sc.count += k
+        self.sc._add(M, u, a, which.size * self.groups.shape[1])
         self.live[which] = False
 
 
@@ -313,14 +371,21 @@ class _LowRankBlock:
         DF = F * dinv[:, None]
         Lin = np.linalg.cholesky(sc.inner)
         c = post.mean[idx] + F @ sla.cho_solve((Lin, True), sc.w, check_finite=False)
-        K = np.linalg.inv(sc.inner + F.T @ DF)  # (inner + FᵀD⁻¹F)⁻¹
+        self.M = F.T @ DF  # the block's own capacitance term, whatever its targets
+        K = np.linalg.inv(sc.inner + self.M)  # (inner + FᵀD⁻¹F)⁻¹
         q = dinv - np.einsum("pr,pr->p", DF @ K, DF)
         Qc = dinv * c - DF @ (K @ (DF.T @ c))
         self.linear = 0.5 * q - Qc
+        self.DF, self.dinv = DF, dinv
+
+    def _terms(self, targets: np.ndarray):
+        """:meth:`LowRankScorer.terms` of the block, from what scoring it read once."""
+        d = np.asarray(targets, dtype=np.float64) - self.sc.post.mean[self.idx]
+        return self.M, self.DF.T @ d, float(d @ (self.dinv * d))
 
     def cost(self, targets: np.ndarray) -> float:
-        M, u, a = self.sc.terms(self.idx, targets)
+        M, u, a = self._terms(targets)
         return float(self.sc.total(M, u, a, self.idx.size)) - self.sc.cost
 
     def commit(self, targets: np.ndarray) -> None:
-        self.sc.commit(self.idx, targets)
+        self.sc._add(*self._terms(targets), self.idx.size)

@@ -184,6 +184,23 @@ def solve_lower(L: np.ndarray, b: np.ndarray) -> np.ndarray:
     return y
 
 
+def cho_solve_batched(L: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``S⁻¹ r`` for a batch of lower Cholesky factors ``L`` of ``S`` (``n, k, k``) and
+    vectors ``r`` (``n, k``)."""
+    y = solve_lower(L, r)
+    k = L.shape[-1]
+    if k > _FORWARD_MAX:
+        return np.stack(
+            [sla.solve_triangular(L[i], y[i], lower=True, trans="T", check_finite=False)
+             for i in range(L.shape[0])]
+        ).reshape(r.shape)  # fmt: skip
+    x = np.empty_like(y)
+    for i in range(k - 1, -1, -1):  # Lᵀ x = y, backwards, vectorised over the batch
+        acc = np.einsum("...j,...j->...", L[..., i + 1 :, i], x[..., i + 1 :]) if i < k - 1 else 0.0
+        x[..., i] = (y[..., i] - acc) / L[..., i, i]
+    return x
+
+
 def _chol(S: np.ndarray) -> np.ndarray:
     return cholesky_constraint(S)
 
@@ -400,6 +417,14 @@ class _DenseDrops:
         self.keep_factors = False
         self._fac: np.ndarray | None = None
         self._fac_ok = np.zeros(len(groups), dtype=bool)
+        self._c_then: np.ndarray | None = None  # the conditional means they were taken at
+        #: ... and once the groups changed, each candidate's last exact solution ``S⁻¹c``
+        #: (restricted to the entries left), which still bounds (:meth:`bounds`)
+        self._y: np.ndarray | None = None
+        self._y_ok = np.zeros(len(groups), dtype=bool)
+        #: the updates of ``S`` not yet made, ``S[at] −= Yq Yqᵀ`` (:meth:`_settle`): a
+        #: candidate scored by bounds alone never pays for its block's updates
+        self._pend: list[tuple[np.ndarray | slice, np.ndarray]] = []
 
     @property
     def _W(self) -> np.ndarray:
@@ -409,13 +434,42 @@ class _DenseDrops:
         out = np.full(len(self.pos), np.inf)
         live = self.live
         if live.any():
-            out[live], L, ok = _factored_increments(self.S[live], -self.c[self.pos[live]])
+            self._settle()
+            r = -self.c[self.pos[live]]
+            out[live], L, ok = _factored_increments(self.S[live], r)
             if self.keep_factors:  # for bounds() after the next commits
                 if self._fac is None or self._fac.shape != self.S.shape:
                     self._fac = np.zeros_like(self.S)
+                    self._c_then = np.zeros(self.pos.shape)
                     self._fac_ok[:] = False
-                self._fac[live], self._fac_ok[live] = L, ok
+                self._fac[live], self._fac_ok[live], self._c_then[live] = L, ok, r
         self._inc = out
+        return out
+
+    def _defer(self, at, Yq: np.ndarray) -> None:
+        """``S[at] −= Yq Yqᵀ``, made when ``S`` is next read (or at once when the updates
+        waiting would hold more than twice ``S`` and more than ``W``'s buffer)."""
+        self._pend.append((at, Yq))
+        if sum(y.nbytes for _, y in self._pend) > max(2 * self.S.nbytes, self._buf.nbytes):
+            self._settle()
+
+    def _settle(self) -> None:
+        for at, Yq in self._pend:
+            self.S[at] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+        self._pend.clear()
+
+    def _S_times(self, sel: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``S[sel] y`` (one vector a candidate) as ``S`` is now, without :meth:`_settle`:
+        ``O(k)`` a candidate for each update waiting instead of ``O(k²)``."""
+        out = np.matmul(self.S[sel], y[:, :, None])[:, :, 0]
+        where = np.full(len(self.pos), -1, dtype=np.int64)
+        for at, Yq in self._pend:
+            if isinstance(at, slice):
+                Y = Yq[sel]
+            else:
+                where[at] = np.arange(at.size)
+                Y = Yq[where[sel]]
+            out -= np.matmul(Y, np.matmul(y[:, None, :], Y).transpose(0, 2, 1))[:, :, 0]
         return out
 
     def bounds(self) -> np.ndarray | None:
@@ -425,15 +479,29 @@ class _DenseDrops:
         c`` with today's mean ``c`` is at most today's increment, at ``O(k²)`` a candidate
         instead of a factorisation's ``O(k³)``.  A block that was not positive definite
         bounds at 0 (it is always scored exactly)."""
-        if self._fac is None or not self.keep_factors:
+        if not self.keep_factors:
             return None
         out = np.full(len(self.pos), np.inf)
         live = self.live
         out[live] = 0.0
-        use = live & self._fac_ok
+        have = self._fac is not None
+        use = live & self._fac_ok if have else np.zeros_like(live)
         if use.any():
             y = solve_lower(self._fac[use], -self.c[self.pos[use]])
             out[use] = 0.5 * np.einsum("nk,nk->n", y, y)
+        # without a factor: for any y, cᵀ S⁻¹ c ≥ (yᵀc)² / (yᵀ S y) (Cauchy–Schwarz in S's
+        # inner product), tight at y = S⁻¹c: the last exact solution where the groups
+        # changed since, else c itself
+        rest = np.flatnonzero(live & ~use) if not have else np.zeros(0, dtype=np.int64)
+        if rest.size:
+            c = self.c[self.pos[rest]]
+            y = c.copy()
+            if self._y is not None:
+                known = self._y_ok[rest]
+                y[known] = self._y[rest[known]]
+            den = np.einsum("nk,nk->n", y, self._S_times(rest, y))
+            num = np.einsum("nk,nk->n", y, c) ** 2
+            out[rest] = np.where(den > 0, 0.5 * num / np.where(den > 0, den, 1.0), 0.0)
         return out
 
     def _product(self, rows: np.ndarray, W: np.ndarray) -> np.ndarray:
@@ -482,8 +550,7 @@ class _DenseDrops:
             # every candidate's block, or only the live ones once most are taken
             few = 2 * np.count_nonzero(self.live) < self.live.size
             at = np.flatnonzero(self.live) if few else slice(None)
-            Yq = Yt.T[self.pos[at]]  # n × k × k_g
-            self.S[at] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+            self._defer(at, Yt.T[self.pos[at]])  # n × k_g × k
             k, w = q.size, self.G.size
             self._room(k)
             self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
@@ -516,8 +583,7 @@ class _DenseDrops:
         Yt = sla.solve_triangular(Lk, C, lower=True, check_finite=False)  # Lk⁻¹ Cov(e, G | B)
         self.c += Yt.T @ u
         at = np.flatnonzero(self.live)
-        Yq = Yt.T[self.pos[at]]
-        self.S[at] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+        self._defer(at, Yt.T[self.pos[at]])
         w = G.size
         self._room(k)
         self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
@@ -539,8 +605,17 @@ class _DenseDrops:
         keep = np.asarray(keep, dtype=bool)
         self.pos = self.pos[:, keep]
         self.S = self.S[:, keep][:, :, keep]
+        self._pend = [(at, Yq[:, keep]) for at, Yq in self._pend]
         self._ahead.clear()  # rows computed ahead were for the old groups
-        self._fac = None  # and the factors (a sub-block bounds nothing)
+        if self._fac is not None:  # a sub-block's factor is not the factor's sub-block:
+            ok = self._fac_ok  # keep the solutions S⁻¹c instead (bounds() still uses them)
+            self._y = np.zeros(self.pos.shape[:1] + keep.shape)
+            if ok.any():
+                self._y[ok] = cho_solve_batched(self._fac[ok], self._c_then[ok])
+            self._y_ok = ok.copy()
+            self._fac, self._c_then = None, None
+        if self._y is not None:
+            self._y = self._y[:, keep]
 
     def _compact(self) -> None:
         """Drop the columns of taken candidates (never read again): every later commit

@@ -28,7 +28,7 @@ Examples
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -210,6 +210,11 @@ def search(
             if not built:  # nothing to answer with yet
                 raise
             break
+        # only the cheapest keeps its scorer (for adopt, below): they may be large
+        if built and plan.cost < min(b.cost for b in built):
+            built = [replace(b, scorer=None) for b in built]
+        elif built:
+            plan = replace(plan, scorer=None)
         built.append(plan)
     # the global greedy's sets: measured 3–13× the fast plan on Table-1, so thorough only
     mlp = teacher.kind == "mlp" and crit.name == "posterior_ratio"
@@ -239,6 +244,8 @@ def search(
             built = [local_search(posterior, b, budget) for b in built]
             built.sort(key=lambda b: b.cost)
     best = built[0]
+    if best.scorer is not None:  # the plan as constructed: its scorer knows its conditioning
+        posterior.adopt(best.plan.compiled, best.scorer)
     return SearchResult(
         best.plan,
         float(best.cost),

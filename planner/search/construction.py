@@ -78,11 +78,14 @@ class Choices:
 
 @dataclass(frozen=True)
 class Built:
-    """A constructed plan, its exact cost and the choices that rebuild it."""
+    """A constructed plan, its exact cost and the choices that rebuild it; ``scorer``:
+    the scorer that committed exactly the plan's conditioning, when kept (what the
+    posterior may adopt for the plan's alignment, :meth:`~planner.posterior.Posterior.adopt`)."""
 
     plan: Plan
     cost: float
     choices: Choices
+    scorer: object = field(default=None, repr=False, compare=False)
 
 
 class _Builder:
@@ -198,7 +201,7 @@ def construct(
         for p in range(e, s, -1):
             tick()
             _merge(b, sc, p, crit, context, rng)
-    return Built(b.finish(), float(sc.cost), b.choices)
+    return Built(b.finish(), float(sc.cost), b.choices, sc)
 
 
 def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context, tick=lambda: None) -> None:
@@ -232,17 +235,46 @@ def _shrink(b: _Builder, sc, p: int, w: int, crit: Criterion, context, tick=lamb
         with single_threaded():  # many thin products: threads cost more than they give
             while len(taken) < need:
                 tick()
-                inc = drops.increments()
+                n = min(batch, need - len(taken))
+                inc = _deciding(drops, n, float(sc.cost))
                 if batch == 1:  # ties within TIE of the cost so far: the lowest index
                     pick = np.array([least(inc, float(sc.cost))])
                 else:
-                    pick = np.argsort(inc, kind="stable")[: min(batch, need - len(taken))]
+                    pick = np.argsort(inc, kind="stable")[:n]
                 drops.take(pick)
                 taken.extend(int(i) for i in pick)
     else:
         taken = [int(i) for i in np.argsort(crit(context(t)), kind="stable")[:need]]
         drops.take(np.asarray(taken))
     b.remove(p, [ids[i] for i in sorted(taken, reverse=True)])
+
+
+def _deciding(drops, b: int, base: float) -> np.ndarray:
+    """Increments that pick the ``b`` least as exact ones would: exact for every candidate
+    that could be among them or tie with the last (within ``TIE``), lower bounds
+    (:meth:`bounds`) above that elsewhere.  Stages without bounds score every candidate."""
+    if not getattr(drops, "partial", False):
+        return drops.increments()
+    drops.keep_factors = True
+    inc = drops.bounds()
+    if inc is None:
+        return drops.increments()
+    exact = ~np.isfinite(inc)  # taken: inf either way
+    # the 2b least bounds first; then every bound within TIE of the b-th least exact value
+    # (at least the b-th least of all, so those are the only ones that could decide)
+    todo = np.argsort(inc, kind="stable")[: 2 * b]
+    while True:
+        todo = todo[~exact[todo]]
+        if todo.size:
+            inc[todo] = drops.increments(todo)[todo]
+            exact[todo] = True
+        known = inc[exact & np.isfinite(inc)]
+        top = (
+            tie_limit(float(np.partition(known, b - 1)[b - 1]), base) if known.size >= b else np.inf
+        )
+        todo = np.flatnonzero(~exact & (inc <= top))
+        if not todo.size:
+            return inc
 
 
 def _merge(b: _Builder, sc, p: int, crit: Criterion, context, rng) -> None:

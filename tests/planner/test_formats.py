@@ -6,13 +6,16 @@ densified covariance step by step.  Mean, covariance and cost agree to 1e-9.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner import InvalidPosterior, Plan, Structure
-from planner.posterior import KronPosterior, LowRankPosterior, PrecisionPosterior
+from planner.posterior import KronPosterior, LowRankPosterior, PrecisionPosterior, lowrank
+from planner.search import search
 from tests.helpers import close, make
 from tests.reference import ref_apply
 from tests.strategies import nets, sequences, to_ops, to_structure
@@ -212,3 +215,36 @@ def test_a_precision_whose_cost_is_lost_to_cancellation_is_refused():
     post = PrecisionPosterior(s, np.array([0.0, 1.0]), lam)
     with pytest.raises(SingularConstraint):
         post.constraint_cost(np.array([1]), np.zeros(1))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(30, 60, 50, 3), (24, 48, 40, 30, 3)]))
+def test_a_lowrank_alignment_from_the_searchs_scorer_equals_a_fresh_one(seed, widths):
+    """A search on a lowrank posterior large enough for its Woodbury scorer hands the
+    scorer of the plan it returns to the posterior (``adopt``): aligning that posterior
+    gives the alignment of a posterior that never searched, and the plan's cost is the
+    search's."""
+    s = Structure.mlp(widths, bias=bool(seed % 2))
+    rng = np.random.default_rng(seed)
+    p = s.n_params
+    mean, var = rng.normal(size=p), rng.uniform(0.5, 2.0, size=p)
+    F = rng.normal(size=(p, 3)) * 0.3
+    post = LowRankPosterior(s, mean, var, F)
+    assert p > lowrank.DENSE_PARAMS  # the Woodbury scorer, not dense blocks
+    student = s.inherit((widths[0], *[w // 2 for w in widths[1:-2]], widths[-1]))
+    found = search(post, student)
+    adopted = found.plan.apply(post)
+    assert post._last[0]() is found.plan.compiled  # it was adopted
+    fresh = found.plan.apply(LowRankPosterior(s, mean, var, F))
+    close(adopted.mean, fresh.mean)
+    close(adopted.var, fresh.var)
+    close(adopted.factor @ adopted.factor.T, fresh.factor @ fresh.factor.T)
+    close(found.plan.cost(post), found.cost)
+    close(found.plan.cost(LowRankPosterior(s, mean, var, F)), found.cost)
+
+
+@given(format_cases("lowrank"))
+def test_lowrank_read_in_small_chunks_equals_the_reference(case):
+    """The alignment's Woodbury sums, read a few rows of the factor at a time."""
+    with mock.patch.object(lowrank, "_CHUNK_ROWS", 3):
+        check("lowrank", case)

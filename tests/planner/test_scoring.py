@@ -180,7 +180,8 @@ def test_kron_rows_leave_by_either_route_exactly(seed, n_cols, n_rows):
 def test_kept_factors_bound_every_later_increment_from_below(seed, n_other):
     """A stage keeping its factors (a network's global greedy) offers ``½ cᵀ S_then⁻¹ c``:
     equal to the increments just scored, and never above them after commits elsewhere
-    (taken in by ``absorb``) or by the stage itself."""
+    (taken in by ``absorb``, its blocks' updates deferred) or by the stage itself; before
+    any scoring and once its groups shrink, the Cauchy–Schwarz bounds, never above either."""
     rng = np.random.default_rng(seed)
     s = Structure.mlp((3, 4, 6, 3), bias=bool(seed % 2))
     mean, cov = rng.normal(size=s.n_params), spd(rng, s.n_params)
@@ -188,8 +189,9 @@ def test_kept_factors_bound_every_later_increment_from_below(seed, n_other):
     tr = Tracked.start(s)
     mine, other = sc.drops(tr.outgoing_all(3)), sc.drops(tr.outgoing_all(2))
     mine.keep_factors = True
-    assert mine.bounds() is None  # nothing scored yet: no bound
+    first = mine.bounds()  # nothing scored yet: (cᵀc)² / cᵀSc, below the increments too
     exact = mine.increments()
+    assert np.all(first[mine.live] <= exact[mine.live] * (1 + 1e-12) + 1e-12)
     close(mine.bounds()[mine.live], exact[mine.live])
     for j in rng.permutation(other.live.size)[:n_other]:
         n0 = sc.n
@@ -203,9 +205,27 @@ def test_kept_factors_bound_every_later_increment_from_below(seed, n_other):
         mine.keep_factors = True
         mine.increments()
     g = int(np.argmin(mine.increments()))
+    n0 = sc.n
     mine.take(g)
+    other.absorb(sc.n - n0)
     b, now = mine.bounds(), mine.increments()
     assert np.all(b[mine.live] <= now[mine.live] * (1 + 1e-12) + 1e-12)
+    # the groups lose entries (their readers' rows went elsewhere): the factors no longer
+    # bound, the last solutions do; the increments are those of the smaller groups
+    groups = tr.outgoing_all(3)
+    keep = rng.random(groups.shape[1]) < 0.6
+    keep[rng.integers(keep.size)] = True
+    mine.restrict(keep)
+    n0 = sc.n
+    other.take(int(np.flatnonzero(other.live)[0]))
+    mine.absorb(sc.n - n0)
+    b, now = mine.bounds(), mine.increments()
+    live = np.flatnonzero(mine.live)
+    assert np.all(b[live] <= now[live] * (1 + 1e-12) + 1e-12)
+    B, base = list(sc.B[: sc.n]), sc.cost
+    for i in live:
+        g = list(groups[i][keep])
+        close(now[i], dense_cost(mean, cov, B + g, [0.0] * (len(B) + len(g))) - base)
 
 
 @given(st.integers(0, 2**32 - 1), st.booleans())
