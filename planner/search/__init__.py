@@ -40,7 +40,7 @@ from ..plan import Plan
 from ..posterior import Posterior
 from ..structure import Structure
 from .budget import NODE_WORK, Budget, dense_work
-from .construction import Built, Choices, construct, replay
+from .construction import Built, Choices, Shared, construct, replay
 from .improvement import branch_and_bound, choice_space, local_search
 from .networks import global_greedy_sets, network_search
 from .routes import candidate_routes
@@ -191,6 +191,7 @@ def search(
     first, count = _reach(teacher, student, cands)
     posterior.prepare(first, count)
     built: list[Built] = []
+    shared = Shared(cands, student, teacher)
     for route in cands:
         if built and budget.expired():
             break
@@ -205,6 +206,7 @@ def search(
                 gradients=gradients,
                 gradient_variance=gvar,
                 budget=budget,
+                shared=shared,
             )
         except DeadlineExceeded:
             if not built:  # nothing to answer with yet

@@ -40,7 +40,7 @@ from ..posterior.scoring import Columns, LayerBlock
 from ..structure import Structure
 from .budget import Budget
 
-__all__ = ["Built", "Choices", "construct", "replay", "single_threaded"]
+__all__ = ["Built", "Choices", "Shared", "construct", "replay", "single_threaded"]
 
 
 #: Above this many entries a merged layer's assignment is first narrowed to the
@@ -97,6 +97,13 @@ class _Builder:
         self.ops: list[Op] = []
         self.effects: list[Effect] = []
         self.choices = Choices(route)
+
+    def copy(self) -> _Builder:
+        out = _Builder.__new__(_Builder)
+        out.teacher, out.route, out.tr = self.teacher, self.route, self.tr.copy()
+        out.ops, out.effects = list(self.ops), list(self.effects)
+        out.choices = Choices(self.route, dict(self.choices.drops), dict(self.choices.pairs))
+        return out
 
     def position(self, p: int) -> int:
         """Current position of teacher position p."""
@@ -168,6 +175,47 @@ def least(inc: np.ndarray, base: float) -> int:
     return int(np.flatnonzero(inc <= tie_limit(float(np.min(inc)), base))[0])
 
 
+class Shared:
+    """What several routes' constructions have in common, computed once: the state after a
+    shrinking stage depends only on the blocks above it and the stage itself (its
+    position and width), so routes that agree there share it (an incremental criterion:
+    nothing random is drawn).  :meth:`of` counts the routes that will ask for each."""
+
+    def __init__(self, routes: list[Route], student: Structure, teacher: Structure) -> None:
+        self.left: dict[tuple, int] = {}
+        self.kept: dict[tuple, tuple[_Builder, object]] = {}
+        for r in routes:
+            for key in {self.key(r, j, student) for j in range(student.T, 0, -1)}:
+                self.left[key] = self.left.get(key, 0) + 1
+        self.left = {k: n for k, n in self.left.items() if n > 1 and _shrinks(teacher, k)}
+
+    @staticmethod
+    def key(route: Route, j: int, student: Structure) -> tuple:
+        return (route.blocks[j:], route.blocks[j - 1][1], student.width(j))
+
+    def take(self, key: tuple):
+        """(builder, scorer) after the stage ``key`` when known (a copy unless this is its
+        last route), else None."""
+        if key not in self.kept:
+            return None
+        self.left[key] -= 1
+        b, sc = self.kept[key]
+        if self.left[key] == 0:
+            del self.kept[key]
+            return b, sc
+        return b.copy(), sc.copy()
+
+    def keep(self, key: tuple, b: _Builder, sc) -> None:
+        if self.left.get(key, 0) > 1:
+            self.left[key] -= 1  # this route's own use
+            self.kept[key] = (b.copy(), sc.copy())
+
+
+def _shrinks(teacher: Structure, key: tuple) -> bool:
+    _, e, w = key
+    return teacher.is_hidden(e) and teacher.width(e) > w
+
+
 def construct(
     posterior: Posterior,
     student: Structure,
@@ -179,14 +227,19 @@ def construct(
     gradient_variance: np.ndarray | None = None,
     scorer=None,
     budget: Budget | None = None,
+    shared: Shared | None = None,
 ) -> Built:
     """The plan of ``route`` built by ``crit`` (exact increments when incremental).
 
     With a ``budget``, its deadline is checked before every stage and every greedy
-    step: past it, :class:`~planner.errors.DeadlineExceeded` is raised."""
+    step: past it, :class:`~planner.errors.DeadlineExceeded` is raised.  With ``shared``
+    (an incremental criterion), stages other routes have built or will build are built
+    once (:class:`Shared`)."""
     sc = posterior.scorer() if scorer is None else scorer
     b = _Builder(posterior.structure, route)
     tick = (lambda: budget.check("building a plan")) if budget is not None else (lambda: None)
+    if not crit.incremental:
+        shared = None
 
     def context(t: int) -> NeuronContext:
         return NeuronContext(posterior, b.tr, t, rng, gradients, gradient_variance)
@@ -197,7 +250,15 @@ def construct(
         t = b.position(e)
         tick()
         if b.tr.structure.is_hidden(t) and b.tr.structure.width(t) > w:
-            _shrink(b, sc, e, w, crit, context, tick)
+            key = Shared.key(route, j, student)
+            known = shared.take(key) if shared is not None else None
+            if known is not None:
+                b, sc = known
+                b.route = b.choices.route = route
+            else:
+                _shrink(b, sc, e, w, crit, context, tick)
+                if shared is not None:
+                    shared.keep(key, b, sc)
         for p in range(e, s, -1):
             tick()
             _merge(b, sc, p, crit, context, rng)
