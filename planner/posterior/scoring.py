@@ -388,11 +388,16 @@ class _DenseDrops:
     computed for the next few candidates by increment at once (one product of
     ``SPECULATE`` × k rows runs near the machine's peak, one of k rows at half of
     it), and a row computed ahead is brought up to date by the commits since, so
-    every number is the same as one commit at a time.
+    every number is the same as one commit at a time.  Candidates of
+    ``SPECULATE_ROWS`` entries or more are not computed ahead: their own product
+    runs near the peak already, and rows computed for a candidate another stage's
+    step overtakes are lost.
     """
 
     #: candidates whose rows one product computes (the one taken and the next cheapest)
     SPECULATE = 6
+    #: ... at most this many rows in all (one candidate's at least)
+    SPECULATE_ROWS = 300
 
     def __init__(self, scorer: DenseScorer, groups: np.ndarray) -> None:
         self.sc = scorer
@@ -523,8 +528,9 @@ class _DenseDrops:
             order = self._queue
         else:  # the next cheapest by the last increments
             order = [int(h) for h in np.argsort(self._inc, kind="stable")[: self.SPECULATE + 1]]
+        ahead = min(self.SPECULATE, self.SPECULATE_ROWS // max(self.pos.shape[1], 1)) - 1
         nxt = [h for h in order[: self.SPECULATE + 1] if h != g and self.live[h]]
-        cands = [g, *[h for h in nxt if h not in self._ahead][: self.SPECULATE - 1]]
+        cands = [g, *[h for h in nxt if h not in self._ahead][: max(ahead, 0)]]
         sizes = [self.pos[h].size for h in cands]
         rows = self._product(np.concatenate([self.pos[h] for h in cands]), W)
         parts = np.split(rows, np.cumsum(sizes)[:-1])
