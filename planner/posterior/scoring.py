@@ -189,14 +189,13 @@ def cho_solve_batched(L: np.ndarray, r: np.ndarray) -> np.ndarray:
     vectors ``r`` (``n, k``)."""
     y = solve_lower(L, r)
     k = L.shape[-1]
-    if k > _FORWARD_MAX:
-        return np.stack(
-            [sla.solve_triangular(L[i], y[i], lower=True, trans="T", check_finite=False)
-             for i in range(L.shape[0])]
-        ).reshape(r.shape)  # fmt: skip
     x = np.empty_like(y)
+    if k > _FORWARD_MAX:  # one triangular solve each
+        for i in range(L.shape[0]):
+            x[i] = sla.solve_triangular(L[i], y[i], lower=True, trans="T", check_finite=False)
+        return x
     for i in range(k - 1, -1, -1):  # Lᵀ x = y, backwards, vectorised over the batch
-        acc = np.einsum("...j,...j->...", L[..., i + 1 :, i], x[..., i + 1 :]) if i < k - 1 else 0.0
+        acc = np.einsum("...j,...j->...", L[..., i + 1 :, i], x[..., i + 1 :])
         x[..., i] = (y[..., i] - acc) / L[..., i, i]
     return x
 
@@ -478,12 +477,13 @@ class _DenseDrops:
         return out
 
     def bounds(self) -> np.ndarray | None:
-        """Lower bounds of the live candidates' increments from the factors of their last
-        exact ones (``None`` when there are none: call :meth:`increments`).  Conditioning
-        only shrinks a block (``S_now ⪯ S_then``, so ``S_now⁻¹ ⪰ S_then⁻¹``): ``½ cᵀ S_then⁻¹
-        c`` with today's mean ``c`` is at most today's increment, at ``O(k²)`` a candidate
-        instead of a factorisation's ``O(k³)``.  A block that was not positive definite
-        bounds at 0 (it is always scored exactly)."""
+        """Lower bounds of the live candidates' increments (``None`` unless
+        ``keep_factors``).  From the factors of their last exact ones where the stage
+        keeps them: conditioning only shrinks a block (``S_now ⪯ S_then``, so ``S_now⁻¹ ⪰
+        S_then⁻¹``), so ``½ cᵀ S_then⁻¹ c`` with today's mean ``c`` is at most today's
+        increment, at ``O(k²)`` a candidate instead of a factorisation's ``O(k³)``; a
+        block that was not positive definite bounds at 0 (it is always scored exactly).
+        Elsewhere by Cauchy–Schwarz (below)."""
         if not self.keep_factors:
             return None
         out = np.full(len(self.pos), np.inf)

@@ -192,6 +192,7 @@ def search(
     posterior.prepare(first, count)
     built: list[Built] = []
     shared = Shared(cands, student, teacher)
+    adopts = type(posterior).adopt is not Posterior.adopt
     for route in cands:
         if built and budget.expired():
             break
@@ -212,11 +213,12 @@ def search(
             if not built:  # nothing to answer with yet
                 raise
             break
-        # only the cheapest keeps its scorer (for adopt, below): they may be large
-        if built and plan.cost < min(b.cost for b in built):
-            built = [replace(b, scorer=None) for b in built]
-        elif built:
+        # only the cheapest keeps its scorer, and only for a format that adopts it (below):
+        # a dense scorer holds the factor of Σ_BB
+        if not adopts or (built and plan.cost >= min(b.cost for b in built)):
             plan = replace(plan, scorer=None)
+        else:
+            built = [replace(b, scorer=None) for b in built]
         built.append(plan)
     # the global greedy's sets: measured 3–13× the fast plan on Table-1, so thorough only
     mlp = teacher.kind == "mlp" and crit.name == "posterior_ratio"
