@@ -363,6 +363,8 @@ class DenseScorer:
 _THREADED_PRODUCT = 2e6
 
 
+#: Candidates up to which a stage reads their blocks one by one (no gathered copy).
+_FEW = 8
 #: Entries of W up to which a compaction copies in one vectorised step (not in place).
 _SMALL_W = 1 << 20
 
@@ -459,13 +461,21 @@ class _DenseDrops:
 
     def _settle(self) -> None:
         for at, Yq in self._pend:
-            self.S[at] -= np.matmul(Yq, Yq.transpose(0, 2, 1))
+            D = np.matmul(Yq, Yq.transpose(0, 2, 1))
+            if isinstance(at, slice) or at.size > _FEW:
+                self.S[at] -= D
+            else:  # in place, candidate by candidate (S[at] -= D would copy S[at] twice)
+                for i, a in enumerate(at):
+                    self.S[a] -= D[i]
         self._pend.clear()
 
     def _S_times(self, sel: np.ndarray, y: np.ndarray) -> np.ndarray:
         """``S[sel] y`` (one vector a candidate) as ``S`` is now, without :meth:`_settle`:
         ``O(k)`` a candidate for each update waiting instead of ``O(k²)``."""
-        out = np.matmul(self.S[sel], y[:, :, None])[:, :, 0]
+        if sel.size <= _FEW:  # no copy of the blocks (a ψ candidate's is large)
+            out = np.stack([self.S[i] @ y[j] for j, i in enumerate(sel)])
+        else:
+            out = np.matmul(self.S[sel], y[:, :, None])[:, :, 0]
         where = np.full(len(self.pos), -1, dtype=np.int64)
         for at, Yq in self._pend:
             if isinstance(at, slice):
@@ -610,7 +620,8 @@ class _DenseDrops:
         readers lost to φ elsewhere (marginalised, so no longer conditioned)."""
         keep = np.asarray(keep, dtype=bool)
         self.pos = self.pos[:, keep]
-        self.S = self.S[:, keep][:, :, keep]
+        k = np.flatnonzero(keep)
+        self.S = self.S[:, k[:, None], k[None, :]]  # one gather
         self._pend = [(at, Yq[:, keep]) for at, Yq in self._pend]
         self._ahead.clear()  # rows computed ahead were for the old groups
         if self._fac is not None:  # a sub-block's factor is not the factor's sub-block:
