@@ -21,6 +21,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.linalg import lapack
 
+from .._threads import all_threads
 from ..backend import current
 from ..errors import InvalidPosterior
 from ..linalg import inverse_diagonal, symmetrise
@@ -268,9 +269,12 @@ class PrecisionPosterior(DensePosterior):
         """Σ over the trailing parameters ``t0..n`` (every parameter from layer t0's
         on), from the cached factor in one LAPACK call: the trailing block of the factor
         is the Cholesky factor of their marginal precision, so ``potri`` of it is their
-        covariance.  Kept for the searches that ask for large blocks again and again."""
+        covariance.  Kept for the searches that ask for large blocks again and again.
+        A network's greedy first asks for it inside its one-thread loop: ``potri`` asks
+        for every core itself."""
         L = self._chol[t0:, t0:]
-        S, info = lapack.dpotri(L, lower=1)
+        with all_threads():  # O(n³): every core, also inside a search's one-thread loops
+            S, info = lapack.dpotri(L, lower=1)
         if info != 0:  # pragma: no cover - a principal block of a PD factor
             raise InvalidPosterior("is not positive definite", field="precision")
         n, band = S.shape[0], 512
