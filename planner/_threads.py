@@ -7,9 +7,8 @@ about 13 µs, so a loop may switch for each of its large products.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from threadpoolctl import ThreadpoolController
 
@@ -27,13 +26,6 @@ def _blas() -> ThreadpoolController:
     return _controller.select(user_api="blas")
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """One BLAS thread: for loops of small products, where a thread pool's start-up and
@@ -48,7 +40,7 @@ def single_threaded() -> Iterator[None]:
 
 
 def all_threads():
-    """The BLAS threads in force outside the innermost ``single_threaded`` (every core
-    this process may use when there is none), for one large product inside a
-    single-threaded loop."""
-    return _blas().limit(limits=_outer[-1] if _outer else _cores())
+    """The BLAS threads in force outside the innermost ``single_threaded``, for one large
+    product inside a single-threaded loop; outside any, the threads in force stay (a
+    caller's own limit, such as a service job's, is kept)."""
+    return _blas().limit(limits=_outer[-1]) if _outer else nullcontext()

@@ -270,10 +270,10 @@ class PrecisionPosterior(DensePosterior):
         on), from the cached factor in one LAPACK call: the trailing block of the factor
         is the Cholesky factor of their marginal precision, so ``potri`` of it is their
         covariance.  Kept for the searches that ask for large blocks again and again.
-        A network's greedy first asks for it inside its one-thread loop: ``potri`` asks
-        for every core itself."""
+        A network's greedy first asks for it inside its one-thread loop: ``potri`` then
+        takes the threads in force outside that loop."""
         L = self._chol[t0:, t0:]
-        with all_threads():  # O(n³): every core, also inside a search's one-thread loops
+        with all_threads():  # O(n³): the caller's threads, also inside a one-thread loop
             S, info = lapack.dpotri(L, lower=1)
         if info != 0:  # pragma: no cover - a principal block of a PD factor
             raise InvalidPosterior("is not positive definite", field="precision")

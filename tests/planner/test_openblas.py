@@ -54,3 +54,27 @@ def test_idle_workers_sleep_soon_unless_the_user_chose():
     assert _env_after("import planner", OPENBLAS_THREAD_TIMEOUT="24") == "24"
     # numpy first: OpenBLAS has read its environment already, so nothing is pretended
     assert _env_after("import numpy, planner") is None
+
+
+def test_a_large_product_takes_the_callers_threads_never_more():
+    """``all_threads`` inside a one-thread loop restores the threads in force outside it;
+    outside any loop it keeps the caller's own limit (a service job's, say)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from planner._threads import all_threads, single_threaded
+
+    def threads() -> int:
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    with threadpool_limits(2, user_api="blas"):
+        outside = threads()  # 2 where OpenBLAS may run two threads
+        with single_threaded():
+            assert threads() == 1
+            with all_threads():
+                assert threads() == outside
+            assert threads() == 1
+    with threadpool_limits(1, user_api="blas"):
+        with all_threads():
+            assert threads() == 1
+        with single_threaded(), all_threads():
+            assert threads() == 1
