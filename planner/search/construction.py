@@ -102,7 +102,7 @@ class _Builder:
         out = _Builder.__new__(_Builder)
         out.teacher, out.route, out.tr = self.teacher, self.route, self.tr.copy()
         out.ops, out.effects = list(self.ops), list(self.effects)
-        out.choices = Choices(self.route, dict(self.choices.drops), dict(self.choices.pairs))
+        out.choices = self.choices.copy()
         return out
 
     def position(self, p: int) -> int:
@@ -179,7 +179,8 @@ class Shared:
     """What several routes' constructions have in common, computed once: the state after a
     shrinking stage depends only on the blocks above it and the stage itself (its
     position and width), so routes that agree there share it (an incremental criterion:
-    nothing random is drawn).  :meth:`of` counts the routes that will ask for each."""
+    nothing random is drawn).  It counts, per stage, the routes that will ask for it:
+    the last one takes the kept state itself, the others a copy."""
 
     def __init__(self, routes: list[Route], student: Structure, teacher: Structure) -> None:
         self.left: dict[tuple, int] = {}
