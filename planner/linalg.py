@@ -7,7 +7,11 @@
   squared pivot must exceed ``k ε`` times the largest diagonal entry of its matrix,
   else the matrix is numerically singular (a plan's ``Σ_BB``, a Kronecker block,
   a batch of candidate blocks);
-* :func:`symmetrise`: ``(A + Aᵀ) / 2``, the symmetric part every matrix is read as.
+* :func:`symmetrise`: ``(A + Aᵀ) / 2``, the symmetric part every matrix is read as;
+* :func:`cholesky_lower` and :func:`lower_solve`: a Cholesky factor and ``L⁻¹ b``
+  through LAPACK and BLAS directly: a greedy step factorises and solves blocks of
+  ten entries, where scipy's checking wrappers cost several times the arithmetic
+  (7–8 µs a call against 1 µs).
 
 Examples
 --------
@@ -22,9 +26,9 @@ True
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
 
-__all__ = ["inverse_diagonal", "pivots_ok", "symmetrise"]
+__all__ = ["cholesky_lower", "inverse_diagonal", "lower_solve", "pivots_ok", "symmetrise"]
 
 EPS = np.finfo(float).eps
 
@@ -54,3 +58,32 @@ def pivots_ok(L: np.ndarray, S: np.ndarray) -> np.ndarray | np.bool_:
 def symmetrise(A: np.ndarray) -> np.ndarray:
     """``(A + Aᵀ) / 2`` as a new array."""
     return 0.5 * (A + A.T)
+
+
+def cholesky_lower(S: np.ndarray) -> np.ndarray | None:
+    """The lower Cholesky factor of ``S`` (LAPACK ``potrf``, as ``scipy.linalg.cholesky``
+    calls it), or None when ``S`` is not positive definite.  ``S`` is not changed."""
+    L, info = lapack.dpotrf(S, lower=1, clean=1, overwrite_a=0)
+    if info < 0:  # pragma: no cover - an argument LAPACK refuses is a bug here
+        raise ValueError(f"potrf refused its argument {-info}")
+    return L if info == 0 else None
+
+
+def lower_solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``L⁻¹ b`` for a lower-triangular ``L`` (k × k, nonsingular: a Cholesky factor) and
+    ``b`` of shape (k,) or (k, n); a C-ordered ``b`` gives a C-ordered answer without
+    copies (``trsm`` from the right on ``bᵀ``)."""
+    if b.ndim == 1:
+        x, info = (
+            lapack.dtrtrs(L.T, b, lower=0, trans=1)
+            if L.flags.c_contiguous
+            else lapack.dtrtrs(L, b, lower=1)
+        )
+        if info != 0:
+            raise np.linalg.LinAlgError(f"singular triangular factor at pivot {info}")
+        return x
+    if L.flags.c_contiguous:  # Lᵀ is Fortran-ordered: X Lᵀ = bᵀ with A = Lᵀ (upper)
+        X = blas.dtrsm(1.0, L.T, b.T, side=1, lower=0, trans_a=0)
+    else:
+        X = blas.dtrsm(1.0, L, b.T, side=1, lower=1, trans_a=1)
+    return X.T

@@ -7,11 +7,10 @@ import contextvars
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
-import scipy.linalg as sla
 from scipy.linalg import lapack
 
 from ..errors import InvalidPosterior, SingularConstraint
-from ..linalg import pivots_ok
+from ..linalg import cholesky_lower, pivots_ok
 
 #: Relative symmetry tolerance, whatever the dtype (docs/theory.md §8): a float32 matrix upcast to
 #: float64 by its client (laplace-torch's GGN, say) is asymmetric at ~1e-8 and accepted.
@@ -181,10 +180,7 @@ def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:
     k = S_BB.shape[0]
     if k == 0:
         return np.zeros((0, 0))
-    try:
-        L = sla.cholesky(S_BB, lower=True, check_finite=False, overwrite_a=False)
-    except np.linalg.LinAlgError:
-        L = None
+    L = cholesky_lower(S_BB)
     check_constraint_factor(L, S_BB)
     return L
 

@@ -34,7 +34,7 @@ from scipy.linalg import lapack
 
 from .._threads import all_threads
 from ..graph import Consumers, Whole
-from ..linalg import pivots_ok
+from ..linalg import lower_solve, pivots_ok
 from ._validate import cholesky_constraint
 
 __all__ = [
@@ -212,7 +212,13 @@ def _batched_increments(S: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 def _factored_increments(S: np.ndarray, r: np.ndarray):
     """(``_batched_increments``, each group's lower Cholesky factor (the identity where
-    there is none), whether it has one)."""
+    there is none), whether it has one).
+
+    Small blocks are factorised bordered: the Cholesky factor of ``[[S, r], [rᵀ, ∞]]``
+    is ``[[L, 0], [(L⁻¹r)ᵀ, ∞]]``, so one batched ``potrf`` also makes the solve (its
+    last row is computed before its infinite pivot, by the same dot products as a
+    forward substitution), at about two thirds of the time of a factorisation and a
+    vectorised substitution."""
     n, k = r.shape
     if k == 0:
         return np.zeros(n), np.zeros((n, 0, 0)), np.ones(n, dtype=bool)
@@ -222,6 +228,16 @@ def _factored_increments(S: np.ndarray, r: np.ndarray):
         out = np.full(n, np.inf)
         out[ok] = 0.5 * r[ok, 0] ** 2 / s[ok]
         return out, np.sqrt(np.where(ok, s, 1.0))[:, None, None], ok
+    if k <= _FORWARD_MAX:  # one batched factorisation gives the solves too (below)
+        M = np.empty((n, k + 1, k + 1))
+        M[:, :k, :k], M[:, k, :k], M[:, k, k] = S, r, np.inf
+        try:
+            F = np.linalg.cholesky(M)
+        except np.linalg.LinAlgError:
+            pass
+        else:
+            y = F[:, k, :k]
+            return 0.5 * np.einsum("nk,nk->n", y, y), F[:, :k, :k], np.ones(n, dtype=bool)
     try:
         L, ok = np.linalg.cholesky(S), np.ones(n, dtype=bool)
     except np.linalg.LinAlgError:  # some block is not positive definite: no candidate
@@ -315,7 +331,7 @@ class DenseScorer:
         k = idx.size
         if k == 0:
             return
-        u = sla.solve_triangular(Lk, targets - c, lower=True, check_finite=False)
+        u = lower_solve(Lk, targets - c)
         m = self.n + k
         if m > self._L.shape[0]:
             self.reserve(max(m, 2 * self._L.shape[0]))
@@ -557,7 +573,7 @@ class _DenseDrops:
             q = self.pos[g]
             row = self._rows(g)  # C[q, :]
             Lk = _chol(row[:, q])
-            Yt = sla.solve_triangular(Lk, row, lower=True, check_finite=False)  # Lk⁻¹ C[q, :]
+            Yt = lower_solve(Lk, row)  # Lk⁻¹ C[q, :]
             X = np.vstack([self.X0[:, self.cols[q]], self._W[:, q]])
             self.sc._append(self.G[q], np.zeros(q.size), X, Lk, self.c[q].copy())
             u = self.sc.z[-q.size :]
@@ -596,7 +612,7 @@ class _DenseDrops:
         C -= _matmul(X[:, :n0], self.X0.take(self.cols, axis=1))
         if self.m:
             C -= _matmul(X[:, n0:], self._W)
-        Yt = sla.solve_triangular(Lk, C, lower=True, check_finite=False)  # Lk⁻¹ Cov(e, G | B)
+        Yt = lower_solve(Lk, C)  # Lk⁻¹ Cov(e, G | B)
         self.c += Yt.T @ u
         at = np.flatnonzero(self.live)
         self._defer(at, Yt.T[self.pos[at]])

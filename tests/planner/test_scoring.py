@@ -274,3 +274,47 @@ def test_batched_cholesky_solves_equal_dense_solves(seed, k):
     S = np.stack([spd(rng, k) for _ in range(3)])
     r = rng.normal(size=(3, k))
     close(cho_solve_batched(np.linalg.cholesky(S), r), np.linalg.solve(S, r[..., None])[..., 0])
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 10, 64, 65]), st.booleans())
+def test_bordered_increments_equal_dense_solves(seed, k, singular):
+    """The increments ``½ rᵀ S⁻¹ r`` of a batch (small blocks factorised bordered, with the
+    solve in the factor's last row; larger ones factorised and solved) equal dense solves,
+    their factors are the blocks' Cholesky factors, and a block that is not positive
+    definite gets no increment while the others keep theirs."""
+    from planner.posterior.scoring import _factored_increments
+
+    rng = np.random.default_rng(seed)
+    S = np.stack([spd(rng, k) for _ in range(4)])
+    r = rng.normal(size=(4, k))
+    if singular:
+        S[1] = -np.eye(k)
+    inc, L, ok = _factored_increments(S, r)
+    good = np.arange(4) != 1 if singular else np.ones(4, dtype=bool)
+    assert np.array_equal(ok, good)
+    assert np.isinf(inc[~good]).all()
+    want = [0.5 * r[i] @ np.linalg.solve(S[i], r[i]) for i in np.flatnonzero(good)]
+    close(inc[good], want)
+    close(np.matmul(L[good], np.swapaxes(L[good], 1, 2)), S[good])
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 3, 12]), st.integers(0, 9), st.booleans())
+def test_direct_lapack_helpers_equal_scipy(seed, k, n, fortran):
+    """``cholesky_lower`` and ``lower_solve`` (LAPACK and BLAS without scipy's checking
+    wrappers) equal scipy's Cholesky and triangular solves, for factors in either memory
+    order and right-hand sides of one or several columns; a matrix that is not positive
+    definite has no factor."""
+    import scipy.linalg as sla
+
+    from planner.linalg import cholesky_lower, lower_solve
+
+    rng = np.random.default_rng(seed)
+    S = spd(rng, k)
+    L = cholesky_lower(S)
+    close(L, sla.cholesky(S, lower=True))
+    L = np.asfortranarray(L) if fortran else np.ascontiguousarray(L)
+    for b in (rng.normal(size=k), rng.normal(size=(k, n))):
+        x = lower_solve(L, b)
+        assert x.shape == b.shape
+        close(x, sla.solve_triangular(L, b, lower=True))
+    assert cholesky_lower(-S) is None
