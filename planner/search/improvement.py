@@ -10,7 +10,11 @@ complements on P, then the increment of A)
     e = d + δ,  β = P e,  γ = β_R − P_RR e_R,
 
 plus ``½ rᵀ S⁻¹ r`` for A given B∖R, from ``H = P Σ_{B,E}`` precomputed for
-the pool E of every entry a move may add: ``O(|R|³ + |A|³)`` per move.  An
+the pool E of every entry a move may add: with ``Z = L_R⁻¹ H_{R,A}`` (``L_R`` the
+Cholesky factor of ``P_RR``), ``S = Cov(x_A | x_B) + ZᵀZ`` and
+``r = t_A − E[x_A | x_B] + H_{R,A}ᵀ e_R + Zᵀ L_R⁻¹ γ``: ``O(|R|²|A| + |A|³)`` per
+move, ``P_RR`` factorised once per distinct R (a family pairs a few of them with
+many entering sets).  An
 accepted move rebuilds P from the new plan's factorisation.  Independent
 coordinates (``diag``) need none of it; other formats without a dense
 evaluator rebuild and rescore (:class:`ReplayEvaluator`).
@@ -33,8 +37,9 @@ import numpy as np
 
 from ..errors import SingularConstraint
 from ..lattice import Route
+from ..linalg import lower_solve
 from ..posterior import DiagPosterior, Posterior
-from ..posterior.scoring import batched_cholesky, solve_lower
+from ..posterior.scoring import _FORWARD_MAX, batched_cholesky, solve_lower
 from ..structure import Structure
 from .budget import NODE_WORK, Budget, Cut
 from .construction import Built, Choices, _Builder, replay, single_threaded
@@ -107,15 +112,6 @@ def _pattern(A: np.ndarray, dense, pairs) -> np.ndarray:
     return out
 
 
-def _solve(L: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``(L Lᵀ)⁻¹ b`` for batched factors; ``b`` is (n, k) or (n, k, m)."""
-    vec = b.ndim == 2
-    x = b[..., None] if vec else b
-    y = np.linalg.solve(L, x)
-    x = np.linalg.solve(np.swapaxes(L, 1, 2), y)
-    return x[..., 0] if vec else x
-
-
 class DenseEvaluator:
     """Exact cost of whole families of moves from ``P = Σ_BB⁻¹`` of the current plan.
 
@@ -123,7 +119,7 @@ class DenseEvaluator:
     precision the Schur complement on B's complement), ``α = P d``, and for the
     pool E of entries moves may add ``Σ_BE`` and ``H = P Σ_BE``; ``Cov(x_E | x_B)``
     is formed only on the blocks moves use (:func:`_pattern`).  Then a move costs
-    ``O(|R|³ + |A|³)``, all moves of a family in one batched pass.
+    ``O(|R|²|A| + |A|³)``, all moves of a family in one batched pass.
     """
 
     def __init__(self, post: Posterior, built: Built, pool: np.ndarray) -> None:
@@ -184,37 +180,80 @@ class DenseEvaluator:
         e_R = self.d[R]
         P_RR = _gather(P, R, R)
         gamma = beta_R - np.einsum("nrs,ns->nr", P_RR, e_R)
-        LR, ok = batched_cholesky(P_RR)
-        g = _solve(LR, gamma) if R.shape[1] else gamma
+        # P_RR's factor once per distinct set of leaving entries (a family's moves pair a
+        # few of them with many others), and every solve against it in one call
+        solve, ok = _LeaveSolver.of(P_RR, R)
+        y = solve(gamma[:, :, None])[:, :, 0]  # L_R⁻¹ γ
         cost = 0.5 * (
             eb
             - 2 * np.einsum("nr,nr->n", e_R, beta_R)
             + np.einsum("nr,nrs,ns->n", e_R, P_RR, e_R)
-            - np.einsum("nr,nr->n", gamma, g)
+            - np.einsum("nr,nr->n", y, y)
         )
         if fam.enter.shape[1]:
+            # with H_AR = H[R, A] and Z = L_R⁻¹ H_AR: leaving R adds H_ARᵀ P_RR⁻¹ H_AR = ZᵀZ
+            # to Cov(x_A | x_B), and moves A's conditional mean by −H_ARᵀ (e_R + P_RR⁻¹ γ)
             A = self.posE(fam.enter)
-            u_R, H_AR = _gather(self.S_BE, R, A), _gather(self.H, R, A)
-            eta = H_AR - np.matmul(P_RR, u_R)
+            H_AR = _gather(self.H, R, A)
+            Z = solve(H_AR)
             shift = (
                 self.Ealpha[A]
                 + np.einsum("nca,nc->na", _gather(self.H, C, A), delta)
-                - np.einsum("nra,nr->na", u_R, beta_R)
-                - np.einsum("nra,nr->na", eta, e_R + g)
+                - np.einsum("nra,nr->na", H_AR, e_R)
+                - np.einsum("nra,nr->na", Z, y)
             )
-            cross = np.matmul(np.swapaxes(u_R, 1, 2), H_AR)
-            quad = -cross - np.swapaxes(cross, 1, 2)
-            quad += np.matmul(np.swapaxes(u_R, 1, 2), np.matmul(P_RR, u_R))
-            if R.shape[1]:
-                quad -= np.matmul(np.swapaxes(eta, 1, 2), _solve(LR, eta))
             r = fam.enter_targets - self.post.mean[fam.enter] - shift
-            LA, okA = batched_cholesky(_pattern(A, self._dense, self._pairs) - quad)
-            y = solve_lower(LA, r)
-            cost = cost + 0.5 * np.einsum("na,na->n", y, y)
+            S_A = _pattern(A, self._dense, self._pairs)
+            S_A += np.matmul(np.swapaxes(Z, 1, 2), Z)
+            LA, okA = batched_cholesky(S_A)
+            ya = solve_lower(LA, r)
+            cost = cost + 0.5 * np.einsum("na,na->n", ya, ya)
             ok &= okA
         cost[~ok] = np.inf
         assert cost.shape == (n,)
         return cost
+
+
+class _LeaveSolver:
+    """``L_R⁻¹ M_i`` for each move i, ``L_R`` the Cholesky factor of its ``P_RR``:
+    factorised once per distinct leaving set, and solved for all of a set's moves at once
+    (one triangular solve of many columns) when the sets are few; move by move otherwise
+    (vectorised substitution up to order 64)."""
+
+    def __init__(self, L: np.ndarray, inv: np.ndarray | None) -> None:
+        self.L, self.inv = L, inv
+        if inv is not None:
+            order = np.argsort(inv, kind="stable")
+            cuts = np.flatnonzero(np.diff(inv[order])) + 1
+            self.groups = np.split(order, cuts)
+
+    @classmethod
+    def of(cls, P_RR: np.ndarray, R: np.ndarray):
+        """(the solver, whether each move's ``P_RR`` is positive definite)."""
+        n, r = R.shape
+        if r == 0:
+            return (lambda M: M), np.ones(n, dtype=bool)
+        uR, first, inv = np.unique(R, axis=0, return_index=True, return_inverse=True)
+        inv = inv.ravel()
+        if 4 * uR.shape[0] <= n:  # few distinct sets
+            L, ok = batched_cholesky(P_RR[first])
+            return cls(L, inv).solve, ok[inv]
+        L, ok = batched_cholesky(P_RR)
+        return cls(L, None).solve, ok
+
+    def solve(self, M: np.ndarray) -> np.ndarray:
+        """``L_R⁻¹ M_i`` for ``M`` of shape (n, r, m)."""
+        n, r, m = M.shape
+        if self.inv is None:
+            if r <= _FORWARD_MAX:
+                out = solve_lower(self.L[:, None], np.swapaxes(M, 1, 2))
+                return np.swapaxes(out, 1, 2)
+            return np.stack([lower_solve(self.L[i], M[i]) for i in range(n)])
+        out = np.empty_like(M)
+        for j, g in enumerate(self.groups):  # (r, |g|·m) columns at once
+            cols = np.swapaxes(M[g], 0, 1).reshape(r, g.size * m)
+            out[g] = np.swapaxes(lower_solve(self.L[j], cols).reshape(r, g.size, m), 0, 1)
+        return out
 
 
 class DiagEvaluator:

@@ -229,6 +229,23 @@ def test_kept_factors_bound_every_later_increment_from_below(seed, n_other):
     for i in live:
         g = list(groups[i][keep])
         close(now[i], dense_cost(mean, cov, B + g, [0.0] * (len(B) + len(g))) - base)
+    # the columns restricted away count as dead, and go once they are 30 % of the stage's:
+    # taking from the smaller groups then conditions exactly the entries left
+    assert mine.G.size - mine.dead == np.unique(mine.pos[mine.live]).size
+    assert mine.dead <= 0.3 * mine.G.size
+    i = int(live[-1])
+    mine.take(i)
+    g = list(groups[i][keep])
+    close(sc.cost, dense_cost(mean, cov, B + g, [0.0] * (len(B) + len(g))))
+    if mine.live.any():
+        close(
+            mine.increments()[mine.live],
+            [
+                dense_cost(mean, cov, B + g + list(groups[j][keep]), [0.0] * (len(B) + 2 * len(g)))
+                - sc.cost
+                for j in np.flatnonzero(mine.live)
+            ],
+        )
 
 
 @given(st.integers(0, 2**32 - 1), st.booleans())

@@ -439,6 +439,36 @@ def test_every_exchange_move_is_scored_exactly(case, diagonal):
             close(costs[i], replay(post.structure, fam.choices(i)).cost(post))
 
 
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1, 4, 70]),
+    st.integers(1, 12),
+    st.integers(1, 3),
+    st.booleans(),
+)
+def test_leave_solver_equals_dense_solves(seed, r, n_sets, m, bad):
+    """The exchange evaluator's solves against each move's ``P_RR`` (factorised once per
+    distinct leaving set and solved for all of its moves together when the sets are few,
+    move by move otherwise, by substitution up to order 64) equal dense solves with each
+    move's own Cholesky factor; a set whose ``P_RR`` is not positive definite is flagged."""
+    from planner.search.improvement import _LeaveSolver
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 4 * n_sets + 1))
+    sets = rng.integers(0, n_sets, size=n)
+    blocks = [spd(rng, r) for _ in range(n_sets)]
+    if bad:
+        blocks[0] = -np.eye(r)
+    R = np.stack([np.arange(r) + 1000 * k for k in sets])  # one index row per move
+    P_RR = np.stack([blocks[k] for k in sets])
+    solve, ok = _LeaveSolver.of(P_RR, R)
+    assert np.array_equal(ok, ~(bad & (sets == 0)))
+    M = rng.normal(size=(n, r, m))
+    got = solve(M)
+    for i in np.flatnonzero(ok):
+        close(got[i], np.linalg.solve(np.linalg.cholesky(P_RR[i]), M[i]))
+
+
 def test_a_choice_space_beyond_floats_is_searched():
     """C(3000, 1500) ≈ 10⁹⁰⁰ choices: counted as an exact integer, never as a float."""
     s = Structure.mlp((2, 3000, 2))
