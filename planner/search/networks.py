@@ -79,6 +79,7 @@ class _State:
         route = route or NetRoute((), ())
         self.pending = list(route.removed_blocks)
         self.layers = list(route.removed_layers)
+        self.merges = bool(route.removed_layers)
         self.target = dict(route.widths)
         gone_inner = {s for b in route.removed_blocks for s in teacher.graph.blocks[b - 1].inner}
         self.shrinking = [s for s in sorted(self.target) if s not in gone_inner]
@@ -88,7 +89,7 @@ class _State:
         out.tr, out.sc = self.tr.copy(), self.sc.copy()
         out.ops, out.effects = list(self.ops), list(self.effects)
         out.pending, out.target, out.shrinking = list(self.pending), self.target, self.shrinking
-        out.layers, out.fits = list(self.layers), self.fits
+        out.layers, out.fits, out.merges = list(self.layers), self.fits, self.merges
         return out
 
     def keys(self) -> list[tuple[str, int]]:
@@ -128,6 +129,40 @@ class _State:
 
     def width(self, space: int) -> int:
         return self.tr.neurons[self.tr.positions.index(space)].size
+
+    def settled(self, block: int) -> bool:
+        """Whether ψ on ``block`` (still to come on this route) will condition exactly the
+        entries it would condition now: its last layer's rows (the space it writes) and
+        columns (its inner space, gone with it, or the stream it reads) shrink no more, and
+        no plain layer merges spaces on this route."""
+        if self.fits is not None or self.merges:
+            return False
+        b = self.tr.teacher.graph.blocks[block - 1]
+        spaces = (b.writes,) if b.inner else (b.writes, b.reads)
+        return all(
+            s in self.tr.positions and self.width(s) <= self.target.get(s, self.width(s))
+            for s in spaces
+        )
+
+    def floor(self, ops, inc: np.ndarray, where=None) -> float:
+        """A lower bound of this route's final cost: the cost so far plus the largest
+        increment (or lower bound of one) of a settled block still to remove.  The cost
+        only grows with the conditioned set, and that block's entries will be in it."""
+        best = 0.0
+        for b in self.pending:
+            if not self.settled(b):
+                continue
+            if where is not None:
+                k = [i for i, (key, _) in enumerate(where) if key == ("block", b)]
+            else:
+                k = [
+                    e - 1
+                    for (key, _), e in zip(ops.runs, ops.ends, strict=True)
+                    if key == ("block", b)
+                ]
+            if k and np.isfinite(inc[k[0]]):
+                best = max(best, float(inc[k[0]]))
+        return float(self.sc.cost) + best
 
     def phi(self, space: int, channel: int) -> Op:
         """φ on channel ``channel`` (current order) of teacher space ``space``, in the
@@ -238,8 +273,9 @@ def _greedy(
 ) -> _State | None:
     """The global greedy of ``route`` (or until the student ``fits``); ``incremental``:
     with stages kept current where the scorer can (else, or when False, every candidate
-    rescored by a new stage each step).  ``None`` once its cost reaches ``bound`` (a
-    cheaper route is known: increments are never negative, so this one cannot win)."""
+    rescored by a new stage each step).  ``None`` once its cost, or its floor
+    (:meth:`_State.floor`), reaches ``bound`` (a cheaper route is known: the cost only
+    grows with the conditioned set, so this one cannot win)."""
     with single_threaded():  # thin products; big ones ask for every core themselves
         return _greedy_in(posterior, route, budget, incremental, fits, bound)
 
@@ -255,11 +291,15 @@ def _greedy_in(posterior, route, budget, incremental, fits, bound) -> _State | N
             ops, inc = st.candidates()
             if not ops:
                 return st
+            if np.isfinite(bound) and st.floor(ops, inc) >= bound:
+                return None
             st.take(ops[least(inc, st.sc.cost)])
             continue
         ops, inc, where = stages.candidates()
         if not ops:
             return st
+        if np.isfinite(bound) and st.floor(ops, inc, where) >= bound:
+            return None
         k = least(inc, st.sc.cost)
         stages.take(ops[k], *where[k])
 

@@ -335,6 +335,87 @@ def test_the_greedy_with_stages_kept_current_is_the_greedy_of_new_stages(case):
         close(a.sc.cost, b.sc.cost)
 
 
+@settings(max_examples=40, deadline=None)
+@given(search_cases(max_removals=4), st.booleans())
+def test_a_routes_floor_never_exceeds_its_final_cost(case, incremental):
+    """The lower bound that abandons a route early (the cost so far plus the increment of a
+    block still to remove whose entries can shrink no more) is never above the cost the
+    route's greedy reaches, at any step, with stages kept current or new each step."""
+    from planner.network_lattice import network_routes
+    from planner.search import networks
+    from planner.search.budget import Budget
+
+    d, s, seed = case
+    teacher, student = Network.from_json(d), Network.from_json(s)
+    rng = np.random.default_rng(seed)
+    p = teacher.n_params
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), spd(rng, p))
+    floor = networks._State.floor
+    for route in network_routes(teacher, student):
+        seen: list[float] = []
+
+        def spy(self, ops, inc, where=None, seen=seen):
+            out = floor(self, ops, inc, where)
+            seen.append(out)
+            return out
+
+        try:
+            networks._State.floor = spy
+            st_ = networks._greedy(post, route, Budget(np.inf), incremental, bound=1e300)
+        finally:
+            networks._State.floor = floor
+        final = st_.sc.cost
+        assert all(f <= final * (1 + 1e-9) + 1e-9 for f in seen), (seen, final)
+
+
+def test_a_route_abandoned_by_its_floor_leaves_the_same_plan():
+    """A residual CNN whose second route can only lose: the floor abandons it before its
+    last step (the bound is in play), and the search answers the plan and cost it answers
+    with routes abandoned on their cost so far alone."""
+    from planner.search import networks
+
+    def conv(out, act=None):
+        c = {"type": "conv", "out": out, "kernel": 3, "padding": 1}
+        return {**c, "activation": act} if act else c
+
+    def net(w: int, blocks: int) -> dict:
+        block = {"type": "residual", "activation": "relu", "branch": [conv(w, "relu"), conv(w)]}
+        return {
+            "input": [3, 4, 4],
+            "stages": [
+                conv(w, "relu"),
+                *([block] * blocks),
+                {"type": "pool", "mode": "avg", "global": True},
+                {"type": "flatten"},
+                {"type": "linear", "out": 10},
+            ],
+        }
+
+    teacher, student = Network.from_json(net(4, 2)), Network.from_json(net(2, 1))
+    rng = np.random.default_rng(0)
+    p = teacher.n_params
+    U = rng.normal(size=(p, p // 2)) / np.sqrt(p // 2)
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), U @ U.T + 0.1 * np.eye(p))
+    floor = networks._State.floor
+    above = []
+
+    def spy(self, ops, inc, where=None):
+        out = floor(self, ops, inc, where)
+        above.append(out > self.sc.cost)
+        return out
+
+    try:
+        networks._State.floor = spy
+        found = search(post, student)
+        networks._State.floor = lambda self, ops, inc, where=None: float(self.sc.cost)
+        plain = search(post, student)
+    finally:
+        networks._State.floor = floor
+    assert any(above)
+    assert found.plan.ops == plain.plan.ops
+    close(found.cost, plain.cost)
+
+
 def _as_stages(widths, bias: bool) -> dict:
     return {
         "input": [widths[0]],
