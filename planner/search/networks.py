@@ -144,24 +144,15 @@ class _State:
             for s in spaces
         )
 
-    def floor(self, ops, inc: np.ndarray, where=None) -> float:
+    def floor(self, ops: _Steps, inc: np.ndarray) -> float:
         """A lower bound of this route's final cost: the cost so far plus the largest
         increment (or lower bound of one) of a settled block still to remove.  The cost
         only grows with the conditioned set, and that block's entries will be in it."""
         best = 0.0
         for b in self.pending:
-            if not self.settled(b):
-                continue
-            if where is not None:
-                k = [i for i, (key, _) in enumerate(where) if key == ("block", b)]
-            else:
-                k = [
-                    e - 1
-                    for (key, _), e in zip(ops.runs, ops.ends, strict=True)
-                    if key == ("block", b)
-                ]
-            if k and np.isfinite(inc[k[0]]):
-                best = max(best, float(inc[k[0]]))
+            k = ops.index(("block", b)) if self.settled(b) else None
+            if k is not None and np.isfinite(inc[k]):
+                best = max(best, float(inc[k]))
         return float(self.sc.cost) + best
 
     def phi(self, space: int, channel: int) -> Op:
@@ -245,22 +236,43 @@ class _Steps:
         self.st = st
         self.runs: list[tuple[tuple[str, int], Op | None]] = []
         self.ends: list[int] = []
+        #: per run, the stage's candidate of each step (``_Stages``: the live ones)
+        self.members: list[np.ndarray | None] = []
 
-    def add(self, key: tuple[str, int], n: int, op: Op | None = None) -> None:
+    def add(self, key: tuple[str, int], n: int, op: Op | None = None, members=None) -> None:
         self.runs.append((key, op))
         self.ends.append((self.ends[-1] if self.ends else 0) + n)
+        self.members.append(members)
 
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    def __getitem__(self, k: int) -> Op:
+    def _run(self, k: int) -> tuple[int, int]:
+        """(the run of step k, its place in the run)."""
         j = int(np.searchsorted(self.ends, k, side="right"))
+        return j, int(k) - (self.ends[j - 1] if j else 0)
+
+    def __getitem__(self, k: int) -> Op:
+        j, i = self._run(k)
         (kind, x), op = self.runs[j]
         if op is not None:  # ψ on a layer, its pairing chosen when scored
             return op
         if kind == "block":
             return PsiBlock(x)
-        return self.st.phi(x, int(k) - (self.ends[j - 1] if j else 0))
+        return self.st.phi(x, i)
+
+    def where(self, k: int) -> tuple[tuple[str, int], int]:
+        """(the key of step k, its candidate in that key's stage; -1 for a layer)."""
+        j, i = self._run(k)
+        m = self.members[j]
+        return self.runs[j][0], (-1 if m is None else int(m[i]))
+
+    def index(self, key: tuple[str, int]) -> int | None:
+        """The first step of ``key``'s run (None when it has none)."""
+        for j, (k, _) in enumerate(self.runs):
+            if k == key:
+                return self.ends[j - 1] if j else 0
+        return None
 
 
 def _greedy(
@@ -295,13 +307,13 @@ def _greedy_in(posterior, route, budget, incremental, fits, bound) -> _State | N
                 return None
             st.take(ops[least(inc, st.sc.cost)])
             continue
-        ops, inc, where = stages.candidates()
+        ops, inc = stages.candidates()
         if not ops:
             return st
-        if np.isfinite(bound) and st.floor(ops, inc, where) >= bound:
+        if np.isfinite(bound) and st.floor(ops, inc) >= bound:
             return None
         k = least(inc, st.sc.cost)
-        stages.take(ops[k], *where[k])
+        stages.take(ops[k], *ops.where(k))
 
 
 class _Stages:
@@ -336,14 +348,14 @@ class _Stages:
             d = self.drops[key] = self.st.sc.drops(new)
         return d
 
-    def candidates(self):
-        """Every next step, its increment and its stage, in the tie order.  A stage whose
+    def candidates(self) -> tuple[_Steps, np.ndarray]:
+        """Every next step (its stage and candidate: :meth:`_Steps.where`) and its
+        increment, in the tie order.  A stage whose
         factors are kept offers lower bounds first (:meth:`_DenseDrops.bounds`); stages
         are scored exactly until every candidate within ``TIE`` of the least value is
         exact, so the step taken is the one exact increments everywhere would take."""
         st = self.st
-        ops: list[Op] = []
-        where: list[tuple[tuple[str, int], int]] = []
+        ops = _Steps(st)
         keys = st.keys()
         for key in list(self.drops):
             if key not in keys:
@@ -352,9 +364,8 @@ class _Stages:
         for key in keys:
             if key[0] == "layer":
                 op, inc = st.merge(key[1])
-                ops.append(op)
+                ops.add(key, 1, op)
                 parts.append((key, None, np.array([inc]), True))
-                where.append((key, -1))
                 continue
             d = self._synced(key)
             d.keep_factors = True
@@ -363,11 +374,7 @@ class _Stages:
             exact = b is None
             v = (d.increments() if exact else b)[live]
             parts.append((key, d, v, exact))
-            if key[0] == "space":
-                ops.extend(st.phi(key[1], c) for c in range(live.size))
-            else:
-                ops.append(PsiBlock(key[1]))
-            where.extend((key, int(j)) for j in live)
+            ops.add(key, live.size, members=live)
         while parts:
             m = min((float(v.min()) for _, _, v, _ in parts if v.size), default=0.0)
             top = tie_limit(m, st.sc.cost)
@@ -378,7 +385,7 @@ class _Stages:
                 key, d, _, _ = parts[i]
                 parts[i] = (key, d, d.increments()[np.flatnonzero(d.live)], True)
         inc = np.concatenate([v for _, _, v, _ in parts]) if parts else np.zeros(0)
-        return ops, inc, where
+        return ops, inc
 
     def take(self, op: Op, key: tuple[str, int], j: int) -> None:
         st = self.st

@@ -354,8 +354,8 @@ def test_a_routes_floor_never_exceeds_its_final_cost(case, incremental):
     for route in network_routes(teacher, student):
         seen: list[float] = []
 
-        def spy(self, ops, inc, where=None, seen=seen):
-            out = floor(self, ops, inc, where)
+        def spy(self, ops, inc, seen=seen):
+            out = floor(self, ops, inc)
             seen.append(out)
             return out
 
@@ -399,15 +399,15 @@ def test_a_route_abandoned_by_its_floor_leaves_the_same_plan():
     floor = networks._State.floor
     above = []
 
-    def spy(self, ops, inc, where=None):
-        out = floor(self, ops, inc, where)
+    def spy(self, ops, inc):
+        out = floor(self, ops, inc)
         above.append(out > self.sc.cost)
         return out
 
     try:
         networks._State.floor = spy
         found = search(post, student)
-        networks._State.floor = lambda self, ops, inc, where=None: float(self.sc.cost)
+        networks._State.floor = lambda self, ops, inc: float(self.sc.cost)
         plain = search(post, student)
     finally:
         networks._State.floor = floor
