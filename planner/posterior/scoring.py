@@ -25,6 +25,7 @@ uses independence.  Structured formats supply their own (``Posterior.scorer``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -385,6 +386,14 @@ _FEW = 8
 _SMALL_W = 1 << 20
 
 
+def _lower_solve(L: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``L⁻¹ B`` on every core when it is large enough to gain (a ψ candidate's rows)."""
+    if L.shape[0] * L.shape[0] * B.shape[1] >= _THREADED_PRODUCT:
+        with all_threads():
+            return lower_solve(L, B)
+    return lower_solve(L, B)
+
+
 def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``A @ B`` on every core when it is large enough to gain (inside a greedy's
     single-threaded loop)."""
@@ -476,13 +485,17 @@ class _DenseDrops:
             self._settle()
 
     def _settle(self) -> None:
-        for at, Yq in self._pend:
-            D = np.matmul(Yq, Yq.transpose(0, 2, 1))
-            if isinstance(at, slice) or at.size > _FEW:
-                self.S[at] -= D
-            else:  # in place, candidate by candidate (S[at] -= D would copy S[at] twice)
-                for i, a in enumerate(at):
-                    self.S[a] -= D[i]
+        # one product a candidate: on every core when each is large (a ψ candidate's
+        # block has thousands of entries; threads slow a batch of small ones)
+        big = any(Yq.shape[1] ** 2 * Yq.shape[2] >= _THREADED_PRODUCT for _, Yq in self._pend)
+        with all_threads() if big else nullcontext():
+            for at, Yq in self._pend:
+                D = np.matmul(Yq, Yq.transpose(0, 2, 1))
+                if isinstance(at, slice) or at.size > _FEW:
+                    self.S[at] -= D
+                else:  # in place, candidate by candidate (S[at] -= D would copy S[at] twice)
+                    for i, a in enumerate(at):
+                        self.S[a] -= D[i]
         self._pend.clear()
 
     def _S_times(self, sel: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -573,7 +586,7 @@ class _DenseDrops:
             q = self.pos[g]
             row = self._rows(g)  # C[q, :]
             Lk = _chol(row[:, q])
-            Yt = lower_solve(Lk, row)  # Lk⁻¹ C[q, :]
+            Yt = _lower_solve(Lk, row)  # Lk⁻¹ C[q, :]
             X = np.vstack([self.X0[:, self.cols[q]], self._W[:, q]])
             self.sc._append(self.G[q], np.zeros(q.size), X, Lk, self.c[q].copy())
             u = self.sc.z[-q.size :]
@@ -612,7 +625,7 @@ class _DenseDrops:
         C -= _matmul(X[:, :n0], self.X0.take(self.cols, axis=1))
         if self.m:
             C -= _matmul(X[:, n0:], self._W)
-        Yt = lower_solve(Lk, C)  # Lk⁻¹ Cov(e, G | B)
+        Yt = _lower_solve(Lk, C)  # Lk⁻¹ Cov(e, G | B)
         self.c += Yt.T @ u
         at = np.flatnonzero(self.live)
         self._defer(at, Yt.T[self.pos[at]])
