@@ -248,12 +248,21 @@ class LowRankScorer:
 
     def terms(self, idx: np.ndarray, targets: np.ndarray):
         """(F_gᵀ D_g⁻¹ F_g, F_gᵀ D_g⁻¹ d_g, d_gᵀ D_g⁻¹ d_g) for rows of ``idx`` (n × k)."""
+        F, dinv, DF = self.weighted(idx)
+        M = np.matmul(np.swapaxes(DF, -1, -2), F)
+        return M, *self.target_terms(idx, DF, dinv, targets)
+
+    def weighted(self, idx: np.ndarray):
+        """(F_g, D_g⁻¹, D_g⁻¹ F_g) for rows of ``idx``: what every term of a group reads."""
         F = np.asarray(self.post.factor[idx])  # (..., k, r)
         dinv = 1.0 / self.post.var[idx]
-        d = targets - self.post.mean[idx]
-        DF = F * dinv[..., None]
-        M = np.matmul(np.swapaxes(DF, -1, -2), F)
-        return M, np.einsum("...kr,...k->...r", DF, d), np.einsum("...k,...k->...", d * dinv, d)
+        return F, dinv, F * dinv[..., None]
+
+    def target_terms(self, idx: np.ndarray, DF: np.ndarray, dinv: np.ndarray, targets):
+        """The terms that depend on the targets, (F_gᵀ D_g⁻¹ d_g, d_gᵀ D_g⁻¹ d_g), from
+        :meth:`weighted`'s ``DF`` and ``dinv``."""
+        d = np.asarray(targets, dtype=np.float64) - self.post.mean[idx]
+        return np.einsum("...kr,...k->...r", DF, d), np.einsum("...k,...k->...", d * dinv, d)
 
     def total(self, M, u, a, k: int = 1):
         """The cost with terms (M, u, a) of ``k`` more parameters added (batched over
@@ -367,8 +376,7 @@ class _LowRankBlock:
     def __init__(self, sc: LowRankScorer, idx: np.ndarray) -> None:
         self.sc, self.idx = sc, idx
         post = sc.post
-        F, dinv = np.asarray(post.factor[idx]), 1.0 / post.var[idx]
-        DF = F * dinv[:, None]
+        F, dinv, DF = sc.weighted(idx)
         Lin = np.linalg.cholesky(sc.inner)
         c = post.mean[idx] + F @ sla.cho_solve((Lin, True), sc.w, check_finite=False)
         self.M = F.T @ DF  # the block's own capacitance term, whatever its targets
@@ -380,8 +388,7 @@ class _LowRankBlock:
 
     def _terms(self, targets: np.ndarray):
         """:meth:`LowRankScorer.terms` of the block, from what scoring it read once."""
-        d = np.asarray(targets, dtype=np.float64) - self.sc.post.mean[self.idx]
-        return self.M, self.DF.T @ d, float(d @ (self.dinv * d))
+        return self.M, *self.sc.target_terms(self.idx, self.DF, self.dinv, targets)
 
     def cost(self, targets: np.ndarray) -> float:
         M, u, a = self._terms(targets)

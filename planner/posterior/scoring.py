@@ -176,7 +176,7 @@ def solve_lower(L: np.ndarray, b: np.ndarray) -> np.ndarray:
         bs = np.broadcast_to(b, shape).reshape(-1, k)
         out = np.empty(bs.shape)
         for i in range(bs.shape[0]):
-            out[i] = sla.solve_triangular(Ls[i], bs[i], lower=True, check_finite=False)
+            out[i] = lower_solve(Ls[i], bs[i])
         return out.reshape(shape)
     y = np.empty(np.broadcast_shapes(L.shape[:-1], b.shape))
     for i in range(k):
@@ -665,19 +665,23 @@ class _DenseDrops:
         # the entries left out are never read again, as a taken candidate's: their columns
         # go at the next compaction (a space whose readers shrink to a tenth would
         # otherwise carry nine tenths of its columns through every product)
-        used = np.zeros(self.G.size, dtype=bool)
-        used[self.pos[self.live].ravel()] = True
+        used = self._used()
         self.dead = self.G.size - int(np.count_nonzero(used))
         if self.dead > 0.3 * self.G.size:
-            self._compact()
+            self._compact(used)
 
-    def _compact(self) -> None:
-        """Drop the columns no live candidate reads (taken candidates', entries restricted
-        away): every later commit then reads and writes less (the stage's work falls as the
-        greedy goes).  ``C0`` is not copied: the live columns map into it."""
-        used = np.zeros(self.G.size, dtype=bool)  # a mask, not np.unique: no sort, no hash
+    def _used(self) -> np.ndarray:
+        """The columns some live candidate reads (a mask, not np.unique: no sort, no hash)."""
+        used = np.zeros(self.G.size, dtype=bool)
         used[self.pos[self.live].ravel()] = True
-        keep = np.flatnonzero(used)
+        return used
+
+    def _compact(self, used: np.ndarray | None = None) -> None:
+        """Drop the columns no live candidate reads (taken candidates', entries restricted
+        away; ``used``: :meth:`_used`, when known): every later commit then reads and
+        writes less (the stage's work falls as the greedy goes).  ``C0`` is not copied:
+        the live columns map into it."""
+        keep = np.flatnonzero(self._used() if used is None else used)
         remap = np.full(self.G.size, -1, dtype=np.int64)
         remap[keep] = np.arange(keep.size)
         w, nk, buf = self.G.size, keep.size, self._buf
