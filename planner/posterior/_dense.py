@@ -46,6 +46,38 @@ def gather(A: np.ndarray, rows: np.ndarray, cols: np.ndarray, copy: bool = True)
     return out
 
 
+class HeldCovariance:
+    """Σ over a set of parameters, for a scorer stage that reads rows and blocks of it
+    many times (:meth:`~planner.posterior.base.Posterior.covariance_over`): read in
+    place from a dense ``A`` holding Σ over every parameter from ``first`` on."""
+
+    def __init__(self, A: np.ndarray, first: int = 0) -> None:
+        self.A, self.first = A, first
+
+    def cross(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``Σ[rows][:, cols]`` (parameter indices in the set)."""
+        return gather(self.A, rows - self.first, cols - self.first)
+
+    def blocks(self, groups: np.ndarray) -> np.ndarray:
+        """``Σ`` over each row of ``groups`` (``n × k`` parameter indices): ``n × k × k``."""
+        g = np.asarray(groups, dtype=np.int64) - self.first
+        return self.A[g[:, :, None], g[:, None, :]]
+
+
+class SetCovariance(HeldCovariance):
+    """The same, from Σ over the set itself (``idx``, ascending), formed once."""
+
+    def __init__(self, idx: np.ndarray, S: np.ndarray) -> None:
+        super().__init__(S)
+        self.idx = idx
+
+    def cross(self, rows, cols):
+        return gather(self.A, np.searchsorted(self.idx, rows), np.searchsorted(self.idx, cols))
+
+    def blocks(self, groups):
+        return super().blocks(np.searchsorted(self.idx, groups))
+
+
 class DensePosterior(Posterior):
     """A Gaussian held by one dense SPD matrix, named ``array_names[0]``: validated once
     (docs/theory.md §8), its lower Cholesky factor computed at most once."""

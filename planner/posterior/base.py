@@ -145,10 +145,15 @@ class Posterior(ABC):
         S = self.cov_block(np.concatenate([rows, cols]))
         return S[: rows.size, rows.size :]
 
-    def cov_view(self, idx: np.ndarray) -> np.ndarray:
-        """``Σ[idx][:, idx]`` for reading only: a view of the format's own dense matrix
-        where it holds one and ``idx`` is a run (no copy of a large block)."""
-        return self.cov_cross(idx, idx)
+    def covariance_over(self, idx: np.ndarray):
+        """Σ over the parameters ``idx`` (ascending, no repeats) for a scorer stage, which
+        reads rows and blocks of it many times (``cross(rows, cols)``, ``blocks(groups)``,
+        :class:`~planner.posterior._dense.HeldCovariance`): formed once by default; a
+        format holding Σ densely reads it in place instead (no copy of ``|idx|²``)."""
+        from ._dense import SetCovariance
+
+        idx = np.asarray(idx, dtype=np.int64)
+        return SetCovariance(idx, self.cov_cross(idx, idx))
 
     def inverse_block(self, idx: np.ndarray) -> np.ndarray:
         """``Σ[idx, idx]⁻¹`` (for exchange moves): one Cholesky of the block by default."""

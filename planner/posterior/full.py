@@ -11,7 +11,7 @@ from ..backend import current
 from ..linalg import inverse_diagonal
 from ..structure import Structure
 from . import _validate as v
-from ._dense import DensePosterior, gather
+from ._dense import DensePosterior, HeldCovariance, gather
 
 __all__ = ["FullPosterior"]
 
@@ -84,8 +84,8 @@ class FullPosterior(DensePosterior):
     def cov_cross(self, rows, cols) -> np.ndarray:
         return gather(self.covariance, rows, cols)
 
-    def cov_view(self, idx) -> np.ndarray:
-        return gather(self.covariance, idx, idx, copy=False)
+    def covariance_over(self, idx) -> HeldCovariance:
+        return HeldCovariance(self.covariance)
 
     def variance(self) -> np.ndarray:
         return np.diag(self.covariance).copy()

@@ -25,7 +25,7 @@ from .._threads import all_threads
 from ..backend import current
 from ..errors import InvalidPosterior
 from ..linalg import inverse_diagonal, symmetrise
-from ._dense import DensePosterior, _runs, gather
+from ._dense import DensePosterior, HeldCovariance, _runs, gather
 from ._validate import difference_cost
 
 #: A request for Σ over this share of the trailing parameters it spans computes (and
@@ -242,26 +242,36 @@ class PrecisionPosterior(DensePosterior):
         return X.T @ X
 
     def cov_cross(self, rows, cols) -> np.ndarray:
-        return self._cov(rows, cols, copy=True)
+        return self._cov(rows, cols)
 
-    def cov_view(self, idx) -> np.ndarray:
-        return self._cov(idx, idx, copy=False)
+    def covariance_over(self, idx):
+        idx = np.asarray(idx, dtype=np.int64)
+        cached = self._trailing_for(int(idx[0]), idx.size) if idx.size else None
+        if cached is not None:  # read in place
+            return HeldCovariance(cached[1], cached[0])
+        return super().covariance_over(idx)
 
-    def _cov(self, rows, cols, copy: bool) -> np.ndarray:
-        """Σ[rows][:, cols]: from the kept trailing Σ when it covers them (a view of it
-        where allowed), else by solves with the factor."""
+    def _trailing_for(self, t0: int, count: int):
+        """The kept trailing Σ when it covers index ``t0`` on, computed now when ``count``
+        entries from ``t0`` on are a large share of the trailing ones; else None."""
+        cached = self.__dict__.get("_trailing")
+        if cached is not None and cached[0] <= t0:
+            return cached
+        if count >= (self.n - t0) * _TRAILING_SHARE:
+            return self._trailing_covariance(t0)
+        return None
+
+    def _cov(self, rows, cols) -> np.ndarray:
+        """Σ[rows][:, cols]: from the kept trailing Σ when it covers them, else by solves
+        with the factor."""
         rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
         u, inv = np.unique(np.concatenate([rows, cols]), return_inverse=True)
         if u.size == 0:
             return np.zeros((rows.size, cols.size))
-        t0 = int(u[0])
-        cached = self.__dict__.get("_trailing")
-        covered = cached is not None and cached[0] <= t0
-        if not covered and u.size >= (self.n - t0) * _TRAILING_SHARE:
-            cached, covered = self._trailing_covariance(t0), True
-        if covered:
+        cached = self._trailing_for(int(u[0]), u.size)
+        if cached is not None:
             s0, S = cached
-            return gather(S, rows - s0, cols - s0, copy=copy)
+            return gather(S, rows - s0, cols - s0)
         X = self._cols(u)
         return X[:, inv[: rows.size]].T @ X[:, inv[rows.size :]]
 

@@ -25,7 +25,6 @@ uses independence.  Structured formats supply their own (``Posterior.scorer``).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -33,7 +32,7 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.linalg import lapack
 
-from .._threads import all_threads
+from .._threads import all_threads, split
 from ..graph import Consumers, Whole
 from ..linalg import lower_solve, pivots_ok
 from ._validate import cholesky_constraint
@@ -309,12 +308,9 @@ class DenseScorer:
         return 0.0  # dense teachers are bounded in size: the greedy is always exact
 
     # -- the conditional Gaussian of a set, given B ------------------------------------
-    def conditional(self, idx: np.ndarray, readonly: bool = False):
-        """(X = L⁻¹ Σ_{B,idx}, Cov(x_idx | x_B), E[x_idx | x_B = v_B]); with ``readonly``
-        the covariance may be a view of the format's own matrix when B is empty."""
+    def conditional(self, idx: np.ndarray):
+        """(X = L⁻¹ Σ_{B,idx}, Cov(x_idx | x_B), E[x_idx | x_B = v_B])."""
         self._refresh()
-        if readonly and self.n == 0:
-            return np.zeros((0, idx.size)), self.post.cov_view(idx), self.mean[idx]
         S = self.post.cov_cross(idx, idx)
         c = self.mean[idx].astype(np.float64, copy=True)
         if self.n == 0:
@@ -382,6 +378,9 @@ _THREADED_PRODUCT = 2e6
 
 #: Candidates up to which a stage reads their blocks one by one (no gathered copy).
 _FEW = 8
+#: Multiply-adds of one candidate's product below which a batch goes as one batched
+#: product (one BLAS call an item costs more than the item)
+_BATCHED_PRODUCT = 64**3
 #: Entries of W up to which a compaction copies in one vectorised step (not in place).
 _SMALL_W = 1 << 20
 
@@ -403,14 +402,37 @@ def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return A @ B
 
 
+def _gram_update(S: np.ndarray, at: np.ndarray, Y: np.ndarray) -> None:
+    """``S[at[i]] −= Y[i] Y[i]ᵀ`` for every i, in place: on one thread for a small batch;
+    on every core for a single large block (a ψ candidate's has thousands of entries);
+    a large batch split over threads (:func:`~planner._threads.split`), where small
+    blocks go as one batched product and larger ones one by one."""
+    n, k = at.size, Y.shape[1] * Y.shape[1] * Y.shape[2]
+
+    def part(lo: int, hi: int) -> None:
+        if k < _BATCHED_PRODUCT and hi - lo > _FEW:
+            S[at[lo:hi]] -= np.matmul(Y[lo:hi], Y[lo:hi].transpose(0, 2, 1))
+            return
+        for i in range(lo, hi):  # in place (S[at] -= D would copy S[at] twice)
+            S[at[i]] -= Y[i] @ Y[i].T
+
+    if n * k < _THREADED_PRODUCT:
+        part(0, n)
+    elif n == 1:
+        with all_threads():
+            part(0, 1)
+    else:
+        split(part, n)
+
+
 class _DenseDrops:
     """Candidates scored on the conditional Gaussian of their union ``G`` given B.
 
-    ``C0 = Cov(x_G | x_B)`` at the stage's start stays read-only (a view of the
-    format's own matrix where it holds one); the stage's own commits enter through
-    ``W`` (one block row per commit, ``C = C0 − WᵀW``), and only what scoring needs
-    is kept current: each candidate's own block of ``C`` and the conditional mean
-    ``c``.  A commit needs its rows of ``C``, ``O(|B_stage| |G| k)``: they are
+    ``C = Cov(x_G | x_B) = Σ_GG − WᵀW`` with ``W = L⁻¹ Σ_{B,G}``, the scorer's factor
+    over G's columns: its rows at the stage's start and one block row per commit since.
+    ``C`` is never formed (``Σ_GG`` is read from the format a few rows at a time): only
+    what scoring needs is kept current, each candidate's own block of ``C`` and the
+    conditional mean ``c``.  A commit needs its rows of ``C``, ``O(|B| |G| k)``: they are
     computed for the next few candidates by increment at once (one product of
     ``SPECULATE`` × k rows runs near the machine's peak, one of k rows at half of
     it), and a row computed ahead is brought up to date by the commits since, so
@@ -429,15 +451,28 @@ class _DenseDrops:
         self.sc = scorer
         self.G, inv = np.unique(groups, return_inverse=True)
         self.pos = inv.reshape(groups.shape)  # candidate → positions in the live columns
-        self.X0, self.C0, self.c = scorer.conditional(self.G, readonly=True)
-        self.cols = np.arange(self.G.size)  # live column → column of C0
-        q = self.pos
-        self.S = self.C0[q[:, :, None], q[:, None, :]]  # each candidate's own block
-        scorer.reserve(scorer.n + self.G.size)  # B grows by at most G in this stage
+        q, w = self.pos, self.G.size
+        scorer._refresh()
+        n0 = scorer.n
+        self.c = scorer.mean[self.G].astype(np.float64, copy=True)
+        self.cov = scorer.post.covariance_over(self.G)  # Σ over G, read a few rows at a time
+        self.S = self.cov.blocks(self.G[q])  # each candidate's own block
         # W's rows (over the live columns) live in one flat buffer, reserved for every
         # row the stage may add (calloc: pages are touched as used) and compacted in place
-        self._buf = np.zeros(self.G.size * self.G.size)
-        self.m = 0  # rows of W in use
+        self._buf = np.zeros((n0 + w) * w)
+        self.m = n0  # rows of W in use
+        if n0:
+            W = self._W
+            W[:] = lower_solve(scorer.L, scorer.post.cov_cross(scorer.B, self.G))
+            self.c += W.T @ scorer.z
+            Wq = W.T[q]  # n × k × n0
+            self.S -= np.matmul(Wq, Wq.transpose(0, 2, 1))
+        #: the within-group entries left (ids of the stage's first groups, ascending), and
+        #: those ``S`` still spans: :meth:`restrict` only marks entries gone, and ``S``
+        #: and the updates waiting are cut down to them when ``S`` is next read
+        self._ids = np.arange(q.shape[1])
+        self._S_ids = self._ids
+        scorer.reserve(scorer.n + self.G.size)  # B grows by at most G in this stage
         self.live = np.ones(len(groups), dtype=bool)
         self.dead = 0  # columns of taken candidates still held
         self._inc = np.zeros(len(groups))
@@ -455,7 +490,8 @@ class _DenseDrops:
         self._y_ok = np.zeros(len(groups), dtype=bool)
         #: the updates of ``S`` not yet made, ``S[at] −= Yq Yqᵀ`` (:meth:`_settle`): a
         #: candidate scored by bounds alone never pays for its block's updates
-        self._pend: list[tuple[np.ndarray | slice, np.ndarray]] = []
+        #: (each with the within-group entries ``Yq``'s rows span: ``_ids`` when made)
+        self._pend: list[tuple[np.ndarray | slice, np.ndarray, np.ndarray]] = []
 
     @property
     def _W(self) -> np.ndarray:
@@ -480,39 +516,66 @@ class _DenseDrops:
     def _defer(self, at, Yq: np.ndarray) -> None:
         """``S[at] −= Yq Yqᵀ``, made when ``S`` is next read (or at once when the updates
         waiting would hold more than twice ``S`` and more than ``W``'s buffer)."""
-        self._pend.append((at, Yq))
-        if sum(y.nbytes for _, y in self._pend) > max(2 * self.S.nbytes, self._buf.nbytes):
+        self._pend.append((at, Yq, self._ids))
+        if sum(y.nbytes for _, y, _ in self._pend) > max(2 * self.S.nbytes, self._buf.nbytes):
             self._settle()
 
+    def _cut(self, ids: np.ndarray) -> np.ndarray | None:
+        """Where the entries left lie among ``ids`` (None: they are all of them)."""
+        return None if ids.size == self._ids.size else np.searchsorted(ids, self._ids)
+
     def _settle(self) -> None:
-        # one product a candidate: on every core when each is large (a ψ candidate's
-        # block has thousands of entries; threads slow a batch of small ones)
-        big = any(Yq.shape[1] ** 2 * Yq.shape[2] >= _THREADED_PRODUCT for _, Yq in self._pend)
-        with all_threads() if big else nullcontext():
-            for at, Yq in self._pend:
-                D = np.matmul(Yq, Yq.transpose(0, 2, 1))
-                if isinstance(at, slice) or at.size > _FEW:
-                    self.S[at] -= D
-                else:  # in place, candidate by candidate (S[at] -= D would copy S[at] twice)
-                    for i, a in enumerate(at):
-                        self.S[a] -= D[i]
+        r = self._cut(self._S_ids)
+        if r is not None:  # the entries restricted away since S was last read: one gather
+            self.S = self.S[:, r[:, None], r[None, :]]
+            self._S_ids = self._ids
+        for at, Yq, ids in self._pend:
+            r = self._cut(ids)
+            _gram_update(self.S, np.arange(len(self.pos))[at], Yq if r is None else Yq[:, r])
         self._pend.clear()
+
+    def _own(self, g: int) -> np.ndarray:
+        """Candidate ``g``'s block of ``C`` as it is now (its updates waiting made on a copy,
+        the others' left waiting)."""
+        r = self._cut(self._S_ids)
+        S = self.S[g].copy() if r is None else self.S[g][r[:, None], r[None, :]]
+        for at, Yq, ids in self._pend:
+            Y = Yq[g] if isinstance(at, slice) else Yq[int(np.searchsorted(at, g))]
+            r = self._cut(ids)
+            Y = Y if r is None else Y[r]
+            S -= Y @ Y.T
+        return S
 
     def _S_times(self, sel: np.ndarray, y: np.ndarray) -> np.ndarray:
         """``S[sel] y`` (one vector a candidate) as ``S`` is now, without :meth:`_settle`:
-        ``O(k)`` a candidate for each update waiting instead of ``O(k²)``."""
+        ``O(k)`` a candidate for each update waiting instead of ``O(k²)``.  Where ``S`` or an
+        update still spans entries restricted away, ``y`` is spread over its entries (0 on
+        those gone) and the product read back at the entries left: no copy of the blocks."""
+
+        def spread(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            r = self._cut(ids)
+            if r is None:
+                return y, None
+            out = np.zeros((y.shape[0], ids.size))
+            out[:, r] = y
+            return out, r
+
+        ys, r = spread(self._S_ids)
         if sel.size <= _FEW:  # no copy of the blocks (a ψ candidate's is large)
-            out = np.stack([self.S[i] @ y[j] for j, i in enumerate(sel)])
+            out = np.stack([self.S[i] @ ys[j] for j, i in enumerate(sel)])
         else:
-            out = np.matmul(self.S[sel], y[:, :, None])[:, :, 0]
+            out = np.matmul(self.S[sel], ys[:, :, None])[:, :, 0]
+        out = out if r is None else out[:, r]
         where = np.full(len(self.pos), -1, dtype=np.int64)
-        for at, Yq in self._pend:
+        for at, Yq, ids in self._pend:
             if isinstance(at, slice):
                 Y = Yq[sel]
             else:
                 where[at] = np.arange(at.size)
                 Y = Yq[where[sel]]
-            out -= np.matmul(Y, np.matmul(y[:, None, :], Y).transpose(0, 2, 1))[:, :, 0]
+            ys, r = spread(ids)
+            t = np.matmul(Y, np.matmul(ys[:, None, :], Y).transpose(0, 2, 1))[:, :, 0]
+            out -= t if r is None else t[:, r]
         return out
 
     def bounds(self) -> np.ndarray | None:
@@ -549,8 +612,8 @@ class _DenseDrops:
         return out
 
     def _product(self, rows: np.ndarray, W: np.ndarray) -> np.ndarray:
-        """``C[rows, :]`` over the live columns: ``C0[rows] − W[:, rows]ᵀ W``."""
-        out = self.C0[self.cols[rows]].take(self.cols, axis=1)  # (take on a view copies it)
+        """``C[rows, :]`` over the live columns: ``Σ[rows, G] − W[:, rows]ᵀ W``."""
+        out = self.cov.cross(self.G[rows], self.G)
         out -= _matmul(np.ascontiguousarray(W[:, rows].T), W)
         return out
 
@@ -577,17 +640,26 @@ class _DenseDrops:
             self._ahead[h] = (part, self.m)
         return parts[0]
 
-    def take(self, which) -> None:
+    def take(self, which, last: bool = False) -> None:
+        """Commit candidates ``which`` in turn.  ``last``: the stage is never read after
+        the last of them (its step ends the stage): that commit needs its own block of
+        ``C`` only, not its rows over every column (a ψ block's are a product of
+        ``|B_stage| × k × |G|``)."""
         which = [int(g) for g in np.atleast_1d(which)]
         for i, g in enumerate(which):
             self._queue = which[i + 1 :]
             if not self.live[g]:
                 raise ValueError(f"candidate {g} was taken already")
             q = self.pos[g]
+            if last and i == len(which) - 1:
+                X = self._W[:, q]
+                self.sc._append(self.G[q], np.zeros(q.size), X, _chol(self._own(g)), self.c[q])
+                self.live[g] = False
+                return
             row = self._rows(g)  # C[q, :]
             Lk = _chol(row[:, q])
             Yt = _lower_solve(Lk, row)  # Lk⁻¹ C[q, :]
-            X = np.vstack([self.X0[:, self.cols[q]], self._W[:, q]])
+            X = self._W[:, q]
             self.sc._append(self.G[q], np.zeros(q.size), X, Lk, self.c[q].copy())
             u = self.sc.z[-q.size :]
             self.c += Yt.T @ u
@@ -617,14 +689,12 @@ class _DenseDrops:
         X = sc._L[n - k : n, : n - k]  # (L⁻¹ Σ_{B_prev, e})ᵀ, rows: the new entries
         Lk = sc._L[n - k : n, n - k : n]
         u = sc.z[n - k : n]
-        n0 = self.X0.shape[0]
-        if n - k != n0 + self.m:
+        if n - k != self.m:
             raise ValueError("a commit was not taken in by this stage")
         G = self.G
         C = self.sc.post.cov_cross(idx, G)  # Σ_{e, G}
-        C -= _matmul(X[:, :n0], self.X0.take(self.cols, axis=1))
         if self.m:
-            C -= _matmul(X[:, n0:], self._W)
+            C -= _matmul(X, self._W)
         Yt = _lower_solve(Lk, C)  # Lk⁻¹ Cov(e, G | B)
         self.c += Yt.T @ u
         at = np.flatnonzero(self.live)
@@ -649,9 +719,7 @@ class _DenseDrops:
         readers lost to φ elsewhere (marginalised, so no longer conditioned)."""
         keep = np.asarray(keep, dtype=bool)
         self.pos = self.pos[:, keep]
-        k = np.flatnonzero(keep)
-        self.S = self.S[:, k[:, None], k[None, :]]  # one gather
-        self._pend = [(at, Yq[:, keep]) for at, Yq in self._pend]
+        self._ids = self._ids[keep]  # S and the updates waiting are cut when next read
         self._ahead.clear()  # rows computed ahead were for the old groups
         if self._fac is not None:  # a sub-block's factor is not the factor's sub-block:
             ok = self._fac_ok  # keep the solutions S⁻¹c instead (bounds() still uses them)
@@ -679,8 +747,7 @@ class _DenseDrops:
     def _compact(self, used: np.ndarray | None = None) -> None:
         """Drop the columns no live candidate reads (taken candidates', entries restricted
         away; ``used``: :meth:`_used`, when known): every later commit then reads and
-        writes less (the stage's work falls as the greedy goes).  ``C0`` is not copied:
-        the live columns map into it."""
+        writes less (the stage's work falls as the greedy goes)."""
         keep = np.flatnonzero(self._used() if used is None else used)
         remap = np.full(self.G.size, -1, dtype=np.int64)
         remap[keep] = np.arange(keep.size)
@@ -690,7 +757,7 @@ class _DenseDrops:
         else:  # in place: row i moves to [i nk, (i+1) nk), never past unread rows
             for i in range(self.m):
                 buf[i * nk : (i + 1) * nk] = buf[i * w : (i + 1) * w].take(keep)
-        self.cols, self.c, self.G = self.cols[keep], self.c[keep], self.G[keep]
+        self.c, self.G = self.c[keep], self.G[keep]
         self._ahead = {h: (r.take(keep, axis=1), m0) for h, (r, m0) in self._ahead.items()}
         self.pos = np.where(self.live[:, None], remap[self.pos], -1)
         self.dead = 0

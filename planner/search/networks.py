@@ -388,21 +388,28 @@ class _Stages:
         return ops, inc
 
     def take(self, op: Op, key: tuple[str, int], j: int) -> None:
+        """Take step ``op`` (candidate ``j`` of ``key``'s stage).  Only the stages of the
+        keys left after it are kept current: the one whose step ends it (a block's ψ, a
+        space's last channel, the route's last step) commits its own block alone."""
         st = self.st
         n0 = st.sc.n
+        eff = st.tr.apply(op)
+        st.ops.append(op)
+        st.effects.append(eff)
+        st.forget(op)
+        keys = set(st.keys())
+        for other in [o for o in self.drops if o not in keys and o != key]:
+            del self.drops[other]
         if key[0] == "layer":
-            eff = st.tr.apply(op)
             st.sc.commit(eff.conditioned, eff.targets)
         else:
-            self.drops[key].take(j)
-            eff = st.tr.apply(op)
+            self.drops[key].take(j, last=key not in keys)
+            if key not in keys:
+                del self.drops[key]
         k = st.sc.n - n0
         for other, d in self.drops.items():
             if other != key:
                 d.absorb(k)
-        st.ops.append(op)
-        st.effects.append(eff)
-        st.forget(op)
 
 
 def _leaves(teacher: Network, route: NetRoute) -> int:

@@ -78,3 +78,32 @@ def test_a_large_product_takes_the_callers_threads_never_more():
             assert threads() == 1
         with single_threaded(), all_threads():
             assert threads() == 1
+
+
+def test_split_work_covers_every_item_once_in_the_callers_threads():
+    """``split`` cuts a batch into one part per thread the caller allows (its limit outside
+    the one-thread loop), never more, and runs it inline outside any loop."""
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from planner._threads import single_threaded, split
+
+    def run(n: int) -> list[tuple[int, int, str]]:
+        parts: list[tuple[int, int, str]] = []
+        split(lambda a, b: parts.append((a, b, threading.current_thread().name)), n)
+        return sorted(parts)
+
+    with threadpool_limits(2, user_api="blas"):
+        outside = max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        parts = run(7)
+        assert [(a, b) for a, b, _ in parts] == [(0, 7)]  # no loop: inline, one part
+        assert parts[0][2] == threading.current_thread().name
+        with single_threaded():
+            for n in (1, 2, 7):
+                parts = run(n)
+                assert len(parts) == min(outside, n)
+                cuts = [a for a, _, _ in parts] + [n]
+                assert cuts[0] == 0 and [b for _, b, _ in parts] == cuts[1:]  # each item once
+    with threadpool_limits(1, user_api="blas"), single_threaded():
+        assert len(run(5)) == 1
