@@ -46,6 +46,10 @@ def gather(A: np.ndarray, rows: np.ndarray, cols: np.ndarray, copy: bool = True)
     return out
 
 
+#: Blocks up to which :meth:`HeldCovariance.blocks` gathers them one by one.
+_FEW_BLOCKS = 8
+
+
 class HeldCovariance:
     """Σ over a set of parameters, for a scorer stage that reads rows and blocks of it
     many times (:meth:`~planner.posterior.base.Posterior.covariance_over`): read in
@@ -59,8 +63,11 @@ class HeldCovariance:
         return gather(self.A, rows - self.first, cols - self.first)
 
     def blocks(self, groups: np.ndarray) -> np.ndarray:
-        """``Σ`` over each row of ``groups`` (``n × k`` parameter indices): ``n × k × k``."""
+        """``Σ`` over each row of ``groups`` (``n × k`` parameter indices): ``n × k × k``;
+        a few large blocks run by run (:func:`gather`: a ψ block's rows are runs)."""
         g = np.asarray(groups, dtype=np.int64) - self.first
+        if g.size and g.shape[0] <= _FEW_BLOCKS:
+            return np.stack([gather(self.A, r, r) for r in g])
         return self.A[g[:, :, None], g[:, None, :]]
 
 

@@ -378,6 +378,8 @@ _THREADED_PRODUCT = 2e6
 
 #: Candidates up to which a stage reads their blocks one by one (no gathered copy).
 _FEW = 8
+#: Entries of a candidate from which a stage reads the blocks of several one by one.
+_LARGE_BLOCK = 64
 #: Multiply-adds of one candidate's product below which a batch goes as one batched
 #: product (one BLAS call an item costs more than the item)
 _BATCHED_PRODUCT = 64**3
@@ -560,8 +562,11 @@ class _DenseDrops:
             out[:, r] = y
             return out, r
 
+        # one by one when few or large (no copy of the blocks: a ψ candidate's is large),
+        # else batched
+        loop = sel.size <= _FEW or self.S.shape[1] >= _LARGE_BLOCK
         ys, r = spread(self._S_ids)
-        if sel.size <= _FEW:  # no copy of the blocks (a ψ candidate's is large)
+        if loop:
             out = np.stack([self.S[i] @ ys[j] for j, i in enumerate(sel)])
         else:
             out = np.matmul(self.S[sel], ys[:, :, None])[:, :, 0]
@@ -569,12 +574,16 @@ class _DenseDrops:
         where = np.full(len(self.pos), -1, dtype=np.int64)
         for at, Yq, ids in self._pend:
             if isinstance(at, slice):
-                Y = Yq[sel]
+                rows = sel
             else:
                 where[at] = np.arange(at.size)
-                Y = Yq[where[sel]]
+                rows = where[sel]
             ys, r = spread(ids)
-            t = np.matmul(Y, np.matmul(ys[:, None, :], Y).transpose(0, 2, 1))[:, :, 0]
+            if loop:
+                t = np.stack([Yq[a] @ (ys[j] @ Yq[a]) for j, a in enumerate(rows)])
+            else:
+                Y = Yq[rows]
+                t = np.matmul(Y, np.matmul(ys[:, None, :], Y).transpose(0, 2, 1))[:, :, 0]
             out -= t if r is None else t[:, r]
         return out
 

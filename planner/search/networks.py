@@ -307,7 +307,7 @@ def _greedy_in(posterior, route, budget, incremental, fits, bound) -> _State | N
                 return None
             st.take(ops[least(inc, st.sc.cost)])
             continue
-        ops, inc = stages.candidates()
+        ops, inc = stages.candidates(stop=bound)
         if not ops:
             return st
         if np.isfinite(bound) and st.floor(ops, inc) >= bound:
@@ -348,12 +348,14 @@ class _Stages:
             d = self.drops[key] = self.st.sc.drops(new)
         return d
 
-    def candidates(self) -> tuple[_Steps, np.ndarray]:
+    def candidates(self, stop: float = np.inf) -> tuple[_Steps, np.ndarray]:
         """Every next step (its stage and candidate: :meth:`_Steps.where`) and its
         increment, in the tie order.  A stage whose
         factors are kept offers lower bounds first (:meth:`_DenseDrops.bounds`); stages
         are scored exactly until every candidate within ``TIE`` of the least value is
-        exact, so the step taken is the one exact increments everywhere would take."""
+        exact, so the step taken is the one exact increments everywhere would take.
+        When the route's floor from the bounds alone reaches ``stop`` (the route cannot
+        win: :meth:`_State.floor`), the bounds are returned as they are."""
         st = self.st
         ops = _Steps(st)
         keys = st.keys()
@@ -375,6 +377,10 @@ class _Stages:
             v = (d.increments() if exact else b)[live]
             parts.append((key, d, v, exact))
             ops.add(key, live.size, members=live)
+        if np.isfinite(stop) and parts:
+            inc = np.concatenate([v for _, _, v, _ in parts])
+            if st.floor(ops, inc) >= stop:
+                return ops, inc
         while parts:
             m = min((float(v.min()) for _, _, v, _ in parts if v.size), default=0.0)
             top = tie_limit(m, st.sc.cost)
