@@ -52,37 +52,36 @@ _FEW_BLOCKS = 8
 
 class HeldCovariance:
     """Σ over a set of parameters, for a scorer stage that reads rows and blocks of it
-    many times (:meth:`~planner.posterior.base.Posterior.covariance_over`): read in
-    place from a dense ``A`` holding Σ over every parameter from ``first`` on."""
+    many times (:meth:`~planner.posterior.base.Posterior.covariance_over`): held densely
+    in ``A``, over the parameters ``idx`` (ascending), or every parameter from ``first``
+    on (``idx`` None: a format's own matrix, read in place)."""
 
-    def __init__(self, A: np.ndarray, first: int = 0) -> None:
-        self.A, self.first = A, first
+    def __init__(self, A: np.ndarray, idx: np.ndarray | None = None, first: int = 0) -> None:
+        self.A, self.idx, self.first = A, idx, first
+        self._cols: np.ndarray | None = None  # the last columns asked for, and where they are
+        self._at_cols: np.ndarray | slice = slice(0)
+
+    def _at(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        return ids - self.first if self.idx is None else np.searchsorted(self.idx, ids)
 
     def cross(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """``Σ[rows][:, cols]`` (parameter indices in the set)."""
-        return gather(self.A, rows - self.first, cols - self.first)
+        """``Σ[rows][:, cols]`` (parameter indices in the set).  A stage reads its rows
+        against the same columns again and again: where the last ones lie is kept."""
+        if cols is not self._cols:
+            c = self._at(cols)
+            one_run = c.size and c[-1] - c[0] + 1 == c.size
+            self._cols, self._at_cols = cols, slice(c[0], c[-1] + 1) if one_run else c
+        r, c = self._at(rows), self._at_cols
+        return self.A[r, c] if isinstance(c, slice) else self.A[np.ix_(r, c)]
 
     def blocks(self, groups: np.ndarray) -> np.ndarray:
         """``Σ`` over each row of ``groups`` (``n × k`` parameter indices): ``n × k × k``;
         a few large blocks run by run (:func:`gather`: a ψ block's rows are runs)."""
-        g = np.asarray(groups, dtype=np.int64) - self.first
+        g = self._at(groups)
         if g.size and g.shape[0] <= _FEW_BLOCKS:
             return np.stack([gather(self.A, r, r) for r in g])
         return self.A[g[:, :, None], g[:, None, :]]
-
-
-class SetCovariance(HeldCovariance):
-    """The same, from Σ over the set itself (``idx``, ascending), formed once."""
-
-    def __init__(self, idx: np.ndarray, S: np.ndarray) -> None:
-        super().__init__(S)
-        self.idx = idx
-
-    def cross(self, rows, cols):
-        return gather(self.A, np.searchsorted(self.idx, rows), np.searchsorted(self.idx, cols))
-
-    def blocks(self, groups):
-        return super().blocks(np.searchsorted(self.idx, groups))
 
 
 class DensePosterior(Posterior):

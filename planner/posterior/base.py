@@ -150,10 +150,10 @@ class Posterior(ABC):
         reads rows and blocks of it many times (``cross(rows, cols)``, ``blocks(groups)``,
         :class:`~planner.posterior._dense.HeldCovariance`): formed once by default; a
         format holding Σ densely reads it in place instead (no copy of ``|idx|²``)."""
-        from ._dense import SetCovariance
+        from ._dense import HeldCovariance
 
         idx = np.asarray(idx, dtype=np.int64)
-        return SetCovariance(idx, self.cov_cross(idx, idx))
+        return HeldCovariance(self.cov_cross(idx, idx), idx)
 
     def inverse_block(self, idx: np.ndarray) -> np.ndarray:
         """``Σ[idx, idx]⁻¹`` (for exchange moves): one Cholesky of the block by default."""

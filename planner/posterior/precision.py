@@ -248,7 +248,7 @@ class PrecisionPosterior(DensePosterior):
         idx = np.asarray(idx, dtype=np.int64)
         cached = self._trailing_for(int(idx[0]), idx.size) if idx.size else None
         if cached is not None:  # read in place
-            return HeldCovariance(cached[1], cached[0])
+            return HeldCovariance(cached[1], first=cached[0])
         return super().covariance_over(idx)
 
     def _trailing_for(self, t0: int, count: int):

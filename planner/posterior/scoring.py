@@ -35,6 +35,7 @@ from scipy.linalg import lapack
 from .._threads import all_threads, split
 from ..graph import Consumers, Whole
 from ..linalg import lower_solve, pivots_ok
+from ._dense import HeldCovariance
 from ._validate import cholesky_constraint
 
 __all__ = [
@@ -430,11 +431,12 @@ def _gram_update(S: np.ndarray, at: np.ndarray, Y: np.ndarray) -> None:
 class _DenseDrops:
     """Candidates scored on the conditional Gaussian of their union ``G`` given B.
 
-    ``C = Cov(x_G | x_B) = Σ_GG − WᵀW`` with ``W = L⁻¹ Σ_{B,G}``, the scorer's factor
-    over G's columns: its rows at the stage's start and one block row per commit since.
-    ``C`` is never formed (``Σ_GG`` is read from the format a few rows at a time): only
-    what scoring needs is kept current, each candidate's own block of ``C`` and the
-    conditional mean ``c``.  A commit needs its rows of ``C``, ``O(|B| |G| k)``: they are
+    ``C0 = Cov(x_G | x_B)`` at the stage's start is read a few rows at a time (from the
+    format's own Σ in place when B was empty, else formed once); the stage's commits
+    enter through ``W`` (the scorer's factor over G's columns, one block row per commit,
+    ``C = C0 − WᵀW``), and only what scoring needs is kept current: each candidate's own
+    block of ``C`` and the conditional mean ``c``.  A commit needs its rows of ``C``,
+    ``O(|B_stage| |G| k)``: they are
     computed for the next few candidates by increment at once (one product of
     ``SPECULATE`` × k rows runs near the machine's peak, one of k rows at half of
     it), and a row computed ahead is brought up to date by the commits since, so
@@ -455,20 +457,18 @@ class _DenseDrops:
         self.pos = inv.reshape(groups.shape)  # candidate → positions in the live columns
         q, w = self.pos, self.G.size
         scorer._refresh()
-        n0 = scorer.n
-        self.c = scorer.mean[self.G].astype(np.float64, copy=True)
-        self.cov = scorer.post.covariance_over(self.G)  # Σ over G, read a few rows at a time
+        if scorer.n == 0:  # C0 = Σ_GG, never copied whole
+            self.X0 = np.zeros((0, w))
+            self.c = scorer.mean[self.G].astype(np.float64, copy=True)
+            self.cov = scorer.post.covariance_over(self.G)
+        else:  # most of its rows are read as the stage goes: one product now
+            self.X0, C0, self.c = scorer.conditional(self.G)  # X0 = L⁻¹ Σ_{B,G}
+            self.cov = HeldCovariance(C0, self.G)
         self.S = self.cov.blocks(self.G[q])  # each candidate's own block
         # W's rows (over the live columns) live in one flat buffer, reserved for every
         # row the stage may add (calloc: pages are touched as used) and compacted in place
-        self._buf = np.zeros((n0 + w) * w)
-        self.m = n0  # rows of W in use
-        if n0:
-            W = self._W
-            W[:] = lower_solve(scorer.L, scorer.post.cov_cross(scorer.B, self.G))
-            self.c += W.T @ scorer.z
-            Wq = W.T[q]  # n × k × n0
-            self.S -= np.matmul(Wq, Wq.transpose(0, 2, 1))
+        self._buf = np.zeros(w * w)
+        self.m = 0  # rows of W in use
         #: the within-group entries left (ids of the stage's first groups, ascending), and
         #: those ``S`` still spans: :meth:`restrict` only marks entries gone, and ``S``
         #: and the updates waiting are cut down to them when ``S`` is next read
@@ -621,7 +621,7 @@ class _DenseDrops:
         return out
 
     def _product(self, rows: np.ndarray, W: np.ndarray) -> np.ndarray:
-        """``C[rows, :]`` over the live columns: ``Σ[rows, G] − W[:, rows]ᵀ W``."""
+        """``C[rows, :]`` over the live columns: ``C0[rows, :] − W[:, rows]ᵀ W``."""
         out = self.cov.cross(self.G[rows], self.G)
         out -= _matmul(np.ascontiguousarray(W[:, rows].T), W)
         return out
@@ -661,14 +661,14 @@ class _DenseDrops:
                 raise ValueError(f"candidate {g} was taken already")
             q = self.pos[g]
             if last and i == len(which) - 1:
-                X = self._W[:, q]
+                X = np.vstack([self.X0[:, q], self._W[:, q]])
                 self.sc._append(self.G[q], np.zeros(q.size), X, _chol(self._own(g)), self.c[q])
                 self.live[g] = False
                 return
             row = self._rows(g)  # C[q, :]
             Lk = _chol(row[:, q])
             Yt = _lower_solve(Lk, row)  # Lk⁻¹ C[q, :]
-            X = self._W[:, q]
+            X = np.vstack([self.X0[:, q], self._W[:, q]])
             self.sc._append(self.G[q], np.zeros(q.size), X, Lk, self.c[q].copy())
             u = self.sc.z[-q.size :]
             self.c += Yt.T @ u
@@ -698,12 +698,15 @@ class _DenseDrops:
         X = sc._L[n - k : n, : n - k]  # (L⁻¹ Σ_{B_prev, e})ᵀ, rows: the new entries
         Lk = sc._L[n - k : n, n - k : n]
         u = sc.z[n - k : n]
-        if n - k != self.m:
+        n0 = self.X0.shape[0]
+        if n - k != n0 + self.m:
             raise ValueError("a commit was not taken in by this stage")
         G = self.G
         C = self.sc.post.cov_cross(idx, G)  # Σ_{e, G}
+        if n0:
+            C -= _matmul(X[:, :n0], self.X0)
         if self.m:
-            C -= _matmul(X, self._W)
+            C -= _matmul(X[:, n0:], self._W)
         Yt = _lower_solve(Lk, C)  # Lk⁻¹ Cov(e, G | B)
         self.c += Yt.T @ u
         at = np.flatnonzero(self.live)
@@ -767,6 +770,7 @@ class _DenseDrops:
             for i in range(self.m):
                 buf[i * nk : (i + 1) * nk] = buf[i * w : (i + 1) * w].take(keep)
         self.c, self.G = self.c[keep], self.G[keep]
+        self.X0 = self.X0.take(keep, axis=1)  # once here, not at every commit taken in
         self._ahead = {h: (r.take(keep, axis=1), m0) for h, (r, m0) in self._ahead.items()}
         self.pos = np.where(self.live[:, None], remap[self.pos], -1)
         self.dead = 0

@@ -129,3 +129,30 @@ def test_gather_is_fancy_indexing_whatever_the_runs(seed, n_rows, n_cols):
     rows, cols = indices(n_rows), indices(n_cols)
     np.testing.assert_array_equal(gather(A, rows, cols), A[np.ix_(rows, cols)])
     np.testing.assert_array_equal(gather(A, rows, cols, copy=False), A[np.ix_(rows, cols)])
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 12), st.booleans())
+def test_a_stage_reads_covariance_rows_and_blocks_exactly(seed, n_groups, own_matrix):
+    """``covariance_over``'s reader (Σ in place from the format's matrix, or Σ over the set
+    formed once): rows against the stage's columns, as those columns shrink (the positions
+    of the last ones are kept), and each candidate's block, equal to Σ's own entries."""
+    from planner.posterior._dense import HeldCovariance
+
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(50, 50))
+    groups = np.sort(rng.choice(np.arange(5, 50), size=(n_groups, 3), replace=False), axis=1)
+    if n_groups > 6 and rng.random() < 0.5:  # one run: a layer's columns
+        groups = np.arange(8, 8 + 3 * n_groups).reshape(n_groups, 3)
+    G = np.unique(groups)
+    reader = (
+        HeldCovariance(A[5:, 5:], first=5) if own_matrix else HeldCovariance(A[np.ix_(G, G)], G)
+    )
+    np.testing.assert_array_equal(reader.blocks(groups), A[groups[:, :, None], groups[:, None, :]])
+    cols = G
+    for _ in range(3):
+        rows = cols[rng.permutation(cols.size)[: rng.integers(1, cols.size + 1)]]
+        np.testing.assert_array_equal(reader.cross(rows, cols), A[np.ix_(rows, cols)])
+        np.testing.assert_array_equal(reader.cross(rows[:1], cols), A[np.ix_(rows[:1], cols)])
+        cols = cols[rng.random(cols.size) < 0.7] if cols.size > 1 else cols
+        if cols.size == 0:
+            cols = G[:1]
