@@ -8,8 +8,9 @@ about 13 µs, so a loop may switch for each of its large products.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 
 from threadpoolctl import ThreadpoolController
@@ -19,8 +20,10 @@ __all__ = ["all_threads", "single_threaded", "split"]
 _controller: ThreadpoolController | None = None
 #: BLAS thread counts in force where each enclosing ``single_threaded`` began
 _outer: list[int] = []
-#: Python threads for :func:`split`, by count (numpy releases the GIL in its kernels)
+#: Python threads for :func:`split`, by count (numpy releases the GIL in its kernels);
+#: a forked child (a service's pool worker) has none of its parent's threads: new ones
 _pools: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _blas() -> ThreadpoolController:
@@ -64,7 +67,12 @@ def split(work: Callable[[int, int], None], n: int) -> None:
         return
     pool = _pools.get(parts)
     if pool is None:
-        pool = _pools[parts] = ThreadPoolExecutor(parts, thread_name_prefix="planner")
+        pool = _pools[parts] = ThreadPoolExecutor(parts - 1, thread_name_prefix="planner")
     cuts = [n * i // parts for i in range(parts + 1)]
-    for f in [pool.submit(work, a, b) for a, b in itertools.pairwise(cuts)]:
+    rest = [pool.submit(work, a, b) for a, b in itertools.pairwise(cuts[1:])]
+    try:
+        work(cuts[0], cuts[1])  # the first part on the calling thread
+    finally:
+        wait(rest)  # no part still writes once this returns or raises
+    for f in rest:
         f.result()

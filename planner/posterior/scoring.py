@@ -441,15 +441,21 @@ class _DenseDrops:
     ``SPECULATE`` × k rows runs near the machine's peak, one of k rows at half of
     it), and a row computed ahead is brought up to date by the commits since, so
     every number is the same as one commit at a time.  Candidates of
-    ``SPECULATE_ROWS`` entries or more are not computed ahead: their own product
-    runs near the peak already, and rows computed for a candidate another stage's
-    step overtakes are lost.
+    ``ALONE_ROWS`` entries or more are not computed ahead: their own product runs
+    near the peak already.  Nor are any after another stage's step (a network's
+    global greedy): rows computed for a candidate another stage's step overtakes
+    are lost.
     """
 
     #: candidates whose rows one product computes (the one taken and the next cheapest)
     SPECULATE = 6
     #: ... at most this many rows in all (one candidate's at least)
     SPECULATE_ROWS = 300
+    #: candidates of this many entries or more compute their rows alone: one such product
+    #: runs near the peak already, and the next cheapest by the last increments is often
+    #: not the one taken next (the 10 k CNN's 144-entry channels: 4 of 10 rows computed
+    #: ahead were used)
+    ALONE_ROWS = 128
 
     def __init__(self, scorer: DenseScorer, groups: np.ndarray) -> None:
         self.sc = scorer
@@ -480,6 +486,9 @@ class _DenseDrops:
         self._inc = np.zeros(len(groups))
         self._ahead: dict[int, tuple[np.ndarray, int]] = {}  # candidate → (rows of C, m then)
         self._queue: list[int] = []  # the candidates a call to take commits after this one
+        #: whether another stage's commit came after this stage's last (:meth:`absorb`):
+        #: rows computed ahead would then mostly be lost to the other stages' steps
+        self._others = False
         #: with ``keep_factors``, each candidate's Cholesky factor at its last exact
         #: increment, for :meth:`bounds` (``None``: none yet, or its groups changed)
         self.keep_factors = False
@@ -639,7 +648,10 @@ class _DenseDrops:
             order = self._queue
         else:  # the next cheapest by the last increments
             order = [int(h) for h in np.argsort(self._inc, kind="stable")[: self.SPECULATE + 1]]
-        ahead = min(self.SPECULATE, self.SPECULATE_ROWS // max(self.pos.shape[1], 1)) - 1
+        k = self.pos.shape[1]
+        ahead = min(self.SPECULATE, self.SPECULATE_ROWS // max(k, 1)) - 1
+        if self._others or k >= self.ALONE_ROWS:  # (see ALONE_ROWS, and _others)
+            ahead = 0
         nxt = [h for h in order[: self.SPECULATE + 1] if h != g and self.live[h]]
         cands = [g, *[h for h in nxt if h not in self._ahead][: max(ahead, 0)]]
         sizes = [self.pos[h].size for h in cands]
@@ -666,6 +678,7 @@ class _DenseDrops:
                 self.live[g] = False
                 return
             row = self._rows(g)  # C[q, :]
+            self._others = False
             Lk = _chol(row[:, q])
             Yt = _lower_solve(Lk, row)  # Lk⁻¹ C[q, :]
             X = np.vstack([self.X0[:, q], self._W[:, q]])
@@ -709,6 +722,7 @@ class _DenseDrops:
             C -= _matmul(X[:, n0:], self._W)
         Yt = _lower_solve(Lk, C)  # Lk⁻¹ Cov(e, G | B)
         self.c += Yt.T @ u
+        self._others = True
         at = np.flatnonzero(self.live)
         self._defer(at, Yt.T[self.pos[at]])
         w = G.size

@@ -107,3 +107,24 @@ def test_split_work_covers_every_item_once_in_the_callers_threads():
                 assert cuts[0] == 0 and [b for _, b, _ in parts] == cuts[1:]  # each item once
     with threadpool_limits(1, user_api="blas"), single_threaded():
         assert len(run(5)) == 1
+
+
+def test_split_work_runs_in_a_forked_child():
+    """A child forked after ``split`` made its threads (a service's pool worker) gets
+    threads of its own: the parent's are not there, and waiting on them would hang."""
+    import multiprocessing
+
+    assert _split_in_child()  # the parent's threads, made
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_split_in_child).get(timeout=30)
+
+
+def _split_in_child() -> bool:
+    from threadpoolctl import threadpool_limits
+
+    from planner._threads import single_threaded, split
+
+    seen: list[int] = []
+    with threadpool_limits(2, user_api="blas"), single_threaded():
+        split(lambda a, b: seen.extend(range(a, b)), 6)
+    return sorted(seen) == list(range(6))
