@@ -436,11 +436,10 @@ class _DenseDrops:
     enter through ``W`` (the scorer's factor over G's columns, one block row per commit,
     ``C = C0 − WᵀW``), and only what scoring needs is kept current: each candidate's own
     block of ``C`` and the conditional mean ``c``.  A commit needs its rows of ``C``,
-    ``O(|B_stage| |G| k)``: they are
-    computed for the next few candidates by increment at once (one product of
-    ``SPECULATE`` × k rows runs near the machine's peak, one of k rows at half of
-    it), and a row computed ahead is brought up to date by the commits since, so
-    every number is the same as one commit at a time.  Candidates of
+    ``O(|B_stage| |G| k)``: they are computed for the next few candidates by increment
+    at once (one product of ``SPECULATE`` × k rows runs near the machine's peak, one of
+    k rows at half of it), and a row computed ahead is brought up to date by the
+    commits since, so every number is the same as one commit at a time.  Candidates of
     ``ALONE_ROWS`` entries or more are not computed ahead: their own product runs
     near the peak already.  Nor are any after another stage's step (a network's
     global greedy): rows computed for a candidate another stage's step overtakes
