@@ -110,8 +110,8 @@ def test_split_work_covers_every_item_once_in_the_callers_threads():
 
 
 def test_split_work_runs_in_a_forked_child():
-    """A child forked after ``split`` made its threads (a service's pool worker) gets
-    threads of its own: the parent's are not there, and waiting on them would hang."""
+    """A child forked after ``split`` made its threads (a service's pool worker) still runs
+    it: the parent's threads are not in the child, which makes its own."""
     import multiprocessing
 
     assert _split_in_child()  # the parent's threads, made
