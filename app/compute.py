@@ -23,8 +23,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from threadpoolctl import ThreadpoolController
-
 from planner import (
     FORMATS,
     InvalidPlan,
@@ -36,6 +34,7 @@ from planner import (
     backend,
     step_costs,
 )
+from planner._threads import limited as limited_threads
 from planner.criteria import criterion_function
 from planner.network_lattice import NetRoute
 from planner.search import search, search_budget
@@ -215,20 +214,6 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-_controller: ThreadpoolController | None = None
-
-
-def threads_limited(n: int):
-    """BLAS (and OpenMP) threads limited to ``n`` for one job: one
-    :class:`~threadpoolctl.ThreadpoolController` per process, built at the first job
-    (``threadpool_limits`` scans the loaded libraries at every call: 1.6 ms, a tenth
-    of a small plan request)."""
-    global _controller
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=n)
-
-
 def blas_threads(post: Posterior) -> int:
     """BLAS threads for one job: all of this process's cores for large dense problems,
     else one (small problems gain nothing from threads and lose much when jobs run side
@@ -245,7 +230,7 @@ def run_plan(config: Config, teacher_id: str, request: dict, stop=None) -> dict:
     it returns True.  Raises ``PlannerError`` for bad requests."""
     store = store_for(config)
     rec, post = _teacher_posterior(store, teacher_id, "teacher", teacher_id)
-    with threads_limited(blas_threads(post)):
+    with limited_threads(blas_threads(post)):
         out = _plan(post, store, rec, request, stop)
     max_ops = request.get("max_ops")
     if max_ops is not None and len(out["ops"]) > max_ops:
@@ -378,7 +363,7 @@ def run_steps(config: Config, plan_id: str) -> list[dict] | None:
         raise Problem.not_found("plan", plan_id)
     _, post = _teacher_posterior(store, plan_rec.teacher_id, "plan", plan_id)
     plan = Plan.from_json(post.structure, plan_rec.ops)
-    with threads_limited(blas_threads(post)):
+    with limited_threads(blas_threads(post)):
         steps = step_costs(plan, post)
     store.set_plan_steps(plan_id, steps)
     return steps
@@ -458,7 +443,7 @@ def run_prior(config: Config, prior_id: str) -> dict:
             return "gone"
         post = load_posterior(store, teacher)
         plan = Plan.from_json(post.structure, plan_rec.ops)
-        with threads_limited(blas_threads(post)):
+        with limited_threads(blas_threads(post)):
             aligned = plan.apply(post)
         infos = {}
         for name, arr in aligned.to_arrays().items():

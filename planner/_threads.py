@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["all_threads", "single_threaded", "split"]
+__all__ = ["all_threads", "limited", "single_threaded", "split"]
 
 _controller: ThreadpoolController | None = None
 #: BLAS thread counts in force where each enclosing ``single_threaded`` began
@@ -26,11 +26,22 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 os.register_at_fork(after_in_child=_pools.clear)
 
 
-def _blas() -> ThreadpoolController:
+def _libraries() -> ThreadpoolController:
     global _controller
     if _controller is None:
         _controller = ThreadpoolController()
-    return _controller.select(user_api="blas")
+    return _controller
+
+
+def _blas() -> ThreadpoolController:
+    return _libraries().select(user_api="blas")
+
+
+def limited(n: int):
+    """Every thread pool (BLAS, OpenMP) limited to ``n`` threads, for one service job
+    (``threadpool_limits`` would scan the loaded libraries at every call: 1.6 ms, a
+    tenth of a small plan request)."""
+    return _libraries().limit(limits=n)
 
 
 @contextmanager

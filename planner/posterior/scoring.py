@@ -671,8 +671,8 @@ class _DenseDrops:
             if not self.live[g]:
                 raise ValueError(f"candidate {g} was taken already")
             q = self.pos[g]
+            X = np.vstack([self.X0[:, q], self._W[:, q]])  # (L⁻¹ Σ_{B,q}): the factor's rows
             if last and i == len(which) - 1:
-                X = np.vstack([self.X0[:, q], self._W[:, q]])
                 self.sc._append(self.G[q], np.zeros(q.size), X, _chol(self._own(g)), self.c[q])
                 self.live[g] = False
                 return
@@ -680,7 +680,6 @@ class _DenseDrops:
             self._others = False
             Lk = _chol(row[:, q])
             Yt = _lower_solve(Lk, row)  # Lk⁻¹ C[q, :]
-            X = np.vstack([self.X0[:, q], self._W[:, q]])
             self.sc._append(self.G[q], np.zeros(q.size), X, Lk, self.c[q].copy())
             u = self.sc.z[-q.size :]
             self.c += Yt.T @ u
