@@ -210,11 +210,17 @@ class _State:
         return Psi(layer, None if best == tuple(range(R)) else tuple(best)), best_cost
 
     def take(self, op: Op) -> None:
-        eff = self.tr.apply(op)
+        eff = self.record(op)
         self.sc.commit(eff.conditioned, eff.targets)
+
+    def record(self, op: Op) -> Effect:
+        """Apply ``op`` to the layout and the plan so far (the scorer's commit is the
+        caller's: a stage may make it from what it holds)."""
+        eff = self.tr.apply(op)
         self.ops.append(op)
         self.effects.append(eff)
         self.forget(op)
+        return eff
 
     def forget(self, op: Op) -> None:
         """Strike a ψ step from what the route still has to remove."""
@@ -399,10 +405,7 @@ class _Stages:
         space's last channel, the route's last step) commits its own block alone."""
         st = self.st
         n0 = st.sc.n
-        eff = st.tr.apply(op)
-        st.ops.append(op)
-        st.effects.append(eff)
-        st.forget(op)
+        eff = st.record(op)
         keys = set(st.keys())
         for other in [o for o in self.drops if o not in keys and o != key]:
             del self.drops[other]
