@@ -28,6 +28,25 @@ def best_of(
     return best, out
 
 
+def interleaved_best(
+    fns: list[Callable[[], object]], repeat: int = 3, seconds: float = 0.0
+) -> list[tuple[float, object]]:
+    """:func:`best_of` for several functions run in turn, one round of each at a time:
+    a ratio of their times then compares runs made under the same load, where separate
+    series of runs can each fall in a faster or slower spell of a shared machine."""
+    best = [float("inf")] * len(fns)
+    out: list[object] = [None] * len(fns)
+    total, n = 0.0, 0
+    while n < repeat or (total < seconds and n < 25):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            out[i] = fn()
+            dt = time.perf_counter() - t0
+            best[i], total = min(best[i], dt), total + dt
+        n += 1
+    return list(zip(best, out, strict=True))
+
+
 def random_spd(rng: np.random.Generator, p: int, rank: int = 400, jitter: float = 0.1):
     """A dense SPD matrix (low-rank plus diagonal), cheap to make for large p."""
     A = rng.normal(size=(p, rank)) / np.sqrt(rank)

@@ -34,7 +34,7 @@ from scipy.linalg import lapack
 
 from .._threads import all_threads, split
 from ..graph import Consumers, Whole
-from ..linalg import lower_solve, pivots_ok
+from ..linalg import gram_downdate, lower_solve, pivots_ok
 from ._dense import HeldCovariance
 from ._validate import cholesky_constraint
 
@@ -319,7 +319,7 @@ class DenseScorer:
         X = sla.solve_triangular(
             self.L, self.post.cov_cross(self.B, idx), lower=True, check_finite=False
         )
-        S -= X.T @ X
+        S = gram_downdate(S, X)
         c += X.T @ self.z
         return X, S, c
 
@@ -541,7 +541,12 @@ class _DenseDrops:
             self._S_ids = self._ids
         for at, Yq, ids in self._pend:
             r = self._cut(ids)
-            _gram_update(self.S, np.arange(len(self.pos))[at], Yq if r is None else Yq[:, r])
+            Y = Yq if r is None else Yq[:, r]
+            k = Y[0].size * Y.shape[2]
+            if isinstance(at, slice) and k < _BATCHED_PRODUCT and len(Y) * k < _THREADED_PRODUCT:
+                self.S -= np.matmul(Y, Y.transpose(0, 2, 1))  # every candidate: no gather
+            else:
+                _gram_update(self.S, np.arange(len(self.pos))[at], Y)
         self._pend.clear()
 
     def _own(self, g: int) -> np.ndarray:
@@ -634,14 +639,14 @@ class _DenseDrops:
         out -= _matmul(np.ascontiguousarray(W[:, rows].T), W)
         return out
 
-    def _rows(self, g: int) -> np.ndarray:
-        """``C[q_g, :]`` now, from rows computed ahead or with the next cheapest."""
+    def _rows(self, g: int, Wq: np.ndarray) -> np.ndarray:
+        """``C[q_g, :]`` now (``Wq = W[:, q_g]``), from rows computed ahead or with the
+        next cheapest."""
         W = self._W
         if g in self._ahead:
             row, m0 = self._ahead.pop(g)
             if m0 < self.m:  # the commits since
-                Wn = W[m0:]
-                row -= _matmul(Wn[:, self.pos[g]].T, Wn)
+                row -= _matmul(Wq[m0:].T, W[m0:])
             return row
         if self._queue:  # a criterion's ranking: the next ones are known
             order = self._queue
@@ -671,12 +676,14 @@ class _DenseDrops:
             if not self.live[g]:
                 raise ValueError(f"candidate {g} was taken already")
             q = self.pos[g]
-            X = np.vstack([self.X0[:, q], self._W[:, q]])  # (L⁻¹ Σ_{B,q}): the factor's rows
+            Wq = self._W[:, q]
+            # (L⁻¹ Σ_{B,q}): the factor's rows
+            X = np.vstack([self.X0[:, q], Wq]) if self.X0.shape[0] else Wq
             if last and i == len(which) - 1:
                 self.sc._append(self.G[q], np.zeros(q.size), X, _chol(self._own(g)), self.c[q])
                 self.live[g] = False
                 return
-            row = self._rows(g)  # C[q, :]
+            row = self._rows(g, Wq)  # C[q, :]
             self._others = False
             Lk = _chol(row[:, q])
             Yt = _lower_solve(Lk, row)  # Lk⁻¹ C[q, :]

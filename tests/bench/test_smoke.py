@@ -51,3 +51,24 @@ def test_network_benchmarks_run_quick(capsys):
     out = capsys.readouterr().out
     for word in ("plan/one_shot", "cost/space_by_space", "diag", "peak_over_posterior"):
         assert word in out
+
+
+def test_interleaved_best_takes_each_minimum_in_turn():
+    from itertools import count
+
+    from bench.common import interleaved_best
+
+    order, ticks = [], count()
+
+    def a():
+        order.append("a")
+        return next(ticks)
+
+    def b():
+        order.append("b")
+        return "b"
+
+    (ta, last_a), (tb, last_b) = interleaved_best([a, b], repeat=3)
+    assert order == ["a", "b"] * 3
+    assert (last_a, last_b) == (2, "b")
+    assert 0 <= ta < 1 and 0 <= tb < 1

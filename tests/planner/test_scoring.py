@@ -343,6 +343,28 @@ def test_direct_lapack_helpers_equal_scipy(seed, k, n, fortran):
     assert cholesky_lower(-S) is None
 
 
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30), st.integers(0, 6), st.booleans())
+def test_gram_downdate_equals_dense(seed, n, k, view):
+    """``gram_downdate(S, X)`` is ``S − XᵀX``: written over a C-ordered ``S`` (no copy),
+    and right for a strided view too (then on a copy, ``S`` left as it was), rank 0
+    included."""
+    from planner.linalg import gram_downdate
+
+    rng = np.random.default_rng(seed)
+    A = spd(rng, n + 2)
+    S = A[1:-1, 1:-1] if view else A[1:-1, 1:-1].copy()
+    X = rng.normal(size=(k, n))
+    before = S.copy()
+    want = before - X.T @ X
+    out = gram_downdate(S, X)
+    close(out, want)
+    if S.flags.c_contiguous:  # in place
+        assert np.shares_memory(out, S) or not k
+        close(S, want)
+    else:
+        assert np.array_equal(S, before)
+
+
 @given(
     st.integers(0, 2**32 - 1),
     st.sampled_from([(3, 4, 2), (1, 130, 130), (20, 60, 40), (12, 100, 80)]),
