@@ -248,3 +248,22 @@ def test_lowrank_read_in_small_chunks_equals_the_reference(case):
     """The alignment's Woodbury sums, read a few rows of the factor at a time."""
     with mock.patch.object(lowrank, "_CHUNK_ROWS", 3):
         check("lowrank", case)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.booleans())
+def test_kron_reads_of_a_lower_triangle_equal_the_symmetric_matrix(seed, n, fortran):
+    """A Kronecker column factor's Schur complement keeps only its lower triangle
+    current: its columns, cross blocks and sub-blocks read from it equal those of the
+    whole symmetric matrix (the upper triangle holding noise)."""
+    from planner.posterior.kron import _lower_columns, _lower_cross, _lower_part
+
+    rng = np.random.default_rng(seed)
+    S = rng.normal(size=(n, n))
+    S = S + S.T
+    A = np.tril(S) + np.triu(rng.normal(size=(n, n)), 1)  # upper: not current
+    A = np.asfortranarray(A) if fortran else np.ascontiguousarray(A)
+    C = np.flatnonzero(rng.random(n) < 0.5)
+    R = np.setdiff1d(np.arange(n), C)
+    close(_lower_columns(A, C), S[:, C])
+    close(_lower_cross(A, R, C), S[np.ix_(R, C)])
+    close(np.tril(_lower_part(A, C)), np.tril(S[np.ix_(C, C)]))
