@@ -164,6 +164,24 @@ def batched_cholesky(S: np.ndarray):
 _FORWARD_MAX = 64
 
 
+def bordered_cholesky(S: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Batched lower Cholesky factors ``L`` of ``S`` (``n × k × k``) and ``L⁻¹ r``
+    (``n × k``) from one batched factorisation: the factor of ``[[S, r], [rᵀ, ∞]]`` is
+    ``[[L, 0], [(L⁻¹r)ᵀ, ∞]]``, its last row computed before its infinite pivot by the
+    dot products of a forward substitution (about two thirds of the time of a
+    factorisation and a vectorised substitution at k = 10; at k = 32 the substitution's
+    32 steps cost more than the factorisation).  None when some block is not positive
+    definite (LAPACK refused it): the caller then factorises them one by one."""
+    n, k = r.shape
+    M = np.empty((n, k + 1, k + 1))  # the lower triangle is all LAPACK reads
+    M[:, :k, :k], M[:, k, :k], M[:, k, k] = S, r, np.inf
+    try:
+        F = np.linalg.cholesky(M)
+    except np.linalg.LinAlgError:
+        return None
+    return F[:, :k, :k], F[:, k, :k]
+
+
 def solve_lower(L: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``L⁻¹ b`` for a batch of lower-triangular ``L`` (``..., k, k``) and vectors ``b``
     (``..., k``).  Small orders by forward substitution vectorised over the batch
@@ -229,16 +247,10 @@ def _factored_increments(S: np.ndarray, r: np.ndarray):
         out = np.full(n, np.inf)
         out[ok] = 0.5 * r[ok, 0] ** 2 / s[ok]
         return out, np.sqrt(np.where(ok, s, 1.0))[:, None, None], ok
-    if k <= _FORWARD_MAX:  # one batched factorisation gives the solves too (below)
-        M = np.empty((n, k + 1, k + 1))
-        M[:, :k, :k], M[:, k, :k], M[:, k, k] = S, r, np.inf
-        try:
-            F = np.linalg.cholesky(M)
-        except np.linalg.LinAlgError:
-            pass
-        else:
-            y = F[:, k, :k]
-            return 0.5 * np.einsum("nk,nk->n", y, y), F[:, :k, :k], np.ones(n, dtype=bool)
+    got = bordered_cholesky(S, r) if k <= _FORWARD_MAX else None
+    if got is not None:
+        L, y = got
+        return 0.5 * np.einsum("nk,nk->n", y, y), L, np.ones(n, dtype=bool)
     try:
         L, ok = np.linalg.cholesky(S), np.ones(n, dtype=bool)
     except np.linalg.LinAlgError:  # some block is not positive definite: no candidate
