@@ -554,7 +554,7 @@ class _DenseDrops:
         for at, Yq, ids in self._pend:
             r = self._cut(ids)
             Y = Yq if r is None else Yq[:, r]
-            k = Y[0].size * Y.shape[2]
+            k = Y.shape[1] * Y.shape[1] * Y.shape[2]  # one block's multiply-adds
             if isinstance(at, slice) and k < _BATCHED_PRODUCT and len(Y) * k < _THREADED_PRODUCT:
                 self.S -= np.matmul(Y, Y.transpose(0, 2, 1))  # every candidate: no gather
             else:
