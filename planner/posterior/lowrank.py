@@ -19,12 +19,11 @@ import numpy as np
 import scipy.linalg as sla
 
 from ..errors import InvalidPosterior, SingularConstraint
-from ..linalg import pivots_ok
 from ..structure import Structure
 from . import _validate as v
 from .base import Posterior
 from .diag import diagonal_cross
-from .scoring import _FORWARD_MAX, batched_cholesky, bordered_cholesky, indices, solve_lower
+from .scoring import batched_cholesky_solve, indices, solve_lower
 
 __all__ = ["LowRankPosterior", "LowRankScorer"]
 
@@ -274,17 +273,7 @@ class LowRankScorer:
         """(:meth:`total`, the Cholesky factors of ``inner + M``, whether they exist)."""
         inner, w = self.inner + M, self.w + u
         single = inner.ndim == 2
-        S, r = (inner[None], w[None]) if single else (inner, w)
-        got = bordered_cholesky(S, r) if S.shape[-1] <= _FORWARD_MAX else None
-        if got is not None:  # the factors and L⁻¹w from one batched factorisation
-            L, y = got
-            pd = pivots_ok(L, S)
-            if not pd.all():
-                L = L.copy()
-                L[~pd] = np.eye(S.shape[-1])
-        else:  # some block is not positive definite: one by one
-            L, pd = batched_cholesky(S)
-            y = solve_lower(L, r)
+        L, pd, y = batched_cholesky_solve(*((inner[None], w[None]) if single else (inner, w)))
         whole = self.dd + a
         quad = whole - np.einsum("...r,...r->...", y, y).reshape(np.shape(a))
         ok = (pd.reshape(np.shape(a)) if single else pd) & ~(

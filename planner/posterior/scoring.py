@@ -155,8 +155,14 @@ def batched_cholesky(S: np.ndarray):
                 L[i], ok[i] = np.linalg.cholesky(S[i]), True
             except np.linalg.LinAlgError:
                 continue
+    return _numerically_pd(L, S, ok)
+
+
+def _numerically_pd(L: np.ndarray, S: np.ndarray, ok: np.ndarray):
+    """(``L``, ``ok``) with ``ok`` also requiring every pivot numerically positive
+    (:func:`~planner.linalg.pivots_ok`), and the identity for the factors of the others."""
     ok &= pivots_ok(L, S)
-    L[~ok] = np.eye(k)
+    L[~ok] = np.eye(S.shape[-1])
     return L, ok
 
 
@@ -180,6 +186,18 @@ def bordered_cholesky(S: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndar
     except np.linalg.LinAlgError:
         return None
     return F[:, :k, :k], F[:, k, :k]
+
+
+def batched_cholesky_solve(S: np.ndarray, r: np.ndarray):
+    """(:func:`batched_cholesky` of ``S``, and ``L⁻¹ r``): from one bordered factorisation
+    (:func:`bordered_cholesky`) up to order ``_FORWARD_MAX`` when every block has a factor,
+    else a factorisation and a substitution."""
+    got = bordered_cholesky(S, r) if S.shape[-1] <= _FORWARD_MAX else None
+    if got is None:
+        L, ok = batched_cholesky(S)
+        return L, ok, solve_lower(L, r)
+    L, y = got  # views of a temporary: the identity may be written into L
+    return (*_numerically_pd(L, S, np.ones(len(S), dtype=bool)), y)
 
 
 def solve_lower(L: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -417,19 +435,23 @@ def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return A @ B
 
 
-def _gram_update(S: np.ndarray, at: np.ndarray, Y: np.ndarray) -> None:
-    """``S[at[i]] −= Y[i] Y[i]ᵀ`` for every i, in place: on one thread for a small batch;
-    on every core for a single large block (a ψ candidate's has thousands of entries);
-    a large batch split over threads (:func:`~planner._threads.split`), where small
-    blocks go as one batched product and larger ones one by one."""
-    n, k = at.size, Y.shape[1] * Y.shape[1] * Y.shape[2]
+def _gram_update(S: np.ndarray, at: np.ndarray | slice, Y: np.ndarray) -> None:
+    """``S[at[i]] −= Y[i] Y[i]ᵀ`` for every i, in place (``at`` a slice: every block of
+    ``S``, read as views, no gather): on one thread for a small batch; on every core for
+    a single large block (a ψ candidate's has thousands of entries); a large batch split
+    over threads (:func:`~planner._threads.split`), where small blocks go as one batched
+    product and larger ones one by one."""
+    every = isinstance(at, slice)
+    n, k = len(Y), Y.shape[1] * Y.shape[1] * Y.shape[2]
 
     def part(lo: int, hi: int) -> None:
         if k < _BATCHED_PRODUCT and hi - lo > _FEW:
-            S[at[lo:hi]] -= np.matmul(Y[lo:hi], Y[lo:hi].transpose(0, 2, 1))
+            S[slice(lo, hi) if every else at[lo:hi]] -= np.matmul(
+                Y[lo:hi], Y[lo:hi].transpose(0, 2, 1)
+            )
             return
         for i in range(lo, hi):  # in place (S[at] -= D would copy S[at] twice)
-            S[at[i]] -= Y[i] @ Y[i].T
+            S[i if every else at[i]] -= Y[i] @ Y[i].T
 
     if n * k < _THREADED_PRODUCT:
         part(0, n)
@@ -553,12 +575,7 @@ class _DenseDrops:
             self._S_ids = self._ids
         for at, Yq, ids in self._pend:
             r = self._cut(ids)
-            Y = Yq if r is None else Yq[:, r]
-            k = Y.shape[1] * Y.shape[1] * Y.shape[2]  # one block's multiply-adds
-            if isinstance(at, slice) and k < _BATCHED_PRODUCT and len(Y) * k < _THREADED_PRODUCT:
-                self.S -= np.matmul(Y, Y.transpose(0, 2, 1))  # every candidate: no gather
-            else:
-                _gram_update(self.S, np.arange(len(self.pos))[at], Y)
+            _gram_update(self.S, at, Yq if r is None else Yq[:, r])
         self._pend.clear()
 
     def _own(self, g: int) -> np.ndarray:

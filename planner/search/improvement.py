@@ -39,7 +39,12 @@ from ..errors import SingularConstraint
 from ..lattice import Route
 from ..linalg import lower_solve
 from ..posterior import DiagPosterior, Posterior
-from ..posterior.scoring import _FORWARD_MAX, batched_cholesky, solve_lower
+from ..posterior.scoring import (
+    _FORWARD_MAX,
+    batched_cholesky,
+    batched_cholesky_solve,
+    solve_lower,
+)
 from ..structure import Structure
 from .budget import NODE_WORK, Budget, Cut
 from .construction import Built, Choices, _Builder, replay, single_threaded
@@ -205,8 +210,7 @@ class DenseEvaluator:
             r = fam.enter_targets - self.post.mean[fam.enter] - shift
             S_A = _pattern(A, self._dense, self._pairs)
             S_A += np.matmul(np.swapaxes(Z, 1, 2), Z)
-            LA, okA = batched_cholesky(S_A)
-            ya = solve_lower(LA, r)
+            _, okA, ya = batched_cholesky_solve(S_A, r)
             cost = cost + 0.5 * np.einsum("na,na->n", ya, ya)
             ok &= okA
         cost[~ok] = np.inf

@@ -368,11 +368,13 @@ def test_gram_downdate_equals_dense(seed, n, k, view):
 @given(
     st.integers(0, 2**32 - 1),
     st.sampled_from([(3, 4, 2), (1, 130, 130), (20, 60, 40), (12, 100, 80)]),
+    st.booleans(),
 )
-def test_block_updates_by_every_path_equal_dense(seed, shape):
+def test_block_updates_by_every_path_equal_dense(seed, shape, every):
     """``S[at] −= Y Yᵀ`` a candidate: a small batch in one product, one large block on
     every core, a large batch split over threads (small blocks batched, larger ones one
-    by one): the same numbers as dense products."""
+    by one), for some blocks or (``at`` a slice) every one: the same numbers as dense
+    products."""
     from threadpoolctl import threadpool_limits
 
     from planner._threads import single_threaded
@@ -381,11 +383,11 @@ def test_block_updates_by_every_path_equal_dense(seed, shape):
     rng = np.random.default_rng(seed)
     n, k, r = shape
     S = rng.normal(size=(n + 3, k, k))
-    at = np.sort(rng.permutation(n + 3)[:n])
-    Y = rng.normal(size=(n, k, r))
+    ids = np.arange(n + 3) if every else np.sort(rng.permutation(n + 3)[:n])
+    Y = rng.normal(size=(ids.size, k, r))
     want = S.copy()
-    for i, a in enumerate(at):
+    for i, a in enumerate(ids):
         want[a] -= Y[i] @ Y[i].T
     with threadpool_limits(2, user_api="blas"), single_threaded():
-        _gram_update(S, at, Y)
+        _gram_update(S, slice(None) if every else ids, Y)
     np.testing.assert_allclose(S, want, rtol=1e-12, atol=1e-9)
