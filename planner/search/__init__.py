@@ -64,6 +64,10 @@ EFFORTS = {"fast": (0.5, 1e8, 3e10), "thorough": (2.0, 3e10, 3e10)}
 WORK_CAP = 2e11
 #: Branch and bound runs when the choice space times this many nodes fits the budget.
 NODES_PER_LEAF = 3
+#: After the exchange moves, a branch and bound bounded by their cost runs (with at most
+#: the enumeration floor more work) where the choice space is up to this many times the
+#: largest one enumerated outright.
+PROBE_SPACE = 10
 
 
 @dataclass(frozen=True)
@@ -235,18 +239,21 @@ def search(
         space = sum(choice_space(teacher, student, b.choices.route) for b in built)
         if work is None and space * NODES_PER_LEAF <= enumerate_floor / NODE_WORK:  # space: int
             budget.work = max(budget.work, enumerate_floor)  # small enough to prove
-        if len(built) == len(cands) and space * NODES_PER_LEAF <= budget.work / NODE_WORK:
-            exhaustive = True
-            for b in built:
-                found = branch_and_bound(posterior, student, b.choices.route, best.cost, budget)
-                if found is not None:
-                    plan = replay(teacher, found)
-                    best = Built(plan, plan.cost(posterior), found)
-            exhaustive = not budget.cut and budget.spent < budget.work
+        every_route = len(built) == len(cands)
+        if every_route and space * NODES_PER_LEAF <= budget.work / NODE_WORK:
+            best, exhaustive = _bound(posterior, student, built, best, budget)
             built = [best]
         else:
             built = [local_search(posterior, b, budget) for b in built]
             built.sort(key=lambda b: b.cost)
+            probe = enumerate_floor / NODE_WORK * PROBE_SPACE
+            if work is None and every_route and space * NODES_PER_LEAF <= probe:
+                # a space a few times too large to prove: the exchange moves can stop at a
+                # local optimum well above the best (docs/core.md), so a branch and bound
+                # bounded by the moves' cost spends at most the enumeration floor more
+                budget.work = max(budget.work, budget.spent + enumerate_floor)
+                best, exhaustive = _bound(posterior, student, built, built[0], budget)
+                built = [best]
     best = built[0]
     if best.scorer is not None:  # the plan as constructed: its scorer knows its conditioning
         posterior.adopt(best.plan.compiled, best.scorer)
@@ -262,6 +269,22 @@ def search(
         budget.cut,
         budget.cut_by,
     )
+
+
+def _bound(
+    posterior: Posterior, student: Structure, built: list[Built], best: Built, budget: Budget
+) -> tuple[Built, bool]:
+    """A branch and bound of every route's choices below ``best``'s cost: the best plan
+    found and whether the walks finished (the plan is then the optimum of its routes)."""
+    teacher = posterior.structure
+    finished = True
+    for b in built:
+        found, done = branch_and_bound(posterior, student, b.choices.route, best.cost, budget)
+        finished = finished and done
+        if found is not None:
+            plan = replay(teacher, found)
+            best = Built(plan, plan.cost(posterior), found)
+    return best, finished and not budget.cut
 
 
 def _dense(posterior: Posterior) -> bool:

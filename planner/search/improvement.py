@@ -367,8 +367,9 @@ def branch_and_bound(
     route: Route,
     best_cost: float,
     budget: Budget,
-) -> Choices | None:
-    """The cheapest choices of ``route`` if cheaper than ``best_cost`` (None otherwise).
+) -> tuple[Choices | None, bool]:
+    """The cheapest choices of ``route`` if cheaper than ``best_cost`` (None otherwise),
+    and whether the walk finished (if not, the choices are the best it found).
 
     Depth first over the constructive order; a partial plan whose exact cost
     reaches the best found is cut.  Every node, at every depth, is charged to the
@@ -403,8 +404,8 @@ def branch_and_bound(
         walk.enter(sc)
         go(0, _Builder(teacher, route), sc)
     except Cut:
-        pass
-    return walk.choices
+        return walk.choices, False
+    return walk.choices, True
 
 
 def _footprint(obj, depth: int = 0) -> int:

@@ -289,6 +289,19 @@ def test_search_costs_no_more_than_the_best_of_40_random_plans(case, seed):
     at_most(found.cost, min(randoms))
 
 
+@pytest.mark.parametrize("effort", ["fast", "thorough"])
+def test_a_space_too_large_to_enumerate_is_searched_past_the_moves_local_optimum(effort):
+    """Found by the test above: teacher (1,4,4,4,4) with biases to (1,3,4), 2,304 leaves,
+    more than the enumeration floor proves.  The exchange moves stopped at 14.02 where a
+    random plan cost 12.91; a branch and bound below the moves' cost finds the optimum."""
+    net = RefNet([1, 4, 4, 4, 4], ["identity", "relu", "identity", "tanh", "identity"], True, False)
+    student = RefNet([1, 3, 4], ["identity", "relu", "tanh"], True, False)
+    post = full(net, 1)
+    found = search(post, to_structure(student), effort=effort)
+    close(found.cost, brute_force(net, post.mean, post.covariance, student.widths, student.acts))
+    close(found.cost, found.plan.cost(post))
+
+
 def planted(bias: bool, permuted: bool, rng: np.random.Generator):
     """Teacher (3, 6, 4, 4, 2): two dead neurons at position 2, layer 4 a (permuted) identity."""
     teacher = Structure.mlp((3, 6, 4, 4, 2), bias=bias)
