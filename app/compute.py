@@ -184,7 +184,7 @@ def load_posterior(store: Store, rec: TeacherRecord) -> Posterior:
     the derived arrays kept beside them, such as a precision's Cholesky factor)."""
     cls = FORMATS[rec.format]
     structure = structure_from_json(rec.structure)
-    names = [*cls.names(structure), *(n for n in cls.derived_names if n in rec.arrays)]
+    names = [*cls.names(structure), *(n for n in cls.derived_names(structure) if n in rec.arrays)]
     arrays = {n: store.load_teacher_array(rec, n) for n in names}
     return cls.from_validated(structure, arrays)
 

@@ -75,9 +75,11 @@ class Posterior(ABC):
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays of this format, by their docs/theory.md §7 names."""
 
-    #: Names of arrays derived from the format's own (e.g. a factorisation) that a store
-    #: may keep beside them and give back to :meth:`from_validated`.
-    derived_names: ClassVar[tuple[str, ...]] = ()
+    @classmethod
+    def derived_names(cls, structure: Structure) -> tuple[str, ...]:
+        """Names of arrays derived from the format's own (e.g. a factorisation) that a
+        store may keep beside them and give back to :meth:`from_validated`."""
+        return ()
 
     def derived_arrays(self) -> dict[str, np.ndarray]:
         """Derived arrays computed so far (none by default): worth keeping when they cost

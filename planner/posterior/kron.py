@@ -144,11 +144,11 @@ class KronPosterior(Posterior):
         layers = factored_layers(structure)
         v.require(arrays, cls.names(structure), cls.format)
         mean = v.vector(arrays["mean"], "mean", structure.n_params, structure.size_hint)
-        G, A, bias = {}, {}, {}
+        G, A, bias, factors = {}, {}, {}, {}
         for f in layers:
             t = f.layer
             G[t] = v.spd_matrix(arrays[f"row{t}"], f"row{t}", f.rows)[0]
-            A[t] = v.spd_matrix(arrays[f"col{t}"], f"col{t}", f.cols)[0]
+            A[t], factors[t] = v.spd_matrix(arrays[f"col{t}"], f"col{t}", f.cols)
             if f.bias is not None:
                 b = np.asarray(arrays[f"bias{t}"])
                 bias[t] = (
@@ -156,18 +156,46 @@ class KronPosterior(Posterior):
                     if b.ndim == 1
                     else v.spd_matrix(b, f"bias{t}", f.rows)[0]
                 )
-        return cls(structure, mean, G, A, bias)
+        post = cls(structure, mean, G, A, bias)
+        post._column_factors = {t: (L, None) for t, L in factors.items()}  # validation's
+        return post
+
+    @classmethod
+    def derived_names(cls, structure) -> tuple[str, ...]:
+        """Each layer's column factor ``A_t``: its lower Cholesky factor ``colfactor{t}``
+        (validation computes it) and the diagonal of ``A_t⁻¹`` ``colinv{t}``. A search
+        ranks merges and pairs a merged layer's rows with them, and an alignment
+        conditions a merged layer with them: ``O(cols³)`` each, kept instead of redone."""
+        return tuple(
+            n
+            for f in factored_layers(structure)
+            for n in (f"colfactor{f.layer}", f"colinv{f.layer}")
+        )
+
+    def derived_arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for t in self.__dict__.get("_column_factors", {}):
+            L, ai = self.column_factor(t)
+            out[f"colfactor{t}"], out[f"colinv{t}"] = L, ai
+        return out
 
     @classmethod
     def from_validated(cls, structure, arrays: Mapping[str, np.ndarray]):
+        """Trusted construction; stored column factors (:meth:`derived_names`) are reused."""
         layers = factored_layers(structure)
-        return cls(
+        post = cls(
             structure,
             arrays["mean"],
             {f.layer: arrays[f"row{f.layer}"] for f in layers},
             {f.layer: arrays[f"col{f.layer}"] for f in layers},
             {f.layer: arrays[f"bias{f.layer}"] for f in layers if f.bias is not None},
         )
+        post._column_factors = {
+            f.layer: (arrays[f"colfactor{f.layer}"], arrays.get(f"colinv{f.layer}"))
+            for f in layers
+            if f"colfactor{f.layer}" in arrays
+        }
+        return post
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.mean}
@@ -330,12 +358,16 @@ class KronPosterior(Posterior):
 
     def column_factor(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Cholesky factor of layer t's column factor A_t and the diagonal of A_t⁻¹,
-        computed once (searches ask for them route after route)."""
+        computed once (searches ask for them route after route), or validation's kept
+        (:meth:`derived_names`)."""
         cache = self.__dict__.setdefault("_column_factors", {})
-        if t not in cache:
-            L = _chol(np.asarray(self.A[t]), f"col{t}")
-            cache[t] = (L, inverse_diagonal(L))
-        return cache[t]
+        L, ai = cache.get(t, (None, None))
+        if L is None or not pivots_ok(L, self.A[t]):  # a kept factor is checked as _chol does
+            L, ai = _chol(np.asarray(self.A[t]), f"col{t}"), None
+        if ai is None:
+            ai = inverse_diagonal(L)
+        cache[t] = (L, ai)
+        return L, ai
 
     def scorer(self):
         """Per-layer matrix-normal state (:class:`KronScorer`); dense blocks while the
@@ -544,6 +576,9 @@ class KronScorer:
         return out
 
     independent = False
+    #: a layer's rows are conditioned to targets all at once (its whole live block), never
+    #: row by row: a merge's rows do not keep a Kronecker form one at a time
+    whole_layers = True
 
     def step_work(self, n: int, k: int) -> float:
         # a step reads and writes the whole n × n Schur complement: memory, not flops

@@ -48,8 +48,11 @@ class PrecisionPosterior(DensePosterior):
 
     format = "precision"
     array_names = ("precision",)
-    #: the lower Cholesky factor of Λ: every search of a precision solves with it
-    derived_names = ("cholesky",)
+
+    @classmethod
+    def derived_names(cls, structure) -> tuple[str, ...]:
+        """The lower Cholesky factor of Λ: every search of a precision solves with it."""
+        return ("cholesky",)
 
     def derived_arrays(self) -> dict[str, np.ndarray]:
         chol = self.__dict__.get("_chol")

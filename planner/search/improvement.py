@@ -490,7 +490,9 @@ def _shrinks(walk: _Walk, b: _Builder, sc, p: int, w: int, then) -> None:
 
 
 def _merges(walk: _Walk, b: _Builder, sc, p: int, then) -> None:
-    """Every injective pairing of layer p's rows with neurons of position p-1."""
+    """Every injective pairing of layer p's rows with neurons of position p-1: a row
+    conditioned per level, its prefix cut on its cost, or, for a scorer that conditions
+    a layer's rows only all at once (``whole_layers``: kron), every row at the last level."""
     t = b.position(p)
     P, R, L = b.block_indices(t)
     rows, cols = b.ids(t), b.ids(t - 1)
@@ -504,6 +506,16 @@ def _merges(walk: _Walk, b: _Builder, sc, p: int, then) -> None:
             e.append(b.tr.biases(t, rows=k))
         extra.append(np.concatenate(e) if e else np.zeros(0, dtype=np.int64))
     U = b.tr.weights(t)
+    whole = getattr(sc, "whole_layers", False)
+
+    def pairing(cs: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``len(cs)``-1 (all of them when ``whole``) or only the last, to unit vectors."""
+        ks = range(len(cs)) if whole else [len(cs) - 1]
+        idx = np.concatenate([np.concatenate([U[k], extra[k]]) for k in ks])
+        tg = np.zeros(idx.size)
+        at = np.cumsum([0, *(U[k].size + extra[k].size for k in ks)])[:-1]
+        tg[at + np.asarray([cs[k] for k in ks])] = 1.0
+        return idx, tg
 
     def row(k: int, used: tuple, bb: _Builder, s2) -> None:
         if k == R:
@@ -519,13 +531,13 @@ def _merges(walk: _Walk, b: _Builder, sc, p: int, then) -> None:
         for c in range(L):
             if c in used:
                 continue
+            if whole and k < R - 1:  # nothing conditioned before the last row
+                row(k + 1, (*used, c), bb, s2)
+                continue
             with walk.node(s2):
                 nsc = s2.copy()
-                idx = np.concatenate([U[k], extra[k]])
-                tg = np.zeros(idx.size)
-                tg[c] = 1.0
                 try:
-                    nsc.commit(idx, tg)
+                    nsc.commit(*pairing((*used, c)))
                 except SingularConstraint:
                     continue
                 if nsc.cost < walk.best:

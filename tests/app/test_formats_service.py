@@ -128,6 +128,32 @@ async def test_a_precision_keeps_its_factor_beside_its_arrays(svc):
     assert plan.json()["cost"] == pytest.approx(core.cost, rel=1e-12)
 
 
+async def test_a_kron_keeps_its_column_factors_beside_its_arrays(svc):
+    """Validation factorises each layer's column factor; the factors and the diagonals
+    of their inverses are kept (unlisted), so no search or alignment repeats them.  The
+    teacher is past the size scored densely and its plan merges a layer: the branch and
+    bound conditions the merged layer's rows all at once there."""
+    teacher = Structure.mlp((10, 500, 3, 3, 1))
+    post, _, _ = make("kron", teacher, np.random.default_rng(5))
+    arrays = arrays_of(post)
+    r = await upload(svc.client, {"widths": [10, 500, 3, 3, 1]}, "kron", arrays)
+    assert r.status_code == 201, r.text
+    t = r.json()
+    assert set(t["arrays"]) == set(arrays)
+    for layer, A in post.A.items():
+        L = svc.store.storage.load_npy(key_of(svc, t["id"], f"colfactor{layer}"))
+        np.testing.assert_allclose(L @ L.T, A, rtol=1e-10, atol=1e-12)
+        ai = svc.store.storage.load_npy(key_of(svc, t["id"], f"colinv{layer}"))
+        np.testing.assert_allclose(ai, np.diag(np.linalg.inv(A)), rtol=1e-9)
+    plan = await svc.client.post(
+        f"/v1/teachers/{t['id']}/plans", json={"student": {"widths": [10, 500, 3, 1]}}
+    )
+    assert plan.status_code == 201, plan.text
+    core = search(post, teacher.inherit((10, 500, 3, 1)))
+    assert plan.json()["ops"] == core.plan.to_json()
+    assert plan.json()["cost"] == pytest.approx(core.cost, rel=1e-12)
+
+
 async def test_a_deadline_before_the_first_plan_is_a_503_problem(tmp_path):
     service, ctx = await start(tmp_path / "data", plan_seconds=1e-6)
     try:

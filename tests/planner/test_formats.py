@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner import InvalidPosterior, Plan, Structure
-from planner.posterior import KronPosterior, LowRankPosterior, PrecisionPosterior, lowrank
+from planner.posterior import KronPosterior, LowRankPosterior, PrecisionPosterior, kron, lowrank
 from planner.search import search
 from tests.helpers import close, make
 from tests.reference import ref_apply
@@ -54,6 +54,65 @@ def test_precision_equals_the_reference(case):
 @given(format_cases("kron"))
 def test_kron_equals_the_reference(case):
     check("kron", case)
+
+
+@settings(max_examples=30)
+@given(format_cases("kron"))
+def test_kron_column_factors_kept_from_validation_give_the_same_plans(case):
+    """Validation's Cholesky factors of the column factors, and the diagonals of their
+    inverses, kept beside the arrays (as the service stores them) and given back: every
+    cost, search and alignment equals factorising afresh; a kept factor that is not
+    numerically positive definite is refactorised as a fresh one would be."""
+    net, ops, seed = case
+    s = to_structure(net)
+    post, _, _ = make("kron", s, np.random.default_rng(seed))
+    arrays = post.to_arrays()
+    derived = KronPosterior.from_arrays(s, arrays).derived_arrays()
+    assert set(derived) == set(KronPosterior.derived_names(s))
+    for t, A in post.A.items():
+        L = derived[f"colfactor{t}"]
+        close(L @ L.T, A)
+        close(derived[f"colinv{t}"], np.diag(np.linalg.inv(A)))
+    broken = {f"colfactor{t}": np.eye(A.shape[0]) * 1e-200 for t, A in post.A.items()}
+    plan = Plan(s, to_ops(ops))
+    plain = KronPosterior.from_validated(s, arrays)
+    for kept in (derived, broken):
+        p = KronPosterior.from_validated(s, {**arrays, **kept})
+        close(plan.cost(p), plan.cost(plain))
+        a, b = plan.apply(p), plan.apply(KronPosterior.from_validated(s, arrays))
+        close(a.mean, b.mean)
+        close(a.dense_covariance(), b.dense_covariance())
+        # the Kronecker scorer (not the dense one small posteriors get), and 0 work: the
+        # construction's own costs, its merges' blocks from the column factors
+        with mock.patch.object(kron, "DENSE_PARAMS", 0):
+            for work in (None, 0.0):
+                found = search(
+                    KronPosterior.from_validated(s, {**arrays, **kept}), plan.student, work=work
+                )
+                expect = search(KronPosterior.from_validated(s, arrays), plan.student, work=work)
+                assert found.plan.ops == expect.plan.ops
+                close(found.cost, expect.cost)
+
+
+@settings(max_examples=30)
+@given(format_cases("kron"))
+def test_the_kron_scorer_searches_as_the_dense_scorer_does(case):
+    """The Kronecker scorer (a posterior too large to score densely; forced here) finds
+    plans of the dense scorer's cost on the same Gaussian, its branch and bound
+    included: a merge's rows are conditioned all at once there (the walk had
+    conditioned them row by row, which a Kronecker state cannot: a 4xx for a valid
+    plan request)."""
+    net, ops, seed = case
+    s = to_structure(net)
+    post, _, _ = make("kron", s, np.random.default_rng(seed))
+    student = Plan(s, to_ops(ops)).student
+    dense = search(post, student)
+    with mock.patch.object(kron, "DENSE_PARAMS", 0):
+        assert isinstance(post.scorer(), kron.KronScorer)
+        found = search(post, student)
+    close(found.cost, dense.cost)
+    close(found.cost, found.plan.cost(post))
+    assert found.exhaustive == dense.exhaustive
 
 
 @pytest.mark.parametrize("fmt", ["lowrank", "precision", "kron"])
