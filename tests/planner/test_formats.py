@@ -94,21 +94,25 @@ def test_kron_column_factors_kept_from_validation_give_the_same_plans(case):
                 close(found.cost, expect.cost)
 
 
+@pytest.mark.parametrize("fmt", ["kron", "lowrank"])
 @settings(max_examples=30)
-@given(format_cases("kron"))
-def test_the_kron_scorer_searches_as_the_dense_scorer_does(case):
-    """The Kronecker scorer (a posterior too large to score densely; forced here) finds
-    plans of the dense scorer's cost on the same Gaussian, its branch and bound
-    included: a merge's rows are conditioned all at once there (the walk had
-    conditioned them row by row, which a Kronecker state cannot: a 4xx for a valid
-    plan request)."""
-    net, ops, seed = case
+@given(data=st.data())
+def test_a_structured_scorer_searches_as_the_dense_scorer_does(fmt, data):
+    """The Kronecker and Woodbury scorers (a posterior too large to score densely;
+    forced here) find plans of the dense scorer's cost on the same Gaussian, the
+    branch and bound included.  On kron a merge's rows are conditioned all at once
+    there: the walk had conditioned them row by row, which a Kronecker state cannot
+    (a 4xx for a valid plan request)."""
+    net, ops, seed = data.draw(format_cases(fmt))
+    module, native = {"kron": (kron, kron.KronScorer), "lowrank": (lowrank, lowrank.LowRankScorer)}[
+        fmt
+    ]
     s = to_structure(net)
-    post, _, _ = make("kron", s, np.random.default_rng(seed))
+    post, _, _ = make(fmt, s, np.random.default_rng(seed))
     student = Plan(s, to_ops(ops)).student
     dense = search(post, student)
-    with mock.patch.object(kron, "DENSE_PARAMS", 0):
-        assert isinstance(post.scorer(), kron.KronScorer)
+    with mock.patch.object(module, "DENSE_PARAMS", 0):
+        assert isinstance(post.scorer(), native)
         found = search(post, student)
     close(found.cost, dense.cost)
     close(found.cost, found.plan.cost(post))
