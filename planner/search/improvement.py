@@ -509,7 +509,8 @@ def _merges(walk: _Walk, b: _Builder, sc, p: int, then) -> None:
     whole = getattr(sc, "whole_layers", False)
 
     def pairing(cs: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """Rows ``len(cs)``-1 (all of them when ``whole``) or only the last, to unit vectors."""
+        """What pairing row ``len(cs) - 1`` with column ``cs[-1]`` conditions: that row to
+        its unit vector, or (``whole``) every row so far to the pairing ``cs``."""
         ks = range(len(cs)) if whole else [len(cs) - 1]
         idx = np.concatenate([np.concatenate([U[k], extra[k]]) for k in ks])
         tg = np.zeros(idx.size)
