@@ -102,7 +102,7 @@ def test_a_structured_scorer_searches_as_the_dense_scorer_does(fmt, data):
     forced here) find plans of the dense scorer's cost on the same Gaussian, the
     branch and bound included.  On kron a merge's rows are conditioned all at once
     there: the walk had conditioned them row by row, which a Kronecker state cannot
-    (a 4xx for a valid plan request)."""
+    (a 422 for a valid plan request)."""
     net, ops, seed = data.draw(format_cases(fmt))
     module, native = {"kron": (kron, kron.KronScorer), "lowrank": (lowrank, lowrank.LowRankScorer)}[
         fmt
