@@ -114,9 +114,15 @@ def test_a_structured_scorer_searches_as_the_dense_scorer_does(fmt, data):
     with mock.patch.object(module, "DENSE_PARAMS", 0):
         assert isinstance(post.scorer(), native)
         found = search(post, student)
-    close(found.cost, dense.cost)
     close(found.cost, found.plan.cost(post))
-    assert found.exhaustive == dense.exhaustive
+    if found.exhaustive and dense.exhaustive:  # both the optimum
+        close(found.cost, dense.cost)
+    else:  # a walk cut at its node budget (a node's charge counts its scorer's bytes,
+        # which differ by format): a finished walk's optimum bounds the other's cost
+        if dense.exhaustive:
+            assert found.cost >= dense.cost * (1 - 1e-9) - 1e-12
+        if found.exhaustive:
+            assert dense.cost >= found.cost * (1 - 1e-9) - 1e-12
 
 
 @pytest.mark.parametrize("fmt", ["lowrank", "precision", "kron"])
