@@ -88,23 +88,34 @@ def test_the_search_is_never_above_the_global_greedy_and_is_the_optimum_when_exh
     close(found.cost, ref_brute_force(d, s, mean, cov))
 
 
+@pytest.mark.parametrize("fmt", ["kron", "lowrank"])
 @settings(max_examples=30, deadline=None)
-@given(search_cases())
-def test_a_kron_search_on_its_own_scorer_is_the_dense_search(case):
-    """K-FAC teachers scored in the layers' own terms (the kron scorer, forced here where
-    the posterior is small enough to be scored densely): the same contract, the same plan
-    as the dense scorer on the same Gaussian."""
+@given(case=search_cases())
+def test_a_structured_search_on_its_own_scorer_is_the_dense_search(fmt, case):
+    """K-FAC teachers scored in the layers' own terms (the kron scorer), Σ = D + F Fᵀ by
+    Woodbury sums (the lowrank scorer), each forced here where the posterior is small
+    enough to be scored densely: the same contract, the same plan cost as the dense
+    scorer on the same Gaussian, never above the global greedy."""
     import planner.posterior.kron as kron
+    import planner.posterior.lowrank as lowrank
     from tests.planner.test_networks import kron_posterior
 
     d, s, seed = case
     teacher, student = Network.from_json(d), Network.from_json(s)
     d = teacher.to_json()
-    post, mean, cov = kron_posterior(d, teacher, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    if fmt == "kron":
+        post, mean, cov = kron_posterior(d, teacher, rng)
+        module, native = kron, kron.KronScorer
+    else:
+        p = teacher.n_params
+        mean, var, F = rng.normal(size=p), rng.uniform(0.5, 2.0, size=p), rng.normal(size=(p, 3))
+        post = LowRankPosterior(teacher, mean, var, 0.5 * F)
+        cov, module, native = post.dense_covariance(), lowrank, lowrank.LowRankScorer
     dense = search(FullPosterior.from_dense(teacher, mean, cov), student)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(kron, "DENSE_PARAMS", 0)
-        assert isinstance(post.scorer(), kron.KronScorer)
+        m.setattr(module, "DENSE_PARAMS", 0)
+        assert isinstance(post.scorer(), native)
         found = search(post, student)
     assert found.plan.student == student
     close(found.cost, found.plan.cost(post))
@@ -113,33 +124,6 @@ def test_a_kron_search_on_its_own_scorer_is_the_dense_search(case):
     assert found.cost <= greedy + 1e-9 * max(1.0, greedy)
     if found.exhaustive:
         close(found.cost, ref_brute_force(d, s, mean, cov))
-
-
-@settings(max_examples=30, deadline=None)
-@given(search_cases())
-def test_a_lowrank_search_on_its_own_scorer_is_the_dense_search(case):
-    """Σ = D + F Fᵀ scored by Woodbury sums (the lowrank scorer, forced here where the
-    posterior is small enough to be scored densely): the same plan cost as the dense
-    scorer on the same Gaussian, and never above the global greedy."""
-    import planner.posterior.lowrank as lowrank
-
-    d, s, seed = case
-    teacher, student = Network.from_json(d), Network.from_json(s)
-    d = teacher.to_json()
-    rng = np.random.default_rng(seed)
-    p = teacher.n_params
-    mean, var, F = rng.normal(size=p), rng.uniform(0.5, 2.0, size=p), rng.normal(size=(p, 3))
-    post = LowRankPosterior(teacher, mean, var, 0.5 * F)
-    dense = search(FullPosterior.from_dense(teacher, mean, post.dense_covariance()), student)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(lowrank, "DENSE_PARAMS", 0)
-        assert isinstance(post.scorer(), lowrank.LowRankScorer)
-        found = search(post, student)
-    assert found.plan.student == student
-    close(found.cost, found.plan.cost(post))
-    close(found.cost, dense.cost)
-    greedy = ref_greedy(d, s, mean, post.dense_covariance())
-    assert found.cost <= greedy + 1e-9 * max(1.0, greedy)
 
 
 def test_routes_agree_with_the_reference():
