@@ -145,17 +145,24 @@ def batched_cholesky(S: np.ndarray):
     n, k = S.shape[0], S.shape[-1]
     if k == 0:
         return S, np.ones(n, dtype=bool)
+    L, ok = _lapack_factors(S)
+    return _numerically_pd(L, S, ok)
+
+
+def _lapack_factors(S: np.ndarray):
+    """Batched lower Cholesky factors and a mask of the blocks LAPACK factorised (one
+    batched call; block by block when some block is refused), the identity for the others."""
+    n, k = S.shape[0], S.shape[-1]
     try:
-        L = np.linalg.cholesky(S)
-        ok = np.ones(n, dtype=bool)
+        return np.linalg.cholesky(S), np.ones(n, dtype=bool)
     except np.linalg.LinAlgError:
         L, ok = np.zeros_like(S), np.zeros(n, dtype=bool)
         for i in range(n):
             try:
                 L[i], ok[i] = np.linalg.cholesky(S[i]), True
             except np.linalg.LinAlgError:
-                continue
-    return _numerically_pd(L, S, ok)
+                L[i] = np.eye(k)
+        return L, ok
 
 
 def _numerically_pd(L: np.ndarray, S: np.ndarray, ok: np.ndarray):
@@ -269,15 +276,7 @@ def _factored_increments(S: np.ndarray, r: np.ndarray):
     if got is not None:
         L, y = got
         return 0.5 * np.einsum("nk,nk->n", y, y), L, np.ones(n, dtype=bool)
-    try:
-        L, ok = np.linalg.cholesky(S), np.ones(n, dtype=bool)
-    except np.linalg.LinAlgError:  # some block is not positive definite: no candidate
-        L, ok = np.zeros_like(S), np.zeros(n, dtype=bool)
-        for i in range(n):
-            try:
-                L[i], ok[i] = np.linalg.cholesky(S[i]), True
-            except np.linalg.LinAlgError:
-                L[i] = np.eye(k)
+    L, ok = _lapack_factors(S)  # a block LAPACK refuses is no candidate
     y = solve_lower(L, r)
     return np.where(ok, 0.5 * np.einsum("nk,nk->n", y, y), np.inf), L, ok
 
