@@ -6,6 +6,14 @@ that stays in numpy. This module is the one seam between them: the formats ask
 :func:`current` for a :class:`Backend` and hand it numpy arrays; the torch backend
 moves them to its device in float64, computes there, and hands numpy arrays back.
 
+The dense greedy (``planner.posterior.scoring``) goes through the same seam for its
+large kernels: a stage's start (``L⁻¹ Σ_{B,G}`` and the conditional covariance it
+downdates, :meth:`Backend.downdate`) and its products with the rows the stage adds
+step by step, which a device backend keeps on the device (:meth:`Backend.rows`)
+so that a step sends it only its own new rows and fetches only the products. Kernels
+on fewer than :data:`DEVICE_ENTRIES` entries stay in numpy whatever the backend
+(:func:`for_size`): a device round trip costs more than they do.
+
 * ``use(None)`` (the default): numpy and scipy, no torch needed;
 * ``use("cpu")``: torch on the CPU (how the torch path is tested everywhere);
 * ``use("cuda")``: torch on the GPU, for workers that have one.
@@ -33,7 +41,22 @@ from collections.abc import Iterator
 import numpy as np
 import scipy.linalg as sla
 
-__all__ = ["Backend", "NumpyBackend", "TorchBackend", "current", "use"]
+from .linalg import gram_downdate, inverse_diagonal
+
+__all__ = [
+    "DEVICE_ENTRIES",
+    "Backend",
+    "DeviceRows",
+    "NumpyBackend",
+    "TorchBackend",
+    "current",
+    "for_size",
+    "use",
+]
+
+#: Entries (of the array a kernel makes or holds) from which the dense greedy's kernels
+#: run on a device backend; smaller ones stay in numpy (:func:`for_size`).
+DEVICE_ENTRIES = 1 << 20
 
 
 class Backend:
@@ -65,6 +88,47 @@ class Backend:
         """``(L Lᵀ)⁻¹ y`` for a lower Cholesky factor ``L``."""
         raise NotImplementedError
 
+    def downdate(self, L: np.ndarray, C: np.ndarray, S: np.ndarray):
+        """``(X, S − XᵀX)`` with ``X = L⁻¹ C`` (``L`` lower triangular): a conditional
+        covariance from the factor of what is conditioned on (the dense greedy's stage
+        start, a merge's block).  ``S`` may be overwritten."""
+        raise NotImplementedError
+
+    def inverse_diagonal(self, L: np.ndarray) -> np.ndarray:
+        """The diagonal of ``(L Lᵀ)⁻¹`` for a lower Cholesky factor ``L``."""
+        raise NotImplementedError
+
+    def rows(self, X0: np.ndarray) -> DeviceRows | None:
+        """A matrix that grows by rows, starting as ``X0`` (``n0 × w``), held on the
+        backend's device for the dense greedy's products with it; None where the host's
+        own arrays serve (numpy)."""
+        return None
+
+
+class DeviceRows:
+    """Rows held on a device (:meth:`Backend.rows`): a stage of the dense greedy keeps
+    there what its products read — ``L⁻¹ Σ_{B,G}`` and a row block per commit, over the
+    stage's live columns — and the host keeps its own copy for the small reads.  Every
+    product comes back as a numpy array."""
+
+    m: int  # rows held
+
+    def append(self, Y: np.ndarray) -> None:
+        """Add the rows ``Y`` (``k × w``)."""
+        raise NotImplementedError
+
+    def gram(self, cols: np.ndarray, start: int) -> np.ndarray:
+        """``R[:, cols]ᵀ R`` for the rows ``R`` from ``start`` on."""
+        raise NotImplementedError
+
+    def left(self, X: np.ndarray) -> np.ndarray:
+        """``X R`` for all the rows ``R`` (``X``: ``k × m``)."""
+        raise NotImplementedError
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Keep only the columns ``keep``."""
+        raise NotImplementedError
+
 
 class NumpyBackend(Backend):
     name = "numpy"
@@ -92,6 +156,13 @@ class NumpyBackend(Backend):
 
     def cho_solve(self, L: np.ndarray, y: np.ndarray) -> np.ndarray:
         return sla.cho_solve((L, True), y, check_finite=False)
+
+    def downdate(self, L, C, S):
+        X = sla.solve_triangular(L, C, lower=True, check_finite=False)
+        return X, gram_downdate(S, X)
+
+    def inverse_diagonal(self, L: np.ndarray) -> np.ndarray:
+        return inverse_diagonal(L)
 
 
 class TorchBackend(Backend):
@@ -146,6 +217,68 @@ class TorchBackend(Backend):
         x = self.torch.cholesky_solve(b[:, None] if b.ndim == 1 else b, self._t(L), upper=False)
         return self._np(x[:, 0] if b.ndim == 1 else x)
 
+    def downdate(self, L, C, S):
+        X = self.torch.linalg.solve_triangular(self._t(L), self._t(C), upper=False)
+        out = self._t(S)
+        out -= X.T @ X
+        return self._np(X), self._np(out)
+
+    def inverse_diagonal(self, L: np.ndarray) -> np.ndarray:
+        t = self._t(L)
+        eye = self.torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
+        Li = self.torch.linalg.solve_triangular(t, eye, upper=False)
+        return self._np((Li * Li).sum(dim=0))
+
+    def rows(self, X0: np.ndarray) -> _TorchRows:
+        return _TorchRows(self, X0)
+
+
+class _TorchRows(DeviceRows):
+    """:class:`DeviceRows` in one flat float64 tensor on the backend's device, with room
+    for ``X0`` and ``ROOM`` more rows at first, doubled when full (device memory is
+    taken when asked for, unlike the host's zeroed pages)."""
+
+    ROOM = 1024
+
+    def __init__(self, backend: TorchBackend, X0: np.ndarray) -> None:
+        torch = backend.torch
+        n0, w = X0.shape
+        self.bk, self.w, self.m = backend, w, n0
+        room = max(1, (n0 + min(w, self.ROOM)) * w)
+        self.buf = torch.empty(room, dtype=torch.float64, device=backend.device)
+        if n0:
+            self.buf[: n0 * w] = backend._t(X0).reshape(-1)
+
+    def _R(self, start: int = 0):
+        return self.buf[start * self.w : self.m * self.w].view(self.m - start, self.w)
+
+    def _index(self, a: np.ndarray):
+        return self.bk.torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.bk.device)
+
+    def append(self, Y: np.ndarray) -> None:
+        k = Y.shape[0]
+        end = (self.m + k) * self.w
+        if end > self.buf.numel():
+            grown = self.bk.torch.empty(
+                max(end, 2 * self.buf.numel()), dtype=self.buf.dtype, device=self.buf.device
+            )
+            grown[: self.m * self.w] = self.buf[: self.m * self.w]
+            self.buf = grown
+        self.buf[self.m * self.w : end] = self.bk._t(Y).reshape(-1)
+        self.m += k
+
+    def gram(self, cols: np.ndarray, start: int) -> np.ndarray:
+        R = self._R(start)
+        return self.bk._np(R.index_select(1, self._index(cols)).T @ R)
+
+    def left(self, X: np.ndarray) -> np.ndarray:
+        return self.bk._np(self.bk._t(X) @ self._R())
+
+    def compact(self, keep: np.ndarray) -> None:
+        R = self._R().index_select(1, self._index(keep))  # a new tensor: no overlap
+        self.w = int(keep.size)
+        self.buf[: R.numel()] = R.reshape(-1)
+
 
 _NUMPY = NumpyBackend()
 _current: Backend = _NUMPY
@@ -154,6 +287,12 @@ _current: Backend = _NUMPY
 def current() -> Backend:
     """The backend in force."""
     return _current
+
+
+def for_size(entries: float) -> Backend:
+    """The backend in force for a kernel on ``entries`` entries: numpy below
+    :data:`DEVICE_ENTRIES` (a device round trip would cost more than the kernel)."""
+    return _current if entries >= DEVICE_ENTRIES else _NUMPY
 
 
 def select(device: str | None) -> Backend:

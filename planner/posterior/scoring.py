@@ -30,13 +30,13 @@ from typing import Protocol
 
 import numpy as np
 import scipy.linalg as sla
-from scipy.linalg import lapack
 
 from .._threads import all_threads, split
+from ..backend import for_size
 from ..graph import Consumers, Whole
-from ..linalg import gram_downdate, lower_solve, pivots_ok
+from ..linalg import lower_solve, pivots_ok
 from ._dense import HeldCovariance
-from ._validate import cholesky_constraint
+from ._validate import check_constraint_factor, cholesky_constraint
 
 __all__ = [
     "Block",
@@ -345,10 +345,8 @@ class DenseScorer:
         c = self.mean[idx].astype(np.float64, copy=True)
         if self.n == 0:
             return np.zeros((0, idx.size)), S, c
-        X = sla.solve_triangular(
-            self.L, self.post.cov_cross(self.B, idx), lower=True, check_finite=False
-        )
-        S = gram_downdate(S, X)
+        # on a device backend when large (planner.backend): the stage's biggest kernel
+        X, S = for_size(self.n * idx.size).downdate(self.L, self.post.cov_cross(self.B, idx), S)
         c += X.T @ self.z
         return X, S, c
 
@@ -507,6 +505,10 @@ class _DenseDrops:
         # row the stage may add (calloc: pages are touched as used) and compacted in place
         self._buf = np.zeros(w * w)
         self.m = 0  # rows of W in use
+        #: on a device backend (planner.backend), ``X0`` and W's rows held there too, for
+        #: the products that read them whole (None: numpy reads the host's)
+        n0 = self.X0.shape[0]
+        self._dev = for_size((n0 + w) * w).rows(self.X0) if w else None
         #: the within-group entries left (ids of the stage's first groups, ascending), and
         #: those ``S`` still spans: :meth:`restrict` only marks entries gone, and ``S``
         #: and the updates waiting are cut down to them when ``S`` is next read
@@ -664,7 +666,10 @@ class _DenseDrops:
     def _product(self, rows: np.ndarray, W: np.ndarray) -> np.ndarray:
         """``C[rows, :]`` over the live columns: ``C0[rows, :] − W[:, rows]ᵀ W``."""
         out = self.cov.cross(self.G[rows], self.G)
-        out -= _matmul(np.ascontiguousarray(W[:, rows].T), W)
+        if self._dev is not None:
+            out -= self._dev.gram(rows, self.X0.shape[0])
+        else:
+            out -= _matmul(np.ascontiguousarray(W[:, rows].T), W)
         return out
 
     def _rows(self, g: int, Wq: np.ndarray) -> np.ndarray:
@@ -674,7 +679,10 @@ class _DenseDrops:
         if g in self._ahead:
             row, m0 = self._ahead.pop(g)
             if m0 < self.m:  # the commits since
-                row -= _matmul(Wq[m0:].T, W[m0:])
+                if self._dev is not None:
+                    row -= self._dev.gram(self.pos[g], self.X0.shape[0] + m0)
+                else:
+                    row -= _matmul(Wq[m0:].T, W[m0:])
             return row
         if self._queue:  # a criterion's ranking: the next ones are known
             order = self._queue
@@ -723,11 +731,8 @@ class _DenseDrops:
             few = 2 * np.count_nonzero(self.live) < self.live.size
             at = np.flatnonzero(self.live) if few else slice(None)
             self._defer(at, Yt.T[self.pos[at]])  # n × k_g × k
-            k, w = q.size, self.G.size
-            self._room(k)
-            self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
-            self.m += k
-            self.dead += k
+            self._add_rows(Yt)
+            self.dead += q.size
             if self.dead > 0.3 * self.G.size:
                 self._compact()
 
@@ -749,19 +754,28 @@ class _DenseDrops:
             raise ValueError("a commit was not taken in by this stage")
         G = self.G
         C = self.sc.post.cov_cross(idx, G)  # Σ_{e, G}
-        if n0:
-            C -= _matmul(X[:, :n0], self.X0)
-        if self.m:
-            C -= _matmul(X[:, n0:], self._W)
+        if self._dev is not None:  # [X0; W] on the device: one product
+            C -= self._dev.left(X)
+        else:
+            if n0:
+                C -= _matmul(X[:, :n0], self.X0)
+            if self.m:
+                C -= _matmul(X[:, n0:], self._W)
         Yt = _lower_solve(Lk, C)  # Lk⁻¹ Cov(e, G | B)
         self.c += Yt.T @ u
         self._others = True
         at = np.flatnonzero(self.live)
         self._defer(at, Yt.T[self.pos[at]])
-        w = G.size
+        self._add_rows(Yt)
+
+    def _add_rows(self, Yt: np.ndarray) -> None:
+        """Append the rows ``Yt`` (``k × |G|``) to W (and to its copy on the device)."""
+        k, w = Yt.shape[0], self.G.size
         self._room(k)
         self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
         self.m += k
+        if self._dev is not None:
+            self._dev.append(Yt)
 
     def _room(self, k: int) -> None:
         """Room in ``W``'s buffer for ``k`` more rows (a stage reserves one row per column;
@@ -818,6 +832,8 @@ class _DenseDrops:
                 buf[i * nk : (i + 1) * nk] = buf[i * w : (i + 1) * w].take(keep)
         self.c, self.G = self.c[keep], self.G[keep]
         self.X0 = self.X0.take(keep, axis=1)  # once here, not at every commit taken in
+        if self._dev is not None:
+            self._dev.compact(keep)
         self._ahead = {h: (r.take(keep, axis=1), m0) for h, (r, m0) in self._ahead.items()}
         self.pos = np.where(self.live[:, None], remap[self.pos], -1)
         self.dead = 0
@@ -832,11 +848,17 @@ class _DenseBlock:
     def __init__(self, scorer: DenseScorer, idx: np.ndarray) -> None:
         self.sc, self.idx = scorer, idx
         self.X, S, self.c = scorer.conditional(idx)
-        self.Lk = _chol(S)
-        Linv, info = lapack.dtrtri(self.Lk, lower=1)
-        if info != 0:  # pragma: no cover - a valid Cholesky factor inverts
-            raise np.linalg.LinAlgError("triangular inverse failed")
-        q = np.einsum("ij,ij->j", Linv, Linv)
+        bk = for_size(S.size)  # a merged layer's block: on a device backend when large
+        if bk.name == "numpy":
+            self.Lk = _chol(S)
+        else:
+            try:
+                L = bk.cholesky(S)
+            except np.linalg.LinAlgError:
+                L = None
+            check_constraint_factor(L, S)
+            self.Lk = L
+        q = bk.inverse_diagonal(self.Lk)
         self.linear = 0.5 * q - sla.cho_solve((self.Lk, True), self.c, check_finite=False)
 
     def cost(self, targets: np.ndarray) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -255,6 +256,38 @@ async def test_dense_jobs_run_on_the_torch_backend_when_asked(tmp_path):
             for n, a in expect.items():
                 np.testing.assert_allclose(got[n], a, rtol=1e-9, atol=1e-12)
         assert backend.current().name == "torch-cpu"  # the thread pool shares this process
+    finally:
+        await service.client.aclose()
+        await ctx.__aexit__(None, None, None)
+        backend.select(None)
+
+
+async def test_plan_requests_search_on_the_torch_backend_when_asked(tmp_path):
+    """PLANNER_DEVICE=cpu: a plan request's dense greedy runs its large kernels on torch
+    (a stage over 1,200 columns holds its rows there) and answers the numpy search's
+    plan cost."""
+    from planner import backend
+
+    teacher = Structure.mlp((4, 40, 30, 2))
+    rng = np.random.default_rng(11)
+    p = teacher.n_params
+    A = rng.normal(size=(p, p))
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), A @ A.T / p + 0.3 * np.eye(p))
+    core = search(post, teacher.inherit((4, 10, 30, 2)))
+    used = []
+    gram = backend._TorchRows.gram
+
+    def spy(self, *args):
+        used.append(self.w)
+        return gram(self, *args)
+
+    service, ctx = await start(tmp_path / "data", device="cpu")
+    try:
+        t = await upload(service.client, {"widths": [4, 40, 30, 2]}, "full", arrays_of(post))
+        with mock.patch.object(backend._TorchRows, "gram", spy):
+            plan = await make_plan(service.client, t.json()["id"], [4, 10, 30, 2])
+        assert used and max(used) == 1200  # the thread pool shares this process
+        assert plan["cost"] == pytest.approx(core.cost, rel=1e-9)
     finally:
         await service.client.aclose()
         await ctx.__aexit__(None, None, None)

@@ -1,21 +1,28 @@
 """The torch backend (planner.backend) against the numpy path: the same plans applied to
 the same ``full`` and ``precision`` posteriors agree to 1e-9 relative (torch on the CPU
 here; the same code runs on a GPU with ``PLANNER_DEVICE=cuda``), singular plans are
-refused the same way, and the search's plans are unchanged."""
+refused the same way, and the search's plans are unchanged, its dense greedy's kernels
+on the device included."""
 
 from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from contextlib import contextmanager
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from planner import FullPosterior, Plan, SingularConstraint, Structure
+from planner import FullPosterior, Network, Plan, SingularConstraint, Structure
 from planner.backend import current, use
 from planner.posterior import PrecisionPosterior
 from planner.search import search
 from tests.helpers import close
+from tests.planner.test_network_search import search_cases as network_search_cases
 from tests.reference import ref_apply
-from tests.strategies import cases, to_ops, to_structure
+from tests.strategies import cases, search_cases, spd, to_ops, to_structure
 
 
 def _both(case):
@@ -82,3 +89,126 @@ def test_searched_plans_are_the_same_on_either_backend():
         got = b.plan.apply(post)
     assert a.plan.ops == b.plan.ops
     close(got.mean, a.plan.apply(post).mean)
+
+
+@contextmanager
+def _device_everywhere():
+    """torch on the CPU with every dense-greedy kernel sent to it (``DEVICE_ENTRIES`` 0:
+    the sizes that stay in numpy otherwise), counting the device kernels called."""
+    from planner import backend
+    from planner.posterior import scoring
+
+    calls = Counter()
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    patches = [mock.patch.object(backend, "DEVICE_ENTRIES", 0)]
+    for cls, name in [
+        (backend.TorchBackend, "downdate"),
+        (backend.TorchBackend, "rows"),
+        (backend.TorchBackend, "cholesky"),
+        (backend.TorchBackend, "inverse_diagonal"),
+        (backend._TorchRows, "append"),
+        (backend._TorchRows, "gram"),
+        (backend._TorchRows, "left"),
+        (backend._TorchRows, "compact"),
+    ]:
+        patches.append(mock.patch.object(cls, name, counted(name, getattr(cls, name))))
+    stages = scoring._DenseDrops.__init__
+
+    def stage(self, *args, **kwargs):
+        stages(self, *args, **kwargs)
+        calls["stages"] += self.G.size > 0
+
+    patches.append(mock.patch.object(scoring._DenseDrops, "__init__", stage))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        stack.enter_context(use("cpu"))
+        yield calls
+
+
+def _greedy_on_both(post, student, effort):
+    """The search, and its constructive greedy alone (``work=0``: no branch and bound or
+    exchange to make up for a wrong step), on numpy and on the device."""
+    for work in (None, 0):
+        base = search(post, student, effort=effort, work=work)
+        with _device_everywhere() as calls:
+            got = search(post, student, effort=effort, work=work)
+        assert current().name == "numpy"
+        assert calls["rows"] == calls["stages"], "a stage of the dense greedy stayed in numpy"
+        assert got.plan.student == student
+        # the same cost (plans of equal cost may list their ops in another order), and
+        # the plan found on the device costs what it says
+        close(got.cost, base.cost, rtol=1e-9)
+        close(got.cost, got.plan.cost(post), rtol=1e-9)
+
+
+@pytest.mark.parametrize("effort", ["fast", "thorough"])
+@settings(max_examples=25, deadline=None)
+@given(case=search_cases(max_T=4, max_width=5))
+def test_the_dense_greedy_on_the_torch_backend_searches_as_numpy_does(effort, case):
+    """The dense greedy's kernels on the device (a stage's start, its products with the
+    rows it holds there, the commits another stage makes, compactions, a merged layer's
+    block): the search finds a plan of the numpy path's cost, in ``full`` and
+    ``precision``, whichever effort."""
+    net, student_net, seed = case
+    s = to_structure(net)
+    student = to_structure(student_net)
+    rng = np.random.default_rng(seed)
+    p = s.n_params
+    mean, cov = rng.normal(size=p), spd(rng, p)
+    prec = np.linalg.inv(cov)
+    for post in (
+        FullPosterior.from_dense(s, mean, cov),
+        PrecisionPosterior.from_arrays(s, {"mean": mean, "precision": (prec + prec.T) / 2}),
+    ):
+        _greedy_on_both(post, student, effort)
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=network_search_cases())
+def test_a_network_search_on_the_torch_backend_is_the_numpy_search(case):
+    """Convolutional and residual teachers: the global greedy's stages take in each
+    other's commits on the device (``left``), with the same plan cost."""
+    d, s, seed = case
+    teacher, student = Network.from_json(d), Network.from_json(s)
+    rng = np.random.default_rng(seed)
+    p = teacher.n_params
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), spd(rng, p))
+    _greedy_on_both(post, student, "fast")
+
+
+def test_the_device_rows_are_the_host_rows():
+    """:class:`~planner.backend.DeviceRows` on torch: appends (past their first room),
+    products from any row, products from the left and compactions agree with numpy."""
+    from planner.backend import TorchBackend, _TorchRows
+
+    rng = np.random.default_rng(1)
+    X0 = rng.normal(size=(3, 7))
+    with mock.patch.object(_TorchRows, "ROOM", 4):
+        rows = TorchBackend("cpu").rows(X0)
+    R = X0.copy()
+    for k in (2, 5, 4):  # 3 + 11 rows: past the first room (3 + 4 rows)
+        Y = rng.normal(size=(k, R.shape[1]))
+        rows.append(Y)
+        R = np.vstack([R, Y])
+    assert rows.m == R.shape[0]
+    cols = np.array([0, 4, 6])
+    close(rows.gram(cols, 0), R[:, cols].T @ R)
+    close(rows.gram(cols, 5), R[5:, cols].T @ R[5:])
+    X = rng.normal(size=(2, R.shape[0]))
+    close(rows.left(X), X @ R)
+    keep = np.array([1, 2, 5])
+    rows.compact(keep)
+    R = R[:, keep]
+    close(rows.left(X), X @ R)
+    Y = rng.normal(size=(1, 3))
+    rows.append(Y)
+    R = np.vstack([R, Y])
+    close(rows.gram(np.array([2]), 1), R[1:, [2]].T @ R[1:])
