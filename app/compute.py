@@ -40,7 +40,7 @@ from planner.network_lattice import NetRoute
 from planner.search import search, search_budget
 from planner.search.budgets import params_for
 
-from .problems import Problem, problem_from_planner_error
+from .problems import Problem, memory_problem, problem_from_planner_error
 from .schemas import structure_json
 from .storage import Storage
 from .store import PlanRecord, Store, TeacherRecord, new_id
@@ -409,10 +409,13 @@ def _claimed(config: Config, job_id: str, work, bug: str, field: str | None = No
     try:
         try:
             status = work(store, rec, token, lease)
-        except (PlannerError, Problem) as exc:
-            problem = (
-                exc if isinstance(exc, Problem) else problem_from_planner_error(exc, field or "")
-            )
+        except (PlannerError, Problem, MemoryError) as exc:
+            if isinstance(exc, MemoryError):  # the job's own bound, or its device's
+                problem = memory_problem(exc)
+            elif isinstance(exc, Problem):
+                problem = exc
+            else:
+                problem = problem_from_planner_error(exc, field or "")
             failed = store.complete(job_id, token, status="failed", problem=problem.to_json())
             status = "failed" if failed else "lost"
         except Exception:

@@ -33,7 +33,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from concurrent.futures.process import BrokenProcessPool
 
 from .compute import Config, run_plan_job, run_prior, sweep_scratch
-from .problems import Problem
+from .problems import Problem, memory_problem
 from .settings import Settings
 from .store import Store
 
@@ -173,20 +173,14 @@ def guarded(seconds: float | None, fn, *args):
     """Run ``fn(*args)`` in a pool worker under a hard time limit: SIGALRM, whose default
     action ends the process whatever it is doing (a step stuck in native code too); the
     server sees the worker die and replaces the pool.  A ``MemoryError`` (the worker's
-    memory limit) becomes a problem that names the limit."""
+    memory limit, or a device's: planner.backend) becomes a problem that names the limit.
+    ``seconds`` None (threads, Dask workers): no time limit, the same problem."""
     if seconds:
         signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         return fn(*args)
-    except MemoryError:
-        raise Problem(
-            413,
-            "too-large",
-            "Out of memory",
-            "this request needed more working memory than one job may hold on this service "
-            "(PLANNER_JOB_MEMORY); ask for a smaller problem",
-            field="body",
-        ) from None
+    except MemoryError as exc:
+        raise memory_problem(exc) from None
     finally:
         if seconds:
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -287,10 +281,8 @@ class LocalRunner(JobRunner):
             ex = self.executor
             if ex is None:
                 raise RuntimeError("the job runner is not started")
-            try:
-                if self._processes:
-                    return ex.submit(guarded, seconds, fn, *args), ex
-                return ex.submit(fn, *args), ex
+            try:  # threads: no hard limit (_limit), but the same answer to MemoryError
+                return ex.submit(guarded, seconds, fn, *args), ex
             except BrokenProcessPool:
                 self._replace(ex)
         raise _worker_lost("the process pool could not be restarted")
@@ -405,7 +397,9 @@ class DaskRunner(JobRunner):
             raise _unavailable()
         # no retries: a task that raises (a 4xx problem) would only raise again; a task
         # whose worker died is run again by the scheduler itself
-        fut = self.client.submit(fn, *args, pure=False, key=self._key(fn.__name__))
+        # guarded without a time limit (a worker's thread cannot be stopped by a signal):
+        # a MemoryError (the host's or a GPU's, planner.backend) is a 413 problem here too
+        fut = self.client.submit(guarded, None, fn, *args, pure=False, key=self._key(fn.__name__))
         try:
             return await asyncio.wait_for(fut, seconds)
         except TimeoutError:  # a Dask worker's thread cannot be killed: drop the task

@@ -103,6 +103,30 @@ _STAGE_TAGS = ("conv", "linear", "pool", "flatten", "residual")
 _BRANCH = re.compile(r".*\[.*|str|int|float|bool|none|list|dict|function-\w+")
 
 
+def memory_problem(exc: MemoryError) -> Problem:
+    """The 413 problem for a job out of memory: its own bound (``PLANNER_JOB_MEMORY``), or
+    its worker's device (:class:`planner.backend.DeviceMemoryError`)."""
+    from planner.backend import DeviceMemoryError
+
+    if isinstance(exc, DeviceMemoryError):
+        return Problem(
+            413,
+            "too-large",
+            "Out of device memory",
+            f"this request needed more memory than its worker's device holds ({exc}); ask "
+            "for a smaller problem, or run it on workers without PLANNER_DEVICE",
+            field="body",
+        )
+    return Problem(
+        413,
+        "too-large",
+        "Out of memory",
+        "this request needed more working memory than one job may hold on this service "
+        "(PLANNER_JOB_MEMORY); ask for a smaller problem",
+        field="body",
+    )
+
+
 def field_name(loc: tuple) -> str:
     """pydantic's location as the service names fields: ``ops[0].layer``, ``student.widths``.
 

@@ -36,6 +36,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -46,6 +47,7 @@ from .linalg import gram_downdate, inverse_diagonal
 __all__ = [
     "DEVICE_ENTRIES",
     "Backend",
+    "DeviceMemoryError",
     "DeviceRows",
     "NumpyBackend",
     "TorchBackend",
@@ -165,6 +167,25 @@ class NumpyBackend(Backend):
         return inverse_diagonal(L)
 
 
+class DeviceMemoryError(MemoryError):
+    """A device backend ran out of memory (a ``MemoryError``, as the host's allocations
+    raise: the service answers both with a 413 problem)."""
+
+
+def _device_memory(fn):
+    """torch's out-of-memory error on a device becomes :class:`DeviceMemoryError`."""
+
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        bk = getattr(self, "bk", self)
+        try:
+            return fn(self, *args, **kwargs)
+        except bk.torch.OutOfMemoryError as exc:
+            raise DeviceMemoryError(f"the {bk.device} device ran out of memory: {exc}") from None
+
+    return call
+
+
 class TorchBackend(Backend):
     """torch on ``device`` (``"cpu"`` or ``"cuda"``), float64."""
 
@@ -187,9 +208,11 @@ class TorchBackend(Backend):
             raise np.linalg.LinAlgError(f"{int(info)}-th leading minor is not positive definite")
         return L
 
+    @_device_memory
     def cholesky(self, S: np.ndarray) -> np.ndarray:
         return self._np(self._chol(self._t(S)))
 
+    @_device_memory
     def solve_lower(self, L: np.ndarray, B: np.ndarray) -> np.ndarray:
         b = self._t(B)
         x = self.torch.linalg.solve_triangular(
@@ -197,6 +220,7 @@ class TorchBackend(Backend):
         )
         return self._np(x[:, 0] if b.ndim == 1 else x)
 
+    @_device_memory
     def condition(self, S_BB, S_Bk, S_kk, d):
         torch = self.torch
         L = self._chol(self._t(S_BB))
@@ -207,28 +231,33 @@ class TorchBackend(Backend):
         out = 0.5 * (out + out.T)
         return self._np(L), self._np(W.T @ alpha), self._np(out)
 
+    @_device_memory
     def gram(self, L: np.ndarray) -> np.ndarray:
         t = self._t(L)
         out = t @ t.T
         return self._np(0.5 * (out + out.T))
 
+    @_device_memory
     def cho_solve(self, L: np.ndarray, y: np.ndarray) -> np.ndarray:
         b = self._t(y)
         x = self.torch.cholesky_solve(b[:, None] if b.ndim == 1 else b, self._t(L), upper=False)
         return self._np(x[:, 0] if b.ndim == 1 else x)
 
+    @_device_memory
     def downdate(self, L, C, S):
         X = self.torch.linalg.solve_triangular(self._t(L), self._t(C), upper=False)
         out = self._t(S)
         out -= X.T @ X
         return self._np(X), self._np(out)
 
+    @_device_memory
     def inverse_diagonal(self, L: np.ndarray) -> np.ndarray:
         t = self._t(L)
         eye = self.torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
         Li = self.torch.linalg.solve_triangular(t, eye, upper=False)
         return self._np((Li * Li).sum(dim=0))
 
+    @_device_memory
     def rows(self, X0: np.ndarray) -> _TorchRows:
         return _TorchRows(self, X0)
 
@@ -255,6 +284,7 @@ class _TorchRows(DeviceRows):
     def _index(self, a: np.ndarray):
         return self.bk.torch.as_tensor(np.asarray(a, dtype=np.int64), device=self.bk.device)
 
+    @_device_memory
     def append(self, Y: np.ndarray) -> None:
         k = Y.shape[0]
         end = (self.m + k) * self.w
@@ -267,13 +297,16 @@ class _TorchRows(DeviceRows):
         self.buf[self.m * self.w : end] = self.bk._t(Y).reshape(-1)
         self.m += k
 
+    @_device_memory
     def gram(self, cols: np.ndarray, start: int) -> np.ndarray:
         R = self._R(start)
         return self.bk._np(R.index_select(1, self._index(cols)).T @ R)
 
+    @_device_memory
     def left(self, X: np.ndarray) -> np.ndarray:
         return self.bk._np(self.bk._t(X) @ self._R())
 
+    @_device_memory
     def compact(self, keep: np.ndarray) -> None:
         R = self._R().index_select(1, self._index(keep))  # a new tensor: no overlap
         self.w = int(keep.size)

@@ -372,3 +372,22 @@ def test_the_compose_file_runs_the_embedded_default_and_the_cluster_profile():
     # the two replicas differ only in their published port
     assert env("api-1") == env("api-2")
     assert services["api-1"]["ports"] != services["api-2"]["ports"]
+
+
+async def test_a_job_out_of_memory_on_a_dask_worker_is_a_413_problem(cluster_parts, database):
+    """A Dask worker's job that runs out of memory (the host's, or a GPU's: planner.backend
+    raises a ``MemoryError`` for both) is answered with the 413 problem the process
+    pool gives, not a 500."""
+    from app.jobs import DaskRunner
+    from app.problems import Problem
+    from app.settings import Settings
+
+    runner = DaskRunner(Settings(**cluster_settings(cluster_parts, database)), store=None)
+    await runner._start()
+    try:
+        with pytest.raises(Problem) as got:  # an allocation of 4 EiB, refused at once
+            await runner.run(bytearray, 2**62, seconds=60)
+    finally:
+        await runner._shutdown()
+    assert got.value.status == 413 and got.value.slug == "too-large"
+    assert "PLANNER_JOB_MEMORY" in got.value.detail

@@ -262,6 +262,45 @@ async def test_dense_jobs_run_on_the_torch_backend_when_asked(tmp_path):
         backend.select(None)
 
 
+async def test_a_device_out_of_memory_is_a_413_and_the_service_goes_on(tmp_path):
+    """PLANNER_DEVICE=cpu, the device's memory exhausted (torch's out-of-memory error,
+    raised here where a search's stage or a prior's factorisation asks the device for
+    memory): a plan request and a prior each answer a 413 problem naming the device,
+    never a 500, and the next request is served."""
+    import torch
+
+    from planner import backend
+
+    teacher = Structure.mlp((4, 40, 30, 2))
+    rng = np.random.default_rng(12)
+    p = teacher.n_params
+    A = rng.normal(size=(p, p))
+    post = FullPosterior.from_dense(teacher, rng.normal(size=p), A @ A.T / p + 0.3 * np.eye(p))
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    service, ctx = await start(tmp_path / "data", device="cpu")
+    try:
+        t = await upload(service.client, {"widths": [4, 40, 30, 2]}, "full", arrays_of(post))
+        url = f"/v1/teachers/{t.json()['id']}/plans"
+        student = {"student": {"widths": [4, 10, 30, 2]}}
+        with mock.patch.object(torch, "empty", exhausted):  # a stage's rows on the device
+            body = assert_problem(await service.client.post(url, json=student), 413, "body")
+        assert "device" in body["detail"] and "PLANNER_DEVICE" in body["detail"]
+        plan = await make_plan(service.client, t.json()["id"], [4, 10, 30, 2])  # served
+        with mock.patch.object(torch.linalg, "cholesky_ex", exhausted):
+            done = await make_prior(service.client, plan["id"])
+        assert done["status"] == "failed", done
+        assert done["problem"]["status"] == 413 and "device" in done["problem"]["detail"]
+        again = await make_prior(service.client, plan["id"])
+        assert again["status"] == "done", again
+    finally:
+        await service.client.aclose()
+        await ctx.__aexit__(None, None, None)
+        backend.select(None)
+
+
 async def test_plan_requests_search_on_the_torch_backend_when_asked(tmp_path):
     """PLANNER_DEVICE=cpu: a plan request's dense greedy runs its large kernels on torch
     (a stage over 1,200 columns holds its rows there) and answers the numpy search's

@@ -212,3 +212,29 @@ def test_the_device_rows_are_the_host_rows():
     rows.append(Y)
     R = np.vstack([R, Y])
     close(rows.gram(np.array([2]), 1), R[1:, [2]].T @ R[1:])
+
+
+def test_a_device_out_of_memory_is_a_memory_error():
+    """torch's out-of-memory error on a device, in the apply or in a search's stage, is
+    a ``MemoryError`` (``DeviceMemoryError``), as the host's allocations raise."""
+    import torch
+
+    from planner import backend
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    rng = np.random.default_rng(4)
+    s = Structure.mlp((3, 8, 6, 2))
+    p = s.n_params
+    post = FullPosterior.from_dense(s, rng.normal(size=p), spd(rng, p))
+    plan = search(post, s.inherit((3, 4, 2))).plan
+    oom = pytest.raises(backend.DeviceMemoryError, match="cpu device ran out of memory")
+    with use("cpu"):
+        with mock.patch.object(torch.linalg, "cholesky_ex", exhausted), oom:
+            plan.apply(post)
+        small = mock.patch.object(backend, "DEVICE_ENTRIES", 0)  # the stage on the device
+        with small, mock.patch.object(torch, "empty", exhausted), pytest.raises(MemoryError):
+            search(post, s.inherit((3, 4, 2)))
+        got = plan.apply(post)  # and the backend goes on
+    close(got.mean, plan.apply(post).mean)
