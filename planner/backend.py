@@ -41,6 +41,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import scipy.linalg as sla
+from scipy.linalg import lapack
 
 from .linalg import gram_downdate, inverse_diagonal
 
@@ -98,6 +99,11 @@ class Backend:
 
     def inverse_diagonal(self, L: np.ndarray) -> np.ndarray:
         """The diagonal of ``(L Lᵀ)⁻¹`` for a lower Cholesky factor ``L``."""
+        raise NotImplementedError
+
+    def cholesky_inverse(self, L: np.ndarray) -> np.ndarray:
+        """``(L Lᵀ)⁻¹``, whole and symmetric, for a lower Cholesky factor ``L`` (a
+        precision's covariance, or ``Σ_BB⁻¹`` for exchange moves)."""
         raise NotImplementedError
 
     def rows(self, X0: np.ndarray) -> DeviceRows | None:
@@ -165,6 +171,17 @@ class NumpyBackend(Backend):
 
     def inverse_diagonal(self, L: np.ndarray) -> np.ndarray:
         return inverse_diagonal(L)
+
+    def cholesky_inverse(self, L: np.ndarray) -> np.ndarray:
+        S, info = lapack.dpotri(L, lower=1)  # one LAPACK call, into the lower triangle
+        if info != 0:
+            raise np.linalg.LinAlgError(f"the factor is singular at pivot {info}")
+        n, band = S.shape[0], 512
+        for i in range(0, n, band):  # mirror the lower triangle, band by band, in place
+            S[i : i + band, i + band :] = S[i + band :, i : i + band].T
+            blk = S[i : i + band, i : i + band]
+            blk[np.triu_indices(blk.shape[0], 1)] = blk.T[np.triu_indices(blk.shape[0], 1)]
+        return S
 
 
 class DeviceMemoryError(MemoryError):
@@ -256,6 +273,10 @@ class TorchBackend(Backend):
         eye = self.torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
         Li = self.torch.linalg.solve_triangular(t, eye, upper=False)
         return self._np((Li * Li).sum(dim=0))
+
+    @_device_memory
+    def cholesky_inverse(self, L: np.ndarray) -> np.ndarray:
+        return self._np(self.torch.cholesky_inverse(self._t(L), upper=False))
 
     @_device_memory
     def rows(self, X0: np.ndarray) -> _TorchRows:

@@ -158,16 +158,16 @@ class Posterior(ABC):
         return HeldCovariance(self.cov_cross(idx, idx), idx)
 
     def inverse_block(self, idx: np.ndarray) -> np.ndarray:
-        """``Σ[idx, idx]⁻¹`` (for exchange moves): one Cholesky of the block by default."""
-        from scipy.linalg import lapack
-
+        """``Σ[idx, idx]⁻¹`` (for exchange moves): one Cholesky of the block by default,
+        inverted on a device backend when large (planner.backend)."""
+        from ..backend import for_size
         from ._validate import cholesky_constraint
 
         L = cholesky_constraint(self.cov_cross(idx, idx))
         if L.size == 0:
             return L
-        P, _ = lapack.dpotri(L, lower=1)  # (L Lᵀ)⁻¹ in the lower triangle
-        return np.tril(P) + np.tril(P, -1).T
+        # C order, as the exchange moves' products expect (LAPACK answers in F order)
+        return np.ascontiguousarray(for_size(L.size).cholesky_inverse(L))
 
     def conditional_precision(self, B, values, P):
         """``(diag Q, Q c)`` with ``Q = Cov(x_P | x_B = v)⁻¹`` and ``c = E[x_P | x_B = v]``,

@@ -22,7 +22,7 @@ import scipy.linalg as sla
 from scipy.linalg import lapack
 
 from .._threads import all_threads
-from ..backend import current
+from ..backend import current, for_size
 from ..errors import InvalidPosterior
 from ..linalg import inverse_diagonal, symmetrise
 from ._dense import DensePosterior, HeldCovariance, _runs, gather
@@ -236,9 +236,7 @@ class PrecisionPosterior(DensePosterior):
         t0 = int(idx.min())
         E = np.zeros((self.n - t0, idx.size))
         E[idx - t0, np.arange(idx.size)] = 1.0
-        return sla.solve_triangular(
-            self._chol[t0:, t0:], E, lower=True, check_finite=False, overwrite_b=True
-        )
+        return for_size(E.size).solve_lower(self._chol[t0:, t0:], E)
 
     def cov_block(self, idx) -> np.ndarray:
         X = self._cols(np.asarray(idx, dtype=np.int64))
@@ -286,15 +284,13 @@ class PrecisionPosterior(DensePosterior):
         A network's greedy first asks for it inside its one-thread loop: ``potri`` then
         takes the threads in force outside that loop."""
         L = self._chol[t0:, t0:]
-        with all_threads():  # O(n³): the caller's threads, also inside a one-thread loop
-            S, info = lapack.dpotri(L, lower=1)
-        if info != 0:  # pragma: no cover - a principal block of a PD factor
-            raise InvalidPosterior("is not positive definite", field="precision")
-        n, band = S.shape[0], 512
-        for i in range(0, n, band):  # mirror the lower triangle, band by band, in place
-            S[i : i + band, i + band :] = S[i + band :, i : i + band].T
-            blk = S[i : i + band, i : i + band]
-            blk[np.triu_indices(blk.shape[0], 1)] = blk.T[np.triu_indices(blk.shape[0], 1)]
+        # O(n³): the caller's threads, also inside a one-thread loop; on a device backend
+        # when large (planner.backend)
+        with all_threads():
+            try:
+                S = for_size(L.size).cholesky_inverse(L)
+            except np.linalg.LinAlgError:  # pragma: no cover - a principal block of a PD factor
+                raise InvalidPosterior("is not positive definite", field="precision") from None
         self.__dict__["_trailing"] = (t0, S)
         return t0, S
 
