@@ -6,13 +6,17 @@ that stays in numpy. This module is the one seam between them: the formats ask
 :func:`current` for a :class:`Backend` and hand it numpy arrays; the torch backend
 moves them to its device in float64, computes there, and hands numpy arrays back.
 
-The dense greedy (``planner.posterior.scoring``) goes through the same seam for its
-large kernels: a stage's start (``L⁻¹ Σ_{B,G}`` and the conditional covariance it
-downdates, :meth:`Backend.downdate`) and its products with the rows the stage adds
-step by step, which a device backend keeps on the device (:meth:`Backend.rows`)
-so that a step sends it only its own new rows and fetches only the products. Kernels
-on fewer than :data:`DEVICE_ENTRIES` entries stay in numpy whatever the backend
-(:func:`for_size`): a device round trip costs more than they do.
+The search goes through the same seam for its large kernels: the dense greedy's
+(``planner.posterior.scoring``) stage starts (``L⁻¹ Σ_{B,G}`` and the conditional
+covariance it downdates, :meth:`Backend.downdate`), a merged layer's block
+(:meth:`Backend.cholesky`, :meth:`Backend.inverse_diagonal`) and its products with
+the rows a stage adds step by step, which a device backend keeps on the device
+(:meth:`Backend.rows`) so that a step sends it only its own new rows and fetches only
+the products; a precision's covariance blocks and the exchange moves' ``Σ_BB⁻¹``
+(:meth:`Backend.solve_lower`, :meth:`Backend.cholesky_inverse`). Kernels on fewer
+than :data:`DEVICE_ENTRIES` entries stay in numpy whatever the backend
+(:func:`for_size`): a device round trip costs more than they do. A device out of
+memory raises :class:`DeviceMemoryError`, a ``MemoryError``.
 
 * ``use(None)`` (the default): numpy and scipy, no torch needed;
 * ``use("cpu")``: torch on the CPU (how the torch path is tested everywhere);
