@@ -61,8 +61,8 @@ __all__ = [
     "use",
 ]
 
-#: Entries (of the array a kernel makes or holds) from which the dense greedy's kernels
-#: run on a device backend; smaller ones stay in numpy (:func:`for_size`).
+#: Entries (of the array a kernel makes or holds) from which the search's kernels run on
+#: a device backend; smaller ones stay in numpy (:func:`for_size`).
 DEVICE_ENTRIES = 1 << 20
 
 
