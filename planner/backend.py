@@ -12,8 +12,9 @@ covariance it downdates, :meth:`Backend.downdate`), a merged layer's block
 (:meth:`Backend.cholesky`, :meth:`Backend.inverse_diagonal`) and its products with
 the rows a stage adds step by step, which a device backend keeps on the device
 (:meth:`Backend.rows`) so that a step sends it only its own new rows and fetches only
-the products; a precision's covariance blocks and the exchange moves' ``Σ_BB⁻¹``
-(:meth:`Backend.solve_lower`, :meth:`Backend.cholesky_inverse`). Kernels on fewer
+the products; a precision's covariance blocks, and the exchange moves' ``Σ_BB⁻¹`` and
+``H = Σ_BB⁻¹ Σ_{B,E}`` (:meth:`Backend.solve_lower`, :meth:`Backend.cholesky_inverse`,
+:meth:`Backend.matmul`). Kernels on fewer
 than :data:`DEVICE_ENTRIES` entries stay in numpy whatever the backend
 (:func:`for_size`): a device round trip costs more than they do. A device out of
 memory raises :class:`DeviceMemoryError`, a ``MemoryError``.
@@ -110,6 +111,10 @@ class Backend:
         precision's covariance, or ``Σ_BB⁻¹`` for exchange moves)."""
         raise NotImplementedError
 
+    def matmul(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        """``A @ B``."""
+        raise NotImplementedError
+
     def rows(self, X0: np.ndarray) -> DeviceRows | None:
         """A matrix that grows by rows, starting as ``X0`` (``n0 × w``), held on the
         backend's device for the dense greedy's products with it; None where the host's
@@ -175,6 +180,9 @@ class NumpyBackend(Backend):
 
     def inverse_diagonal(self, L: np.ndarray) -> np.ndarray:
         return inverse_diagonal(L)
+
+    def matmul(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        return A @ B
 
     def cholesky_inverse(self, L: np.ndarray) -> np.ndarray:
         S, info = lapack.dpotri(L, lower=1)  # one LAPACK call, into the lower triangle
@@ -281,6 +289,10 @@ class TorchBackend(Backend):
     @_device_memory
     def cholesky_inverse(self, L: np.ndarray) -> np.ndarray:
         return self._np(self.torch.cholesky_inverse(self._t(L), upper=False))
+
+    @_device_memory
+    def matmul(self, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+        return self._np(self._t(A) @ self._t(B))
 
     @_device_memory
     def rows(self, X0: np.ndarray) -> _TorchRows:

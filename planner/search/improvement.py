@@ -35,6 +35,7 @@ from math import comb, perm
 
 import numpy as np
 
+from ..backend import for_size
 from ..errors import SingularConstraint
 from ..lattice import Route
 from ..linalg import lower_solve
@@ -139,7 +140,8 @@ class DenseEvaluator:
         self.alpha = self.P @ self.d
         self.dalpha = float(self.d @ self.alpha)
         self.S_BE = post.cov_cross(self.B, E)
-        self.H = self.P @ self.S_BE
+        # |B|² |E|: on a device backend when large (planner.backend)
+        self.H = for_size(self.P.size + self.S_BE.size).matmul(self.P, self.S_BE)
         self.Ealpha = self.S_BE.T @ self.alpha
 
     def _dense(self, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:

@@ -246,25 +246,33 @@ def test_a_device_out_of_memory_is_a_memory_error():
 @given(case=cases(max_T=4, max_width=5))
 def test_the_formats_dense_blocks_on_the_device_are_numpys(case):
     """What the search reads of a dense format, each kernel on the device: ``Σ_BB⁻¹`` for
-    exchange moves (``inverse_block``), a precision's covariance blocks by solves with its
-    factor and its trailing covariance held whole (``prepare``)."""
-    from planner import backend
+    exchange moves (``inverse_block``) and their evaluator's ``H = Σ_BB⁻¹ Σ_{B,E}``, a
+    precision's covariance blocks by solves with its factor and its trailing covariance
+    held whole (``prepare``)."""
+    from types import SimpleNamespace
 
-    s, _, posts, _ = _both(case)
+    from planner import backend
+    from planner.search.improvement import DenseEvaluator
+
+    s, ops, posts, _ = _both(case)
     p = s.n_params
     rng = np.random.default_rng(p)
     idx = np.sort(rng.choice(p, size=max(1, p // 2), replace=False))
     rows, cols = rng.choice(p, size=3), rng.choice(p, size=4)
     first = int(rng.integers(p))
+    built = SimpleNamespace(plan=Plan(s, ops))  # what the evaluator reads of a plan
+    pool = rng.choice(p, size=max(1, p // 3), replace=False)
     for post in posts.values():
-        base = (post.inverse_block(idx), post.cov_cross(rows, cols))
+        ev = DenseEvaluator(post, built, pool)
+        base = (post.inverse_block(idx), post.cov_cross(rows, cols), ev.P, ev.H)
         if isinstance(post, PrecisionPosterior):
             post.prepare(first, p - first)
             base += (post._trailing[1],)
             post.__dict__.pop("_trailing")
         fresh = type(post).from_arrays(s, post.to_arrays())
         with mock.patch.object(backend, "DEVICE_ENTRIES", 0), use("cpu"):
-            got = (fresh.inverse_block(idx), fresh.cov_cross(rows, cols))
+            ev = DenseEvaluator(fresh, built, pool)
+            got = (fresh.inverse_block(idx), fresh.cov_cross(rows, cols), ev.P, ev.H)
             if isinstance(fresh, PrecisionPosterior):
                 fresh.prepare(first, p - first)
                 got += (fresh._trailing[1],)
