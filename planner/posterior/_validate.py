@@ -175,12 +175,19 @@ def _indefinite(name: str, info: int, where: Callable[[int], str]) -> InvalidPos
     )
 
 
-def cholesky_constraint(S_BB: np.ndarray) -> np.ndarray:
-    """Lower Cholesky factor of Σ_BB, refusing a numerically singular block (docs/theory.md §8)."""
+def cholesky_constraint(S_BB: np.ndarray, backend=None) -> np.ndarray:
+    """Lower Cholesky factor of Σ_BB, refusing a numerically singular block (docs/theory.md §8);
+    factorised by ``backend`` (a :class:`planner.backend.Backend`) when one is given."""
     k = S_BB.shape[0]
     if k == 0:
         return np.zeros((0, 0))
-    L = cholesky_lower(S_BB)
+    if backend is None:
+        L = cholesky_lower(S_BB)
+    else:
+        try:
+            L = backend.cholesky(S_BB)
+        except np.linalg.LinAlgError:
+            L = None
     check_constraint_factor(L, S_BB)
     return L
 

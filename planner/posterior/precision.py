@@ -19,7 +19,6 @@ from functools import cached_property
 
 import numpy as np
 import scipy.linalg as sla
-from scipy.linalg import lapack
 
 from .._threads import all_threads
 from ..backend import current, for_size
@@ -330,7 +329,7 @@ class PrecisionPosterior(DensePosterior):
 
     def dense_covariance(self) -> np.ndarray:
         """Σ = Λ⁻¹ from the Cholesky factor of Λ (LAPACK ``potri``, one call)."""
-        S, info = lapack.dpotri(self._chol, lower=1)
-        if info != 0:  # pragma: no cover - a Cholesky factor inverts
-            raise InvalidPosterior("is not positive definite", field="precision")
-        return np.tril(S) + np.tril(S, -1).T
+        try:
+            return np.ascontiguousarray(for_size(self._chol.size).cholesky_inverse(self._chol))
+        except np.linalg.LinAlgError:  # pragma: no cover - a Cholesky factor inverts
+            raise InvalidPosterior("is not positive definite", field="precision") from None

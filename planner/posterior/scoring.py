@@ -36,7 +36,7 @@ from ..backend import for_size
 from ..graph import Consumers, Whole
 from ..linalg import lower_solve, pivots_ok
 from ._dense import HeldCovariance
-from ._validate import check_constraint_factor, cholesky_constraint
+from ._validate import cholesky_constraint
 
 __all__ = [
     "Block",
@@ -849,15 +849,7 @@ class _DenseBlock:
         self.sc, self.idx = scorer, idx
         self.X, S, self.c = scorer.conditional(idx)
         bk = for_size(S.size)  # a merged layer's block: on a device backend when large
-        if bk.name == "numpy":
-            self.Lk = _chol(S)
-        else:
-            try:
-                L = bk.cholesky(S)
-            except np.linalg.LinAlgError:
-                L = None
-            check_constraint_factor(L, S)
-            self.Lk = L
+        self.Lk = cholesky_constraint(S, bk)
         q = bk.inverse_diagonal(self.Lk)
         self.linear = 0.5 * q - sla.cho_solve((self.Lk, True), self.c, check_finite=False)
 

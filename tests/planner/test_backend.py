@@ -6,7 +6,6 @@ on the device included."""
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from contextlib import contextmanager
 from unittest import mock
@@ -93,45 +92,30 @@ def test_searched_plans_are_the_same_on_either_backend():
 
 @contextmanager
 def _device_everywhere():
-    """torch on the CPU with every dense-greedy kernel sent to it (``DEVICE_ENTRIES`` 0:
-    the sizes that stay in numpy otherwise), counting the device kernels called."""
+    """torch on the CPU with every kernel of the search sent to it (``DEVICE_ENTRIES`` 0:
+    the sizes that stay in numpy otherwise), counting the stages of the dense greedy and
+    those that held their rows on the device."""
     from planner import backend
     from planner.posterior import scoring
 
     calls = Counter()
+    rows, stages = backend.TorchBackend.rows, scoring._DenseDrops.__init__
 
-    def counted(name, fn):
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return call
-
-    patches = [mock.patch.object(backend, "DEVICE_ENTRIES", 0)]
-    for cls, name in [
-        (backend.TorchBackend, "downdate"),
-        (backend.TorchBackend, "rows"),
-        (backend.TorchBackend, "cholesky"),
-        (backend.TorchBackend, "inverse_diagonal"),
-        (backend.TorchBackend, "cholesky_inverse"),
-        (backend.TorchBackend, "solve_lower"),
-        (backend._TorchRows, "append"),
-        (backend._TorchRows, "gram"),
-        (backend._TorchRows, "left"),
-        (backend._TorchRows, "compact"),
-    ]:
-        patches.append(mock.patch.object(cls, name, counted(name, getattr(cls, name))))
-    stages = scoring._DenseDrops.__init__
+    def on_device(self, *args):
+        held = rows(self, *args)
+        calls["rows"] += held is not None
+        return held
 
     def stage(self, *args, **kwargs):
         stages(self, *args, **kwargs)
         calls["stages"] += self.G.size > 0
 
-    patches.append(mock.patch.object(scoring._DenseDrops, "__init__", stage))
-    with contextlib.ExitStack() as stack:
-        for p in patches:
-            stack.enter_context(p)
-        stack.enter_context(use("cpu"))
+    with (
+        mock.patch.object(backend, "DEVICE_ENTRIES", 0),
+        mock.patch.object(backend.TorchBackend, "rows", on_device),
+        mock.patch.object(scoring._DenseDrops, "__init__", stage),
+        use("cpu"),
+    ):
         yield calls
 
 
