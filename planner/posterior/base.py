@@ -147,6 +147,16 @@ class Posterior(ABC):
         S = self.cov_block(np.concatenate([rows, cols]))
         return S[: rows.size, rows.size :]
 
+    def cov_blocks(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``Σ[rows[k]][:, cols[k]]`` for each k (``rows``: n × a, ``cols``: n × b indices):
+        an (n, a, b) array.  By default one :meth:`cov_cross` over every index they use,
+        read at each pair; a format holding Σ densely reads the pairs in place."""
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        u, inv = np.unique(np.concatenate([rows.ravel(), cols.ravel()]), return_inverse=True)
+        inv = inv.ravel()
+        pr, pc = inv[: rows.size].reshape(rows.shape), inv[rows.size :].reshape(cols.shape)
+        return self.cov_cross(u, u)[pr[:, :, None], pc[:, None, :]]
+
     def covariance_over(self, idx: np.ndarray):
         """Σ over the parameters ``idx`` (ascending, no repeats) for a scorer stage, which
         reads rows and blocks of it many times (``cross(rows, cols)``, ``blocks(groups)``,

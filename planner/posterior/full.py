@@ -67,7 +67,7 @@ class FullPosterior(DensePosterior):
         step = max(1, (1 << 22) // max(1, k * k))
         for a in range(0, n, step):
             g = groups[a : a + step]
-            yield slice(a, a + step), self.covariance[g[:, :, None], g[:, None, :]], self.mean[g]
+            yield slice(a, a + step), self.cov_blocks(g, g), self.mean[g]
 
     def group_costs(self, groups: np.ndarray) -> np.ndarray:
         out = np.empty(len(groups))
@@ -83,6 +83,10 @@ class FullPosterior(DensePosterior):
 
     def cov_cross(self, rows, cols) -> np.ndarray:
         return gather(self.covariance, rows, cols)
+
+    def cov_blocks(self, rows, cols) -> np.ndarray:
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        return self.covariance[rows[:, :, None], cols[:, None, :]]
 
     def covariance_over(self, idx) -> HeldCovariance:
         return HeldCovariance(self.covariance)

@@ -308,10 +308,8 @@ class PrecisionPosterior(DensePosterior):
 
     def _group_blocks(self, groups: np.ndarray):
         """Σ blocks (n, g, g) and means (n, g) of each row of ``groups``, in one solve."""
-        uniq, inv = np.unique(groups, return_inverse=True)
-        S = self.cov_cross(uniq, uniq)  # the kept trailing Σ when there is one, else solves
-        inv = inv.reshape(groups.shape)
-        return S[inv[:, :, None], inv[:, None, :]], self.mean[groups]
+        # one cov_cross: the kept trailing Σ when there is one, else solves
+        return self.cov_blocks(groups, groups), self.mean[groups]
 
     def group_costs(self, groups: np.ndarray) -> np.ndarray:
         S, m = self._group_blocks(groups)

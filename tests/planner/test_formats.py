@@ -146,6 +146,40 @@ def test_small_block_access_equals_the_dense_form(fmt):
     close(post.inverse_block(rows.ravel()), np.linalg.inv(cov[np.ix_(rows.ravel(), rows.ravel())]))
 
 
+@given(
+    st.sampled_from(["full", "diag", "lowrank", "precision", "kron"]),
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 6),
+    st.integers(0, 5),
+    st.integers(0, 5),
+)
+@settings(max_examples=40, deadline=None)
+def test_cov_blocks_read_every_pair_of_the_dense_covariance(fmt, seed, n, a, b):
+    """``cov_blocks(rows, cols)[k] = Σ[rows[k]][:, cols[k]]`` in every format, with indices
+    repeated within a row and across rows (the exchange moves' pattern blocks, a criterion's
+    groups)."""
+    from planner import FullPosterior
+    from planner.posterior import DiagPosterior
+
+    s = Structure.mlp((3, 5, 4, 2), bias=True)
+    rng = np.random.default_rng(seed)
+    if fmt in ("full", "diag"):
+        post, mean, cov = make("precision", s, rng)
+        if fmt == "diag":
+            cov = np.diag(np.diag(cov))
+            post = DiagPosterior.from_arrays(s, {"mean": mean, "variance": np.diag(cov).copy()})
+        else:
+            post = FullPosterior.from_dense(s, mean, cov)
+    else:
+        post, mean, cov = make(fmt, s, rng)
+    rows = rng.integers(0, s.n_params, size=(n, a))
+    cols = rng.integers(0, s.n_params, size=(n, b))
+    got = post.cov_blocks(rows, cols)
+    assert got.shape == (n, a, b)
+    for k in range(n):
+        close(got[k], cov[np.ix_(rows[k], cols[k])])
+
+
 S = Structure.mlp((2, 3, 2), bias=True)  # 17 parameters
 
 
