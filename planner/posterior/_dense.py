@@ -127,3 +127,12 @@ class DensePosterior(Posterior):
     @cached_property
     def _chol(self) -> np.ndarray:
         return sla.cholesky(self.matrix, lower=True, check_finite=False)
+
+    def _covariance_cost(self, B: np.ndarray, values: np.ndarray) -> float:
+        """``½ (v − m_B)ᵀ Σ_BB⁻¹ (v − m_B)`` by a Cholesky factor of ``Σ_BB``
+        (:meth:`cov_cross`), refusing a numerically singular block."""
+        if B.size == 0:
+            return 0.0
+        L = v.cholesky_constraint(self.cov_cross(B, B))
+        alpha = sla.solve_triangular(L, values - self.mean[B], lower=True, check_finite=False)
+        return 0.5 * float(alpha @ alpha)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import cached_property
 
 import numpy as np
-import scipy.linalg as sla
 
 from ..backend import current
 from ..linalg import inverse_diagonal
@@ -54,12 +53,7 @@ class FullPosterior(DensePosterior):
         return FullPosterior(structure, m_keep, S_keep)
 
     def constraint_cost(self, B, values) -> float:
-        B = np.asarray(B, dtype=np.int64)
-        if B.size == 0:
-            return 0.0
-        L = v.cholesky_constraint(gather(self.covariance, B, B))
-        alpha = sla.solve_triangular(L, values - self.mean[B], lower=True, check_finite=False)
-        return 0.5 * float(alpha @ alpha)
+        return self._covariance_cost(np.asarray(B, dtype=np.int64), values)
 
     def _blocks(self, groups: np.ndarray):
         """Yield (slice, Σ blocks (n × k × k), means (n × k)) in memory-bounded chunks."""

@@ -94,8 +94,12 @@ class PrecisionPosterior(DensePosterior):
         B = np.asarray(B, dtype=np.int64)
         if B.size == 0:
             return 0.0
-        d = values - self.mean[B]
         r, _ = self._rest(B)
+        if r.size**3 / 3 + r.size**2 * B.size > self._covariance_route_work(B):
+            # B small against its complement: Σ_BB (by solves, or read from the kept
+            # trailing Σ) costs less than a factor of Λ over the complement
+            return self._covariance_cost(B, values)
+        d = values - self.mean[B]
         whole = float(d @ (gather(self.precision, B, B, copy=False) @ d))
         part = 0.0
         if r.size:

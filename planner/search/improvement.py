@@ -30,15 +30,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from itertools import pairwise
 from math import comb, perm
 
 import numpy as np
+from scipy.linalg import cho_solve
 
 from ..backend import for_size
 from ..errors import SingularConstraint
 from ..lattice import Route
-from ..linalg import lower_solve
+from ..linalg import cholesky_lower, gram_downdate, lower_solve, symmetrise
 from ..posterior import DiagPosterior, Posterior
 from ..posterior.scoring import (
     _FORWARD_MAX,
@@ -132,17 +134,90 @@ class DenseEvaluator:
         c = built.plan.compiled
         self.post = post
         self.B, self.v = c.conditioned, c.targets
-        self.d = self.v - post.mean[self.B]
-        self.posB = _lookup(self.B)
-        self.E = E = np.setdiff1d(np.unique(pool), self.B)
-        self.posE = _lookup(E) if E.size else None
-        self.P = post.inverse_block(self.B)
-        self.alpha = self.P @ self.d
-        self.dalpha = float(self.d @ self.alpha)
-        self.S_BE = post.cov_cross(self.B, E)
+        E = np.setdiff1d(np.unique(pool), self.B)
+        P = post.inverse_block(self.B)
+        S_BE = post.cov_cross(self.B, E)
         # |B|² |E|: on a device backend when large (planner.backend)
-        self.H = for_size(self.P.size + self.S_BE.size).matmul(self.P, self.S_BE)
-        self.Ealpha = self.S_BE.T @ self.alpha
+        self._finish(E, P, S_BE, for_size(P.size + S_BE.size).matmul(P, S_BE))
+
+    def moved(
+        self, built: Built, pool: np.ndarray, leave: np.ndarray, enter: np.ndarray
+    ) -> DenseEvaluator | None:
+        """The evaluator of ``built``, the plan after the accepted move that took the
+        entries ``leave`` out of B and put ``enter`` in (other targets may have changed),
+        by rank-k up- and downdates of ``P`` and ``H``: ``O(|B|² (r + a) + |B| (r + a) |E|)``
+        against a new set-up's ``O(|B|³ + |B|² |E|)``.  None when B did not change so, or
+        a block met on the way is not numerically positive definite (then set up anew).
+
+        Leaving R: ``P_K = P_KK − P_KR P_RR⁻¹ P_RK`` and ``P_K Σ_KE = H_K − P_KR P_RR⁻¹ H_R``
+        (K = B∖R).  Entering A, with ``S = Cov(x_A | x_K) = Σ_AA − Σ_AK P_K Σ_KA`` and
+        ``H_KA = P_K Σ_KA``: ``P`` gains the blocks ``P_K + H_KA S⁻¹ H_KAᵀ``, ``−H_KA S⁻¹``,
+        ``S⁻¹``, and ``H`` the rows ``H_A = S⁻¹ (Σ_AE − Σ_AK H_K)``, ``H_K − H_KA H_A``.
+        Entries new to the pool get their columns of ``H`` from the updated ``P``; the
+        pool's columns are kept (those of entries now in B are never read)."""
+        c = built.plan.compiled
+        Rp = self.posB(leave)
+        keep = np.ones(self.B.size, dtype=bool)
+        keep[Rp] = False
+        kp = np.flatnonzero(keep)
+        K = self.B[kp]
+        B = np.concatenate([K, enter])
+        if np.intersect1d(K, enter).size or not np.array_equal(np.sort(B), np.sort(c.conditioned)):
+            return None
+        L_R = cholesky_lower(self.P[np.ix_(Rp, Rp)]) if Rp.size else np.zeros((0, 0))
+        if L_R is None:
+            return None
+        X = lower_solve(L_R, self.P[np.ix_(Rp, kp)]) if Rp.size else np.zeros((0, K.size))
+        P_K = self.P[np.ix_(kp, kp)]  # less (L_R⁻¹ P_RK)ᵀ (L_R⁻¹ P_RK)
+        P_K = gram_downdate(P_K, X) if K.size and Rp.size else P_K
+        Y = lower_solve(L_R, self.H[Rp]) if Rp.size else np.zeros((0, self.E.size))  # L_R⁻¹ H_R
+        Ap = self.posE(enter) if enter.size else np.zeros(0, dtype=np.int64)
+        H_KA = self.H[np.ix_(kp, Ap)] - X.T @ Y[:, Ap]  # P_K Σ_KA
+        S_KA = self.S_BE[np.ix_(kp, Ap)]
+        S = symmetrise(self.post.cov_cross(enter, enter) - S_KA.T @ H_KA)
+        L_S = cholesky_lower(S) if enter.size else np.zeros((0, 0))
+        if L_S is None:
+            return None
+        Si = cho_solve((L_S, True), np.eye(enter.size), check_finite=False) if enter.size else S
+        T = H_KA @ Si
+        P = np.empty((B.size, B.size))
+        k = K.size
+        P[:k, :k] = P_K + T @ H_KA.T
+        P[:k, k:] = -T
+        P[k:, :k] = -T.T
+        P[k:, k:] = Si
+        P = symmetrise(P)
+        # the pool's columns stay where they are (those of entries now in B are never read
+        # again: a move adds entries outside B) and the entries new to it come after them
+        n = self.E.size
+        fresh = np.setdiff1d(np.setdiff1d(np.unique(pool), B), self.E)
+        E = np.concatenate([self.E, fresh])
+        S_BE, H = np.empty((B.size, E.size)), np.empty((B.size, E.size))
+        S_BE[:k, :n] = self.S_BE[kp]
+        S_BE[k:, :n] = self.post.cov_cross(enter, self.E)
+        H_K = H[:k, :n]
+        H_K[...] = self.H[kp]
+        H_K -= X.T @ Y  # P_K Σ_KE
+        H[k:, :n] = Si @ (S_BE[k:, :n] - S_KA.T @ H_K)  # S⁻¹ Cov(x_A, x_E | x_K)
+        H_K -= H_KA @ H[k:, :n]
+        if fresh.size:
+            S_BE[:, n:] = self.post.cov_cross(B, fresh)
+            H[:, n:] = P @ S_BE[:, n:]
+        out = DenseEvaluator.__new__(DenseEvaluator)
+        out.post, out.B = self.post, B
+        out.v = c.targets[_lookup(c.conditioned)(B)]
+        out._finish(E, P, S_BE, H)
+        return out
+
+    def _finish(self, E: np.ndarray, P: np.ndarray, S_BE: np.ndarray, H: np.ndarray) -> None:
+        """Set up what every move reads from ``B``, ``v`` and ``P``, ``Σ_BE``, ``H``."""
+        self.d = self.v - self.post.mean[self.B]
+        self.posB = _lookup(self.B)
+        self.E, self.posE = E, _lookup(E) if E.size else None
+        self.P, self.S_BE, self.H = P, S_BE, H
+        self.alpha = P @ self.d
+        self.dalpha = float(self.d @ self.alpha)
+        self.Ealpha = S_BE.T @ self.alpha
 
     def _dense(self, e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
         """``Cov(x_E | x_B)`` over pool positions e1 × e2."""
@@ -316,6 +391,7 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
     teacher = post.structure
     if teacher.kind != "mlp":
         return built
+    moved = None
     while not budget.expired():
         n_B = built.plan.compiled.n_conditioned
         if not budget.allows(DenseEvaluator.work(n_B, 0)):
@@ -329,8 +405,15 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
             return built
         if not post.independent and not budget.fits(DenseEvaluator.footprint(n_B, pool.size)):
             return built
+        # charged as a set-up whether or not the last move's updates stand in for it: the
+        # rounds (and the plan) are the same either way
         budget.charge(setup, 0)
-        ev = DiagEvaluator(post, built) if post.independent else DenseEvaluator(post, built, pool)
+        if post.independent:
+            ev = DiagEvaluator(post, built)
+        else:
+            ev = (moved(built, pool) if moved is not None else None) or DenseEvaluator(
+                post, built, pool
+            )
         best, where = built.cost * (1 - 1e-12) - 1e-15, None
         with single_threaded():
             for f in fams:
@@ -346,6 +429,8 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
         f, i = where
         ch = f.choices(i)
         built = Built(replay(teacher, ch), best, ch)
+        if not post.independent:  # the next round's evaluator, by updates of this one's
+            moved = partial(ev.moved, leave=f.leave[i], enter=f.enter[i])
     return built
 
 

@@ -452,6 +452,58 @@ def test_every_exchange_move_is_scored_exactly(case, diagonal):
             close(costs[i], replay(post.structure, fam.choices(i)).cost(post))
 
 
+@given(search_cases(max_T=6, max_width=6, max_steps=8, rnn=False), st.integers(0, 2**32 - 1))
+def test_an_evaluator_updated_past_a_move_equals_a_new_one(case, pick):
+    """The next round's evaluator by rank-k updates of P and H (``DenseEvaluator.moved``)
+    scores every move of the moved plan as a new set-up does, and as rebuilding the plan;
+    chained over rounds (the updates of updates)."""
+    from planner.criteria import criterion_function
+    from planner.search.construction import Built, construct, replay
+    from planner.search.improvement import DenseEvaluator, _pool
+    from planner.search.moves import families
+
+    net, student, seed = case
+    post = full(net, seed)
+    target = to_structure(student)
+    found = search(post, target, work=0)
+    built = construct(
+        post,
+        target,
+        found.route,
+        criterion_function("posterior_ratio"),
+        rng=np.random.default_rng(0),
+    )
+    rng = np.random.default_rng(pick)
+    fams = [f for f in families(post.structure, built.choices) if len(f)]
+    ev = DenseEvaluator(post, built, _pool(fams))
+    for _ in range(3):
+        if not fams:
+            return
+        f = fams[int(rng.integers(len(fams)))]
+        costs = ev.evaluate(f)
+        if not np.isfinite(costs).any():
+            return
+        i = int(rng.choice(np.flatnonzero(np.isfinite(costs))))
+        ch = f.choices(i)
+        built = Built(replay(post.structure, ch), float(costs[i]), ch)
+        fams = [g for g in families(post.structure, built.choices) if len(g)]
+        pool = _pool(fams)
+        moved = ev.moved(built, pool, f.leave[i], f.enter[i])
+        assert moved is not None
+        fresh = DenseEvaluator(post, built, pool)
+        at = moved.posB(fresh.B)
+        close(moved.P[np.ix_(at, at)], fresh.P)
+        for g in fams:
+            got, want = moved.evaluate(g), fresh.evaluate(g)
+            assert np.array_equal(np.isfinite(got), np.isfinite(want))
+            ok = np.isfinite(want)
+            close(got[ok], want[ok])
+            j = int(np.flatnonzero(ok)[0]) if ok.any() else None
+            if j is not None:
+                close(got[j], replay(post.structure, g.choices(j)).cost(post))
+        ev = moved
+
+
 @given(
     st.integers(0, 2**32 - 1),
     st.sampled_from([1, 4, 40, 70]),
