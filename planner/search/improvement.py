@@ -14,8 +14,9 @@ the pool E of every entry a move may add: with ``Z = L_R⁻¹ H_{R,A}`` (``L_R``
 Cholesky factor of ``P_RR``), ``S = Cov(x_A | x_B) + ZᵀZ`` and
 ``r = t_A − E[x_A | x_B] + H_{R,A}ᵀ e_R + Zᵀ L_R⁻¹ γ``: ``O(|R|²|A| + |A|³)`` per
 move, ``P_RR`` factorised once per distinct R (a family pairs a few of them with
-many entering sets).  An
-accepted move rebuilds P from the new plan's factorisation.  Independent
+many entering sets).  The
+next round's ``P`` and ``H`` come from the last by rank-k up- and downdates past the
+accepted move (:meth:`DenseEvaluator.moved`), not from a new factorisation.  Independent
 coordinates (``diag``) need none of it; other formats without a dense
 evaluator rebuild and rescore (:class:`ReplayEvaluator`).
 
