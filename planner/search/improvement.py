@@ -371,6 +371,11 @@ def _pool(fams: list[Family]) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
+#: Set-up work from which the next round's evaluator comes from updates of the last
+#: (:meth:`DenseEvaluator.moved`): below it a new set-up is a few small products, which
+#: cost less than the updates' bookkeeping.
+_UPDATE_WORK = 1e8
+
 #: Work charged per call scoring a family, and per move of a family beyond its algebra.
 FAMILY_WORK = 1e6
 MOVE_WORK = 1e4
@@ -430,8 +435,8 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
         f, i = where
         ch = f.choices(i)
         built = Built(replay(teacher, ch), best, ch)
-        if not post.independent:  # the next round's evaluator, by updates of this one's
-            moved = partial(ev.moved, leave=f.leave[i], enter=f.enter[i])
+        if not post.independent and setup >= _UPDATE_WORK:  # the next round's evaluator,
+            moved = partial(ev.moved, leave=f.leave[i], enter=f.enter[i])  # by updates
     return built
 
 

@@ -504,6 +504,27 @@ def test_an_evaluator_updated_past_a_move_equals_a_new_one(case, pick):
         ev = moved
 
 
+@settings(max_examples=30, deadline=None)
+@given(search_cases(max_T=5, max_width=7, max_steps=8, rnn=False))
+def test_exchange_rounds_from_updates_find_the_plans_new_set_ups_find(case):
+    """The exchange rounds with each round's evaluator updated from the last (forced at
+    any size) find plans of the cost that rounds set up anew find, and the plan's cost is
+    its own (rebuilt and conditioned from scratch)."""
+    from unittest import mock
+
+    import planner.search.improvement as improvement
+
+    net, student, seed = case
+    post = full(net, seed)
+    target = to_structure(student)
+    with mock.patch.object(improvement, "_UPDATE_WORK", np.inf):
+        anew = search(post, target, effort="thorough")
+    with mock.patch.object(improvement, "_UPDATE_WORK", 0.0):
+        updated = search(post, target, effort="thorough")
+    close(updated.cost, anew.cost)
+    close(updated.cost, updated.plan.cost(post))
+
+
 @given(
     st.integers(0, 2**32 - 1),
     st.sampled_from([1, 4, 40, 70]),
