@@ -420,12 +420,26 @@ def test_criteria_errors():
         search(post, Structure.mlp((2, 4, 2)))
 
 
+def _constructed(post, target: Structure):
+    """The constructive greedy's plan (no improvement) on the route the search picks."""
+    from planner.criteria import criterion_function
+    from planner.search.construction import construct
+
+    found = search(post, target, work=0)
+    return construct(
+        post,
+        target,
+        found.route,
+        criterion_function("posterior_ratio"),
+        rng=np.random.default_rng(0),
+    )
+
+
 @given(search_cases(max_T=6, max_width=6, max_steps=8, rnn=False), st.booleans())
 def test_every_exchange_move_is_scored_exactly(case, diagonal):
     """The exchange algebra (Schur complements on Σ_BB⁻¹, batched over a family; separable
     sums for diag) against rebuilding each moved plan and conditioning it from scratch."""
-    from planner.criteria import criterion_function
-    from planner.search.construction import construct, replay
+    from planner.search.construction import replay
     from planner.search.improvement import DenseEvaluator, DiagEvaluator, _pool
     from planner.search.moves import families
 
@@ -435,15 +449,7 @@ def test_every_exchange_move_is_scored_exactly(case, diagonal):
         post = DiagPosterior.from_arrays(
             post.structure, {"mean": post.mean, "variance": np.diag(post.covariance).copy()}
         )
-    target = to_structure(student)
-    found = search(post, target, work=0)
-    built = construct(
-        post,
-        target,
-        found.route,
-        criterion_function("posterior_ratio"),
-        rng=np.random.default_rng(0),
-    )
+    built = _constructed(post, to_structure(student))
     fams = list(families(post.structure, built.choices))
     ev = DiagEvaluator(post, built) if diagonal else DenseEvaluator(post, built, _pool(fams))
     for fam in fams:
@@ -457,22 +463,13 @@ def test_an_evaluator_updated_past_a_move_equals_a_new_one(case, pick):
     """The next round's evaluator by rank-k updates of P and H (``DenseEvaluator.moved``)
     scores every move of the moved plan as a new set-up does, and as rebuilding the plan;
     chained over rounds (the updates of updates)."""
-    from planner.criteria import criterion_function
-    from planner.search.construction import Built, construct, replay
+    from planner.search.construction import Built, replay
     from planner.search.improvement import DenseEvaluator, _pool
     from planner.search.moves import families
 
     net, student, seed = case
     post = full(net, seed)
-    target = to_structure(student)
-    found = search(post, target, work=0)
-    built = construct(
-        post,
-        target,
-        found.route,
-        criterion_function("posterior_ratio"),
-        rng=np.random.default_rng(0),
-    )
+    built = _constructed(post, to_structure(student))
     rng = np.random.default_rng(pick)
     fams = [f for f in families(post.structure, built.choices) if len(f)]
     ev = DenseEvaluator(post, built, _pool(fams))
