@@ -155,7 +155,8 @@ class DenseEvaluator:
         ``H_KA = P_K Σ_KA``: ``P`` gains the blocks ``P_K + H_KA S⁻¹ H_KAᵀ``, ``−H_KA S⁻¹``,
         ``S⁻¹``, and ``H`` the rows ``H_A = S⁻¹ (Σ_AE − Σ_AK H_K)``, ``H_K − H_KA H_A``.
         Entries new to the pool get their columns of ``H`` from the updated ``P``; the
-        pool's columns are kept (those of entries now in B are never read)."""
+        pool's columns are kept (those of entries now in B, or no move's, are never read)
+        until more than ``_UNREAD_SHARE`` of them are (None then: a new set-up compacts)."""
         c = built.plan.compiled
         Rp = self.posB(leave)
         keep = np.ones(self.B.size, dtype=bool)
@@ -191,7 +192,10 @@ class DenseEvaluator:
         # the pool's columns stay where they are (those of entries now in B are never read
         # again: a move adds entries outside B) and the entries new to it come after them
         n = self.E.size
-        fresh = np.setdiff1d(np.setdiff1d(np.unique(pool), B), self.E)
+        pool = np.setdiff1d(np.unique(pool), B)
+        if n - np.count_nonzero(np.isin(self.E, pool)) > _UNREAD_SHARE * n:
+            return None  # many columns are no longer read: set up anew, which compacts
+        fresh = np.setdiff1d(pool, self.E)
         E = np.concatenate([self.E, fresh])
         S_BE, H = np.empty((B.size, E.size)), np.empty((B.size, E.size))
         S_BE[:k, :n] = self.S_BE[kp]
@@ -292,6 +296,10 @@ class DenseEvaluator:
         assert cost.shape == (n,)
         return cost
 
+
+#: Share of the pool's columns an updated evaluator may hold unread (entries now in B or
+#: in no move) before the next round sets up anew instead.
+_UNREAD_SHARE = 0.25
 
 #: Up to this ``r² m`` (order r, m columns) a batch of triangular solves runs fastest as
 #: one substitution vectorised over the batch; past it, one LAPACK solve per move
@@ -420,6 +428,7 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
             ev = (moved(built, pool) if moved is not None else None) or DenseEvaluator(
                 post, built, pool
             )
+            moved = None  # the last round's evaluator is let go before this one's work
         best, where = built.cost * (1 - 1e-12) - 1e-15, None
         with single_threaded():
             for f in fams:

@@ -462,7 +462,11 @@ def test_every_exchange_move_is_scored_exactly(case, diagonal):
 def test_an_evaluator_updated_past_a_move_equals_a_new_one(case, pick):
     """The next round's evaluator by rank-k updates of P and H (``DenseEvaluator.moved``)
     scores every move of the moved plan as a new set-up does, and as rebuilding the plan;
-    chained over rounds (the updates of updates)."""
+    chained over rounds (the updates of updates), holding however many unread columns
+    (in a search it sets up anew past ``_UNREAD_SHARE`` of them: then it answers None)."""
+    from unittest import mock
+
+    import planner.search.improvement as improvement
     from planner.search.construction import Built, replay
     from planner.search.improvement import DenseEvaluator, _pool
     from planner.search.moves import families
@@ -485,7 +489,11 @@ def test_an_evaluator_updated_past_a_move_equals_a_new_one(case, pick):
         built = Built(replay(post.structure, ch), float(costs[i]), ch)
         fams = [g for g in families(post.structure, built.choices) if len(g)]
         pool = _pool(fams)
-        moved = ev.moved(built, pool, f.leave[i], f.enter[i])
+        if ev.E.size:  # past the share of unread columns (below 0: any): set up anew
+            with mock.patch.object(improvement, "_UNREAD_SHARE", -1.0):
+                assert ev.moved(built, pool, f.leave[i], f.enter[i]) is None
+        with mock.patch.object(improvement, "_UNREAD_SHARE", 1.0):
+            moved = ev.moved(built, pool, f.leave[i], f.enter[i])
         assert moved is not None
         fresh = DenseEvaluator(post, built, pool)
         at = moved.posB(fresh.B)
