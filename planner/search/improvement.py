@@ -381,12 +381,21 @@ def _pool(fams: list[Family]) -> np.ndarray:
 
 #: Set-up work from which the next round's evaluator comes from updates of the last
 #: (:meth:`DenseEvaluator.moved`): below it a new set-up is a few small products, which
-#: cost less than the updates' bookkeeping.
+#: cost less than the updates' bookkeeping (measured crossover: about 3·10⁷).
 _UPDATE_WORK = 1e8
 
 #: Work charged per call scoring a family, and per move of a family beyond its algebra.
 FAMILY_WORK = 1e6
 MOVE_WORK = 1e4
+
+
+def _updates_pay(n_B: int, n_E: int) -> bool:
+    """Whether the next round's evaluator comes from updates of this one's: where its
+    set-up is at least ``_UPDATE_WORK`` and runs in numpy.  On a device backend the
+    set-up's products run there (planner.backend) and the updates, thin products of
+    host arrays, would not."""
+    on_device = for_size(n_B * n_B + n_B * n_E).name != "numpy"
+    return DenseEvaluator.work(n_B, n_E) >= _UPDATE_WORK and not on_device
 
 
 def _family_work(f: Family) -> float:
@@ -444,7 +453,7 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
         f, i = where
         ch = f.choices(i)
         built = Built(replay(teacher, ch), best, ch)
-        if not post.independent and setup >= _UPDATE_WORK:  # the next round's evaluator,
+        if not post.independent and _updates_pay(n_B, pool.size):  # the next round's
             moved = partial(ev.moved, leave=f.leave[i], enter=f.enter[i])  # by updates
     return built
 

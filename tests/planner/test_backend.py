@@ -157,6 +157,36 @@ def test_the_dense_greedy_on_the_torch_backend_searches_as_numpy_does(effort, ca
         _greedy_on_both(post, student, effort)
 
 
+def test_exchange_rounds_set_up_anew_on_a_device_and_update_in_numpy():
+    """On a device backend a round's set-up runs there, so the next round is set up anew
+    (the updates are host products); in numpy, past ``_UPDATE_WORK``, it is updated."""
+    from planner import backend
+    from planner.search import improvement
+
+    s = Structure.mlp((3, 9, 8, 1))
+    rng = np.random.default_rng(4)
+    p = s.n_params
+    post = FullPosterior.from_dense(s, rng.normal(size=p), spd(rng, p))
+    student = s.inherit((3, 4, 3, 1))
+    moved = improvement.DenseEvaluator.moved
+    calls = Counter()
+
+    def spy(self, *args, **kwargs):
+        calls[current().name] += 1
+        return moved(self, *args, **kwargs)
+
+    for device in (None, "cpu"):
+        with (
+            mock.patch.object(improvement, "_UPDATE_WORK", 0.0),
+            mock.patch.object(backend, "DEVICE_ENTRIES", 0),
+            mock.patch.object(improvement.DenseEvaluator, "moved", spy),
+            use(device),
+        ):
+            found = search(post, student, effort="thorough")
+        close(found.cost, found.plan.cost(post))
+    assert calls["numpy"] > 0 and calls["torch-cpu"] == 0, calls
+
+
 @settings(max_examples=20, deadline=None)
 @given(case=network_search_cases())
 def test_a_network_search_on_the_torch_backend_is_the_numpy_search(case):
