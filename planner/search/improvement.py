@@ -389,13 +389,12 @@ FAMILY_WORK = 1e6
 MOVE_WORK = 1e4
 
 
-def _updates_pay(n_B: int, n_E: int) -> bool:
+def _updates_pay(setup: float, entries: float) -> bool:
     """Whether the next round's evaluator comes from updates of this one's: where its
-    set-up is at least ``_UPDATE_WORK`` and runs in numpy.  On a device backend the
-    set-up's products run there (planner.backend) and the updates, thin products of
-    host arrays, would not."""
-    on_device = for_size(n_B * n_B + n_B * n_E).name != "numpy"
-    return DenseEvaluator.work(n_B, n_E) >= _UPDATE_WORK and not on_device
+    set-up (``setup`` flops, over arrays of ``entries`` entries) is at least
+    ``_UPDATE_WORK`` and runs in numpy.  On a device backend the set-up's products run
+    there (planner.backend) and the updates, thin products of host arrays, would not."""
+    return setup >= _UPDATE_WORK and for_size(entries).name == "numpy"
 
 
 def _family_work(f: Family) -> float:
@@ -453,8 +452,8 @@ def local_search(post: Posterior, built: Built, budget: Budget) -> Built:
         f, i = where
         ch = f.choices(i)
         built = Built(replay(teacher, ch), best, ch)
-        if not post.independent and _updates_pay(n_B, pool.size):  # the next round's
-            moved = partial(ev.moved, leave=f.leave[i], enter=f.enter[i])  # by updates
+        if not post.independent and _updates_pay(setup, n_B * (n_B + pool.size)):
+            moved = partial(ev.moved, leave=f.leave[i], enter=f.enter[i])  # next round's
     return built
 
 
