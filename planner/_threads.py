@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["all_threads", "limited", "single_threaded", "split"]
+__all__ = ["THREADED_PRODUCT", "all_threads", "limited", "product", "single_threaded", "split"]
 
 _controller: ThreadpoolController | None = None
 #: BLAS thread counts in force where each enclosing ``single_threaded`` began
@@ -62,6 +62,22 @@ def all_threads():
     product inside a single-threaded loop; outside any, the threads in force stay (a
     caller's own limit, such as a service job's, is kept)."""
     return _blas().limit(limits=_outer[-1]) if _outer else nullcontext()
+
+
+#: Multiply-adds from which a product inside a single-threaded loop runs on every core
+#: (measured: two threads are 1.6–1.7× faster from 10 × 300 × 1,000 to 30 × 4,500 × 8,000;
+#: switching costs about 30 µs).
+THREADED_PRODUCT = 2e6
+
+
+def product(A, B):
+    """``A @ B``, on every core (:func:`all_threads`) when it is large enough to gain
+    (:data:`THREADED_PRODUCT`): for the few large products inside a greedy's
+    single-threaded loop."""
+    if A.shape[0] * A.shape[1] * B.shape[1] >= THREADED_PRODUCT:
+        with all_threads():
+            return A @ B
+    return A @ B
 
 
 def split(work: Callable[[int, int], None], n: int) -> None:

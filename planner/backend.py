@@ -48,14 +48,16 @@ import numpy as np
 import scipy.linalg as sla
 from scipy.linalg import lapack
 
+from ._threads import product
 from .linalg import gram_downdate, inverse_diagonal
 
 __all__ = [
     "DEVICE_ENTRIES",
     "Backend",
     "DeviceMemoryError",
-    "DeviceRows",
+    "HostRows",
     "NumpyBackend",
+    "Rows",
     "TorchBackend",
     "current",
     "for_size",
@@ -115,20 +117,26 @@ class Backend:
         """``A @ B``."""
         raise NotImplementedError
 
-    def rows(self, X0: np.ndarray) -> DeviceRows | None:
-        """A matrix that grows by rows, starting as ``X0`` (``n0 × w``), held on the
-        backend's device for the dense greedy's products with it; None where the host's
-        own arrays serve (numpy)."""
-        return None
+    def rows(self, X0: np.ndarray, room: int) -> Rows:
+        """A matrix that grows by rows, starting as ``X0`` (``n0 × w``), with room for
+        ``room`` rows past it at first, held where this backend computes its products."""
+        return HostRows(X0, room)
 
 
-class DeviceRows:
-    """Rows held on a device (:meth:`Backend.rows`): a stage of the dense greedy keeps
-    there what its products read — ``L⁻¹ Σ_{B,G}`` and a row block per commit, over the
-    stage's live columns — and the host keeps its own copy for the small reads.  Every
-    product comes back as a numpy array."""
+class Rows:
+    """A matrix ``R = [X0; W]`` that grows by rows (:meth:`Backend.rows`): a stage of the
+    dense greedy holds there ``X0 = L⁻¹ Σ_{B,G}`` and a row block of ``W`` per commit,
+    over the stage's live columns, and reads its products with them through it.  The
+    host always holds its copy (:attr:`host`) for the small reads; a device backend
+    holds a second copy on its device, where the products run.  Every product comes back
+    as a numpy array."""
 
-    m: int  # rows held
+    m: int  # rows held, X0's included
+
+    @property
+    def host(self) -> HostRows:
+        """The rows on the host."""
+        raise NotImplementedError
 
     def append(self, Y: np.ndarray) -> None:
         """Add the rows ``Y`` (``k × w``)."""
@@ -145,6 +153,76 @@ class DeviceRows:
     def compact(self, keep: np.ndarray) -> None:
         """Keep only the columns ``keep``."""
         raise NotImplementedError
+
+
+class HostRows(Rows):
+    """:class:`Rows` in numpy: ``X0`` as given, and ``W`` in one flat buffer reserved for
+    ``room`` rows (zeroed on allocation: its pages are touched as they are used), doubled
+    when full and compacted in place.  A product large enough to gain runs on every core
+    inside the greedy's single-threaded loop (:func:`planner._threads.product`)."""
+
+    #: entries of W up to which a compaction copies in one vectorised step (not in place)
+    SMALL = 1 << 20
+
+    def __init__(self, X0: np.ndarray, room: int) -> None:
+        self.X0 = X0
+        self.w = X0.shape[1]
+        self._buf = np.zeros(room * self.w)
+        self.k = 0  # rows of W in use
+
+    @property
+    def host(self) -> HostRows:
+        return self
+
+    @property
+    def m(self) -> int:
+        return self.X0.shape[0] + self.k
+
+    @property
+    def W(self) -> np.ndarray:
+        """The rows past ``X0`` (a view of the buffer)."""
+        return self._buf[: self.k * self.w].reshape(self.k, self.w)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffer holds (used or not)."""
+        return self._buf.nbytes
+
+    def append(self, Y: np.ndarray) -> None:
+        k, w = Y.shape[0], self.w
+        if (self.k + k) * w > self._buf.size:
+            grown = np.zeros(max((self.k + k) * w, 2 * self._buf.size))
+            grown[: self.k * w] = self._buf[: self.k * w]
+            self._buf = grown
+        self._buf[self.k * w : (self.k + k) * w] = Y.ravel()
+        self.k += k
+
+    def gram(self, cols: np.ndarray, start: int) -> np.ndarray:
+        n0, W = self.X0.shape[0], self.W
+        if start < n0:  # X0's rows too
+            X0 = self.X0[start:]
+            return product(np.ascontiguousarray(X0[:, cols].T), X0) + product(
+                np.ascontiguousarray(W[:, cols].T), W
+            )
+        W = W[start - n0 :]
+        return product(np.ascontiguousarray(W[:, cols].T), W)
+
+    def left(self, X: np.ndarray) -> np.ndarray:
+        n0 = self.X0.shape[0]
+        out = product(X[:, :n0], self.X0) if n0 else np.zeros((X.shape[0], self.w))
+        if self.k:
+            out += product(X[:, n0:], self.W)
+        return out
+
+    def compact(self, keep: np.ndarray) -> None:
+        w, nk, buf = self.w, keep.size, self._buf
+        if self.k * w <= self.SMALL:  # one vectorised copy
+            buf[: self.k * nk] = self.W.take(keep, axis=1).ravel()
+        else:  # in place: row i moves to [i nk, (i+1) nk), never past unread rows
+            for i in range(self.k):
+                buf[i * nk : (i + 1) * nk] = buf[i * w : (i + 1) * w].take(keep)
+        self.X0 = self.X0.take(keep, axis=1)
+        self.w = nk
 
 
 class NumpyBackend(Backend):
@@ -295,25 +373,31 @@ class TorchBackend(Backend):
         return self._np(self._t(A) @ self._t(B))
 
     @_device_memory
-    def rows(self, X0: np.ndarray) -> _TorchRows:
-        return _TorchRows(self, X0)
+    def rows(self, X0: np.ndarray, room: int) -> _TorchRows:
+        return _TorchRows(self, HostRows(X0, room))
 
 
-class _TorchRows(DeviceRows):
-    """:class:`DeviceRows` in one flat float64 tensor on the backend's device, with room
-    for ``X0`` and ``ROOM`` more rows at first, doubled when full (device memory is
-    taken when asked for, unlike the host's zeroed pages)."""
+class _TorchRows(Rows):
+    """:class:`Rows` mirrored: the host's (:class:`HostRows`), and a copy in one flat
+    float64 tensor on the backend's device, where the products run, with room for ``X0``
+    and ``ROOM`` more rows at first, doubled when full (device memory is taken when asked
+    for, unlike the host's zeroed pages)."""
 
     ROOM = 1024
 
-    def __init__(self, backend: TorchBackend, X0: np.ndarray) -> None:
+    def __init__(self, backend: TorchBackend, host: HostRows) -> None:
         torch = backend.torch
+        X0 = host.X0
         n0, w = X0.shape
-        self.bk, self.w, self.m = backend, w, n0
+        self._host, self.bk, self.w, self.m = host, backend, w, n0
         room = max(1, (n0 + min(w, self.ROOM)) * w)
         self.buf = torch.empty(room, dtype=torch.float64, device=backend.device)
         if n0:
             self.buf[: n0 * w] = backend._t(X0).reshape(-1)
+
+    @property
+    def host(self) -> HostRows:
+        return self._host
 
     def _R(self, start: int = 0):
         return self.buf[start * self.w : self.m * self.w].view(self.m - start, self.w)
@@ -333,6 +417,7 @@ class _TorchRows(DeviceRows):
             self.buf = grown
         self.buf[self.m * self.w : end] = self.bk._t(Y).reshape(-1)
         self.m += k
+        self._host.append(Y)
 
     @_device_memory
     def gram(self, cols: np.ndarray, start: int) -> np.ndarray:
@@ -348,6 +433,7 @@ class _TorchRows(DeviceRows):
         R = self._R().index_select(1, self._index(keep))  # a new tensor: no overlap
         self.w = int(keep.size)
         self.buf[: R.numel()] = R.reshape(-1)
+        self._host.compact(keep)
 
 
 _NUMPY = NumpyBackend()

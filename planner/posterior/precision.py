@@ -95,7 +95,9 @@ class PrecisionPosterior(DensePosterior):
         if B.size == 0:
             return 0.0
         r, _ = self._rest(B)
-        if r.size**3 / 3 + r.size**2 * B.size > self._covariance_route_work(B):
+        # natively: a factor of Λ over the complement, one product with Λ_rB and one solve
+        native = r.size**3 / 3 + r.size * B.size + r.size**2
+        if native > self._covariance_route_work(B):
             # B small against its complement: Σ_BB (by solves, or read from the kept
             # trailing Σ) costs less than a factor of Λ over the complement
             return self._covariance_cost(B, values)

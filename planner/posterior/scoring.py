@@ -31,8 +31,8 @@ from typing import Protocol
 import numpy as np
 import scipy.linalg as sla
 
-from .._threads import all_threads, split
-from ..backend import for_size
+from .._threads import THREADED_PRODUCT, all_threads, split
+from ..backend import HostRows, for_size
 from ..graph import Consumers, Whole
 from ..linalg import lower_solve, pivots_ok
 from ._dense import HeldCovariance
@@ -398,12 +398,6 @@ class DenseScorer:
         return Linv.T @ Linv, Linv.T @ self.z
 
 
-#: Multiply-adds from which a greedy step's product runs on every core (measured: two
-#: threads are 1.6–1.7× faster from 10 × 300 × 1,000 to 30 × 4,500 × 8,000; switching costs
-#: about 30 µs).
-_THREADED_PRODUCT = 2e6
-
-
 #: Candidates up to which a stage reads their blocks one by one (no gathered copy).
 _FEW = 8
 #: Entries of a candidate from which a stage reads the blocks of several one by one.
@@ -411,25 +405,14 @@ _LARGE_BLOCK = 64
 #: Multiply-adds of one candidate's product below which a batch goes as one batched
 #: product (one BLAS call an item costs more than the item)
 _BATCHED_PRODUCT = 64**3
-#: Entries of W up to which a compaction copies in one vectorised step (not in place).
-_SMALL_W = 1 << 20
 
 
 def _lower_solve(L: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``L⁻¹ B`` on every core when it is large enough to gain (a ψ candidate's rows)."""
-    if L.shape[0] * L.shape[0] * B.shape[1] >= _THREADED_PRODUCT:
+    if L.shape[0] * L.shape[0] * B.shape[1] >= THREADED_PRODUCT:
         with all_threads():
             return lower_solve(L, B)
     return lower_solve(L, B)
-
-
-def _matmul(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """``A @ B`` on every core when it is large enough to gain (inside a greedy's
-    single-threaded loop)."""
-    if A.shape[0] * A.shape[1] * B.shape[1] >= _THREADED_PRODUCT:
-        with all_threads():
-            return A @ B
-    return A @ B
 
 
 def _gram_update(S: np.ndarray, at: np.ndarray | slice, Y: np.ndarray) -> None:
@@ -450,7 +433,7 @@ def _gram_update(S: np.ndarray, at: np.ndarray | slice, Y: np.ndarray) -> None:
         for i in range(lo, hi):  # in place (S[at] -= D would copy S[at] twice)
             S[i if every else at[i]] -= Y[i] @ Y[i].T
 
-    if n * k < _THREADED_PRODUCT:
+    if n * k < THREADED_PRODUCT:
         part(0, n)
     elif n == 1:
         with all_threads():
@@ -494,21 +477,17 @@ class _DenseDrops:
         q, w = self.pos, self.G.size
         scorer._refresh()
         if scorer.n == 0:  # C0 = Σ_GG, never copied whole
-            self.X0 = np.zeros((0, w))
+            X0 = np.zeros((0, w))
             self.c = scorer.mean[self.G].astype(np.float64, copy=True)
             self.cov = scorer.post.covariance_over(self.G)
         else:  # most of its rows are read as the stage goes: one product now
-            self.X0, C0, self.c = scorer.conditional(self.G)  # X0 = L⁻¹ Σ_{B,G}
+            X0, C0, self.c = scorer.conditional(self.G)  # X0 = L⁻¹ Σ_{B,G}
             self.cov = HeldCovariance(C0, self.G)
         self.S = self.cov.blocks(self.G[q])  # each candidate's own block
-        # W's rows (over the live columns) live in one flat buffer, reserved for every
-        # row the stage may add (calloc: pages are touched as used) and compacted in place
-        self._buf = np.zeros(w * w)
-        self.m = 0  # rows of W in use
-        #: on a device backend (planner.backend), ``X0`` and W's rows held there too, for
-        #: the products that read them whole (None: numpy reads the host's)
-        n0 = self.X0.shape[0]
-        self._dev = for_size((n0 + w) * w).rows(self.X0) if w else None
+        #: ``[X0; W]`` over the live columns, with room for every row the stage may add
+        #: (planner.backend.Rows): on the host, and on a device backend there too, where
+        #: the products that read it whole then run
+        self._R = for_size((X0.shape[0] + w) * w).rows(X0, w) if w else HostRows(X0, 0)
         #: the within-group entries left (ids of the stage's first groups, ascending), and
         #: those ``S`` still spans: :meth:`restrict` only marks entries gone, and ``S``
         #: and the updates waiting are cut down to them when ``S`` is next read
@@ -539,8 +518,19 @@ class _DenseDrops:
         self._pend: list[tuple[np.ndarray | slice, np.ndarray, np.ndarray]] = []
 
     @property
+    def X0(self) -> np.ndarray:
+        """``L⁻¹ Σ_{B,G}`` at the stage's start, over the live columns."""
+        return self._R.host.X0
+
+    @property
     def _W(self) -> np.ndarray:
-        return self._buf[: self.m * self.G.size].reshape(self.m, self.G.size)
+        """The rows the stage's commits added, over the live columns."""
+        return self._R.host.W
+
+    @property
+    def m(self) -> int:
+        """Rows of ``W``."""
+        return self._R.host.k
 
     def increments(self) -> np.ndarray:
         out = np.full(len(self.pos), np.inf)
@@ -562,7 +552,7 @@ class _DenseDrops:
         """``S[at] −= Yq Yqᵀ``, made when ``S`` is next read (or at once when the updates
         waiting would hold more than twice ``S`` and more than ``W``'s buffer)."""
         self._pend.append((at, Yq, self._ids))
-        if sum(y.nbytes for _, y, _ in self._pend) > max(2 * self.S.nbytes, self._buf.nbytes):
+        if sum(y.nbytes for _, y, _ in self._pend) > max(2 * self.S.nbytes, self._R.host.nbytes):
             self._settle()
 
     def _cut(self, ids: np.ndarray) -> np.ndarray | None:
@@ -663,26 +653,18 @@ class _DenseDrops:
             out[rest] = np.where(den > 0, 0.5 * num / np.where(den > 0, den, 1.0), 0.0)
         return out
 
-    def _product(self, rows: np.ndarray, W: np.ndarray) -> np.ndarray:
+    def _product(self, rows: np.ndarray) -> np.ndarray:
         """``C[rows, :]`` over the live columns: ``C0[rows, :] − W[:, rows]ᵀ W``."""
         out = self.cov.cross(self.G[rows], self.G)
-        if self._dev is not None:
-            out -= self._dev.gram(rows, self.X0.shape[0])
-        else:
-            out -= _matmul(np.ascontiguousarray(W[:, rows].T), W)
+        out -= self._R.gram(rows, self.X0.shape[0])
         return out
 
-    def _rows(self, g: int, Wq: np.ndarray) -> np.ndarray:
-        """``C[q_g, :]`` now (``Wq = W[:, q_g]``), from rows computed ahead or with the
-        next cheapest."""
-        W = self._W
+    def _rows(self, g: int) -> np.ndarray:
+        """``C[q_g, :]`` now, from rows computed ahead or with the next cheapest."""
         if g in self._ahead:
             row, m0 = self._ahead.pop(g)
             if m0 < self.m:  # the commits since
-                if self._dev is not None:
-                    row -= self._dev.gram(self.pos[g], self.X0.shape[0] + m0)
-                else:
-                    row -= _matmul(Wq[m0:].T, W[m0:])
+                row -= self._R.gram(self.pos[g], self.X0.shape[0] + m0)
             return row
         if self._queue:  # a criterion's ranking: the next ones are known
             order = self._queue
@@ -695,7 +677,7 @@ class _DenseDrops:
         nxt = [h for h in order[: self.SPECULATE + 1] if h != g and self.live[h]]
         cands = [g, *[h for h in nxt if h not in self._ahead][: max(ahead, 0)]]
         sizes = [self.pos[h].size for h in cands]
-        rows = self._product(np.concatenate([self.pos[h] for h in cands]), W)
+        rows = self._product(np.concatenate([self.pos[h] for h in cands]))
         parts = np.split(rows, np.cumsum(sizes)[:-1])
         for h, part in zip(cands[1:], parts[1:], strict=True):
             self._ahead[h] = (part, self.m)
@@ -719,7 +701,7 @@ class _DenseDrops:
                 self.sc._append(self.G[q], np.zeros(q.size), X, _chol(self._own(g)), self.c[q])
                 self.live[g] = False
                 return
-            row = self._rows(g, Wq)  # C[q, :]
+            row = self._rows(g)  # C[q, :]
             self._others = False
             Lk = _chol(row[:, q])
             Yt = _lower_solve(Lk, row)  # Lk⁻¹ C[q, :]
@@ -754,13 +736,7 @@ class _DenseDrops:
             raise ValueError("a commit was not taken in by this stage")
         G = self.G
         C = self.sc.post.cov_cross(idx, G)  # Σ_{e, G}
-        if self._dev is not None:  # [X0; W] on the device: one product
-            C -= self._dev.left(X)
-        else:
-            if n0:
-                C -= _matmul(X[:, :n0], self.X0)
-            if self.m:
-                C -= _matmul(X[:, n0:], self._W)
+        C -= self._R.left(X)  # X [X0; W]
         Yt = _lower_solve(Lk, C)  # Lk⁻¹ Cov(e, G | B)
         self.c += Yt.T @ u
         self._others = True
@@ -769,22 +745,9 @@ class _DenseDrops:
         self._add_rows(Yt)
 
     def _add_rows(self, Yt: np.ndarray) -> None:
-        """Append the rows ``Yt`` (``k × |G|``) to W (and to its copy on the device)."""
-        k, w = Yt.shape[0], self.G.size
-        self._room(k)
-        self._buf[self.m * w : (self.m + k) * w] = Yt.ravel()
-        self.m += k
-        if self._dev is not None:
-            self._dev.append(Yt)
-
-    def _room(self, k: int) -> None:
-        """Room in ``W``'s buffer for ``k`` more rows (a stage reserves one row per column;
+        """Append the rows ``Yt`` (``k × |G|``) to W (a stage reserves one row per column;
         the commits it takes in from other stages may need more)."""
-        w = self.G.size
-        if (self.m + k) * w > self._buf.size:
-            grown = np.zeros(max((self.m + k) * w, 2 * self._buf.size))
-            grown[: self.m * w] = self._buf[: self.m * w]
-            self._buf = grown
+        self._R.append(Yt)
 
     def restrict(self, keep: np.ndarray) -> None:
         """Keep only the within-group entries ``keep`` (a mask over a candidate's ``k``
@@ -824,16 +787,8 @@ class _DenseDrops:
         keep = np.flatnonzero(self._used() if used is None else used)
         remap = np.full(self.G.size, -1, dtype=np.int64)
         remap[keep] = np.arange(keep.size)
-        w, nk, buf = self.G.size, keep.size, self._buf
-        if self.m * w <= _SMALL_W:  # one vectorised copy
-            buf[: self.m * nk] = self._W.take(keep, axis=1).ravel()
-        else:  # in place: row i moves to [i nk, (i+1) nk), never past unread rows
-            for i in range(self.m):
-                buf[i * nk : (i + 1) * nk] = buf[i * w : (i + 1) * w].take(keep)
+        self._R.compact(keep)  # X0 too: once here, not at every commit taken in
         self.c, self.G = self.c[keep], self.G[keep]
-        self.X0 = self.X0.take(keep, axis=1)  # once here, not at every commit taken in
-        if self._dev is not None:
-            self._dev.compact(keep)
         self._ahead = {h: (r.take(keep, axis=1), m0) for h, (r, m0) in self._ahead.items()}
         self.pos = np.where(self.live[:, None], remap[self.pos], -1)
         self.dead = 0

@@ -103,7 +103,7 @@ def _device_everywhere():
 
     def on_device(self, *args):
         held = rows(self, *args)
-        calls["rows"] += held is not None
+        calls["rows"] += isinstance(held, backend._TorchRows)
         return held
 
     def stage(self, *args, **kwargs):
@@ -200,23 +200,29 @@ def test_a_network_search_on_the_torch_backend_is_the_numpy_search(case):
     _greedy_on_both(post, student, "fast")
 
 
-def test_the_device_rows_are_the_host_rows():
-    """:class:`~planner.backend.DeviceRows` on torch: appends (past their first room),
-    products from any row, products from the left and compactions agree with numpy."""
-    from planner.backend import TorchBackend, _TorchRows
+@pytest.mark.parametrize("where", ["numpy", "torch"])
+def test_rows_grow_multiply_and_compact_as_the_matrix_they_hold(where):
+    """:class:`~planner.backend.Rows` on the host and mirrored on torch: appends (past
+    their first room), products from any row (in ``X0`` and past it), products from the
+    left and compactions agree with the dense matrix, and the host's copy is that
+    matrix."""
+    from planner.backend import NumpyBackend, TorchBackend, _TorchRows
 
     rng = np.random.default_rng(1)
     X0 = rng.normal(size=(3, 7))
+    bk = NumpyBackend() if where == "numpy" else TorchBackend("cpu")
     with mock.patch.object(_TorchRows, "ROOM", 4):
-        rows = TorchBackend("cpu").rows(X0)
+        rows = bk.rows(X0, 2)
     R = X0.copy()
-    for k in (2, 5, 4):  # 3 + 11 rows: past the first room (3 + 4 rows)
+    for k in (2, 5, 4):  # 3 + 11 rows: past the first room (3 + 2 rows, 3 + 4 on torch)
         Y = rng.normal(size=(k, R.shape[1]))
         rows.append(Y)
         R = np.vstack([R, Y])
-    assert rows.m == R.shape[0]
+    assert rows.m == R.shape[0] == rows.host.m
+    close(np.vstack([rows.host.X0, rows.host.W]), R)
     cols = np.array([0, 4, 6])
     close(rows.gram(cols, 0), R[:, cols].T @ R)
+    close(rows.gram(cols, 2), R[2:, cols].T @ R[2:])
     close(rows.gram(cols, 5), R[5:, cols].T @ R[5:])
     X = rng.normal(size=(2, R.shape[0]))
     close(rows.left(X), X @ R)
@@ -224,10 +230,29 @@ def test_the_device_rows_are_the_host_rows():
     rows.compact(keep)
     R = R[:, keep]
     close(rows.left(X), X @ R)
+    close(np.vstack([rows.host.X0, rows.host.W]), R)
     Y = rng.normal(size=(1, 3))
     rows.append(Y)
     R = np.vstack([R, Y])
     close(rows.gram(np.array([2]), 1), R[1:, [2]].T @ R[1:])
+    close(rows.gram(np.array([0, 2]), 4), R[4:, [0, 2]].T @ R[4:])
+
+
+def test_a_compaction_of_many_rows_moves_them_in_place():
+    """Past ``HostRows.SMALL`` entries a compaction moves the rows in place, row by row
+    (no copy of W): the same matrix as the one vectorised copy."""
+    from planner.backend import HostRows
+
+    rng = np.random.default_rng(2)
+    R = rng.normal(size=(9, 6))
+    keep = np.array([0, 3, 4])
+    for small in (1 << 20, 4):  # one vectorised copy; in place
+        rows = HostRows(R[:2].copy(), 8)
+        rows.append(R[2:])
+        with mock.patch.object(HostRows, "SMALL", small):
+            rows.compact(keep)
+        close(np.vstack([rows.X0, rows.W]), R[:, keep])
+        close(rows.left(np.eye(9)), R[:, keep])
 
 
 def test_a_device_out_of_memory_is_a_memory_error():
