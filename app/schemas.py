@@ -410,9 +410,13 @@ class PlanCreate(_Strict):
         "found comes back marked search.cut (search.cut_by says which bound); before a "
         "first plan, the answer is a 503 deadline-exceeded problem",
     )
-    #: ``fast`` (default): plan time within about 3 one-shot conditionings of the plan's
-    #: own B; ``thorough``: a fixed floor of improvement work (lower costs on small B)
-    effort: Literal["fast", "thorough"] = "fast"
+    effort: Literal["fast", "thorough"] = Field(
+        "fast",
+        description="`fast` (default): a plan in about 3 one-shot conditionings of its own B; "
+        "`thorough`: at least 3·10¹⁰ flops of improvement as well (the global greedy's sets "
+        "and exchange rounds), for lower costs where B is small: up to about 30 one-shots "
+        "there, about a second on a 6,201-parameter teacher",
+    )
 
     def ops_json(self) -> list[dict[str, Any]] | None:
         return None if self.ops is None else [o.model_dump(exclude_none=True) for o in self.ops]
